@@ -1,0 +1,510 @@
+package Monitoring::SDK;
+
+use 5.014;
+use strict;
+use warnings;
+
+our $VERSION = '0.1.0';
+
+use Errno qw(EAGAIN EINPROGRESS EINTR EWOULDBLOCK);
+use IO::Handle ();
+use List::Util qw(min);
+use Scalar::Util qw(looks_like_number refaddr weaken);
+use Socket qw(AF_INET SOCK_STREAM SOL_SOCKET SO_ERROR getaddrinfo);
+use Time::HiRes ();
+
+# The JSON encoder is chosen once; tests may set this before new() to exercise the fallback.
+our $JSON_CLASS = eval { require Cpanel::JSON::XS; 'Cpanel::JSON::XS' }
+    || do { require JSON::PP; 'JSON::PP' };
+
+# MSG_NOSIGNAL keeps a write to a dead peer from raising SIGPIPE without touching %SIG;
+# where the platform lacks it, the write localises $SIG{PIPE} instead.
+my $NOSIGNAL = eval { Socket::MSG_NOSIGNAL() } // 0;
+
+my %LEVEL = (
+    (map { $_ => $_ } qw(debug info warning error critical)),
+    warn => 'warning', err => 'error', crit => 'critical', fatal => 'critical',
+);
+my %DEFAULTS = (
+    source              => undef,
+    tcp_host            => 'localhost',
+    tcp_port            => 17000,
+    encoding            => 'json',
+    max_buffer_messages => 10_000,
+    max_buffer_bytes    => 8 * 1024 * 1024,
+    max_message_bytes   => 1024 * 1024,
+    flush_timeout       => 2,
+    connect_timeout     => 5,
+    on_error            => undef,
+);
+my ($BACKOFF_MIN, $BACKOFF_MAX) = (0.1, 30);
+my $CHUNK = 64 * 1024;    # bytes handed to one send() when a backlog is drained
+my $TRACEPARENT_RE = qr/\A([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}\z/;
+
+my %LIVE;                 # refaddr => weak ref; END flushes whatever is still alive
+
+sub new {
+    my ($class, %arg) = @_;
+    my $self = bless {
+        %DEFAULTS,
+        pid => $$, queue => [], qbytes => 0, head_off => 0, report_at_head => undef,
+        state => 'down', sock => undef, next_try => 0, backoff => $BACKOFF_MIN, addr_i => 0,
+        spans => [], context => {}, ctx_seen => '', remote => undef, tp_outer => undef,
+        pending_drops => {}, closed => 0, warned => 0,
+        stats => { sent => 0, connects => 0, errors => 0, dropped => {} },
+    }, $class;
+    my @unknown = grep { !exists $DEFAULTS{$_} } sort keys %arg;
+    $self->{$_} = $arg{$_} for grep { exists $DEFAULTS{$_} } keys %arg;
+
+    # The environment wins, so programs that hard-code localhost:17000 can be redirected.
+    $self->{source} = $ENV{MONITORING_SOURCE} if length($ENV{MONITORING_SOURCE} // '');
+    $self->{source} //= ($0 =~ m{([^/]+)\z})[0] // 'perl';
+    $self->{source} = "$self->{source}";
+    if (length(my $hp = $ENV{MONITORING_SIDECAR} // '')) {
+        if ($hp =~ /\A\[?([^\[\]]+?)\]?:(\d+)\z/) { @$self{qw(tcp_host tcp_port)} = ($1, $2) }
+        else { $self->_error("ignoring MONITORING_SIDECAR='$hp': expected host:port") }
+    }
+    $self->_error("unknown option(s) ignored: @unknown") if @unknown;
+
+    $self->{json} = $JSON_CLASS->new->utf8->canonical->allow_nonref->allow_blessed->allow_unknown;
+    if ($self->{encoding} eq 'msgpack' && eval { require Data::MessagePack; 1 }) {
+        $self->{msgpack} = Data::MessagePack->new->canonical->utf8;
+    } else {
+        $self->_error("encoding '$self->{encoding}' unavailable, using json") if $self->{encoding} ne 'json';
+        $self->{encoding} = 'json';
+    }
+    $self->_inbound;
+    weaken($LIVE{ refaddr $self } = $self);
+    return $self;
+}
+
+# Public methods run inside eval with $@ and $! preserved: instrumentation must never take
+# down, or disturb the error state of, the program it observes.
+for my $name (qw(log_event log_metric log_progress log_resource start_span end_span
+                 set_context flush close)) {
+    my $impl = __PACKAGE__->can("_$name");
+    my $wrapper = sub {
+        my $self = shift;
+        local ($@, $!);
+        my $ret;
+        eval {
+            $self->_after_fork if $self->{pid} != $$;
+            $ret = $self->$impl(@_);
+            1;
+        } or $self->_error("internal error in $name: $@");
+        return $ret;
+    };
+    no strict 'refs';
+    *{$name} = $wrapper;
+}
+
+sub _log_event {
+    my ($self, $level, $message, $context) = @_;
+    $level = lc($level // 'info');
+    $self->_emit(event => { level => $LEVEL{$level} // $level, message => '' . ($message // '') },
+                 $context);
+}
+
+sub _log_metric {
+    my ($self, $name, $value, $unit, $tags) = @_;
+    $name //= '';
+    my $v = _num($value);
+    return $self->_error("log_metric('$name'): value is not a finite number") unless defined $v;
+    my %data = (name => "$name", value => $v);
+    $data{unit} = "$unit" if defined $unit;
+    $data{tags} = { map { $_ => '' . ($tags->{$_} // '') } keys %$tags }
+        if ref $tags eq 'HASH' && %$tags;
+    $self->_emit(metric => \%data);
+}
+
+sub _log_progress {
+    my ($self, $job_id, $percent, $status) = @_;
+    my $p = _num($percent);
+    return $self->_error('log_progress: percent is not a finite number') unless defined $p;
+    $self->_emit(progress =>
+        { job_id => '' . ($job_id // ''), percent => $p, status => '' . ($status // '') });
+}
+
+sub _log_resource {
+    my ($self, @values) = @_;
+    my @keys = qw(cpu_percent memory_mb disk_io_mb network_io_mb);
+    my %data;
+    for my $i (0 .. $#keys) {
+        next unless defined $values[$i];
+        my $n = _num($values[$i]);
+        if (defined $n) { $data{ $keys[$i] } = $n }
+        else { $self->_error("log_resource: $keys[$i] is not a finite number") }
+    }
+    $self->_emit(resource => \%data);
+}
+
+sub _start_span {
+    my ($self, $name) = @_;
+    my $stack = $self->{spans};
+    my ($trace, $parent);
+    if (@$stack) {
+        ($trace, $parent) = @{ $stack->[-1] }{qw(trace id)};
+    } else {
+        $self->_inbound;
+        ($trace, $parent) = @{ $self->{remote} || [] };
+        $trace //= _random_hex(16);
+    }
+    my $span = { id => _random_hex(8), trace => $trace, parent => $parent,
+                 name => '' . ($name // ''), t0 => Time::HiRes::time() };
+    push @$stack, $span;
+    $self->_export_trace;
+    $self->_emit(span => { name => $span->{name}, phase => 'start' }, undef, $span);
+    return $span->{id};
+}
+
+sub _end_span {
+    my ($self, $id, $status) = @_;
+    my $stack = $self->{spans};
+    my ($i) = grep { $stack->[$_]{id} eq ($id // '') } reverse 0 .. $#$stack;
+    return $self->_error('end_span: no active span with id ' . ($id // 'undef')) unless defined $i;
+    my ($span) = splice @$stack, $i, 1;
+    $self->_export_trace;
+    my $ms = sprintf '%.3f', (Time::HiRes::time() - $span->{t0}) * 1000;
+    $self->_emit(span => { name => $span->{name}, phase => 'end', status => '' . ($status // 'ok'),
+                           duration_ms => 0 + $ms }, undef, $span);
+    return;
+}
+
+sub _set_context {
+    my ($self, $key, $value) = @_;
+    return unless defined $key;
+    if (defined $value) { $self->{context}{$key} = $key eq 'job_id' ? "$value" : $value }
+    else { delete $self->{context}{$key} }
+    if (%{ $self->{context} }) {
+        $ENV{MONITORING_CONTEXT} = $self->{ctx_seen} = $self->{json}->encode($self->{context});
+    } else {
+        delete $ENV{MONITORING_CONTEXT};
+        $self->{ctx_seen} = '';
+    }
+    return;
+}
+
+# Inbound propagation: read at new() and again whenever a root span starts, so a consumer
+# that restores a producer's TRACEPARENT/MONITORING_CONTEXT (e.g. from a queue entry) joins it.
+sub _inbound {
+    my $self = shift;
+    my $tp = $ENV{TRACEPARENT};
+    $self->{tp_outer} = $tp;
+    my ($version, $trace, $span) = lc($tp // '') =~ $TRACEPARENT_RE;
+    $self->{remote} = defined $version && $version ne 'ff' && $trace =~ /[1-9a-f]/
+        && $span =~ /[1-9a-f]/ ? [$trace, $span] : undef;
+    my $ctx = $ENV{MONITORING_CONTEXT} // '';
+    return if $ctx eq $self->{ctx_seen};
+    $self->{ctx_seen} = $ctx;
+    my $h = length $ctx ? eval { $self->{json}->decode($ctx) } : {};
+    if (ref $h eq 'HASH') { $self->{context} = $h }
+    else { $self->_error('ignoring MONITORING_CONTEXT: not a JSON object') }
+}
+
+sub _export_trace {
+    my $self = shift;
+    if (my $top = $self->{spans}[-1]) { $ENV{TRACEPARENT} = "00-$top->{trace}-$top->{id}-01" }
+    elsif (defined $self->{tp_outer}) { $ENV{TRACEPARENT} = $self->{tp_outer} }
+    else { delete $ENV{TRACEPARENT} }
+}
+
+sub _emit {
+    my ($self, $type, $data, $call_context, $span) = @_;
+    my %msg = (source => $self->{source}, type => $type, timestamp => _timestamp(), data => $data);
+    if ($span) {
+        @msg{qw(trace_id span_id)} = @$span{qw(trace id)};
+        $msg{parent_span_id} = $span->{parent} if defined $span->{parent};
+    } elsif (my $top = $self->{spans}[-1] // $self->{remote}) {
+        @msg{qw(trace_id span_id)} = ref $top eq 'HASH' ? @$top{qw(trace id)} : @$top;
+    }
+    my $ctx = $self->{context};
+    $ctx = { %$ctx, %$call_context } if ref $call_context eq 'HASH' && %$call_context;
+    $msg{context} = $ctx if %$ctx;
+    $self->{closed} = 0;
+    $self->_enqueue($self->{msgpack} ? $self->_pack(\%msg) : $self->{json}->encode(\%msg) . "\n");
+    $self->_pump;
+    return;
+}
+
+sub _enqueue {
+    my ($self, $bytes) = @_;
+    my $len = length $bytes;
+    if ($len > $self->{max_message_bytes} || $len > $self->{max_buffer_bytes}) {
+        return $self->_count_drop(too_large => 1);
+    }
+    my $q = $self->{queue};
+    push @$q, $bytes;
+    $self->{qbytes} += $len;
+    while (@$q > $self->{max_buffer_messages} || $self->{qbytes} > $self->{max_buffer_bytes}) {
+        my $i = $self->{head_off} ? 1 : 0;    # a half-written message must be finished
+        my ($old) = splice @$q, $i, 1;
+        $self->{qbytes} -= length $old;
+        if ($i == 0 && $self->{report_at_head}) {
+            # A dropped drop report hands its counts back instead of counting itself.
+            $self->{pending_drops}{$_} += $self->{report_at_head}{$_} for keys %{ $self->{report_at_head} };
+            $self->{report_at_head} = undef;
+        } else {
+            $self->_count_drop(buffer_full => 1);
+        }
+    }
+}
+
+sub _count_drop {
+    my ($self, $reason, $n) = @_;
+    $self->{pending_drops}{$reason} += $n;
+    $self->{stats}{dropped}{$reason} += $n;
+    $self->_error("dropping messages ($reason); drops are counted and reported to the sidecar");
+}
+
+# Opportunistic I/O: connect if the backoff allows, then write what the socket takes now.
+sub _pump {
+    my $self = shift;
+    if ($self->{state} eq 'down') {
+        return 0 if Time::HiRes::time() < $self->{next_try};
+        $self->_connect or return 0;
+    }
+    if ($self->{state} eq 'connecting') { $self->_check_connect(0) or return 0 }
+    return $self->_write;
+}
+
+sub _connect {
+    my $self = shift;
+    $self->{addrs} //= do {
+        my ($err, @ai) = getaddrinfo($self->{tcp_host}, $self->{tcp_port}, { socktype => SOCK_STREAM });
+        return $self->_fail("cannot resolve $self->{tcp_host}: $err") if $err || !@ai;
+        [sort { ($b->{family} == AF_INET) <=> ($a->{family} == AF_INET) } @ai];    # IPv4 first
+    };
+    my $ai = $self->{addrs}[ $self->{addr_i} % @{ $self->{addrs} } ];
+    socket(my $fh, $ai->{family}, SOCK_STREAM, 0) or return $self->_fail("socket: $!");
+    $fh->blocking(0);
+    if (!connect($fh, $ai->{addr}) && $! != EINPROGRESS && $! != EINTR) {
+        return $self->_fail("connect to $self->{tcp_host}:$self->{tcp_port}: $!");
+    }
+    @$self{qw(sock state connect_t0)} = ($fh, 'connecting', Time::HiRes::time());
+    return 1;
+}
+
+sub _check_connect {
+    my ($self, $wait) = @_;
+    my $fh = $self->{sock};
+    vec(my $w = '', fileno $fh, 1) = 1;
+    if (select(undef, $w, undef, $wait) <= 0) {
+        return 0 if Time::HiRes::time() - $self->{connect_t0} < $self->{connect_timeout};
+        return $self->_fail("connect to $self->{tcp_host}:$self->{tcp_port}: timed out");
+    }
+    if (my $err = unpack 'i', getsockopt($fh, SOL_SOCKET, SO_ERROR) // pack 'i', 0) {
+        local $! = $err;
+        return $self->_fail("connect to $self->{tcp_host}:$self->{tcp_port}: $!");
+    }
+    @$self{qw(state backoff addr_i)} = ('up', $BACKOFF_MIN, 0);
+    $self->{stats}{connects}++;
+    return 1;
+}
+
+sub _fail {
+    my ($self, $why) = @_;
+    CORE::close($self->{sock}) if $self->{sock};
+    @$self{qw(sock state head_off)} = (undef, 'down', 0);
+    my $n = $self->{addrs} ? @{ $self->{addrs} } : 1;
+    if (++$self->{addr_i} % $n) {
+        $self->{next_try} = 0;    # another address of the same host is worth trying at once
+    } else {
+        $self->{next_try} = Time::HiRes::time() + $self->{backoff};
+        $self->{backoff} = min($self->{backoff} * 2, $BACKOFF_MAX);
+    }
+    $self->_error($why);
+    return 0;
+}
+
+sub _write {
+    my $self = shift;
+    my $q = $self->{queue};
+    $self->_queue_drop_report if %{ $self->{pending_drops} } && !$self->{head_off} && !$self->{report_at_head};
+    return 1 unless @$q;
+    my $fh = $self->{sock};
+    # The sidecar only ever talks to refuse a stream, so a readable socket means EOF, a
+    # reset or an error line; noticing it before writing keeps messages out of a dead socket.
+    my $got = sysread($fh, my $said, 4096);
+    if (defined $got) {
+        return $self->_fail('sidecar closed the connection') unless $got;
+        $self->_error("sidecar said: $said");
+    } elsif ($! != EAGAIN && $! != EWOULDBLOCK) {
+        return $self->_fail("connection to sidecar lost: $!");
+    }
+    local $SIG{PIPE} = 'IGNORE' if !$NOSIGNAL;
+    while (@$q) {
+        my $chunk = $self->{head_off} ? substr($q->[0], $self->{head_off}) : $q->[0];
+        for my $i (1 .. $#$q) {
+            last if length $chunk >= $CHUNK;
+            $chunk .= $q->[$i];
+        }
+        my $n = send($fh, $chunk, $NOSIGNAL);
+        if (!defined $n) {
+            next if $! == EINTR;
+            return 1 if $! == EAGAIN || $! == EWOULDBLOCK;
+            return $self->_fail("write to sidecar failed: $!");
+        }
+        $n += $self->{head_off};
+        while (@$q && $n >= length $q->[0]) {
+            my $done = shift @$q;
+            $n -= length $done;
+            $self->{qbytes} -= length $done;
+            if ($self->{report_at_head}) { $self->{report_at_head} = undef }
+            else { $self->{stats}{sent}++ }
+        }
+        $self->{head_off} = $n;
+        return 1 if $n;    # partial write: the socket is full for now
+    }
+    return 1;
+}
+
+sub _queue_drop_report {
+    my $self = shift;
+    my %counts = %{ $self->{pending_drops} };
+    my $bytes = join '', map {
+        $self->_encode({ source => $self->{source}, type => 'metric', timestamp => _timestamp(),
+            data => { name => 'sdk.dropped_messages', value => $counts{$_}, unit => 'count',
+                      tags => { reason => $_ } } })
+    } sort keys %counts;
+    %{ $self->{pending_drops} } = ();
+    unshift @{ $self->{queue} }, $bytes;
+    $self->{qbytes} += length $bytes;
+    $self->{report_at_head} = \%counts;
+}
+
+sub _flush {
+    my ($self, $timeout) = @_;
+    my $deadline = Time::HiRes::time() + ($timeout // $self->{flush_timeout});
+    my $forced = 0;
+    while (@{ $self->{queue} }) {
+        my $left = $deadline - Time::HiRes::time();
+        last if $left <= 0;
+        if ($self->{state} eq 'down') {
+            last if $forced++;    # one attempt regardless of backoff, then give up
+            $self->_connect or last;
+        }
+        if ($self->{state} eq 'connecting') {
+            $self->_check_connect(min($left, 0.05));
+            next;
+        }
+        $self->_write;
+        next if !@{ $self->{queue} } || $self->{state} ne 'up';
+        vec(my $w = '', fileno $self->{sock}, 1) = 1;
+        select(undef, $w, undef, min($deadline - Time::HiRes::time(), 0.05));
+    }
+    return !@{ $self->{queue} };
+}
+
+sub _close {
+    my ($self, $timeout) = @_;
+    my $ok = $self->_flush($timeout);
+    $self->_count_drop(unsent_at_close => scalar @{ $self->{queue} }) if @{ $self->{queue} };
+    CORE::close($self->{sock}) if $self->{sock};
+    @{ $self->{queue} } = ();
+    @$self{qw(sock state qbytes head_off report_at_head next_try closed)} = (undef, 'down', 0, 0, undef, 0, 1);
+    return $ok;
+}
+
+# A forked child must not write into its parent's stream nor resend its parent's buffer.
+sub _after_fork {
+    my $self = shift;
+    CORE::close($self->{sock}) if $self->{sock};    # our copy of the fd only; no shutdown()
+    @{ $self->{queue} } = ();
+    %{ $self->{pending_drops} } = ();
+    $self->{stats} = { sent => 0, connects => 0, errors => 0, dropped => {} };
+    @$self{qw(pid sock state qbytes head_off report_at_head next_try backoff)}
+        = ($$, undef, 'down', 0, 0, undef, 0, $BACKOFF_MIN);
+}
+
+sub statistics {
+    my $self = shift;
+    return {
+        %{ $self->{stats} },
+        dropped   => { %{ $self->{stats}{dropped} } },
+        queued    => scalar @{ $self->{queue} },
+        queued_bytes => $self->{qbytes},
+        connected => $self->{state} eq 'up' ? 1 : 0,
+    };
+}
+
+sub _error {
+    my ($self, $message) = @_;
+    $self->{stats}{errors}++;
+    if (my $cb = $self->{on_error}) {
+        local $@;
+        eval { $cb->($message); 1 };
+        return 0;
+    }
+    warn "Monitoring::SDK($self->{source}): $message (further problems are counted, not printed)\n"
+        unless $self->{warned}++;
+    return 0;
+}
+
+sub DESTROY {
+    my $self = shift;
+    local ($@, $!, $?);
+    delete $LIVE{ refaddr $self };
+    $self->close unless $self->{closed} && $self->{pid} == $$;
+}
+
+END {
+    local $?;
+    $_->close for grep { defined && !$_->{closed} } values %LIVE;
+}
+
+my ($ts_second, $ts_prefix) = (-1, '');
+
+sub _timestamp {
+    my $t = Time::HiRes::time();
+    my $s = int $t;
+    if ($s != $ts_second) {
+        my @g = gmtime $s;
+        $ts_prefix = sprintf '%04d-%02d-%02dT%02d:%02d:%02d', $g[5] + 1900, $g[4] + 1, @g[3, 2, 1, 0];
+        $ts_second = $s;
+    }
+    return sprintf '%s.%03dZ', $ts_prefix, ($t - $s) * 1000;
+}
+
+# A JSON number, never a string that looks like one; whole values print without ".0".
+sub _num {
+    my $v = shift;
+    return undef unless defined $v && looks_like_number($v);
+    $v += 0;
+    return undef if $v != $v || $v == 9**9**9 || $v == -9**9**9;
+    return $v == int($v) && abs($v) < 1e15 ? int($v) : $v;
+}
+
+my $URANDOM;
+
+sub _random_hex {
+    my $bytes = shift;
+    my $buf = '';
+    $URANDOM //= do { my $fh; open($fh, '<:raw', '/dev/urandom') ? $fh : 0 };
+    while (1) {
+        $buf = '' unless $URANDOM && sysread($URANDOM, $buf, $bytes) == $bytes;
+        $buf = join '', map { chr int rand 256 } 1 .. $bytes if $buf eq '';
+        return unpack 'H*', $buf if $buf =~ /[^\0]/;    # all-zero ids are invalid
+        $buf = '';
+    }
+}
+
+sub _encode {
+    my ($self, $msg) = @_;
+    return $self->{msgpack} ? $self->_pack($msg) : $self->{json}->encode($msg) . "\n";
+}
+
+sub _pack {
+    my ($self, $msg) = @_;
+    _upgrade_strings($msg);
+    return $self->{msgpack}->pack($msg);
+}
+
+# MessagePack writes a string's internal bytes; upgrading makes every str valid UTF-8.
+sub _upgrade_strings {
+    for my $v (values %{ $_[0] }) {
+        if (ref $v eq 'HASH') { _upgrade_strings($v) }
+        elsif (defined $v && !ref $v && !looks_like_number($v)) { utf8::upgrade($v) }
+    }
+}
+
+1;

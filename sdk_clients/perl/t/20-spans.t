@@ -1,0 +1,148 @@
+use strict;
+use warnings;
+use lib 't/lib';
+use Test::More;
+use Monitoring::SDK;
+use TestServer;
+
+delete @ENV{qw(TRACEPARENT MONITORING_CONTEXT MONITORING_SIDECAR MONITORING_SOURCE)};
+
+my $srv = TestServer->new;
+my @errors;
+sub sdk {
+    Monitoring::SDK->new(source => shift // 'spans', tcp_host => '127.0.0.1', tcp_port => $srv->port,
+                         on_error => sub { push @errors, @_ }, @_);
+}
+my $seen = 0;
+sub received {    # the messages that arrived since the last call
+    my $lines = $srv->wait_lines($seen + shift);
+    my @new = map { $_->{msg} } @$lines[$seen .. $#$lines];
+    $seen = @$lines;
+    return @new;
+}
+
+subtest 'nested spans' => sub {
+    my $mon = sdk();
+    my $outer = $mon->start_span('outer');
+    like($outer, qr/\A[0-9a-f]{16}\z/, 'span id is 16 lowercase hex');
+    my ($trace) = ($ENV{TRACEPARENT} // '') =~ /\A00-([0-9a-f]{32})-\Q$outer\E-01\z/;
+    ok($trace, 'TRACEPARENT exported for the outer span');
+    $mon->log_event('info', 'in outer');
+    my $inner = $mon->start_span('inner');
+    is($ENV{TRACEPARENT}, "00-$trace-$inner-01", 'TRACEPARENT follows the innermost span');
+    $mon->log_metric('in_inner', 1);
+    $mon->end_span($inner, 'success');
+    is($ENV{TRACEPARENT}, "00-$trace-$outer-01", 'back to the outer span');
+    $mon->log_event('info', 'outer again');
+    $mon->end_span($outer);
+    ok(!exists $ENV{TRACEPARENT}, 'TRACEPARENT removed when no span is active');
+    $mon->log_event('info', 'no trace');
+    $mon->flush(2);
+
+    my @m = received(8);
+    is_deeply([map { [@$_{qw(type trace_id span_id parent_span_id)}] } @m], [
+        ['span',   $trace, $outer, undef],
+        ['event',  $trace, $outer, undef],
+        ['span',   $trace, $inner, $outer],
+        ['metric', $trace, $inner, undef],
+        ['span',   $trace, $inner, $outer],
+        ['event',  $trace, $outer, undef],
+        ['span',   $trace, $outer, undef],
+        ['event',  undef,  undef,  undef],
+    ], 'trace_id, span_id and parent_span_id of every message');
+    ok(!exists $m[7]{$_}, "no $_ key outside a trace") for qw(trace_id span_id parent_span_id);
+    ok(!exists $m[0]{parent_span_id}, 'a root span has no parent_span_id key');
+    is_deeply($m[0]{data}, { name => 'outer', phase => 'start' }, 'span start data');
+    my $end = $m[4]{data};
+    is_deeply([@$end{qw(name phase status)}], ['inner', 'end', 'success'], 'span end data');
+    ok($end->{duration_ms} >= 0 && $end->{duration_ms} < 5000, "duration_ms is a sane number ($end->{duration_ms})");
+    is($m[6]{data}{status}, 'ok', 'status defaults to ok');
+
+    my $again = $mon->start_span('second root');
+    my ($trace2) = $ENV{TRACEPARENT} =~ /\A00-([0-9a-f]{32})-/;
+    isnt($trace2, $trace, 'a new root span starts a new trace');
+    $mon->end_span($again);
+    received(2);
+};
+
+subtest 'propagation through a real child process' => sub {
+    my $mon = sdk('queue-service');
+    my $span = $mon->start_span('process_job');
+    $mon->set_context('job_id', 'job-12345');
+    my ($trace) = $ENV{TRACEPARENT} =~ /\A00-([0-9a-f]{32})-/;
+    local $ENV{MONITORING_SIDECAR} = '127.0.0.1:' . $srv->port;
+    is(system(TestServer::perl_cmd('t/bin/child.pl', 'db-loader', '/data/in.csv')), 0, 'child ran');
+    $mon->end_span($span, 'success');
+    $mon->set_context('job_id', undef);
+    $mon->flush(2);
+
+    my @m = received(7);
+    my @child = grep { $_->{source} eq 'db-loader' } @m;
+    is(scalar @child, 5, 'five messages from the child');
+    is_deeply([map { $_->{trace_id} } @child], [($trace) x 5], 'the child joined the trace');
+    is_deeply([map { $_->{context}{job_id} } @child], [('job-12345') x 5], 'and the job');
+    is($child[0]{span_id}, $span, 'before its own span, the child reports under the remote parent');
+    my $load = $child[1];
+    is($load->{data}{name}, 'load_data', 'child span');
+    is($load->{parent_span_id}, $span, "the child's span is a child of process_job");
+    is($child[2]{span_id}, $load->{span_id}, 'child messages carry the innermost span');
+    is_deeply($child[2]{context}, { job_id => 'job-12345', file => '/data/in.csv' }, 'context merged in the child');
+};
+
+subtest 'TRACEPARENT and MONITORING_CONTEXT read at init' => sub {
+    my ($t, $p) = ('ab' x 16, 'cd' x 8);
+    local $ENV{TRACEPARENT} = "00-$t-$p-01";
+    local $ENV{MONITORING_CONTEXT} = '{"job_id":"job-7","tenant":"acme"}';
+    my $mon = sdk();
+    $mon->log_event('info', 'remote');
+    my $s = $mon->start_span('local');
+    $mon->end_span($s);
+    is($ENV{TRACEPARENT}, "00-$t-$p-01", 'the inherited TRACEPARENT is restored after the span');
+    $mon->flush(2);
+    my @m = received(3);
+    is_deeply([@{ $m[0] }{qw(trace_id span_id)}], [$t, $p], 'messages carry the remote trace and parent');
+    ok(!exists $m[0]{parent_span_id}, 'no parent_span_id on a non-span message');
+    is_deeply([@{ $m[1] }{qw(trace_id parent_span_id)}], [$t, $p], 'a local span is a child of the remote one');
+    is_deeply($m[0]{context}, { job_id => 'job-7', tenant => 'acme' }, 'context seeded from the environment');
+};
+
+subtest 'a root span adopts propagation a consumer restored into %ENV' => sub {
+    my $mon = sdk();
+    my ($t, $p) = ('12' x 16, '34' x 8);
+    local $ENV{TRACEPARENT} = "00-$t-$p-01";
+    local $ENV{MONITORING_CONTEXT} = '{"job_id":"job-9"}';
+    my $s = $mon->start_span('process_job');
+    $mon->end_span($s);
+    $mon->log_metric('jobs_processed', 1, 'count');
+    $mon->flush(2);
+    my @m = received(3);
+    is_deeply([@{ $m[0] }{qw(trace_id parent_span_id)}], [$t, $p], 'span joined the restored trace');
+    is($m[0]{context}{job_id}, 'job-9', 'and the restored context');
+    is_deeply([@{ $m[2] }{qw(trace_id span_id)}], [$t, $p], 'after the span, messages stay in that trace');
+};
+
+subtest 'invalid inbound values are ignored' => sub {
+    @errors = ();
+    for my $tp ('00-' . ('0' x 32) . '-' . ('cd' x 8) . '-01', 'ff-' . ('ab' x 16) . '-' . ('cd' x 8) . '-01',
+                'garbage', '00-' . ('ab' x 16) . '-' . ('0' x 16) . '-01') {
+        local $ENV{TRACEPARENT} = $tp;
+        local $ENV{MONITORING_CONTEXT} = '[1,2]';
+        my $mon = sdk();
+        $mon->log_event('info', 'x');
+        $mon->flush(2);
+        my ($m) = received(1);
+        ok(!exists $m->{trace_id} && !exists $m->{context}, "ignored: $tp");
+    }
+    is(scalar @errors, 4, 'each bad MONITORING_CONTEXT reported');
+};
+
+subtest 'span ids are unique' => sub {
+    my $mon = sdk(undef, on_error => sub { });
+    my %ids;
+    for (1 .. 200) { my $id = $mon->start_span('s'); $ids{$id}++; $mon->end_span($id) }
+    is(scalar keys %ids, 200, '200 distinct span ids');
+    $mon->flush(2);
+    received(400);
+};
+
+done_testing;

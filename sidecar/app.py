@@ -1,0 +1,233 @@
+"""The sidecar: one trio nursery owning the listener, the correlator, the config watcher and one
+supervised task per backend instance, connected by bounded channels.
+
+    listener --(memory channel, chunks)--> correlator --(DeliveryQueue per backend)--> supervisor
+
+Shutdown goes in phases, each bounded: stop accepting; let connected clients send for
+`connection_grace`; the listener closes its channel, the correlator drains it and closes every
+backend queue; backends deliver what they hold until `drain_timeout`; what is left then is
+reported by count.
+"""
+
+import datetime as dt
+import logging
+import os
+import signal
+from pathlib import Path
+
+import attrs
+import orjson
+import trio
+
+from sidecar import __version__
+from sidecar.config import BackendSpec, ConfigError, SidecarConfig, load_config
+from sidecar.correlator import Correlator, Routing
+from sidecar.delivery import BackendSupervisor
+from sidecar.listener import Listener
+from sidecar.metrics import Counters
+from sidecar.routing import RouteTable
+from sidecar.watcher import ConfigWatcher
+
+log = logging.getLogger("sidecar")
+
+
+class Topology:
+    """The running backend instances, keyed by their effective settings.
+
+    `apply()` starts instances new to a table, keeps the unchanged ones (queue, batches and
+    connection included) and closes the removed ones, which drain and stop on their own.
+    """
+
+    def __init__(self):
+        self.supervisors: dict[BackendSpec, BackendSupervisor] = {}
+        self.retiring: set[BackendSupervisor] = set()
+        self.scope = trio.CancelScope()  # its deadline bounds the drain at shutdown
+        self.stopped = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._closed = trio.Event()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Own the backend tasks; returns once every one has drained after `close_all()`."""
+        try:
+            with self.scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    task_status.started()
+                    await self._closed.wait()
+        finally:
+            self.stopped.set()
+
+    def apply(self, table: RouteTable) -> dict[BackendSpec, BackendSupervisor]:
+        wanted = table.specs
+        for spec in wanted - self.supervisors.keys():
+            supervisor = BackendSupervisor(spec)
+            self.supervisors[spec] = supervisor
+            self._nursery.start_soon(supervisor.run, name=f"backend {spec.label}")
+            log.info("backend %s (%s) started", spec.label, spec.type)
+        for spec in self.supervisors.keys() - wanted:
+            supervisor = self.supervisors.pop(spec)
+            supervisor.close()
+            self.retiring.add(supervisor)
+            self._nursery.start_soon(self._retire, supervisor)
+        return dict(self.supervisors)
+
+    async def _retire(self, supervisor: BackendSupervisor) -> None:
+        await supervisor.wait_stopped()
+        self.retiring.discard(supervisor)
+        log.info("backend %s drained and stopped (%d delivered)", supervisor.label, supervisor.delivered)
+
+    def close_all(self) -> None:
+        for supervisor in self.supervisors.values():
+            supervisor.close()
+        self._closed.set()
+
+    def all_supervisors(self) -> list[BackendSupervisor]:
+        return [*self.supervisors.values(), *self.retiring]
+
+
+class Sidecar:
+    def __init__(self, config_path: Path | None, routes_dir: Path | None, *, environ=os.environ, status_file: Path | None = None, status_interval: float = 1.0):
+        self.config_path = config_path
+        self.routes_dir = routes_dir
+        self.environ = environ
+        self.config: SidecarConfig = load_config(config_path, routes_dir, environ)
+        self.counters = Counters()
+        self.topology = Topology()
+        self.listener = Listener(self.config.tcp, self.counters)
+        self.correlator: Correlator | None = None
+        self.watcher = ConfigWatcher(config_path, routes_dir, self.config.reload, self.reload)
+        self.status_file = status_file
+        self.status_interval = status_interval
+        self.last_reload_error: str | None = None
+        self.started_at = dt.datetime.now(dt.timezone.utc)
+        self._stop = trio.Event()
+        self._undelivered: dict[str, int] = {}
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def run(self, *, handle_signals: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        send_channel, receive_channel = trio.open_memory_channel(self.config.pipeline.channel_size)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.topology.run)
+            table = RouteTable(self.config.rules)
+            self.correlator = Correlator(Routing(table, self.topology.apply(table)), self.counters, trace_cache_size=self.config.pipeline.trace_cache_size)
+            nursery.start_soon(self._run_correlator, receive_channel)
+            address = await nursery.start(self.listener.run, send_channel)
+            await nursery.start(self.watcher.run)
+            if handle_signals:
+                await nursery.start(self._handle_signals)
+            if self.status_file is not None:
+                nursery.start_soon(self._write_status_periodically)
+            log.info("monitoring-sidecar %s ready: %d rules, %d backends, config %s", __version__, len(self.config.rules), len(self.topology.supervisors), ", ".join(self.config.files))
+            task_status.started(address)
+            await self._stop.wait()
+            await self._shutdown()
+            nursery.cancel_scope.cancel()
+        self._report_shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _run_correlator(self, receive_channel) -> None:
+        await self.correlator.run(receive_channel)
+        # The channel is closed and drained: nothing more can reach the backends.
+        self.topology.close_all()
+
+    async def _shutdown(self) -> None:
+        settings = self.config.shutdown
+        log.info("shutting down: no new connections; clients have %.1fs to finish", settings.connection_grace)
+        self.listener.stop_accepting()
+        self.listener.close_connections(settings.connection_grace)
+        # The correlator ends when the listener's channel is drained, and then closes the
+        # backend queues; backends get drain_timeout from here to deliver what they hold.
+        self.topology.scope.deadline = trio.current_time() + settings.connection_grace + settings.drain_timeout
+        await self.topology.stopped.wait()
+        self._undelivered = {s.label: s.queued for s in self.topology.all_supervisors() if s.queued}
+
+    def _report_shutdown(self) -> None:
+        stats = self.statistics()
+        delivered = sum(b["delivered"] for b in stats["backends"])
+        if self._undelivered:
+            log.warning(
+                "shutdown: drain deadline passed; undelivered messages: %s",
+                ", ".join(f"{label}={count}" for label, count in sorted(self._undelivered.items())),
+            )
+        log.info("shutdown complete: received %d, delivered %d (all backends), undelivered %d", stats["received"], delivered, sum(self._undelivered.values()))
+        if self.status_file is not None:
+            self._write_status(stats)
+
+    async def _handle_signals(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
+            task_status.started()
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self.watcher.request_reload("SIGHUP")
+                elif signum == signal.SIGUSR1:
+                    log.info("statistics: %s", orjson.dumps(self.statistics()).decode())
+                    if self.status_file is not None:
+                        self._write_status(self.statistics())
+                else:
+                    log.info("received %s", signal.Signals(signum).name)
+                    self.stop()
+
+    # ---------------------------------------------------------------- reload
+
+    async def reload(self, reason: str) -> bool:
+        """Build, validate and swap the routing table; on error keep the running one."""
+        try:
+            config = await trio.to_thread.run_sync(load_config, self.config_path, self.routes_dir, self.environ)
+        except ConfigError as exc:
+            self.counters.inc("reload_failures_total")
+            self.last_reload_error = str(exc)
+            for problem in exc.problems:
+                log.error("reload rejected (%s): %s", reason, problem)
+            log.error("reload rejected: keeping the running configuration (%d rules)", len(self.config.rules))
+            return False
+        if (config.tcp, config.pipeline) != (self.config.tcp, self.config.pipeline):
+            log.warning("reload: tcp and pipeline settings change only on restart; routes and backends are applied now")
+        table = RouteTable(config.rules)
+        supervisors = self.topology.apply(table)
+        self.correlator.routing = Routing(table, supervisors)
+        # Listener settings stay as started; everything else is the new config.
+        self.config = attrs.evolve(config, tcp=self.config.tcp, pipeline=self.config.pipeline)
+        self.watcher.settings = config.reload
+        self.last_reload_error = None
+        self.counters.inc("reloads_total")
+        log.info("reload applied (%s): %d rules, %d backends", reason, len(config.rules), len(supervisors))
+        return True
+
+    # ---------------------------------------------------------------- observability
+
+    def statistics(self) -> dict:
+        counters = self.counters
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started_at": self.started_at.isoformat(),
+            "received": counters.get("messages_received_total"),
+            "decode_errors": counters.by_label("decode_errors_total", "reason"),
+            "routed": counters.get("routed_messages_total"),
+            "unrouted": counters.get("unrouted_messages_total"),
+            "connections_total": counters.get("connections_total"),
+            "connections_refused": counters.by_label("connections_refused_total", "reason"),
+            "connections_closed": counters.by_label("connections_closed_total", "reason"),
+            "listener": self.listener.statistics(),
+            "correlator": self.correlator.statistics() if self.correlator else {},
+            "reloads": counters.get("reloads_total"),
+            "reload_failures": counters.get("reload_failures_total"),
+            "last_reload_error": self.last_reload_error,
+            "config_files": list(self.config.files),
+            "backends": [s.statistics() for s in self.topology.all_supervisors()],
+        }
+
+    def _write_status(self, stats: dict) -> None:
+        stats = {**stats, "written_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+        temporary = self.status_file.with_name(self.status_file.name + ".tmp")
+        temporary.write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
+        os.replace(temporary, self.status_file)
+
+    async def _write_status_periodically(self) -> None:
+        while True:
+            self._write_status(self.statistics())
+            await trio.sleep(self.status_interval)
+

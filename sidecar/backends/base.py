@@ -1,0 +1,61 @@
+"""What a backend is: a small class that opens, writes one batch, and closes.
+
+Batching, queueing, retries, the circuit breaker and the accounting live in
+`sidecar.delivery`, written once around every backend.
+"""
+
+from typing import ClassVar
+
+
+class DeliveryError(Exception):
+    """A write failed. Subclasses say whether trying again can help."""
+
+
+class RetryableError(DeliveryError):
+    """The destination is unavailable now (network, server down, throttled): keep the batch and
+    try again later. `trip_circuit` opens the circuit breaker at once (e.g. access denied),
+    so a misconfigured destination is retried slowly, not in a tight loop."""
+
+    def __init__(self, message: str, *, trip_circuit: bool = False):
+        super().__init__(message)
+        self.trip_circuit = trip_circuit
+
+
+class PermanentError(DeliveryError):
+    """This batch can never be written as it is; it is dropped and counted under `reason`."""
+
+    def __init__(self, message: str, *, reason: str = "rejected"):
+        super().__init__(message)
+        self.reason = reason
+
+
+class PartialDelivery(DeliveryError):
+    """The batch was written except the messages at `rejected` (index -> reason label), which
+    the destination refused for good; they are dropped and counted, the rest is delivered."""
+
+    def __init__(self, message: str, rejected: dict[int, str]):
+        super().__init__(message)
+        self.rejected = rejected
+
+
+class Backend:
+    """Base of every backend. A subclass sets `type_name` and `Settings` (a frozen attrs class
+    read from the config with file:line errors) and implements `write_batch`."""
+
+    type_name: ClassVar[str]
+    Settings: ClassVar[type]
+
+    def __init__(self, settings, *, label: str):
+        self.settings = settings
+        self.label = label
+
+    async def open(self) -> None:
+        """Connect or prepare. Called before the first write and again after a failed one."""
+
+    async def write_batch(self, source: str, batch: list[dict]) -> None:
+        """Write messages of one source, in order. Raise a DeliveryError subclass on failure;
+        any other exception is treated as retryable and logged with its traceback."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Release connections and descriptors; called once, after the last write."""

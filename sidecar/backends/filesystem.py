@@ -1,0 +1,184 @@
+"""JSONL files, safe on NFS: one write() per batch on an O_APPEND descriptor.
+
+Paths come from a template such as `{source}.jsonl`; the values put into it come from the wire,
+so each is reduced to `[A-Za-z0-9._-]` and the resolved path must stay inside `base_path`.
+"""
+
+import errno
+import os
+import string
+import time
+from typing import Literal
+
+import attrs
+import orjson
+import trio
+
+from sidecar.backends.base import Backend, PermanentError, RetryableError
+from sidecar.config import ByteSize, Duration
+
+PLACEHOLDERS = ("source", "type", "date", "host")
+_UNSAFE = str.maketrans({c: "_" for c in map(chr, range(256)) if not (c.isascii() and (c.isalnum() or c in "._-"))})
+_HOST = os.uname().nodename
+
+
+def safe_component(value: str) -> str:
+    """One path component from untrusted text: no separators, no `..`, no control bytes."""
+    cleaned = "".join(c if c.isascii() else "_" for c in value.translate(_UNSAFE)[:200])
+    # No hidden files and no `.` or `..`: a leading dot becomes `_`.
+    return "_" + cleaned[1:] if cleaned.startswith(".") or not cleaned else cleaned
+
+
+def _template_fields(template: str) -> list[str]:
+    fields = []
+    for _literal, field, spec, conversion in string.Formatter().parse(template):
+        if field is None:
+            continue
+        if field not in PLACEHOLDERS or spec or conversion:
+            raise ValueError(f"path template {template!r}: unknown placeholder {{{field}}} (known: {', '.join('{%s}' % p for p in PLACEHOLDERS)})")
+        fields.append(field)
+    return fields
+
+
+def _within(base: str, path: str) -> bool:
+    return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
+
+
+@attrs.frozen
+class FilesystemSettings:
+    base_path: str
+    path: str = "{source}.jsonl"
+    create_base_path: bool = False
+    fsync: Literal["batch", "interval", "never"] = "interval"
+    fsync_interval: Duration = 1.0
+    rotate_bytes: ByteSize = 0  # 0: never rotate
+    rotate_keep: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    max_open_files: int = attrs.field(default=64, validator=attrs.validators.ge(1))
+
+    def __attrs_post_init__(self):
+        _template_fields(self.path)
+        base = os.path.abspath(self.base_path)
+        sample = os.path.normpath(os.path.join(base, self.path.format(**{p: "x" for p in PLACEHOLDERS})))
+        if not _within(base, sample) or sample == base:
+            raise ValueError(f"path {self.path!r} must name a file inside base_path {self.base_path!r}")
+
+
+class FilesystemBackend(Backend):
+    type_name = "filesystem"
+    Settings = FilesystemSettings
+
+    def __init__(self, settings: FilesystemSettings, *, label: str):
+        super().__init__(settings, label=label)
+        self.base = os.path.abspath(settings.base_path)
+        self._fields = set(_template_fields(settings.path))
+        self._per_message = bool(self._fields & {"type", "date"})
+        self._paths: dict[tuple, str] = {}
+        self._files: dict[str, int] = {}  # path -> descriptor, oldest first
+        self._sizes: dict[str, int] = {}
+        self._last_fsync = time.monotonic()
+
+    def path_for(self, source: str, kind: str = "", date: str = "") -> str:
+        key = (source, kind, date)
+        path = self._paths.get(key)
+        if path is None:
+            values = {"source": safe_component(source), "type": safe_component(kind), "date": safe_component(date), "host": safe_component(_HOST)}
+            path = os.path.normpath(os.path.join(self.base, self.settings.path.format(**values)))
+            if not _within(self.base, path) or path == self.base:
+                raise PermanentError(f"path for source {source!r} escapes {self.base}", reason="path_escape")
+            if len(self._paths) > 10_000:
+                self._paths.clear()
+            self._paths[key] = path
+        return path
+
+    async def open(self) -> None:
+        if not os.path.isdir(self.base):
+            if not self.settings.create_base_path:
+                raise RetryableError(f"base_path {self.base} does not exist (not mounted?)")
+            await trio.to_thread.run_sync(lambda: os.makedirs(self.base, exist_ok=True))
+
+    async def write_batch(self, source: str, batch: list[dict]) -> None:
+        dumps = orjson.dumps
+        if not self._per_message:
+            writes = {self.path_for(source): batch}
+        else:
+            writes = {}
+            for message in batch:
+                path = self.path_for(source, message["type"], message["timestamp"][:10])
+                writes.setdefault(path, []).append(message)
+        payloads = [(path, b"\n".join(map(dumps, messages)) + b"\n") for path, messages in writes.items()]
+        # A thread that is not abandoned on cancel: a hung NFS write blocks this backend only,
+        # and is never written twice by a retry racing it.
+        await trio.to_thread.run_sync(self._write_all, payloads)
+
+    def _write_all(self, payloads: list[tuple[str, bytes]]) -> None:
+        try:
+            for path, payload in payloads:
+                self._append(path, payload)
+            if self.settings.fsync == "batch" or (
+                self.settings.fsync == "interval" and time.monotonic() - self._last_fsync >= self.settings.fsync_interval
+            ):
+                for fd in self._files.values():
+                    os.fsync(fd)
+                self._last_fsync = time.monotonic()
+        except OSError as exc:
+            self._close_all()
+            raise RetryableError(f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno, exc.errno)}): {exc.filename or ''}") from exc
+
+    def _append(self, path: str, payload: bytes) -> None:
+        fd = self._files.get(path)
+        limit = self.settings.rotate_bytes
+        if fd is not None and limit and self._sizes[path] + len(payload) > limit and self._sizes[path] > 0:
+            self._close(path)
+            self._rotate(path)
+            fd = None
+        if fd is None:
+            fd = self._open(path)
+        view = memoryview(payload)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        self._sizes[path] += len(payload)
+
+    def _open(self, path: str) -> int:
+        directory = os.path.dirname(path)
+        if directory != self.base:
+            os.makedirs(directory, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        if len(self._files) >= self.settings.max_open_files:
+            self._close(next(iter(self._files)))
+        self._files[path] = fd
+        self._sizes[path] = os.fstat(fd).st_size
+        limit = self.settings.rotate_bytes
+        if limit and self._sizes[path] >= limit:
+            self._close(path)
+            self._rotate(path)
+            return self._open(path)
+        return fd
+
+    def _rotate(self, path: str) -> None:
+        # path.1 is the newest rotated file; rotation assumes one writer per file.
+        keep = self.settings.rotate_keep
+        for index in range(keep - 1, 0, -1):
+            older = f"{path}.{index}"
+            if os.path.exists(older):
+                os.replace(older, f"{path}.{index + 1}")
+        os.replace(path, f"{path}.1")
+
+    def _close(self, path: str) -> None:
+        fd = self._files.pop(path)
+        self._sizes.pop(path, None)
+        try:
+            if self.settings.fsync != "never":
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _close_all(self) -> None:
+        for path in list(self._files):
+            try:
+                self._close(path)
+            except OSError:
+                pass  # the descriptor is closed either way; the write error is what is reported
+
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self._close_all)

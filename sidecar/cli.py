@@ -1,0 +1,212 @@
+"""The `monitoring-sidecar` command: run, check, send."""
+
+import argparse
+import datetime as dt
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import orjson
+
+from sidecar import __version__
+from sidecar.backends import backend_class
+from sidecar.config import ConfigError, display_value, load_config
+from sidecar.message import LEVELS, MESSAGE_TYPES, MessageError, format_timestamp, validate_message
+from sidecar.routing import RouteTable
+
+EXIT_CONFIG_ERROR = 2
+
+
+def _paths(args) -> tuple[Path | None, Path | None]:
+    config = args.config or os.environ.get("MONITORING_SIDECAR_CONFIG")
+    routes = args.routes or os.environ.get("MONITORING_SIDECAR_ROUTES")
+    config_path = Path(config) if config else None
+    if routes:
+        routes_dir = Path(routes)
+    elif config_path is not None and (config_path.parent / "routes.d").is_dir():
+        routes_dir = config_path.parent / "routes.d"
+    else:
+        routes_dir = None
+    return config_path, routes_dir
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="main config file (default: $MONITORING_SIDECAR_CONFIG, else the embedded default)")
+    parser.add_argument("--routes", help="drop-in routes directory (default: $MONITORING_SIDECAR_ROUTES, else routes.d beside --config)")
+
+
+def _print_problems(error: ConfigError) -> None:
+    for problem in error.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    print(f"{len(error.problems)} problem(s); configuration rejected", file=sys.stderr)
+
+
+def command_run(args) -> int:
+    import trio
+
+    from sidecar.app import Sidecar
+    from sidecar.logs import configure_logging
+
+    configure_logging(args.log_level)
+    config_path, routes_dir = _paths(args)
+    try:
+        sidecar = Sidecar(config_path, routes_dir, status_file=Path(args.status_file) if args.status_file else None, status_interval=args.status_interval)
+    except ConfigError as error:
+        _print_problems(error)
+        return EXIT_CONFIG_ERROR
+    try:
+        trio.run(sidecar.run)
+    except OSError as exc:
+        print(f"error: cannot listen on {sidecar.config.tcp.host}:{sidecar.config.tcp.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _describe_settings(spec) -> str:
+    if not spec.available:
+        options = ", ".join(f"{k}={display_value(v)}" for k, v in spec.settings.options)
+        return f"not available in this build ({options})" if options else "not available in this build"
+    import attrs
+
+    defaults = type(spec.settings)
+    shown = []
+    for field in attrs.fields(defaults):
+        value = getattr(spec.settings, field.name)
+        if field.default is attrs.NOTHING or value != field.default:
+            shown.append(f"{field.name}={display_value(value)}")
+    return ", ".join(shown)
+
+
+def command_check(args) -> int:
+    config_path, routes_dir = _paths(args)
+    try:
+        config = load_config(config_path, routes_dir)
+    except ConfigError as error:
+        _print_problems(error)
+        return EXIT_CONFIG_ERROR
+    table = RouteTable(config.rules)
+    print(f"configuration OK: {len(config.files)} file(s): {', '.join(config.files)}")
+    print(f"listen: {config.tcp.host}:{config.tcp.port}")
+    print("\nbackends:")
+    for name, definition in config.backends.items():
+        available = backend_class(definition.type) is not None
+        used = any(r.backend == name and r.enabled for r in config.rules)
+        settings = ", ".join(f"{k}={display_value(v)}" for k, v in definition.options.items())
+        notes = ("" if used else "  (no enabled rule uses it)") + (
+            "" if available else "  ** not available in this build: messages routed here are dropped and counted **"
+        )
+        print(f"  {name:<16} {definition.type:<11} {settings}{notes}")
+    print("\nrouting (per source; `default` applies to sources with no rule of their own, `all` to every source):")
+    for key in table.source_keys():
+        print(f"  {key}:")
+        for rule in table.rules_under(key):
+            state = "" if rule.enabled else "  [disabled]"
+            where = f"  ({rule.where})"
+            print(f"    -> {rule.spec.label:<40} priority {rule.priority:<4} {rule.filter.describe()}{state}{where}")
+    for source in args.source or ():
+        print(f"\n{source} goes to:")
+        targets = table.targets_for(source)
+        if not targets:
+            print("    (nothing: no rule matches, messages are counted as unrouted)")
+        for target in targets:
+            filters = " or ".join(f.describe() for f in target.filters) or "all messages"
+            print(f"    -> {target.spec.label}: {filters}; {_describe_settings(target.spec)}")
+    return 0
+
+
+def _parse_context(pairs: list[str]) -> dict:
+    context = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--context takes key=value, got {pair!r}")
+        context[key] = value
+    return context
+
+
+def command_send(args) -> int:
+    address = os.environ.get("MONITORING_SIDECAR", f"{args.host}:{args.port}")
+    host, _sep, port = address.rpartition(":")
+    message: dict = {"source": args.source or os.environ.get("MONITORING_SOURCE", "shell"), "type": args.type}
+    message["timestamp"] = format_timestamp(dt.datetime.now(dt.timezone.utc))
+    data = {
+        "event": lambda: {"level": args.level, "message": args.message},
+        "metric": lambda: {"name": args.name, "value": args.value, **({"unit": args.unit} if args.unit else {})},
+        "progress": lambda: {"job_id": args.job_id, "percent": args.percent, "status": args.status},
+        "resource": lambda: {k: v for k, v in {"cpu_percent": args.cpu, "memory_mb": args.memory}.items() if v is not None},
+        "span": lambda: {"name": args.name, "phase": "start"},
+    }[args.type]()
+    message["data"] = {k: v for k, v in data.items() if v is not None}
+    try:
+        context = _parse_context(args.context or [])
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.job_id and args.type != "progress":
+        context["job_id"] = args.job_id
+    if context:
+        message["context"] = context
+    if args.trace_id:
+        message["trace_id"] = args.trace_id
+    try:
+        validate_message(message)
+    except MessageError as exc:
+        print(f"error: not a valid message: {exc.detail}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=args.timeout) as conn:
+            conn.sendall(orjson.dumps(message) + b"\n")
+            conn.shutdown(socket.SHUT_WR)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot send to the sidecar at {address}: {exc}", file=sys.stderr)
+        return 1
+    if args.verbose:
+        print(json.dumps(message))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monitoring-sidecar", description="Telemetry sidecar: receive from SDKs over local TCP, correlate, route to backends.")
+    parser.add_argument("--version", action="version", version=f"monitoring-sidecar {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the sidecar")
+    _add_config_arguments(run)
+    run.add_argument("--log-level", default=os.environ.get("MONITORING_SIDECAR_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
+    run.add_argument("--status-file", help="write statistics as JSON to this file every --status-interval seconds, on SIGUSR1 and at exit")
+    run.add_argument("--status-interval", type=float, default=1.0)
+    run.set_defaults(handler=command_run)
+
+    check = commands.add_parser("check", help="validate the configuration and print the routing table")
+    _add_config_arguments(check)
+    check.add_argument("--source", action="append", help="also show where messages of this source go (repeatable)")
+    check.set_defaults(handler=command_check)
+
+    send = commands.add_parser("send", help="send one message (from a shell script)")
+    send.add_argument("--host", default="127.0.0.1")
+    send.add_argument("--port", type=int, default=17000)
+    send.add_argument("--source", help="default: $MONITORING_SOURCE, else 'shell'")
+    send.add_argument("--type", default="event", choices=sorted(MESSAGE_TYPES))
+    send.add_argument("--level", default="info", choices=LEVELS)
+    send.add_argument("--message", default="")
+    send.add_argument("--name", help="metric or span name")
+    send.add_argument("--value", type=float, help="metric value")
+    send.add_argument("--unit")
+    send.add_argument("--job-id")
+    send.add_argument("--percent", type=float)
+    send.add_argument("--status")
+    send.add_argument("--cpu", type=float)
+    send.add_argument("--memory", type=float)
+    send.add_argument("--trace-id")
+    send.add_argument("--context", action="append", metavar="KEY=VALUE")
+    send.add_argument("--timeout", type=float, default=2.0)
+    send.add_argument("-v", "--verbose", action="store_true", help="print the message sent")
+    send.set_defaults(handler=command_send)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)

@@ -1,0 +1,695 @@
+"""Configuration: the main file plus routes.d/ drop-ins, read into frozen attrs settings.
+
+Every problem is reported with the `file:line` it comes from, and all problems of a load are
+reported together, not just the first. Strings may use `${NAME}` or `${NAME:-default}` to take
+values (secrets above all) from the environment; such a value remembers its template, and
+everything that displays settings shows the template, never the value.
+"""
+
+import fnmatch
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import attrs
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError
+
+from sidecar.message import LEVELS, MESSAGE_TYPES
+
+Duration = Annotated[float, "duration"]
+ByteSize = Annotated[int, "bytesize"]
+
+ROUTE_FILE_PATTERNS = ("*.yaml", "*.yml")
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+RESERVED_SOURCE_KEYS = ("default", "all")
+
+
+@attrs.frozen
+class Where:
+    """A place in a config file; `line` is 1-based."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@attrs.frozen
+class ConfigProblem:
+    where: Where | None
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` lists every reason with its place."""
+
+    def __init__(self, problems: list[ConfigProblem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class Interpolated(str):
+    """A string that came from `${...}`: equal to its value, displayed as its template."""
+
+    template: str
+
+    def __new__(cls, value: str, template: str):
+        self = super().__new__(cls, value)
+        self.template = template
+        return self
+
+
+def display_value(value) -> Any:
+    """What may be shown of a setting: templates instead of environment values, no URL passwords."""
+    if isinstance(value, Interpolated):
+        return value.template
+    if isinstance(value, str):
+        return re.sub(r"(://[^:/@\s]*:)[^@\s]+@", r"\1***@", value)
+    if isinstance(value, tuple):
+        return [display_value(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- settings of the core
+
+
+@attrs.frozen
+class TcpSettings:
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=17000, validator=attrs.validators.and_(attrs.validators.ge(0), attrs.validators.le(65535)))
+    max_connections: int = attrs.field(default=1024, validator=attrs.validators.ge(1))
+    max_message_size: ByteSize = attrs.field(default=1024 * 1024, validator=attrs.validators.ge(64))
+    read_size: ByteSize = attrs.field(default=256 * 1024, validator=attrs.validators.ge(1024))
+
+
+@attrs.frozen
+class PipelineSettings:
+    # Chunks (lists of messages read in one go) between the listener and the correlator.
+    channel_size: int = attrs.field(default=32, validator=attrs.validators.ge(1))
+    # trace_id -> job_id pairs remembered to give later messages of a trace their job.
+    trace_cache_size: int = attrs.field(default=100_000, validator=attrs.validators.ge(0))
+
+
+@attrs.frozen
+class ReloadSettings:
+    poll_interval: Duration = attrs.field(default=1.0, validator=attrs.validators.gt(0))
+    # Editors and ConfigMap updates write in several steps: wait until the files stop changing.
+    settle_delay: Duration = attrs.field(default=0.25, validator=attrs.validators.ge(0))
+
+
+@attrs.frozen
+class ShutdownSettings:
+    # After SIGTERM, connected clients may still send this long before their sockets are closed.
+    connection_grace: Duration = attrs.field(default=0.5, validator=attrs.validators.ge(0))
+    # Then backends get this long to deliver what is queued; the rest is reported by count.
+    drain_timeout: Duration = attrs.field(default=10.0, validator=attrs.validators.ge(0))
+
+
+@attrs.frozen
+class BatchSettings:
+    max_messages: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
+    timeout: Duration = attrs.field(default=1.0, validator=attrs.validators.ge(0))
+
+
+@attrs.frozen
+class QueueSettings:
+    max_messages: int = attrs.field(default=20_000, validator=attrs.validators.ge(1))
+    when_full: Literal["block", "drop_newest", "drop_oldest"] = "drop_newest"
+
+
+@attrs.frozen
+class RetrySettings:
+    initial_backoff: Duration = attrs.field(default=0.1, validator=attrs.validators.gt(0))
+    max_backoff: Duration = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    attempt_timeout: Duration = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+
+
+@attrs.frozen
+class CircuitBreakerSettings:
+    failure_threshold: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    reset_timeout: Duration = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    max_reset_timeout: Duration = attrs.field(default=60.0, validator=attrs.validators.gt(0))
+
+
+@attrs.frozen
+class DeliverySettings:
+    """The shared machinery's knobs, set per backend under these four keys."""
+
+    batch: BatchSettings = BatchSettings()
+    queue: QueueSettings = QueueSettings()
+    retry: RetrySettings = RetrySettings()
+    circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
+
+
+DELIVERY_KEYS = tuple(f.name for f in attrs.fields(DeliverySettings))
+
+
+@attrs.frozen
+class UnavailableSettings:
+    """Options of a backend type this build does not carry, kept as given."""
+
+    options: tuple[tuple[str, Any], ...]
+
+
+@attrs.frozen
+class BackendSpec:
+    """One running backend instance: a named backend with its effective settings.
+
+    Two rules that resolve to equal specs share one instance (queue, batches, connection); a
+    reload keeps an instance whose spec did not change.
+    """
+
+    name: str
+    type: str
+    settings: Any
+    delivery: DeliverySettings
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def available(self) -> bool:
+        return not isinstance(self.settings, UnavailableSettings)
+
+    @property
+    def label(self) -> str:
+        if not self.overrides:
+            return self.name
+        shown = ", ".join(f"{k}={display_value(v)}" for k, v in self.overrides)
+        return f"{self.name}({shown})"
+
+
+@attrs.frozen
+class BackendDefinition:
+    name: str
+    type: str
+    options: dict = attrs.field(eq=False)  # raw options, for merging with rule overrides
+    delivery: DeliverySettings
+    where: Where
+
+
+@attrs.frozen
+class MessageFilter:
+    """Which messages a rule passes. `levels` applies to events, `names` (globs) to metrics."""
+
+    types: frozenset | None = None
+    levels: frozenset | None = None
+    names: tuple[str, ...] | None = None
+    _names_regex: Any = attrs.field(default=None, eq=False, repr=False)
+
+    @classmethod
+    def build(cls, types=None, levels=None, names=None) -> "MessageFilter":
+        regex = re.compile("|".join(fnmatch.translate(n) for n in names)) if names else None
+        return cls(
+            frozenset(types) if types is not None else None,
+            frozenset(levels) if levels is not None else None,
+            tuple(names) if names is not None else None,
+            regex,
+        )
+
+    @property
+    def passes_all(self) -> bool:
+        return self.types is None and self.levels is None and self.names is None
+
+    def passes(self, message: dict) -> bool:
+        kind = message["type"]
+        if self.types is not None and kind not in self.types:
+            return False
+        if self.levels is not None and kind == "event" and message["data"]["level"] not in self.levels:
+            return False
+        if self._names_regex is not None and kind == "metric" and not self._names_regex.match(message["data"]["name"]):
+            return False
+        return True
+
+    def describe(self) -> str:
+        parts = []
+        if self.types is not None:
+            parts.append("types=" + ",".join(sorted(self.types)))
+        if self.levels is not None:
+            parts.append("levels=" + ",".join(sorted(self.levels, key=LEVELS.index)))
+        if self.names is not None:
+            parts.append("names=" + ",".join(self.names))
+        return " ".join(parts) or "all messages"
+
+
+@attrs.frozen
+class Rule:
+    source: str  # exact name, glob, "default" or "all"
+    backend: str
+    spec: BackendSpec
+    enabled: bool
+    priority: int
+    filter: MessageFilter
+    where: Where
+
+
+@attrs.frozen
+class SidecarConfig:
+    tcp: TcpSettings
+    pipeline: PipelineSettings
+    reload: ReloadSettings
+    shutdown: ShutdownSettings
+    backends: dict
+    rules: tuple
+    files: tuple  # every file read, main file first
+
+    @property
+    def specs(self) -> set:
+        return {rule.spec for rule in self.rules if rule.enabled}
+
+
+# ---------------------------------------------------------------- reading YAML with positions
+
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
+_BYTESIZE = re.compile(r"\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*")
+_BYTE_UNITS = {None: 1, "B": 1, "KB": 10**3, "KiB": 2**10, "MB": 10**6, "MiB": 2**20, "GB": 10**9, "GiB": 2**30}
+_SECONDS = {None: 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600}
+
+
+class _Invalid(Exception):
+    pass
+
+
+class DocumentReader:
+    """Converts one YAML document's nodes into settings, collecting problems with their lines."""
+
+    def __init__(self, file: str, problems: list[ConfigProblem], environ=os.environ):
+        self.file = file
+        self.problems = problems
+        self.environ = environ
+
+    def problem(self, where: Where | None, message: str) -> None:
+        self.problems.append(ConfigProblem(where, message))
+
+    def at(self, line0: int | None) -> Where:
+        return Where(self.file, (line0 or 0) + 1)
+
+    def key_where(self, mapping, key) -> Where:
+        try:
+            return self.at(mapping.lc.key(key)[0])
+        except (AttributeError, KeyError, TypeError):
+            return self.node_where(mapping)
+
+    def value_where(self, mapping, key) -> Where:
+        try:
+            return self.at(mapping.lc.value(key)[0])
+        except (AttributeError, KeyError, TypeError):
+            return self.key_where(mapping, key)
+
+    def item_where(self, sequence, index: int) -> Where:
+        try:
+            return self.at(sequence.lc.item(index)[0])
+        except (AttributeError, KeyError, TypeError):
+            return self.node_where(sequence)
+
+    def node_where(self, node) -> Where:
+        return self.at(getattr(getattr(node, "lc", None), "line", 0))
+
+    def interpolate(self, text: str, where: Where) -> str:
+        if "${" not in text:
+            return text
+        missing = []
+
+        def substitute(match: re.Match) -> str:
+            name, fallback = match.group(1), match.group(2)
+            value = self.environ.get(name)
+            if value is None:
+                if fallback is None:
+                    missing.append(name)
+                    return ""
+                return fallback
+            return value
+
+        value = _ENV_REFERENCE.sub(substitute, text)
+        for name in missing:
+            self.problem(where, f"environment variable {name} is not set (use ${{{name}:-default}} for a fallback)")
+        return Interpolated(value, text)
+
+    def convert(self, kind, value, where: Where, label: str):
+        """One scalar or nested value to `kind`; raises _Invalid after recording a problem."""
+        origin = typing.get_origin(kind)
+        if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
+            options = [k for k in typing.get_args(kind) if k is not type(None)]
+            if value is None:
+                return None
+            return self.convert(options[0], value, where, label)
+        if origin is Annotated:
+            base, marker = typing.get_args(kind)
+            if marker == "duration":
+                return self._duration(value, where, label)
+            if marker == "bytesize":
+                return self._bytesize(value, where, label)
+            return self.convert(base, value, where, label)
+        if origin is Literal:
+            choices = typing.get_args(kind)
+            if value not in choices:
+                self._fail(where, f"{label} must be one of {', '.join(map(str, choices))}, got {value!r}")
+            return value
+        if origin is tuple:
+            if not isinstance(value, list):
+                self._fail(where, f"{label} must be a list, got {_yaml_kind(value)}")
+            (item_kind, _ellipsis) = typing.get_args(kind)
+            return tuple(self.convert(item_kind, v, self.item_where(value, i), f"{label}[{i}]") for i, v in enumerate(value))
+        if attrs.has(kind):
+            if not isinstance(value, dict):
+                self._fail(where, f"{label} must be a mapping, got {_yaml_kind(value)}")
+            return self.build(kind, value, where, label)
+        if kind is bool:
+            if type(value) is not bool:
+                self._fail(where, f"{label} must be true or false, got {value!r}")
+            return value
+        if kind is int:
+            if type(value) is not int:
+                self._fail(where, f"{label} must be an integer, got {value!r}")
+            return value
+        if kind is float:
+            if type(value) not in (int, float):
+                self._fail(where, f"{label} must be a number, got {value!r}")
+            return float(value)
+        if kind is str:
+            if not isinstance(value, str):
+                self._fail(where, f"{label} must be a string, got {_yaml_kind(value)}")
+            return self.interpolate(str(value), where)
+        if kind is Any:
+            return _plain(value)
+        raise TypeError(f"unsupported settings type {kind!r} for {label}")
+
+    def build(self, cls, mapping: dict, where: Where, label: str, extra_keys: tuple = ()):
+        """An attrs settings class from a mapping: unknown keys, wrong types and failed checks are
+        reported at the line of the key at fault."""
+        attrs.resolve_types(cls)
+        fields = {f.name: f for f in attrs.fields(cls) if f.init}
+        kwargs = {}
+        ok = True
+        for key, value in mapping.items():
+            if key in extra_keys:
+                continue
+            field = fields.get(key)
+            if field is None:
+                known = ", ".join(fields) or "none"
+                self.problem(self.key_where(mapping, key), f"unknown key {label}.{key} (known keys: {known})")
+                ok = False
+                continue
+            value_at = self.value_where(mapping, key)
+            try:
+                converted = self.convert(field.type, value, value_at, f"{label}.{key}")
+                if field.validator is not None:
+                    field.validator(None, field, converted)
+            except _Invalid:
+                ok = False
+                continue
+            except (ValueError, TypeError) as exc:
+                self.problem(value_at, f"{label}.{key}: {_validator_message(exc)}")
+                ok = False
+                continue
+            kwargs[field.alias or key] = converted
+        missing = [name for name, f in fields.items() if f.default is attrs.NOTHING and name not in mapping]
+        for name in missing:
+            self.problem(where, f"{label}.{name} is required")
+        if missing or not ok:
+            raise _Invalid
+        try:
+            return cls(**kwargs)
+        except (ValueError, TypeError) as exc:
+            self.problem(where, f"{label}: {_validator_message(exc)}")
+            raise _Invalid from None
+
+    def _fail(self, where: Where, message: str):
+        self.problem(where, message)
+        raise _Invalid
+
+    def _duration(self, value, where, label) -> float:
+        if type(value) in (int, float):
+            return float(value)
+        match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+        if not match:
+            self._fail(where, f"{label} must be a duration in seconds or like 500ms, 5s, 2m, got {value!r}")
+        return float(match.group(1)) * _SECONDS[match.group(2)]
+
+    def _bytesize(self, value, where, label) -> int:
+        if type(value) is int:
+            return value
+        match = _BYTESIZE.fullmatch(value) if isinstance(value, str) else None
+        if not match:
+            self._fail(where, f"{label} must be a size in bytes or like 64KiB, 8MiB, got {value!r}")
+        return int(match.group(1)) * _BYTE_UNITS[match.group(2)]
+
+
+def _validator_message(exc: Exception) -> str:
+    # attrs' comparison validators raise ValueError("'name' must be >= 1: 0"); keep it readable.
+    return str(exc.args[0]) if exc.args else str(exc)
+
+
+def _yaml_kind(value) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return "null" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _plain(value, interpolate=None):
+    """A hashable copy of free-form YAML data (for unavailable backends' options)."""
+    if isinstance(value, dict):
+        return tuple((str(k), _plain(v, interpolate)) for k, v in value.items())
+    if isinstance(value, list):
+        return tuple(_plain(v, interpolate) for v in value)
+    if interpolate is not None and isinstance(value, str):
+        return interpolate(str(value))
+    return value
+
+
+def _read_yaml(path: Path, problems: list[ConfigProblem]):
+    yaml = YAML(typ="rt")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(ConfigProblem(Where(str(path), 1), f"cannot read: {exc}"))
+        return None
+    try:
+        return yaml.load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        problems.append(ConfigProblem(Where(str(path), line), f"invalid YAML: {exc.problem or exc.context}"))
+        return None
+
+
+# ---------------------------------------------------------------- the whole configuration
+
+_TOP_LEVEL = {"tcp": TcpSettings, "pipeline": PipelineSettings, "reload": ReloadSettings, "shutdown": ShutdownSettings}
+_MAIN_KEYS = (*_TOP_LEVEL, "backends", "routing")
+
+
+def route_files(routes_dir: Path | None) -> list[Path]:
+    """Drop-in files in lexical order. Hidden entries (a ConfigMap's ..data) are not matched."""
+    if routes_dir is None or not routes_dir.is_dir():
+        return []
+    found = {p for pattern in ROUTE_FILE_PATTERNS for p in routes_dir.glob(pattern) if p.is_file()}
+    return sorted(found, key=lambda p: p.name)
+
+
+def load_config(config_path: Path | None, routes_dir: Path | None, environ=os.environ) -> SidecarConfig:
+    """Read, validate and resolve the whole configuration, or raise ConfigError listing every
+    problem. `config_path=None` means the embedded default."""
+    from sidecar.backends import BackendTypeUnknown, backend_class
+
+    problems: list[ConfigProblem] = []
+    main_path = config_path or DEFAULT_CONFIG
+    main = _read_yaml(main_path, problems)
+    main_file = str(main_path)
+    reader = DocumentReader(main_file, problems, environ)
+    if main is None and not problems:
+        main = CommentedMap()
+    if main is not None and not isinstance(main, dict):
+        reader.problem(reader.node_where(main), "the main config must be a mapping")
+        main = None
+    if main is None:
+        raise ConfigError(problems)
+
+    for key in main:
+        if key not in _MAIN_KEYS:
+            reader.problem(reader.key_where(main, key), f"unknown top-level key {key!r} (known keys: {', '.join(_MAIN_KEYS)})")
+
+    sections = {}
+    for key, cls in _TOP_LEVEL.items():
+        node = main.get(key)
+        try:
+            sections[key] = reader.convert(cls, node, reader.value_where(main, key), key) if node is not None else cls()
+        except _Invalid:
+            sections[key] = cls()
+
+    backends: dict[str, BackendDefinition] = {}
+    broken_backends: set[str] = set()
+    backends_node = main.get("backends") or CommentedMap()
+    if not isinstance(backends_node, dict):
+        reader.problem(reader.value_where(main, "backends"), "backends must be a mapping of name -> settings")
+        backends_node = CommentedMap()
+    for name, node in backends_node.items():
+        where = reader.key_where(backends_node, name)
+        if not isinstance(node, dict):
+            reader.problem(where, f"backend {name!r} must be a mapping with at least a type")
+            continue
+        type_name = node.get("type")
+        if not isinstance(type_name, str):
+            reader.problem(where, f"backend {name!r} needs a type")
+            continue
+        try:
+            backend_class(type_name)
+        except BackendTypeUnknown as exc:
+            reader.problem(reader.value_where(node, "type"), str(exc))
+            continue
+        delivery = DeliverySettings()
+        delivery_node = CommentedMap((k, node[k]) for k in DELIVERY_KEYS if k in node)
+        for k in DELIVERY_KEYS:
+            if k in node:
+                delivery_node.lc.add_kv_line_col(k, list(node.lc.data[k]))
+        try:
+            delivery = reader.build(DeliverySettings, delivery_node, where, f"backends.{name}")
+        except _Invalid:
+            pass
+        options = CommentedMap((k, v) for k, v in node.items() if k != "type" and k not in DELIVERY_KEYS)
+        for k in options:
+            options.lc.add_kv_line_col(k, list(node.lc.data[k]))
+        definition = BackendDefinition(str(name), type_name, options, delivery, where)
+        # Checked once here, at the backend's own lines; a rule then only adds its overrides.
+        problems_before = len(problems)
+        if _backend_spec(reader, definition, None, where) is not None and len(problems) == problems_before:
+            backends[str(name)] = definition
+        else:
+            broken_backends.add(str(name))
+
+    rule_nodes: list[tuple[DocumentReader, Any, Any]] = []
+    if main.get("routing") is not None:
+        rule_nodes.append((reader, main["routing"], reader.value_where(main, "routing")))
+    files = [main_file]
+    for path in route_files(routes_dir):
+        files.append(str(path))
+        document = _read_yaml(path, problems)
+        if document is None:
+            continue
+        rule_nodes.append((DocumentReader(str(path), problems, environ), document, Where(str(path), 1)))
+
+    rules: list[Rule] = []
+    order = 0
+    for doc_reader, routing, where in rule_nodes:
+        if not isinstance(routing, dict):
+            doc_reader.problem(where, "routing must be a mapping of source -> list of rules")
+            continue
+        for source, rule_list in routing.items():
+            source_where = doc_reader.key_where(routing, source)
+            if not isinstance(source, str) or not source:
+                doc_reader.problem(source_where, f"source key must be a non-empty string, got {source!r}")
+                continue
+            if not isinstance(rule_list, list):
+                doc_reader.problem(source_where, f"rules for {source!r} must be a list")
+                continue
+            for index, rule_node in enumerate(rule_list):
+                if isinstance(rule_node, dict) and rule_node.get("backend") in broken_backends:
+                    continue  # its backend's own problem is reported already
+                rule = _read_rule(doc_reader, backends, source, rule_node, doc_reader.item_where(rule_list, index), list(backends_node))
+                if rule is not None:
+                    rules.append((rule.priority, order, rule))
+                    order += 1
+
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)))
+    ordered = tuple(rule for _priority, _order, rule in sorted(rules, key=lambda r: (r[0], r[1])))
+    return SidecarConfig(
+        tcp=sections["tcp"],
+        pipeline=sections["pipeline"],
+        reload=sections["reload"],
+        shutdown=sections["shutdown"],
+        backends=backends,
+        rules=ordered,
+        files=tuple(files),
+    )
+
+
+_RULE_KEYS = ("backend", "enabled", "priority", "filter", "config")
+
+
+def _read_rule(reader: DocumentReader, backends: dict, source: str, node, where: Where, all_names) -> Rule | None:
+    if not isinstance(node, dict):
+        reader.problem(where, f"a rule for {source!r} must be a mapping with a backend")
+        return None
+    ok = True
+    for key in node:
+        if key not in _RULE_KEYS:
+            reader.problem(reader.key_where(node, key), f"unknown rule key {key!r} (known keys: {', '.join(_RULE_KEYS)})")
+            ok = False
+    name = node.get("backend")
+    definition = backends.get(name) if isinstance(name, str) else None
+    if definition is None:
+        known = ", ".join(all_names) or "none defined"
+        reader.problem(reader.value_where(node, "backend") if "backend" in node else where, f"rule for {source!r} names unknown backend {name!r} (backends: {known})")
+        return None
+    try:
+        enabled = reader.convert(bool, node.get("enabled", True), reader.value_where(node, "enabled"), "enabled")
+        priority = reader.convert(int, node.get("priority", 100), reader.value_where(node, "priority"), "priority")
+        message_filter = _read_filter(reader, node.get("filter"), reader.value_where(node, "filter"))
+    except _Invalid:
+        return None
+    overrides = node.get("config")
+    if overrides is not None and not isinstance(overrides, dict):
+        reader.problem(reader.value_where(node, "config"), "config must be a mapping of backend settings")
+        return None
+    spec = _backend_spec(reader, definition, overrides, reader.value_where(node, "config") if overrides else where)
+    if spec is None or not ok:
+        return None
+    return Rule(source, definition.name, spec, enabled, priority, message_filter, where)
+
+
+def _read_filter(reader: DocumentReader, node, where: Where) -> MessageFilter:
+    if node is None:
+        return MessageFilter()
+    if not isinstance(node, dict):
+        reader._fail(where, "filter must be a mapping with types, levels and/or names")
+    values = {}
+    for key, value in node.items():
+        key_where = reader.key_where(node, key)
+        if key not in ("types", "levels", "names"):
+            reader._fail(key_where, f"unknown filter key {key!r} (known keys: types, levels, names)")
+        items = reader.convert(tuple[str, ...], value, reader.value_where(node, key), f"filter.{key}")
+        allowed = {"types": MESSAGE_TYPES, "levels": LEVELS}.get(key)
+        if allowed is not None:
+            wrong = [i for i in items if i not in allowed]
+            if wrong:
+                reader._fail(key_where, f"filter.{key}: unknown {', '.join(map(repr, wrong))} (known: {', '.join(sorted(allowed))})")
+        values[key] = items
+    return MessageFilter.build(**values)
+
+
+def _backend_spec(reader: DocumentReader, definition: BackendDefinition, overrides, where: Where) -> BackendSpec | None:
+    """The effective settings of a backend under one rule's `config` overrides (none: the
+    backend's own settings). Problems are reported at the lines of the keys at fault."""
+    from sidecar.backends import backend_class
+
+    cls = backend_class(definition.type)
+    overrides = overrides or {}
+    override_items = tuple(sorted((str(k), _plain(v)) for k, v in overrides.items()))
+    if cls is None:
+        merged = {**definition.options, **overrides}
+        options = UnavailableSettings(_plain(merged, lambda text: reader.interpolate(text, where)))
+        return BackendSpec(definition.name, definition.type, options, definition.delivery, override_items)
+    merged = CommentedMap({**definition.options, **overrides})
+    for key in merged:
+        origin = overrides if key in overrides else definition.options
+        try:
+            merged.lc.add_kv_line_col(key, list(origin.lc.data[key]))
+        except (AttributeError, KeyError):
+            pass
+    label = f"backends.{definition.name}" if not overrides else f"{definition.name} config"
+    try:
+        settings = reader.build(cls.Settings, merged, where, label)
+    except _Invalid:
+        return None
+    return BackendSpec(definition.name, cls.type_name, settings, definition.delivery, override_items)

@@ -1,0 +1,100 @@
+"""The correlator: enriches each chunk of messages, joins traces to jobs, and routes.
+
+It is the single consumer of the listener's channel and the single producer into every backend
+queue, so a routing table swap between two chunks is atomic without a lock.
+"""
+
+import logging
+import socket
+
+import attrs
+import trio
+
+from sidecar.delivery import BackendSupervisor
+from sidecar.metrics import Counters
+from sidecar.routing import RouteTable
+
+log = logging.getLogger("sidecar.correlator")
+
+
+@attrs.frozen
+class Routing:
+    """A routing table together with the running instances its targets name."""
+
+    table: RouteTable
+    supervisors: dict  # BackendSpec -> BackendSupervisor
+
+
+class Correlator:
+    def __init__(self, routing: Routing, counters: Counters, *, trace_cache_size: int, host: str | None = None):
+        self.routing = routing
+        self.counters = counters
+        self.host = host or socket.gethostname()
+        self.trace_cache_size = trace_cache_size
+        # trace_id -> job_id, oldest first; bounded so a flood of traces cannot grow it.
+        self.trace_jobs: dict[str, str] = {}
+        self.chunks = 0
+
+    async def run(self, receive_channel: trio.MemoryReceiveChannel, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Process chunks until every listener-side sender has closed, then return."""
+        task_status.started()
+        async with receive_channel:
+            async for received_at, messages in receive_channel:
+                await self.process(received_at, messages)
+
+    def enrich(self, received_at: str, messages: list[dict]) -> dict[str, list[dict]]:
+        """Add received_at and host, fill a missing timestamp, give a message the job of its
+        trace, and group by source (order kept within a source)."""
+        host = self.host
+        trace_jobs = self.trace_jobs
+        by_source: dict[str, list[dict]] = {}
+        last_source = None
+        group: list[dict] = []
+        for message in messages:
+            message["received_at"] = received_at
+            message["host"] = host
+            if "timestamp" not in message:
+                message["timestamp"] = received_at
+            trace_id = message.get("trace_id")
+            if trace_id is not None:
+                context = message.get("context")
+                job_id = context.get("job_id") if context else None
+                if job_id:
+                    if trace_id not in trace_jobs:
+                        trace_jobs[trace_id] = job_id
+                        if len(trace_jobs) > self.trace_cache_size:
+                            del trace_jobs[next(iter(trace_jobs))]
+                else:
+                    job_id = trace_jobs.get(trace_id)
+                    if job_id is not None:
+                        if context is None:
+                            message["context"] = {"job_id": job_id}
+                        else:
+                            context["job_id"] = job_id
+            source = message["source"]
+            if source != last_source:
+                group = by_source.get(source)
+                if group is None:
+                    group = by_source[source] = []
+                last_source = source
+            group.append(message)
+        return by_source
+
+    async def process(self, received_at: str, messages: list[dict]) -> None:
+        self.chunks += 1
+        by_source = self.enrich(received_at, messages)
+        routing = self.routing
+        for source, group in by_source.items():
+            targets = routing.table.targets_for(source)
+            if not targets:
+                self.counters.inc("unrouted_messages_total", len(group))
+                continue
+            for target in targets:
+                selected = target.select(group)
+                if selected:
+                    supervisor: BackendSupervisor = routing.supervisors[target.spec]
+                    await supervisor.put(selected)
+            self.counters.inc("routed_messages_total", len(group))
+
+    def statistics(self) -> dict:
+        return {"chunks": self.chunks, "traces_with_jobs": len(self.trace_jobs)}

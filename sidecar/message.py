@@ -1,0 +1,226 @@
+"""Wire protocol v1: validation and normalisation of one decoded message.
+
+Messages stay plain dicts on the hot path (orjson reads and writes them natively; an object per
+message would cost more than the whole validation). This module is pure: no I/O, no clock.
+"""
+
+import datetime as dt
+import re
+
+import msgpack
+
+MESSAGE_TYPES = frozenset({"event", "metric", "progress", "resource", "span"})
+LEVELS = ("debug", "info", "warning", "error", "critical")
+LEVEL_ALIASES = {"warn": "warning", "fatal": "critical", "crit": "critical", "err": "error"}
+# Levels that make the batcher flush at once instead of waiting for its size or time threshold.
+URGENT_LEVELS = frozenset({"error", "critical"})
+MAX_SOURCE_LENGTH = 200
+
+_CANONICAL_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
+_SPAN_ID = re.compile(r"[0-9a-f]{16}")
+# Epoch numbers at or above this are milliseconds (1e11 s is the year 5138; 1e11 ms is 1973).
+_EPOCH_MS_THRESHOLD = 1e11
+
+
+class MessageError(Exception):
+    """A message the peer sent is not valid protocol v1; `reason` is a short metric label."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def format_timestamp(moment: dt.datetime) -> str:
+    """RFC 3339 UTC with milliseconds, the one form the sidecar writes."""
+    moment = moment.astimezone(dt.timezone.utc)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
+
+
+def normalise_timestamp(value) -> str:
+    """RFC 3339 with any offset, epoch seconds or milliseconds -> RFC 3339 UTC with ms."""
+    if type(value) is str:
+        if _CANONICAL_TIMESTAMP.fullmatch(value):
+            return value
+        try:
+            moment = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise MessageError("invalid_timestamp", f"timestamp {value[:40]!r} is not RFC 3339") from None
+        if moment.tzinfo is None:
+            raise MessageError("invalid_timestamp", f"timestamp {value[:40]!r} has no UTC offset")
+        return format_timestamp(moment)
+    if type(value) in (int, float):
+        seconds = value / 1000 if abs(value) >= _EPOCH_MS_THRESHOLD else value
+        try:
+            return format_timestamp(dt.datetime.fromtimestamp(seconds, dt.timezone.utc))
+        except (ValueError, OverflowError, OSError):
+            raise MessageError("invalid_timestamp", f"epoch timestamp {value!r} is out of range") from None
+    if isinstance(value, msgpack.Timestamp):
+        return format_timestamp(value.to_datetime())
+    raise MessageError("invalid_timestamp", f"timestamp must be a string or a number, got {_kind(value)}")
+
+
+def _kind(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _is_number(value) -> bool:
+    return type(value) in (int, float)
+
+
+def _need_str(data: dict, key: str, where: str) -> str:
+    value = data.get(key)
+    if type(value) is not str:
+        reason = "missing_field" if value is None else "invalid_field"
+        raise MessageError(reason, f"{where}.{key} must be a string, got {_kind(value)}")
+    return value
+
+
+def _need_number(data: dict, key: str, where: str):
+    value = data.get(key)
+    if not _is_number(value):
+        reason = "missing_field" if value is None else "invalid_field"
+        raise MessageError(reason, f"{where}.{key} must be a number, got {_kind(value)}")
+    return value
+
+
+def _check_event(data: dict) -> None:
+    level = data.get("level")
+    if level not in LEVELS:
+        if type(level) is str:
+            lowered = level.lower()
+            lowered = LEVEL_ALIASES.get(lowered, lowered)
+            if lowered in LEVELS:
+                data["level"] = lowered
+                level = lowered
+        if level not in LEVELS:
+            reason = "missing_field" if level is None else "invalid_field"
+            raise MessageError(reason, f"data.level must be one of {', '.join(LEVELS)}, got {str(level)[:40]!r}")
+    _need_str(data, "message", "data")
+
+
+def _check_metric(data: dict) -> None:
+    if not _need_str(data, "name", "data"):
+        raise MessageError("invalid_field", "data.name must not be empty")
+    _need_number(data, "value", "data")
+    unit = data.get("unit")
+    if unit is not None and type(unit) is not str:
+        raise MessageError("invalid_field", f"data.unit must be a string, got {_kind(unit)}")
+    tags = data.get("tags")
+    if tags is not None:
+        if type(tags) is not dict or any(type(v) is not str for v in tags.values()):
+            raise MessageError("invalid_field", "data.tags must be an object of string values")
+
+
+def _check_progress(data: dict) -> None:
+    job_id = data.get("job_id")
+    if type(job_id) is int:
+        data["job_id"] = str(job_id)
+    elif type(job_id) is not str or not job_id:
+        raise MessageError("missing_field" if job_id is None else "invalid_field", "data.job_id must be a non-empty string")
+    percent = _need_number(data, "percent", "data")
+    if not 0 <= percent <= 100:
+        raise MessageError("invalid_field", f"data.percent must be within 0..100, got {percent}")
+    _need_str(data, "status", "data")
+
+
+def _check_resource(data: dict) -> None:
+    for key, value in data.items():
+        if value is not None and not _is_number(value):
+            raise MessageError("invalid_field", f"data.{key} must be a number, got {_kind(value)}")
+
+
+def _check_span(data: dict) -> None:
+    _need_str(data, "name", "data")
+    phase = data.get("phase")
+    if phase == "end":
+        _need_str(data, "status", "data")
+        if _need_number(data, "duration_ms", "data") < 0:
+            raise MessageError("invalid_field", "data.duration_ms must not be negative")
+    elif phase != "start":
+        raise MessageError("missing_field" if phase is None else "invalid_field", "data.phase must be 'start' or 'end'")
+
+
+_DATA_CHECKS = {
+    "event": _check_event,
+    "metric": _check_metric,
+    "progress": _check_progress,
+    "resource": _check_resource,
+    "span": _check_span,
+}
+
+
+def _check_id(message: dict, key: str, pattern: re.Pattern, size: int) -> None:
+    value = message.get(key)
+    if value is None:
+        message.pop(key, None)
+        return
+    if type(value) is str and not pattern.fullmatch(value):
+        value = value.lower()
+        message[key] = value
+    if type(value) is not str or not pattern.fullmatch(value):
+        raise MessageError("invalid_field", f"{key} must be {size} lowercase hex digits, got {str(value)[:40]!r}")
+
+
+def validate_message(message: dict) -> None:
+    """Check one decoded message against protocol v1 and normalise it in place.
+
+    Raises MessageError naming the field at fault. Normalises: event level aliases, the
+    timestamp to RFC 3339 UTC with ms, upper-case ids to lower case, an integer job_id to a
+    string; null optional keys are removed.
+    """
+    source = message.get("source")
+    if type(source) is not str or not source:
+        reason = "missing_field" if source is None else "invalid_field"
+        raise MessageError(reason, f"source must be a non-empty string, got {_kind(source)}")
+    if len(source) > MAX_SOURCE_LENGTH or not source.isprintable():
+        raise MessageError("invalid_field", f"source must be at most {MAX_SOURCE_LENGTH} printable characters")
+    kind = message.get("type")
+    check = _DATA_CHECKS.get(kind)
+    if check is None:
+        if kind is None:
+            raise MessageError("missing_field", "type is required")
+        raise MessageError("unknown_type", f"type must be one of {', '.join(sorted(MESSAGE_TYPES))}, got {str(kind)[:40]!r}")
+    data = message.get("data")
+    if type(data) is not dict:
+        raise MessageError("missing_field" if data is None else "invalid_field", f"data must be an object, got {_kind(data)}")
+    check(data)
+    timestamp = message.get("timestamp")
+    if timestamp is not None:
+        if type(timestamp) is not str or not _CANONICAL_TIMESTAMP.fullmatch(timestamp):
+            message["timestamp"] = normalise_timestamp(timestamp)
+    elif "timestamp" in message:
+        del message["timestamp"]
+    if "trace_id" in message:
+        _check_id(message, "trace_id", _TRACE_ID, 32)
+    if "span_id" in message:
+        _check_id(message, "span_id", _SPAN_ID, 16)
+    elif kind == "span":
+        raise MessageError("missing_field", "span_id is required on span messages")
+    if "parent_span_id" in message:
+        _check_id(message, "parent_span_id", _SPAN_ID, 16)
+    if "context" in message:
+        context = message["context"]
+        if context is None:
+            del message["context"]
+        elif type(context) is not dict:
+            raise MessageError("invalid_field", f"context must be an object, got {_kind(context)}")
+        else:
+            job_id = context.get("job_id")
+            if type(job_id) is int:
+                context["job_id"] = str(job_id)
+            elif job_id is not None and type(job_id) is not str:
+                raise MessageError("invalid_field", f"context.job_id must be a string, got {_kind(job_id)}")
+
+
+def job_id_of(message: dict):
+    """The job a message belongs to: its context.job_id, or the job_id of a progress message."""
+    context = message.get("context")
+    if context:
+        job_id = context.get("job_id")
+        if job_id:
+            return job_id
+    if message["type"] == "progress":
+        return message["data"]["job_id"]
+    return None

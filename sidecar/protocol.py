@@ -1,0 +1,198 @@
+"""Sans-IO decoder for wire protocol v1: bytes in, validated messages and errors out.
+
+No sockets, no trio: the listener feeds `receive_data()` with whatever it read and gets back
+whole messages. The format is detected from the first byte of the stream: `{` is JSON lines,
+a MessagePack map header is a MessagePack stream. Work is done per chunk, not per byte: a chunk
+is split at its last newline and every complete line in it is parsed in one loop, and only the
+incomplete tail is kept, so the cost is linear in the bytes read.
+"""
+
+import enum
+
+import attrs
+import msgpack
+import orjson
+
+from sidecar.message import MessageError, validate_message
+
+DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+
+
+class StreamFormat(enum.Enum):
+    JSON_LINES = "json"
+    MSGPACK = "msgpack"
+
+
+def detect_format(first_byte: int) -> StreamFormat | None:
+    if first_byte == 0x7B:  # "{"
+        return StreamFormat.JSON_LINES
+    if 0x80 <= first_byte <= 0x8F or first_byte in (0xDE, 0xDF):  # fixmap, map16, map32
+        return StreamFormat.MSGPACK
+    return None
+
+
+@attrs.frozen
+class DecodeError:
+    """One message was rejected; the stream goes on. `reason` is a short metric label."""
+
+    reason: str
+    detail: str
+
+
+class ProtocolViolation(Exception):
+    """The peer broke the framing; nothing more can be read from this stream.
+
+    `messages` and `errors` hold what was whole in the same chunk before the break.
+    """
+
+    def __init__(self, reason: str, detail: str, messages=(), errors=()):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.messages = list(messages)
+        self.errors = list(errors)
+
+
+class StreamDecoder:
+    """Decode one connection's byte stream.
+
+    `receive_data()` returns `(messages, errors)`: the valid messages completed by this chunk, in
+    order, and a DecodeError for each rejected one. It raises ProtocolViolation when the stream
+    cannot be framed any more (unknown format, broken or oversized MessagePack); after that
+    every call raises it again.
+    """
+
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE):
+        self.max_message_size = max_message_size
+        self.format: StreamFormat | None = None
+        self.messages_seen = 0
+        self._tail = bytearray()
+        self._skipping_oversize_line = False
+        self._unpacker: msgpack.Unpacker | None = None
+        self._msgpack_bytes_fed = 0
+        self._violation: ProtocolViolation | None = None
+
+    def receive_data(self, data: bytes) -> tuple[list[dict], list[DecodeError]]:
+        if self._violation is not None:
+            raise self._violation
+        if not data:
+            return [], []
+        if self.format is None:
+            self.format = detect_format(data[0])
+            if self.format is None:
+                self._fail("unknown_format", f"first byte 0x{data[0]:02x} is neither '{{' (JSON lines) nor a MessagePack map")
+            if self.format is StreamFormat.MSGPACK:
+                # Room for one message at the limit plus the chunk that completes it.
+                self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=2 * self.max_message_size)
+        if self.format is StreamFormat.JSON_LINES:
+            return self._receive_json(data)
+        return self._receive_msgpack(data)
+
+    def receive_eof(self) -> tuple[list[dict], list[DecodeError]]:
+        """The peer closed: a last JSON line without its newline still counts."""
+        if self._violation is not None or self.format is not StreamFormat.JSON_LINES or not self._tail:
+            return [], []
+        line, self._tail = bytes(self._tail), bytearray()
+        messages: list[dict] = []
+        errors: list[DecodeError] = []
+        self._parse_lines([line], messages, errors)
+        return messages, errors
+
+    def _fail(self, reason: str, detail: str):
+        self._violation = ProtocolViolation(reason, detail)
+        raise self._violation
+
+    def _receive_json(self, data: bytes) -> tuple[list[dict], list[DecodeError]]:
+        messages: list[dict] = []
+        errors: list[DecodeError] = []
+        if self._skipping_oversize_line:
+            newline = data.find(b"\n")
+            if newline < 0:
+                return messages, errors
+            self._skipping_oversize_line = False
+            data = data[newline + 1 :]
+        last_newline = data.rfind(b"\n")
+        if last_newline < 0:
+            self._tail += data
+        else:
+            if self._tail:
+                self._tail += data[:last_newline]
+                complete = bytes(self._tail)
+            else:
+                complete = data[:last_newline]
+            self._tail = bytearray(data[last_newline + 1 :])
+            self._parse_lines(complete.split(b"\n"), messages, errors)
+        if len(self._tail) > self.max_message_size:
+            self.messages_seen += 1
+            errors.append(DecodeError("too_large", f"message {self.messages_seen}: line longer than {self.max_message_size} bytes, skipped"))
+            self._tail = bytearray()
+            self._skipping_oversize_line = True
+        return messages, errors
+
+    def _parse_lines(self, lines: list[bytes], messages: list[dict], errors: list[DecodeError]) -> None:
+        loads = orjson.loads
+        limit = self.max_message_size
+        base = self.messages_seen
+        seen = 0
+        for line in lines:
+            if not line:
+                continue
+            seen += 1
+            if len(line) > limit:
+                errors.append(DecodeError("too_large", f"message {base + seen}: line longer than {limit} bytes, skipped"))
+                continue
+            try:
+                message = loads(line)
+            except orjson.JSONDecodeError as exc:
+                if not line.strip():
+                    seen -= 1
+                    continue
+                errors.append(DecodeError("invalid_json", f"message {base + seen}: {exc}"))
+                continue
+            if type(message) is not dict:
+                errors.append(DecodeError("not_an_object", f"message {base + seen}: expected a JSON object, got {type(message).__name__}"))
+                continue
+            try:
+                validate_message(message)
+            except MessageError as exc:
+                errors.append(DecodeError(exc.reason, f"message {base + seen}: {exc.detail}"))
+                continue
+            messages.append(message)
+        self.messages_seen = base + seen
+
+    def _receive_msgpack(self, data: bytes) -> tuple[list[dict], list[DecodeError]]:
+        messages: list[dict] = []
+        errors: list[DecodeError] = []
+        unpacker = self._unpacker
+        try:
+            unpacker.feed(data)
+        except msgpack.BufferFull:
+            self._fail("too_large", f"MessagePack message larger than {self.max_message_size} bytes")
+        self._msgpack_bytes_fed += len(data)
+        dumps = orjson.dumps
+        try:
+            for message in unpacker:
+                self.messages_seen += 1
+                if type(message) is not dict:
+                    errors.append(DecodeError("not_an_object", f"message {self.messages_seen}: expected a map, got {type(message).__name__}"))
+                    continue
+                try:
+                    validate_message(message)
+                    # MessagePack can carry what JSON cannot (bytes, non-string keys, huge ints);
+                    # every backend writes JSON, so refuse those here rather than at delivery.
+                    dumps(message)
+                except MessageError as exc:
+                    errors.append(DecodeError(exc.reason, f"message {self.messages_seen}: {exc.detail}"))
+                    continue
+                except TypeError as exc:
+                    errors.append(DecodeError("invalid_field", f"message {self.messages_seen}: not representable as JSON: {exc}"))
+                    continue
+                messages.append(message)
+        except (ValueError, msgpack.UnpackException) as exc:
+            self._violation = ProtocolViolation(
+                "invalid_msgpack", f"broken MessagePack framing after message {self.messages_seen} ({type(exc).__name__}: {exc})", messages, errors
+            )
+            raise self._violation from None
+        if self._msgpack_bytes_fed - unpacker.tell() > self.max_message_size:
+            self._fail("too_large", f"MessagePack message larger than {self.max_message_size} bytes")
+        return messages, errors

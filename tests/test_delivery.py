@@ -1,0 +1,205 @@
+"""The delivery machinery around a backend: queue policies, circuit breaker, batching, accounting."""
+
+import os
+
+import attrs
+import orjson
+import pytest
+import trio
+import trio.testing
+
+from sidecar.backends.filesystem import FilesystemSettings
+from sidecar.config import BackendSpec, BatchSettings, CircuitBreakerSettings, DeliverySettings, QueueSettings, RetrySettings
+from sidecar.delivery import BackendSupervisor, CircuitBreaker, DeliveryQueue, backoff_delay
+
+
+def msgs(n, source="svc", level="info", start=0):
+    return [{"source": source, "type": "event", "timestamp": "2025-10-20T10:30:45.123Z", "data": {"level": level, "message": f"m{start + i}"}} for i in range(n)]
+
+
+async def test_block_policy_waits_for_room():
+    queue = DeliveryQueue(QueueSettings(max_messages=3, when_full="block"))
+    await queue.put(msgs(3))
+    done = trio.Event()
+
+    async def producer():
+        await queue.put(msgs(2))
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(producer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set()
+        assert len(await queue.get(2)) == 2
+        await done.wait()
+    assert queue.depth == 3
+
+
+async def test_drop_newest_keeps_what_was_there():
+    queue = DeliveryQueue(QueueSettings(max_messages=3, when_full="drop_newest"))
+    assert await queue.put(msgs(2)) == 0
+    assert await queue.put(msgs(3, start=2)) == 2
+    assert [m["data"]["message"] for m in await queue.get(10)] == ["m0", "m1", "m2"]
+
+
+async def test_drop_oldest_keeps_the_newest():
+    queue = DeliveryQueue(QueueSettings(max_messages=3, when_full="drop_oldest"))
+    await queue.put(msgs(2))
+    assert await queue.put(msgs(2, start=2)) == 1
+    assert await queue.put(msgs(5, start=4)) == 5 - 3 + 3
+    assert [m["data"]["message"] for m in await queue.get(10)] == ["m6", "m7", "m8"]
+
+
+async def test_get_never_mutates_a_chunk_shared_with_other_queues():
+    chunk = msgs(3)
+    first, second = DeliveryQueue(QueueSettings()), DeliveryQueue(QueueSettings())
+    for queue in (first, second):
+        await queue.put(chunk)
+        await queue.put(msgs(2, start=3))
+    assert len(await first.get(4)) == 4
+    assert len(chunk) == 3
+    assert len(await second.get(10)) == 5
+
+
+async def test_closed_queue_drains_then_ends():
+    queue = DeliveryQueue(QueueSettings())
+    await queue.put(msgs(2))
+    queue.close()
+    assert len(await queue.get(10)) == 2
+    with pytest.raises(trio.EndOfChannel):
+        await queue.get(10)
+
+
+def test_circuit_breaker_opens_half_opens_and_closes():
+    breaker = CircuitBreaker(CircuitBreakerSettings(failure_threshold=3, reset_timeout=1.0, max_reset_timeout=3.0))
+    assert not breaker.record_failure(0.0)
+    assert not breaker.record_failure(0.1)
+    assert breaker.record_failure(0.2)
+    assert breaker.state == "open" and breaker.ready_at() == pytest.approx(1.2)
+    breaker.before_attempt(1.0)
+    assert breaker.state == "open"
+    breaker.before_attempt(1.3)
+    assert breaker.state == "half_open"
+    breaker.record_failure(1.3)
+    assert breaker.state == "open" and breaker.reset_timeout == 2.0
+    breaker.before_attempt(3.3)
+    breaker.record_failure(3.3)
+    assert breaker.reset_timeout == 3.0  # capped
+    breaker.before_attempt(6.3)
+    breaker.record_success()
+    assert breaker.state == "closed" and breaker.consecutive_failures == 0
+    assert breaker.times_opened == 1
+
+
+def test_a_tripping_error_opens_the_circuit_at_once():
+    breaker = CircuitBreaker(CircuitBreakerSettings(failure_threshold=5))
+    assert breaker.record_failure(0.0, trip=True)
+    assert breaker.state == "open"
+
+
+def test_backoff_grows_is_capped_and_never_zero():
+    for attempt in range(40):
+        delay = backoff_delay(attempt, 0.1, 5.0)
+        assert 0.05 <= delay <= 5.0
+    assert backoff_delay(30, 0.1, 5.0) >= 2.5
+
+
+def file_spec(base, **delivery) -> BackendSpec:
+    settings = FilesystemSettings(base_path=str(base), path="{source}.jsonl", fsync="never")
+    return BackendSpec("files", "filesystem", settings, attrs.evolve(DeliverySettings(), **delivery))
+
+
+def lines(path):
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+
+
+def assert_accounting(supervisor):
+    stats = supervisor.statistics()
+    assert stats["routed"] == stats["delivered"] + sum(stats["dropped"].values()) + stats["queued"], stats
+
+
+async def wait_until(predicate, timeout=10.0, what="condition"):
+    with trio.move_on_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+        return
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def test_batches_flush_by_size_by_time_and_at_once_for_errors(tmp_path):
+    spec = file_spec(tmp_path, batch=BatchSettings(max_messages=10, timeout=2.0))
+    supervisor = BackendSupervisor(spec)
+    target = tmp_path / "svc.jsonl"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        started = trio.current_time()
+        await supervisor.put(msgs(25))
+        await wait_until(lambda: len(lines(target)) == 20, what="two full batches")
+        assert_accounting(supervisor)
+        await wait_until(lambda: len(lines(target)) == 25, what="the remainder, by time")
+        assert trio.current_time() - started >= 2.0
+        await supervisor.put(msgs(1, level="error", start=25))
+        before = trio.current_time()
+        await wait_until(lambda: len(lines(target)) == 26, what="the error event")
+        assert trio.current_time() - before < 1.5  # it did not wait for the batch timer
+        supervisor.close()
+    assert [m["data"]["message"] for m in lines(target)] == [f"m{i}" for i in range(26)]
+    assert supervisor.delivered == 26
+    assert_accounting(supervisor)
+
+
+async def test_a_failing_backend_retries_opens_its_circuit_and_recovers(tmp_path):
+    spec = file_spec(
+        tmp_path,
+        batch=BatchSettings(max_messages=5, timeout=0.05),
+        retry=RetrySettings(initial_backoff=0.02, max_backoff=0.1),
+        circuit_breaker=CircuitBreakerSettings(failure_threshold=3, reset_timeout=0.5, max_reset_timeout=0.5),
+    )
+    blocker = tmp_path / "svc.jsonl"
+    blocker.mkdir()  # a directory where the file should be: every open fails with EISDIR
+    supervisor = BackendSupervisor(spec)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        await supervisor.put(msgs(12))
+        await wait_until(lambda: supervisor.breaker.times_opened >= 1, what="the circuit to open")
+        stats = supervisor.statistics()
+        assert stats["retries"] >= 3
+        assert "Is a directory" in stats["last_error"]
+        assert stats["delivered"] == 0 and stats["queued"] == 12
+        assert_accounting(supervisor)
+        attempts = supervisor.retries
+        await trio.sleep(0.3)
+        assert supervisor.retries == attempts  # open circuit: no writes, no spinning
+        os.rmdir(blocker)
+        await wait_until(lambda: supervisor.delivered == 12, what="delivery after recovery")
+        assert supervisor.statistics()["circuit"] == "closed"
+        supervisor.close()
+    assert [m["data"]["message"] for m in lines(blocker)] == [f"m{i}" for i in range(12)]
+    assert_accounting(supervisor)
+
+
+async def test_overflow_is_counted_as_dropped_with_its_reason(tmp_path):
+    spec = file_spec(tmp_path, queue=QueueSettings(max_messages=10, when_full="drop_newest"), batch=BatchSettings(max_messages=5, timeout=0.01))
+    (tmp_path / "svc.jsonl").mkdir()
+    supervisor = BackendSupervisor(spec)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        for start in range(0, 100, 10):
+            await supervisor.put(msgs(10, start=start))
+            assert_accounting(supervisor)
+            await trio.sleep(0.01)
+        assert supervisor.dropped["queue_full"] > 0
+        nursery.cancel_scope.cancel()
+    assert_accounting(supervisor)
+
+
+async def test_a_backend_type_missing_from_the_build_counts_its_messages_as_dropped(monkeypatch):
+    from sidecar.backends import BACKEND_TYPES
+    from sidecar.config import UnavailableSettings
+
+    monkeypatch.setitem(BACKEND_TYPES, "tape", ("sidecar.backends.tape", "TapeBackend"))
+    supervisor = BackendSupervisor(BackendSpec("archive", "tape", UnavailableSettings(()), DeliverySettings()))
+    assert supervisor.backend is None
+    await supervisor.put(msgs(4))
+    assert supervisor.dropped["backend_unavailable"] == 4
+    assert_accounting(supervisor)
