@@ -103,6 +103,10 @@ class Sidecar:
         self._stop = trio.Event()
         self._undelivered: dict[str, int] = {}
 
+    def listen_on(self, host: str, port: int) -> None:
+        """Override the configured address (the command line's --listen)."""
+        self.listener.settings = attrs.evolve(self.config.tcp, host=host, port=port)
+
     # ---------------------------------------------------------------- lifecycle
 
     async def run(self, *, handle_signals: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -188,8 +192,7 @@ class Sidecar:
         table = RouteTable(config.rules)
         supervisors = self.topology.apply(table)
         self.correlator.routing = Routing(table, supervisors)
-        # Listener settings stay as started; everything else is the new config.
-        self.config = attrs.evolve(config, tcp=self.config.tcp, pipeline=self.config.pipeline)
+        self.config = config  # as loaded; the listener keeps the settings it started with
         self.watcher.settings = config.reload
         self.last_reload_error = None
         self.counters.inc("reloads_total")

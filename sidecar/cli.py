@@ -56,10 +56,18 @@ def command_run(args) -> int:
     except ConfigError as error:
         _print_problems(error)
         return EXIT_CONFIG_ERROR
+    if args.listen:
+        host, _sep, port = args.listen.rpartition(":")
+        try:
+            sidecar.listen_on(host or sidecar.config.tcp.host, int(port))
+        except ValueError:
+            print(f"error: --listen takes HOST:PORT, got {args.listen!r}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
     try:
         trio.run(sidecar.run)
     except OSError as exc:
-        print(f"error: cannot listen on {sidecar.config.tcp.host}:{sidecar.config.tcp.port}: {exc.strerror or exc}", file=sys.stderr)
+        tcp = sidecar.listener.settings
+        print(f"error: cannot listen on {tcp.host}:{tcp.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -116,6 +124,13 @@ def command_check(args) -> int:
     return 0
 
 
+def _number(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def _parse_context(pairs: list[str]) -> dict:
     context = {}
     for pair in pairs:
@@ -133,7 +148,7 @@ def command_send(args) -> int:
     message["timestamp"] = format_timestamp(dt.datetime.now(dt.timezone.utc))
     data = {
         "event": lambda: {"level": args.level, "message": args.message},
-        "metric": lambda: {"name": args.name, "value": args.value, **({"unit": args.unit} if args.unit else {})},
+        "metric": lambda: {"name": args.name, "value": _number(args.value) if args.value is not None else None, **({"unit": args.unit} if args.unit else {})},
         "progress": lambda: {"job_id": args.job_id, "percent": args.percent, "status": args.status},
         "resource": lambda: {k: v for k, v in {"cpu_percent": args.cpu, "memory_mb": args.memory}.items() if v is not None},
         "span": lambda: {"name": args.name, "phase": "start"},
@@ -174,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the sidecar")
     _add_config_arguments(run)
+    run.add_argument("--listen", metavar="HOST:PORT", default=os.environ.get("MONITORING_SIDECAR_LISTEN"), help="override tcp.host and tcp.port (default: $MONITORING_SIDECAR_LISTEN)")
     run.add_argument("--log-level", default=os.environ.get("MONITORING_SIDECAR_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
     run.add_argument("--status-file", help="write statistics as JSON to this file every --status-interval seconds, on SIGUSR1 and at exit")
     run.add_argument("--status-interval", type=float, default=1.0)
@@ -192,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--level", default="info", choices=LEVELS)
     send.add_argument("--message", default="")
     send.add_argument("--name", help="metric or span name")
-    send.add_argument("--value", type=float, help="metric value")
+    send.add_argument("--value", help="metric value")
     send.add_argument("--unit")
     send.add_argument("--job-id")
     send.add_argument("--percent", type=float)

@@ -363,15 +363,16 @@ class DocumentReader:
                 self._fail(where, f"{label} must be a mapping, got {_yaml_kind(value)}")
             return self.build(kind, value, where, label)
         if kind is bool:
-            if type(value) is not bool:
+            if not isinstance(value, bool):
                 self._fail(where, f"{label} must be true or false, got {value!r}")
             return value
+        # ruamel.yaml's round-trip scalars are subclasses (ScalarInt, ScalarFloat): keep plain values.
         if kind is int:
-            if type(value) is not int:
+            if not _is_int(value):
                 self._fail(where, f"{label} must be an integer, got {value!r}")
-            return value
+            return int(value)
         if kind is float:
-            if type(value) not in (int, float):
+            if not _is_number(value):
                 self._fail(where, f"{label} must be a number, got {value!r}")
             return float(value)
         if kind is str:
@@ -427,7 +428,7 @@ class DocumentReader:
         raise _Invalid
 
     def _duration(self, value, where, label) -> float:
-        if type(value) in (int, float):
+        if _is_number(value):
             return float(value)
         match = _DURATION.fullmatch(value) if isinstance(value, str) else None
         if not match:
@@ -435,12 +436,20 @@ class DocumentReader:
         return float(match.group(1)) * _SECONDS[match.group(2)]
 
     def _bytesize(self, value, where, label) -> int:
-        if type(value) is int:
-            return value
+        if _is_int(value):
+            return int(value)
         match = _BYTESIZE.fullmatch(value) if isinstance(value, str) else None
         if not match:
             self._fail(where, f"{label} must be a size in bytes or like 64KiB, 8MiB, got {value!r}")
         return int(match.group(1)) * _BYTE_UNITS[match.group(2)]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _validator_message(exc: Exception) -> str:
@@ -462,8 +471,14 @@ def _plain(value, interpolate=None):
         return tuple((str(k), _plain(v, interpolate)) for k, v in value.items())
     if isinstance(value, list):
         return tuple(_plain(v, interpolate) for v in value)
-    if interpolate is not None and isinstance(value, str):
-        return interpolate(str(value))
+    if isinstance(value, str):
+        return interpolate(str(value)) if interpolate is not None else str(value)
+    if isinstance(value, bool) or value is None:
+        return value
+    if _is_int(value):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
     return value
 
 

@@ -1,0 +1,186 @@
+"""A real sidecar in a subprocess, and real socket clients, for end-to-end tests."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import orjson
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def event(source: str, seq: int, level: str = "info", **extra) -> dict:
+    return {
+        "source": source,
+        "type": "event",
+        "timestamp": "2025-10-20T10:30:45.123Z",
+        "data": {"level": level, "message": f"{source} #{seq}"},
+        "context": {"seq": seq},
+        **extra,
+    }
+
+
+def seqs(messages: list[dict]) -> list[int]:
+    return [m["context"]["seq"] for m in messages]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line]
+
+
+def wait_until(predicate, timeout: float = 15.0, what: str = "condition", interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class SidecarProcess:
+    """`monitoring-sidecar run` on a config written into `workdir`, listening on a free port."""
+
+    def __init__(self, workdir: Path, config: str, routes: dict[str, str] | None = None, env: dict | None = None):
+        self.workdir = workdir
+        self.config_path = workdir / "sidecar.yaml"
+        self.routes_dir = workdir / "routes.d"
+        self.status_path = workdir / "status.json"
+        self.stderr_path = workdir / "sidecar.stderr"
+        self.stdout_path = workdir / "sidecar.stdout"
+        self.config_path.write_text(textwrap.dedent(config))
+        self.routes_dir.mkdir(exist_ok=True)
+        for name, text in (routes or {}).items():
+            self.write_route(name, text)
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    def write_route(self, name: str, text: str) -> Path:
+        """Replace a drop-in the way editors do: write a temporary file, rename it over."""
+        path = self.routes_dir / name
+        temporary = self.routes_dir / f".{name}.tmp"
+        temporary.write_text(textwrap.dedent(text))
+        os.replace(temporary, path)
+        return path
+
+    def start(self, timeout: float = 20.0) -> "SidecarProcess":
+        command = [
+            sys.executable, "-m", "sidecar", "run",
+            "--config", str(self.config_path), "--routes", str(self.routes_dir),
+            "--status-file", str(self.status_path), "--status-interval", "0.05",
+        ]
+        self.process = subprocess.Popen(
+            command, cwd=self.workdir, env=self.env, stdin=subprocess.DEVNULL,
+            stdout=self.stdout_path.open("wb"), stderr=self.stderr_path.open("wb"),
+        )
+
+        def listening():
+            if self.process.poll() is not None:
+                raise AssertionError(f"sidecar exited with {self.process.returncode}:\n{self.log()}")
+            found = re.search(r"listening on [\d.]+:(\d+)", self.log())
+            return found and self.status_path.exists() and int(found.group(1))
+
+        self.port = wait_until(listening, timeout, "the sidecar to listen")
+        return self
+
+    def log(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def stats(self) -> dict:
+        while True:
+            try:
+                return json.loads(self.status_path.read_text())
+            except (OSError, ValueError):
+                time.sleep(0.01)  # replaced between our open and read; read the new one
+
+    def backend(self, label: str) -> dict:
+        found = [b for b in self.stats()["backends"] if b["backend"] == label]
+        return found[0] if found else {}
+
+    def wait_for(self, predicate, timeout: float = 15.0, what: str = "condition") -> dict:
+        last = {}
+
+        def check():
+            nonlocal last
+            last = self.stats()
+            return predicate(last)
+
+        try:
+            wait_until(check, timeout, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last statistics: {json.dumps(last)[:3000]}\nlog:\n{self.log()[-3000:]}") from None
+        return last
+
+    def send_signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"sidecar did not stop within {timeout}s after {signal.Signals(signum).name}:\n{self.log()[-3000:]}")
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+    def send(self, messages: list[dict], encoding: str = "json") -> None:
+        """Send over one new connection, then close it."""
+        with self.connect() as conn:
+            conn.sendall(encode(messages, encoding))
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(1)  # the sidecar closes after reading everything
+
+
+def encode(messages: list[dict], encoding: str = "json") -> bytes:
+    if encoding == "msgpack":
+        return b"".join(msgpack.packb(m) for m in messages)
+    return b"".join(orjson.dumps(m) + b"\n" for m in messages)
+
+
+class SteadySender(threading.Thread):
+    """Sends numbered events from one source at a steady rate over one connection until stopped."""
+
+    def __init__(self, sidecar: SidecarProcess, source: str, per_second: int = 500):
+        super().__init__(daemon=True)
+        self.sidecar = sidecar
+        self.source = source
+        self.interval = 1.0 / per_second
+        self.sent = 0
+        self._stopping = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with self.sidecar.connect() as conn:
+                while not self._stopping.is_set():
+                    conn.sendall(orjson.dumps(event(self.source, self.sent, sent_at=time.time())) + b"\n")
+                    self.sent += 1
+                    time.sleep(self.interval)
+                conn.shutdown(socket.SHUT_WR)
+                conn.recv(1)
+        except BaseException as exc:  # reported by stop(), on the test's thread
+            self.error = exc
+
+    def stop(self) -> int:
+        self._stopping.set()
+        self.join(10)
+        if self.error is not None:
+            raise self.error
+        return self.sent
