@@ -278,7 +278,7 @@ class BackendSupervisor:
             deadline = min(self._buffer_started.values(), default=math.inf) + batch_settings.timeout
             with trio.move_on_at(deadline):
                 try:
-                    chunk = await self.queue.get(max_messages * 4)
+                    chunk = await self.queue.get(max_messages)
                 except trio.EndOfChannel:
                     for source in list(self._buffers):
                         await self._flush(source, max_messages, whole=True)

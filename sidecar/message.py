@@ -17,8 +17,6 @@ URGENT_LEVELS = frozenset({"error", "critical"})
 MAX_SOURCE_LENGTH = 200
 
 _CANONICAL_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
-_TRACE_ID = re.compile(r"[0-9a-f]{32}")
-_SPAN_ID = re.compile(r"[0-9a-f]{16}")
 # Epoch numbers at or above this are milliseconds (1e11 s is the year 5138; 1e11 ms is 1973).
 _EPOCH_MS_THRESHOLD = 1e11
 
@@ -151,16 +149,54 @@ _DATA_CHECKS = {
 }
 
 
-def _check_id(message: dict, key: str, pattern: re.Pattern, size: int) -> None:
-    value = message.get(key)
-    if value is None:
-        message.pop(key, None)
-        return
-    if type(value) is str and not pattern.fullmatch(value):
-        value = value.lower()
-        message[key] = value
-    if type(value) is not str or not pattern.fullmatch(value):
-        raise MessageError("invalid_field", f"{key} must be {size} lowercase hex digits, got {str(value)[:40]!r}")
+_LEVEL_SET = frozenset(LEVELS)
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
+_SPAN_ID = re.compile(r"[0-9a-f]{16}")
+
+
+class _SeenValid(set):
+    """Values already found valid and canonical. Sources are few, and ids and millisecond
+    timestamps repeat across the messages of a trace or a burst, so a set lookup replaces a
+    regex match or a scan for most messages. Cleared when full, to stay bounded."""
+
+    def remember(self, value) -> None:
+        if len(self) >= 8192:
+            self.clear()
+        self.add(value)
+
+
+_valid_sources = _SeenValid()
+_valid_timestamps = _SeenValid()
+_valid_trace_ids = _SeenValid()
+_valid_span_ids = _SeenValid()
+
+
+def _checked_id(key: str, value, pattern: re.Pattern, seen: _SeenValid) -> str:
+    """The id in canonical form (lower case), or MessageError."""
+    if type(value) is str:
+        lowered = value.lower()
+        if pattern.fullmatch(lowered):
+            if lowered == value:
+                seen.remember(value)
+            return lowered
+    size = 32 if pattern is _TRACE_ID else 16
+    raise MessageError("invalid_field", f"{key} must be {size} lowercase hex digits, got {str(value)[:40]!r}")
+
+
+def _check_source(source) -> None:
+    if type(source) is not str or not source:
+        reason = "missing_field" if source is None else "invalid_field"
+        raise MessageError(reason, f"source must be a non-empty string, got {_kind(source)}")
+    if len(source) > MAX_SOURCE_LENGTH or not source.isprintable():
+        raise MessageError("invalid_field", f"source must be at most {MAX_SOURCE_LENGTH} printable characters")
+    _valid_sources.remember(source)
+
+
+def _checked_timestamp(timestamp) -> str:
+    canonical = normalise_timestamp(timestamp)
+    if canonical == timestamp:
+        _valid_timestamps.remember(canonical)
+    return canonical
 
 
 def validate_message(message: dict) -> None:
@@ -168,50 +204,71 @@ def validate_message(message: dict) -> None:
 
     Raises MessageError naming the field at fault. Normalises: event level aliases, the
     timestamp to RFC 3339 UTC with ms, upper-case ids to lower case, an integer job_id to a
-    string; null optional keys are removed.
+    string; null optional keys are removed. This runs for every message: the common case is
+    checked inline, and each field's slow path (normalising, or explaining) is a call away.
     """
-    source = message.get("source")
-    if type(source) is not str or not source:
-        reason = "missing_field" if source is None else "invalid_field"
-        raise MessageError(reason, f"source must be a non-empty string, got {_kind(source)}")
-    if len(source) > MAX_SOURCE_LENGTH or not source.isprintable():
-        raise MessageError("invalid_field", f"source must be at most {MAX_SOURCE_LENGTH} printable characters")
-    kind = message.get("type")
-    check = _DATA_CHECKS.get(kind)
-    if check is None:
-        if kind is None:
-            raise MessageError("missing_field", "type is required")
-        raise MessageError("unknown_type", f"type must be one of {', '.join(sorted(MESSAGE_TYPES))}, got {str(kind)[:40]!r}")
-    data = message.get("data")
+    get = message.get
+    source = get("source")
+    if type(source) is not str or source not in _valid_sources:
+        _check_source(source)
+    kind = get("type")
+    data = get("data")
     if type(data) is not dict:
+        if kind not in _DATA_CHECKS:
+            _raise_unknown_type(kind)
         raise MessageError("missing_field" if data is None else "invalid_field", f"data must be an object, got {_kind(data)}")
-    check(data)
-    timestamp = message.get("timestamp")
+    if kind == "event":
+        if data.get("level") not in _LEVEL_SET or type(data.get("message")) is not str:
+            _check_event(data)
+    else:
+        check = _DATA_CHECKS.get(kind)
+        if check is None:
+            _raise_unknown_type(kind)
+        check(data)
+    timestamp = get("timestamp")
     if timestamp is not None:
-        if type(timestamp) is not str or not _CANONICAL_TIMESTAMP.fullmatch(timestamp):
-            message["timestamp"] = normalise_timestamp(timestamp)
+        if type(timestamp) is not str or timestamp not in _valid_timestamps:
+            message["timestamp"] = _checked_timestamp(timestamp)
     elif "timestamp" in message:
         del message["timestamp"]
-    if "trace_id" in message:
-        _check_id(message, "trace_id", _TRACE_ID, 32)
-    if "span_id" in message:
-        _check_id(message, "span_id", _SPAN_ID, 16)
-    elif kind == "span":
-        raise MessageError("missing_field", "span_id is required on span messages")
-    if "parent_span_id" in message:
-        _check_id(message, "parent_span_id", _SPAN_ID, 16)
-    if "context" in message:
-        context = message["context"]
-        if context is None:
-            del message["context"]
-        elif type(context) is not dict:
+    trace_id = get("trace_id")
+    if trace_id is not None:
+        if type(trace_id) is not str or trace_id not in _valid_trace_ids:
+            message["trace_id"] = _checked_id("trace_id", trace_id, _TRACE_ID, _valid_trace_ids)
+    elif "trace_id" in message:
+        del message["trace_id"]
+    span_id = get("span_id")
+    if span_id is not None:
+        if type(span_id) is not str or span_id not in _valid_span_ids:
+            message["span_id"] = _checked_id("span_id", span_id, _SPAN_ID, _valid_span_ids)
+    else:
+        if "span_id" in message:
+            del message["span_id"]
+        if kind == "span":
+            raise MessageError("missing_field", "span_id is required on span messages")
+    parent = get("parent_span_id")
+    if parent is not None:
+        if type(parent) is not str or parent not in _valid_span_ids:
+            message["parent_span_id"] = _checked_id("parent_span_id", parent, _SPAN_ID, _valid_span_ids)
+    elif "parent_span_id" in message:
+        del message["parent_span_id"]
+    context = get("context")
+    if context is not None:
+        if type(context) is not dict:
             raise MessageError("invalid_field", f"context must be an object, got {_kind(context)}")
-        else:
-            job_id = context.get("job_id")
-            if type(job_id) is int:
-                context["job_id"] = str(job_id)
-            elif job_id is not None and type(job_id) is not str:
+        job_id = context.get("job_id")
+        if job_id is not None and type(job_id) is not str:
+            if type(job_id) is not int:
                 raise MessageError("invalid_field", f"context.job_id must be a string, got {_kind(job_id)}")
+            context["job_id"] = str(job_id)
+    elif "context" in message:
+        del message["context"]
+
+
+def _raise_unknown_type(kind):
+    if kind is None:
+        raise MessageError("missing_field", "type is required")
+    raise MessageError("unknown_type", f"type must be one of {', '.join(sorted(MESSAGE_TYPES))}, got {str(kind)[:40]!r}")
 
 
 def job_id_of(message: dict):

@@ -1,0 +1,156 @@
+"""Ingest benchmark: N messages of about 300 bytes over C connections into a running sidecar that
+routes them to the filesystem backend.
+
+Prints messages/s from the first byte sent to the last line written (the sidecar's own count of
+delivered messages, checked against the lines in the file), and the sidecar's peak RSS.
+
+    .venv/bin/python bench/ingest.py [--messages 2000000] [--connections 8] [--format json|msgpack]
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import orjson
+
+CONFIG = """
+tcp: {{host: 127.0.0.1, port: 0}}
+shutdown: {{drain_timeout: 60}}
+backends:
+  files:
+    type: filesystem
+    base_path: {base}
+    create_base_path: true
+    path: "{{source}}.jsonl"
+    fsync: never
+    batch: {{max_messages: 2000, timeout: 0.2}}
+    queue: {{max_messages: 10000, when_full: block}}
+routing:
+  all:
+    - backend: files
+"""
+
+
+def message(connection: int, seq: int) -> dict:
+    return {
+        "source": f"bench-{connection % 4}",
+        "type": "event",
+        "timestamp": "2025-10-20T10:30:45.123Z",
+        "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+        "span_id": "00f067aa0ba902b7",
+        "context": {"job_id": f"job-{seq // 1000}", "seq": seq},
+        "data": {"level": "info", "message": f"connection {connection} processed record {seq} of the nightly load without error"},
+    }
+
+
+def payload(connection: int, count: int, fmt: str) -> bytes:
+    if fmt == "msgpack":
+        return b"".join(msgpack.packb(message(connection, i)) for i in range(count))
+    return b"".join(orjson.dumps(message(connection, i)) + b"\n" for i in range(count))
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=2_000_000)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--format", choices=["json", "msgpack"], default="json")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as work:
+        work = Path(work)
+        (work / "sidecar.yaml").write_text(CONFIG.format(base=work / "out"))
+        per_connection = args.messages // args.connections
+        total = per_connection * args.connections
+        print(f"preparing {total:,} messages over {args.connections} connections ({args.format}) ...", flush=True)
+        payloads = [payload(c, per_connection, args.format) for c in range(args.connections)]
+        size = sum(map(len, payloads))
+        print(f"  {size / total:.0f} bytes per message on the wire, {size / 2**20:.0f} MiB in all", flush=True)
+
+        status = work / "status.json"
+        stderr = (work / "sidecar.stderr").open("wb")
+        sidecar = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run", "--config", str(work / "sidecar.yaml"), "--status-file", str(status), "--status-interval", "1", "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL, cwd=work,
+        )
+        try:
+            port = None
+            deadline = time.monotonic() + 20
+            while port is None:
+                if time.monotonic() > deadline or sidecar.poll() is not None:
+                    raise SystemExit(f"sidecar did not start:\n{(work / 'sidecar.stderr').read_text()}")
+                try:
+                    address = json.loads(status.read_text())["listener"]["address"]
+                    port = int(address.rsplit(":", 1)[1])
+                except (OSError, ValueError, KeyError, TypeError):
+                    time.sleep(0.02)
+
+            def send(data: bytes) -> None:
+                with socket.create_connection(("127.0.0.1", port)) as conn:
+                    view = memoryview(data)
+                    for start in range(0, len(view), 1 << 18):
+                        conn.sendall(view[start : start + (1 << 18)])
+                    conn.shutdown(socket.SHUT_WR)
+                    conn.recv(1)
+
+            threads = [threading.Thread(target=send, args=(p,)) for p in payloads]
+            started = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            sent = time.perf_counter()
+            # The end is the moment the last line is in the files: count newlines as they grow.
+            counted = 0
+            offsets: dict[Path, int] = {}
+            while counted < total:
+                for path in (work / "out").glob("*.jsonl"):
+                    with path.open("rb") as handle:
+                        handle.seek(offsets.get(path, 0))
+                        fresh = handle.read()
+                    offsets[path] = offsets.get(path, 0) + len(fresh)
+                    counted += fresh.count(b"\n")
+                if sidecar.poll() is not None:
+                    raise SystemExit(f"sidecar died:\n{(work / 'sidecar.stderr').read_text()}")
+                time.sleep(0.002)
+            finished = time.perf_counter()
+            rss = peak_rss_mib(sidecar.pid)
+        finally:
+            sidecar.terminate()
+            sidecar.wait(60)
+        lines = counted
+        elapsed = finished - started
+        print(f"machine: {os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()}")
+        print(f"sent in {sent - started:.2f}s; last line written after {elapsed:.2f}s")
+        print(f"throughput: {total / elapsed:,.0f} messages/s ({size / elapsed / 2**20:.0f} MiB/s in)")
+        print(f"sidecar peak RSS: {rss:.0f} MiB")
+        print(f"lines in the output files: {lines:,} of {total:,}")
+        return 0 if lines == total else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
