@@ -1,19 +1,20 @@
 # Two commands do all set-up on a fresh machine:
 #   make run    the sidecar on its embedded default (files under ./var/, console), routes from routes.d/
-#   make test   installs what the tests need, then runs every suite
+#   make test   installs what the tests need (pip into .venv, Debian packages), then runs every suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEBIAN_PACKAGES := $(sort $(shell cat sdk_clients/*/debian-packages.txt 2>/dev/null))
 
-.PHONY: run test test-python check bench clean
+.PHONY: run test test-python test-python-sdk test-perl check bench debian-packages clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml sdk_clients/python/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is needed (found $$($(PYTHON) --version))"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test]' -e 'sdk_clients/python[msgpack]'
 	touch $@
 
 run: $(STAMP)
@@ -22,9 +23,24 @@ run: $(STAMP)
 check: $(STAMP)
 	$(BIN)/monitoring-sidecar check --routes routes.d
 
-test: test-python
+# Debian packages the SDKs and their tests need, each SDK listing its own; apt-get update
+# runs only when one is missing, so a second `make test` installs nothing.
+debian-packages:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
-test-python: $(STAMP)
+test: test-perl test-python-sdk test-python
+
+test-perl: debian-packages
+	cd sdk_clients/perl && perl Makefile.PL >/dev/null && $(MAKE) --no-print-directory >/dev/null && $(MAKE) --no-print-directory test
+
+test-python-sdk: $(STAMP)
+	cd sdk_clients/python && ../../$(BIN)/python -m pytest -q
+
+test-python: $(STAMP) debian-packages
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
@@ -32,3 +48,4 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) var build dist *.egg-info
+	-cd sdk_clients/perl && [ -f Makefile ] && $(MAKE) --no-print-directory realclean >/dev/null

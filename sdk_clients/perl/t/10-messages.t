@@ -121,6 +121,19 @@ subtest 'bad arguments are reported, never fatal, never warned' => sub {
     is_deeply(\@warnings, [], 'nothing printed');
 };
 
+subtest "the host's \$@ and \$! are left alone" => sub {
+    my ($lines) = capture(sub {
+        my $mon = shift;
+        local $@ = 'host error';
+        local $! = 2;
+        $mon->log_event('info', 'x');
+        $mon->log_metric('y', 1);
+        is($@, 'host error', '$@ unchanged');
+        is($! + 0, 2, '$! unchanged');
+        return 2;
+    });
+};
+
 subtest 'environment overrides win over constructor arguments' => sub {
     my $srv = TestServer->new;
     local $ENV{MONITORING_SIDECAR} = '127.0.0.1:' . $srv->port;

@@ -56,7 +56,7 @@ subtest 'nested spans' => sub {
     my $end = $m[4]{data};
     is_deeply([@$end{qw(name phase status)}], ['inner', 'end', 'success'], 'span end data');
     ok($end->{duration_ms} >= 0 && $end->{duration_ms} < 5000, "duration_ms is a sane number ($end->{duration_ms})");
-    is($m[6]{data}{status}, 'ok', 'status defaults to ok');
+    is($m[6]{data}{status}, 'success', 'status defaults to success');
 
     my $again = $mon->start_span('second root');
     my ($trace2) = $ENV{TRACEPARENT} =~ /\A00-([0-9a-f]{32})-/;

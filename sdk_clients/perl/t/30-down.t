@@ -43,9 +43,11 @@ subtest 'sidecar down: calls return at once and warn once' => sub {
 
 subtest 'bounded buffer drops oldest, counts, reports once connected' => sub {
     my $srv = down_server();
+    my @errors;
     my $mon = Monitoring::SDK->new(source => 'bounded', tcp_host => '127.0.0.1', tcp_port => $srv->port,
-                                   max_buffer_messages => 5, on_error => sub { });
+                                   max_buffer_messages => 5, on_error => sub { push @errors, @_ });
     $mon->log_event('info', "m$_") for 1 .. 12;
+    is(scalar(grep { /dropping/ } @errors), 1, 'the drop episode is reported to on_error once');
     my $st = $mon->statistics;
     is($st->{queued}, 5, 'five messages kept');
     is_deeply($st->{dropped}, { buffer_full => 7 }, 'seven dropped, counted');
@@ -63,6 +65,14 @@ subtest 'bounded buffer drops oldest, counts, reports once connected' => sub {
     is_deeply([map { $_->{data}{message} } @m[1 .. $#m]], [map { "m$_" } 8 .. 13], 'the newest survived, in order');
     is(scalar @$lines, 7, 'nothing else, nothing twice');
     is_deeply($mon->statistics->{dropped}, { buffer_full => 7 }, 'the report is not a drop');
+};
+
+subtest 'a __WARN__ handler that dies cannot make the SDK die' => sub {
+    my $srv = down_server();
+    local $SIG{__WARN__} = sub { die "warnings are fatal here: @_" };
+    my $mon = Monitoring::SDK->new(source => 'strict-host', tcp_host => '127.0.0.1', tcp_port => $srv->port);
+    ok(eval { $mon->log_event('info', 'x') for 1 .. 3; $mon->close; 1 }, 'no exception reached the host')
+        or diag $@;
 };
 
 subtest 'byte bound and oversize messages' => sub {

@@ -7,7 +7,7 @@ import os
 import socket
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable
 
 import pytest
 
@@ -36,7 +36,7 @@ class CaptureServer:
     With ``read=False`` it accepts connections but never reads from them.
     """
 
-    def __init__(self, port: int = 0, read: bool = True, rcvbuf: Optional[int] = None) -> None:
+    def __init__(self, port: int = 0, read: bool = True, rcvbuf: int | None = None) -> None:
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if rcvbuf:
@@ -45,8 +45,8 @@ class CaptureServer:
         self.listener.listen(16)
         self.port = self.listener.getsockname()[1]
         self.read = read
-        self.streams: List[bytearray] = []
-        self.conns: List[socket.socket] = []
+        self.streams: list[bytearray] = []
+        self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -78,19 +78,19 @@ class CaptureServer:
         with self.lock:
             return b"".join(bytes(s) for s in self.streams)
 
-    def lines(self) -> List[bytes]:
+    def lines(self) -> list[bytes]:
         """Complete lines of all connections, in order (an unterminated tail is left out)."""
         with self.lock:
             streams = [bytes(s) for s in self.streams]
-        out: List[bytes] = []
+        out: list[bytes] = []
         for stream in streams:
             out.extend(stream.split(b"\n")[:-1])
         return out
 
-    def messages(self) -> List[dict]:
+    def messages(self) -> list[dict]:
         return [json.loads(line) for line in self.lines()]
 
-    def wait_messages(self, count: int, timeout: float = 5.0) -> List[dict]:
+    def wait_messages(self, count: int, timeout: float = 5.0) -> list[dict]:
         assert wait_until(lambda: len(self.lines()) >= count, timeout), \
             f"expected {count} messages, got {len(self.lines())}"
         return self.messages()

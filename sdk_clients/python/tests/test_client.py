@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import CaptureServer, free_port, wait_until
+
 from monitoring_sdk import MonitoringClient, init
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -398,6 +398,7 @@ def test_concurrent_calls_from_8_threads_arrive_intact(server, client):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # the point here
 def test_fork_child_gets_fresh_queue_thread_and_socket(server):
     down = MonitoringClient("pending", host="127.0.0.1", port=free_port())
     down.log_event("info", "queued in parent")
@@ -427,7 +428,7 @@ def test_server_that_never_reads_does_not_block_the_caller():
     mon = MonitoringClient("svc", host="127.0.0.1", port=server.port, max_bytes=256 * 1024)
     payload = "x" * 1024
     slowest = 0.0
-    for i in range(20000):
+    for _ in range(20000):
         started = time.perf_counter()
         mon.log_event("info", payload)
         slowest = max(slowest, time.perf_counter() - started)
@@ -451,3 +452,13 @@ def test_atexit_flushes_and_exits_promptly_when_sidecar_is_down(server):
     started = time.monotonic()
     assert run_python(script.format(port=free_port())).returncode == 0
     assert time.monotonic() - started < 2.0
+
+
+def test_encoder_matches_json_dumps_with_the_protocol_settings():
+    from monitoring_sdk import client as module
+
+    value = {"s": 'é ✓ "q" \\ \n\t\x00\u2028', "n": [1, 2.5, -0.0, 10**20, True, None], "o": object}
+    expected = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=str)
+    assert module._encode(value) == expected
+    with pytest.raises(ValueError):
+        module._encode({"v": float("inf")})

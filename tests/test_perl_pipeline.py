@@ -1,0 +1,67 @@
+"""The seed's four Perl programs, run as written against a real sidecar."""
+
+import collections
+import os
+import shutil
+import subprocess
+
+from tests.harness import REPO, SidecarProcess, read_jsonl
+
+PIPELINE = REPO / "examples" / "perl-pipeline"
+
+CONFIG = """
+tcp: {{host: 127.0.0.1, port: 0}}
+backends:
+  files:
+    type: filesystem
+    base_path: {base}
+    create_base_path: true
+    batch: {{timeout: 0.05}}
+  console:
+    type: console
+"""
+
+
+def test_the_seeds_perl_services_join_up_by_job_and_trace(tmp_path):
+    sidecar = SidecarProcess(tmp_path, CONFIG.format(base=tmp_path / "out"))
+    shutil.copytree(PIPELINE / "routes.d", sidecar.routes_dir, dirs_exist_ok=True)
+    sidecar.start()
+    try:
+        run = subprocess.run(
+            ["bash", str(PIPELINE / "run-pipeline.sh")],
+            env={**os.environ, "MONITORING_SIDECAR": f"127.0.0.1:{sidecar.port}", "PIPELINE_WORK": str(tmp_path / "work"), "PIPELINE_FILES": "3"},
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        )
+        assert run.returncode == 0, run.stderr
+        jobs = [line.split()[1] for line in run.stdout.splitlines() if line.startswith("job ")]
+        assert len(jobs) == 3
+        stats = sidecar.wait_for(lambda s: s["received"] > 0 and all(b["queued"] == 0 for b in s["backends"]) and s["received"] == s["routed"], what="everything delivered")
+        assert stats["decode_errors"] == {}
+    finally:
+        assert sidecar.stop() == 0
+
+    out = tmp_path / "out"
+    by_source = {source: read_jsonl(out / f"{source}.jsonl") for source in ("config-service", "file-receiver", "queue-service", "db-loader")}
+    # config-service went only where its route says: its own file, nowhere else
+    assert by_source["config-service"] and all(m["source"] == "config-service" for m in by_source["config-service"])
+    assert sorted(p.name for p in out.iterdir()) == ["config-service.jsonl", "db-loader.jsonl", "file-receiver.jsonl", "queue-service.jsonl"]
+    assert all("config-service" not in m["source"] for s in ("file-receiver", "queue-service", "db-loader") for m in by_source[s])
+
+    per_job = collections.defaultdict(list)
+    for source in ("file-receiver", "queue-service", "db-loader"):
+        for message in by_source[source]:
+            job = (message.get("context") or {}).get("job_id")
+            if job is None and message["type"] == "progress":
+                job = message["data"]["job_id"]
+            per_job[job].append(message)
+    assert set(per_job) == set(jobs), f"messages without a job or of unknown jobs: {set(per_job) - set(jobs)}"
+    for job in jobs:
+        messages = per_job[job]
+        assert {m["source"] for m in messages} == {"file-receiver", "queue-service", "db-loader"}, job
+        assert len({m.get("trace_id") for m in messages}) == 1, f"{job}: several traces {[(m['source'], m.get('trace_id')) for m in messages]}"
+        loaded = [m for m in messages if m["source"] == "db-loader" and m["type"] == "metric" and m["data"]["name"] == "rows_loaded"]
+        assert len(loaded) == 1 and loaded[0]["data"]["value"] in (100, 200, 300)
+        progress = [m["data"]["percent"] for m in messages if m["type"] == "progress"]
+        assert progress == [0, 100]
+        spans = {m["data"]["name"]: m for m in messages if m["type"] == "span" and m["data"]["phase"] == "start"}
+        assert spans["load_data"]["parent_span_id"] == spans["process_job"]["span_id"]
