@@ -571,6 +571,7 @@ def load_config(config_path: Path | None, routes_dir: Path | None, environ=os.en
             delivery = reader.build(DeliverySettings, delivery_node, where, f"backends.{name}")
         except _Invalid:
             pass
+        delivery = _with_backend_defaults(delivery, backend_class(type_name), delivery_node)
         options = CommentedMap((k, v) for k, v in node.items() if k != "type" and k not in DELIVERY_KEYS)
         for k in options:
             options.lc.add_kv_line_col(k, list(node.lc.data[k]))
@@ -627,6 +628,16 @@ def load_config(config_path: Path | None, routes_dir: Path | None, environ=os.en
         rules=ordered,
         files=tuple(files),
     )
+
+
+def _with_backend_defaults(delivery: DeliverySettings, cls, given: dict) -> DeliverySettings:
+    """A backend type may tune the shared machinery's defaults (S3 wants large, slow batches);
+    what the operator set still wins, key by key."""
+    for section, values in getattr(cls, "delivery_defaults", {}).items():
+        chosen = given.get(section) or {}
+        current = getattr(delivery, section)
+        delivery = attrs.evolve(delivery, **{section: attrs.evolve(current, **{k: v for k, v in values.items() if k not in chosen})})
+    return delivery
 
 
 _RULE_KEYS = ("backend", "enabled", "priority", "filter", "config")

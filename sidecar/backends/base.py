@@ -44,6 +44,9 @@ class Backend:
 
     type_name: ClassVar[str]
     Settings: ClassVar[type]
+    # Defaults of the shared delivery settings for this type, e.g. {"batch": {"timeout": 60.0}};
+    # a backend's own `batch:`/`queue:`/`retry:`/`circuit_breaker:` keys in the config win.
+    delivery_defaults: ClassVar[dict] = {}
 
     def __init__(self, settings, *, label: str):
         self.settings = settings
