@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEBIAN_PACKAGES := $(sort $(shell cat sdk_clients/*/debian-packages.txt 2>/dev/null))
+DEBIAN_PACKAGES := $(sort $(shell cat sdk_clients/*/debian-packages.txt tests/debian-packages.txt 2>/dev/null))
 
 .PHONY: run test test-python test-python-sdk test-perl check bench debian-packages clean
 
