@@ -57,10 +57,10 @@ class Topology:
         finally:
             self.stopped.set()
 
-    def apply(self, table: RouteTable) -> dict[BackendSpec, BackendSupervisor]:
+    def apply(self, table: RouteTable, data_dir: Path) -> dict[BackendSpec, BackendSupervisor]:
         wanted = table.specs
         for spec in wanted - self.supervisors.keys():
-            supervisor = BackendSupervisor(spec)
+            supervisor = BackendSupervisor(spec, data_dir)
             self.supervisors[spec] = supervisor
             self._nursery.start_soon(supervisor.run, name=f"backend {spec.label}")
             log.info("backend %s (%s) started", spec.label, spec.type)
@@ -114,7 +114,7 @@ class Sidecar:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.topology.run)
             table = RouteTable(self.config.rules)
-            self.correlator = Correlator(Routing(table, self.topology.apply(table)), self.counters, trace_cache_size=self.config.pipeline.trace_cache_size)
+            self.correlator = Correlator(Routing(table, self.topology.apply(table, Path(self.config.storage.data_dir))), self.counters, trace_cache_size=self.config.pipeline.trace_cache_size)
             nursery.start_soon(self._run_correlator, receive_channel)
             address = await nursery.start(self.listener.run, send_channel)
             await nursery.start(self.watcher.run)
@@ -190,7 +190,7 @@ class Sidecar:
         if (config.tcp, config.pipeline) != (self.config.tcp, self.config.pipeline):
             log.warning("reload: tcp and pipeline settings change only on restart; routes and backends are applied now")
         table = RouteTable(config.rules)
-        supervisors = self.topology.apply(table)
+        supervisors = self.topology.apply(table, Path(config.storage.data_dir))
         self.correlator.routing = Routing(table, supervisors)
         self.config = config  # as loaded; the listener keeps the settings it started with
         self.watcher.settings = config.reload

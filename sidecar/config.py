@@ -99,6 +99,12 @@ class PipelineSettings:
 
 
 @attrs.frozen
+class StorageSettings:
+    # Disk buffers (`when_full: spill`) live here, one directory per backend instance.
+    data_dir: str = "./var/spool"
+
+
+@attrs.frozen
 class ReloadSettings:
     poll_interval: Duration = attrs.field(default=1.0, validator=attrs.validators.gt(0))
     # Editors and ConfigMap updates write in several steps: wait until the files stop changing.
@@ -122,7 +128,9 @@ class BatchSettings:
 @attrs.frozen
 class QueueSettings:
     max_messages: int = attrs.field(default=20_000, validator=attrs.validators.ge(1))
-    when_full: Literal["block", "drop_newest", "drop_oldest"] = "drop_newest"
+    when_full: Literal["block", "drop_newest", "drop_oldest", "spill"] = "drop_newest"
+    # For `spill`: the disk buffer's cap; beyond it messages are dropped as `spill_full`.
+    spill_max_bytes: ByteSize = attrs.field(default=1024**3, validator=attrs.validators.ge(1024))
 
 
 @attrs.frozen
@@ -253,6 +261,7 @@ class Rule:
 class SidecarConfig:
     tcp: TcpSettings
     pipeline: PipelineSettings
+    storage: StorageSettings
     reload: ReloadSettings
     shutdown: ShutdownSettings
     backends: dict
@@ -500,7 +509,7 @@ def _read_yaml(path: Path, problems: list[ConfigProblem]):
 
 # ---------------------------------------------------------------- the whole configuration
 
-_TOP_LEVEL = {"tcp": TcpSettings, "pipeline": PipelineSettings, "reload": ReloadSettings, "shutdown": ShutdownSettings}
+_TOP_LEVEL = {"tcp": TcpSettings, "pipeline": PipelineSettings, "storage": StorageSettings, "reload": ReloadSettings, "shutdown": ShutdownSettings}
 _MAIN_KEYS = (*_TOP_LEVEL, "backends", "routing")
 
 
@@ -622,6 +631,7 @@ def load_config(config_path: Path | None, routes_dir: Path | None, environ=os.en
     return SidecarConfig(
         tcp=sections["tcp"],
         pipeline=sections["pipeline"],
+        storage=sections["storage"],
         reload=sections["reload"],
         shutdown=sections["shutdown"],
         backends=backends,

@@ -4,17 +4,28 @@ the accounting `routed = delivered + dropped{reason} + queued`, true at every in
 """
 
 import collections
+import hashlib
 import logging
 import math
 import random
+
+from pathlib import Path
 
 import attrs
 import trio
 
 from sidecar.backends import backend_class
+from sidecar.backends.filesystem import safe_component
 from sidecar.backends.base import PartialDelivery, PermanentError, RetryableError
 from sidecar.config import BackendSpec, CircuitBreakerSettings, QueueSettings
 from sidecar.message import URGENT_LEVELS
+from sidecar.spill import SpillLog
+
+
+def spill_directory_name(spec: BackendSpec) -> str:
+    """A stable directory per backend instance, so a restart finds its own disk buffer."""
+    digest = hashlib.sha256(repr((spec.name, spec.type, spec.settings, spec.overrides)).encode()).hexdigest()[:12]
+    return f"{safe_component(spec.name)}-{digest}"
 
 log = logging.getLogger("sidecar.delivery")
 
@@ -24,20 +35,43 @@ class DeliveryQueue:
 
     Items are lists of messages (a chunk as read from a socket); capacity counts messages.
     `when_full` says what a full queue does: `block` makes `put` wait (backpressure up to the
-    sockets), `drop_newest` refuses what does not fit, `drop_oldest` discards from the front.
+    sockets), `drop_newest` refuses what does not fit, `drop_oldest` discards from the front,
+    `spill` writes the overflow to a disk buffer and reads it back, in order, as room returns.
     """
 
-    def __init__(self, settings: QueueSettings):
+    def __init__(self, settings: QueueSettings, spill: SpillLog | None = None):
         self.capacity = settings.max_messages
         self.when_full = settings.when_full
-        self.depth = 0
+        self.depth = 0  # messages in memory
+        self.spill = spill
         self._chunks: collections.deque[list[dict]] = collections.deque()
         self._closed = False
         self._getters = trio.lowlevel.ParkingLot()
         self._putters = trio.lowlevel.ParkingLot()
+        self._spill_lock = trio.Lock()  # one disk operation at a time, each in a worker thread
+        self._spill_origin: dict[int, int] = {}  # id(message read back from disk) -> its segment
+
+    @property
+    def spilled(self) -> int:
+        return self.spill.unread if self.spill is not None else 0
+
+    async def _on_disk(self, operation, *args):
+        async with self._spill_lock:
+            return await trio.to_thread.run_sync(operation, *args)
 
     async def put(self, messages: list[dict]) -> int:
         """Enqueue; returns how many messages the overflow policy dropped (0 under `block`)."""
+        if self.spill is not None:
+            # Once anything is on disk, newer messages queue behind it there: order is kept.
+            room = self.capacity - self.depth
+            if not self.spill.unread and room > 0:
+                if len(messages) <= room:
+                    return self._append(messages)
+                self._append(messages[:room])
+                messages = messages[room:]
+            written = await self._on_disk(self.spill.append, messages)
+            self._getters.unpark_all()
+            return 0 if written else len(messages)
         if self.when_full == "block":
             while self.depth >= self.capacity and not self._closed:
                 await self._putters.park()
@@ -83,8 +117,12 @@ class DeliveryQueue:
     async def get(self, max_messages: int) -> list[dict]:
         """Up to `max_messages` from the front, waiting for some; EndOfChannel when closed and empty."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        while not self._chunks:
-            if self._closed:
+        while True:
+            if self.spill is not None and self.spill.unread and self.depth < self.capacity // 2 + 1:
+                await self._read_back(self.capacity - self.depth)
+            if self._chunks:
+                break
+            if self._closed and not self.spilled:
                 raise trio.EndOfChannel
             await self._getters.park()
         # Chunks are shared with other backends' queues: never mutate one, build a new list.
@@ -103,6 +141,38 @@ class DeliveryQueue:
         await trio.lowlevel.cancel_shielded_checkpoint()
         return taken
 
+    async def _read_back(self, room: int) -> None:
+        for segment, messages in await self._on_disk(self.spill.read, max(room, 1)):
+            for message in messages:
+                self._spill_origin[id(message)] = segment
+            self._chunks.append(messages)
+            self.depth += len(messages)
+
+    async def acknowledge(self, batch: list[dict]) -> None:
+        """These messages are delivered or dropped for good: their disk records may go."""
+        if not self._spill_origin:
+            return
+        origin = self._spill_origin
+        counts: dict[int, int] = {}
+        for message in batch:
+            segment = origin.pop(id(message), None)
+            if segment is not None:
+                counts[segment] = counts.get(segment, 0) + 1
+        if counts:
+            await self._on_disk(self.spill.acknowledge, counts)
+
+    async def save_to_disk(self, leftovers: list[dict]) -> int:
+        """At shutdown: write what memory still holds to the disk buffer for the next run, except
+        messages that came from it (their records are still there). Returns how many."""
+        pending = [m for m in leftovers if id(m) not in self._spill_origin]
+        for chunk in self._chunks:
+            pending.extend(m for m in chunk if id(m) not in self._spill_origin)
+        saved = 0
+        if pending and await self._on_disk(self.spill.append, pending):
+            saved = len(pending)
+        await self._on_disk(self.spill.close)
+        return saved
+
     def close(self) -> None:
         """No more puts will come; the consumer drains what is left, then gets EndOfChannel."""
         self._closed = True
@@ -114,7 +184,10 @@ class DeliveryQueue:
         return self._closed
 
     def statistics(self) -> dict:
-        return {"depth": self.depth, "capacity": self.capacity, "when_full": self.when_full}
+        stats = {"depth": self.depth, "capacity": self.capacity, "when_full": self.when_full}
+        if self.spill is not None:
+            stats.update(self.spill.statistics())
+        return stats
 
 
 @attrs.define
@@ -169,14 +242,20 @@ class BackendSupervisor:
     """Runs one backend instance: owns its queue, batches per source, delivers with retries
     behind a circuit breaker, and keeps the accounting."""
 
-    def __init__(self, spec: BackendSpec):
+    def __init__(self, spec: BackendSpec, data_dir: Path | None = None):
         self.spec = spec
         self.label = spec.label
-        self.queue = DeliveryQueue(spec.delivery.queue)
+        queue_settings = spec.delivery.queue
+        spill = None
+        if queue_settings.when_full == "spill":
+            spill = SpillLog(Path(data_dir or ".") / spill_directory_name(spec), queue_settings.spill_max_bytes)
+        self.queue = DeliveryQueue(queue_settings, spill)
+        self._overflow_reason = "spill_full" if spill is not None else "queue_full"
         self.breaker = CircuitBreaker(spec.delivery.circuit_breaker)
         cls = backend_class(spec.type)
         self.backend = cls(spec.settings, label=self.label) if cls is not None else None
-        self.routed = 0
+        # Messages a previous run left in the disk buffer are routed to this run's count.
+        self.routed = self.queue.spilled
         self.delivered = 0
         self.dropped: collections.Counter = collections.Counter()
         self.retries = 0
@@ -187,7 +266,7 @@ class BackendSupervisor:
         self._buffers: dict[str, list[dict]] = {}
         self._buffer_started: dict[str, float] = {}
         self._urgent: set[str] = set()
-        self._in_flight = 0
+        self._in_flight: list[dict] = []
         self._stopped = trio.Event()
 
     # ---------------------------------------------------------------- producer side
@@ -202,7 +281,7 @@ class BackendSupervisor:
             return
         dropped = await self.queue.put(messages)
         if dropped:
-            self.dropped["queue_full"] += dropped
+            self.dropped[self._overflow_reason] += dropped
 
     def close(self) -> None:
         self.queue.close()
@@ -211,7 +290,7 @@ class BackendSupervisor:
 
     @property
     def queued(self) -> int:
-        return self.queue.depth + sum(map(len, self._buffers.values())) + self._in_flight
+        return self.queue.depth + self.queue.spilled + sum(map(len, self._buffers.values())) + len(self._in_flight)
 
     def statistics(self) -> dict:
         return {
@@ -255,7 +334,15 @@ class BackendSupervisor:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(5):
                     await self._close_backend()
+                    if self.queue.spill is not None:
+                        await self._save_leftovers()
             self._stopped.set()
+
+    async def _save_leftovers(self) -> None:
+        leftovers = [m for batch in self._buffers.values() for m in batch] + self._in_flight
+        saved = await self.queue.save_to_disk(leftovers)
+        if saved:
+            log.warning("backend %s: %d undelivered messages saved to the disk buffer for the next start", self.label, saved)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -318,9 +405,10 @@ class BackendSupervisor:
             batch = pending[:max_messages]
             # Moved from buffered to in flight in one step, so `queued` never misses it.
             del pending[:max_messages]
-            self._in_flight = len(batch)
+            self._in_flight = batch
             await self._deliver(source, batch)
-            self._in_flight = 0
+            self._in_flight = []
+            await self.queue.acknowledge(batch)
         if not pending:
             # A remainder keeps its start time: it has waited that long already.
             del self._buffers[source]
@@ -380,8 +468,11 @@ class BackendSupervisor:
         first = self.breaker.consecutive_failures == 0
         self.last_error = message
         self._opened = False
+        was_closed = self.breaker.state == "closed"
         if self.breaker.record_failure(trio.current_time(), trip=trip):
-            log.warning(
+            # The first opening is news; a failed trial that re-opens it is not, until it closes.
+            log.log(
+                logging.WARNING if was_closed else logging.DEBUG,
                 "backend %s: circuit open for %.1fs after %d failures: %s",
                 self.label, self.breaker.reset_timeout, self.breaker.consecutive_failures, message,
             )
