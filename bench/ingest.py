@@ -94,7 +94,7 @@ def main() -> int:
         status = work / "status.json"
         stderr = (work / "sidecar.stderr").open("wb")
         sidecar = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "--config", str(work / "sidecar.yaml"), "--status-file", str(status), "--status-interval", "1", "--log-level", "warning"],
+            [sys.executable, "-m", "sidecar", "run", "--config", str(work / "sidecar.yaml"), "--status-file", str(status), "--status-interval", "1", "--log-level", "warning", "--http", "127.0.0.1:0"],
             stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL, cwd=work,
         )
         try:

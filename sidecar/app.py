@@ -23,6 +23,8 @@ from sidecar import __version__
 from sidecar.config import BackendSpec, ConfigError, SidecarConfig, load_config
 from sidecar.correlator import Correlator, Routing
 from sidecar.delivery import BackendSupervisor
+from sidecar.http import ViewServer
+from sidecar.jobs import LiveIndex
 from sidecar.listener import Listener
 from sidecar.metrics import Counters
 from sidecar.routing import RouteTable
@@ -99,6 +101,8 @@ class Sidecar:
         self.status_file = status_file
         self.status_interval = status_interval
         self.last_reload_error: str | None = None
+        self.http_settings = self.config.http
+        self.view: ViewServer | None = None
         self.started_at = dt.datetime.now(dt.timezone.utc)
         self._stop = trio.Event()
         self._undelivered: dict[str, int] = {}
@@ -107,6 +111,18 @@ class Sidecar:
         """Override the configured address (the command line's --listen)."""
         self.listener.settings = attrs.evolve(self.config.tcp, host=host, port=port)
 
+    def serve_http_on(self, host: str, port: int) -> None:
+        """Override the HTTP view's address (the command line's --http)."""
+        self.http_settings = attrs.evolve(self.http_settings, host=host, port=port, enabled=True)
+
+    def job_view(self, job_id: str) -> dict | None:
+        return self.correlator.index.job(job_id)
+
+    async def _expire_index(self) -> None:
+        while True:
+            await trio.sleep(min(60.0, self.config.index.max_age / 10))
+            self.correlator.index.expire()
+
     # ---------------------------------------------------------------- lifecycle
 
     async def run(self, *, handle_signals: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -114,10 +130,18 @@ class Sidecar:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.topology.run)
             table = RouteTable(self.config.rules)
-            self.correlator = Correlator(Routing(table, self.topology.apply(table, Path(self.config.storage.data_dir))), self.counters, trace_cache_size=self.config.pipeline.trace_cache_size)
+            index_settings = self.config.index
+            index = LiveIndex(index_settings.max_jobs, index_settings.max_traces, index_settings.max_age, trio.current_time)
+            routing = Routing(table, self.topology.apply(table, Path(self.config.storage.data_dir)))
+            self.correlator = Correlator(routing, self.counters, index, trace_cache_size=self.config.pipeline.trace_cache_size)
             nursery.start_soon(self._run_correlator, receive_channel)
             address = await nursery.start(self.listener.run, send_channel)
             await nursery.start(self.watcher.run)
+            nursery.start_soon(self._expire_index)
+            if self.http_settings.enabled:
+                self.view = ViewServer(self, self.http_settings)
+                self.correlator.observers.append(self.view.publish)
+                await nursery.start(self.view.run)
             if handle_signals:
                 await nursery.start(self._handle_signals)
             if self.status_file is not None:
@@ -125,6 +149,8 @@ class Sidecar:
             log.info("monitoring-sidecar %s ready: %d rules, %d backends, config %s", __version__, len(self.config.rules), len(self.topology.supervisors), ", ".join(self.config.files))
             task_status.started(address)
             await self._stop.wait()
+            if self.view is not None:
+                self.view.stop()
             await self._shutdown()
             nursery.cancel_scope.cancel()
         self._report_shutdown()
@@ -187,8 +213,8 @@ class Sidecar:
                 log.error("reload rejected (%s): %s", reason, problem)
             log.error("reload rejected: keeping the running configuration (%d rules)", len(self.config.rules))
             return False
-        if (config.tcp, config.pipeline) != (self.config.tcp, self.config.pipeline):
-            log.warning("reload: tcp and pipeline settings change only on restart; routes and backends are applied now")
+        if (config.tcp, config.http, config.pipeline, config.index) != (self.config.tcp, self.config.http, self.config.pipeline, self.config.index):
+            log.warning("reload: tcp, http, pipeline and index settings change only on restart; routes and backends are applied now")
         table = RouteTable(config.rules)
         supervisors = self.topology.apply(table, Path(config.storage.data_dir))
         self.correlator.routing = Routing(table, supervisors)
@@ -215,6 +241,7 @@ class Sidecar:
             "connections_refused": counters.by_label("connections_refused_total", "reason"),
             "connections_closed": counters.by_label("connections_closed_total", "reason"),
             "listener": self.listener.statistics(),
+            "http": f"{self.view.address[0]}:{self.view.address[1]}" if self.view and self.view.address else None,
             "correlator": self.correlator.statistics() if self.correlator else {},
             "reloads": counters.get("reloads_total"),
             "reload_failures": counters.get("reload_failures_total"),

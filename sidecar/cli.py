@@ -57,6 +57,13 @@ def command_run(args) -> int:
     except ConfigError as error:
         _print_problems(error)
         return EXIT_CONFIG_ERROR
+    if args.http:
+        host, _sep, port = args.http.rpartition(":")
+        try:
+            sidecar.serve_http_on(host or "127.0.0.1", int(port))
+        except ValueError:
+            print(f"error: --http takes HOST:PORT, got {args.http!r}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
     if args.listen:
         host, _sep, port = args.listen.rpartition(":")
         try:
@@ -187,6 +194,72 @@ def command_send(args) -> int:
     return 0
 
 
+def _view_url(args) -> str:
+    return (args.url or os.environ.get("MONITORING_SIDECAR_URL") or "http://127.0.0.1:17001").rstrip("/")
+
+
+def _get_json(url: str, timeout: float):
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def command_trace(args) -> int:
+    """Print the seed's unified view of one job (or trace) from a running sidecar."""
+    import urllib.error
+    import urllib.parse
+
+    from sidecar.jobs import render_tree
+
+    kind = "traces" if args.trace else "jobs"
+    url = f"{_view_url(args)}/api/{kind}/{urllib.parse.quote(args.id, safe='')}"
+    try:
+        status, view = _get_json(url, args.timeout)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"error: cannot reach the sidecar's HTTP view at {_view_url(args)}: {exc}", file=sys.stderr)
+        return 1
+    if status == 404:
+        print(f"error: {view.get('error', 'not found')}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:
+        print(render_tree(view))
+    return 0
+
+
+def command_tap(args) -> int:
+    """Follow the live stream of messages in the terminal (Server-Sent Events)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from sidecar.backends.console import format_line
+
+    query = urllib.parse.urlencode({k: v for k, v in (("source", args.source), ("type", args.type)) if v})
+    request = urllib.request.Request(f"{_view_url(args)}/api/tap?{query}")
+    token = os.environ.get("MONITORING_SIDECAR_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request) as stream:
+            for raw in stream:
+                if raw.startswith(b"data: "):
+                    message = json.loads(raw[6:])
+                    print(json.dumps(message) if args.json else format_line(message), flush=True)
+    except KeyboardInterrupt:
+        return 0
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"error: cannot follow the sidecar's tap at {_view_url(args)}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitoring-sidecar", description="Telemetry sidecar: receive from SDKs over local TCP, correlate, route to backends.")
     parser.add_argument("--version", action="version", version=f"monitoring-sidecar {__version__}")
@@ -195,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the sidecar")
     _add_config_arguments(run)
     run.add_argument("--listen", metavar="HOST:PORT", default=os.environ.get("MONITORING_SIDECAR_LISTEN"), help="override tcp.host and tcp.port (default: $MONITORING_SIDECAR_LISTEN)")
+    run.add_argument("--http", metavar="HOST:PORT", default=os.environ.get("MONITORING_SIDECAR_HTTP"), help="override http.host and http.port (default: $MONITORING_SIDECAR_HTTP)")
     run.add_argument("--log-level", default=os.environ.get("MONITORING_SIDECAR_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
     run.add_argument("--status-file", help="write statistics as JSON to this file every --status-interval seconds, on SIGUSR1 and at exit")
     run.add_argument("--status-interval", type=float, default=1.0)
@@ -225,6 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--timeout", type=float, default=2.0)
     send.add_argument("-v", "--verbose", action="store_true", help="print the message sent")
     send.set_defaults(handler=command_send)
+    trace = commands.add_parser("trace", help="print a job's (or trace's) timeline from a running sidecar")
+    trace.add_argument("id", help="a job id (or a trace id with --trace)")
+    trace.add_argument("--trace", action="store_true", help="the id is a trace id")
+    trace.add_argument("--url", help="the sidecar's HTTP view (default: $MONITORING_SIDECAR_URL, else http://127.0.0.1:17001)")
+    trace.add_argument("--json", action="store_true", help="print the timeline as JSON")
+    trace.add_argument("--timeout", type=float, default=5.0)
+    trace.set_defaults(handler=command_trace)
+
+    tap = commands.add_parser("tap", help="follow messages as they pass, in the terminal")
+    tap.add_argument("--source")
+    tap.add_argument("--type", choices=sorted(MESSAGE_TYPES))
+    tap.add_argument("--url", help="the sidecar's HTTP view (default: $MONITORING_SIDECAR_URL, else http://127.0.0.1:17001)")
+    tap.add_argument("--json", action="store_true")
+    tap.set_defaults(handler=command_tap)
     return parser
 
 

@@ -72,7 +72,8 @@ def display_value(value) -> Any:
     if isinstance(value, Interpolated):
         return value.template
     if isinstance(value, str):
-        return re.sub(r"(://[^:/@\s]*:)[^@\s]+@", r"\1***@", value)
+        value = re.sub(r"(://[^:/@\s]*:)[^@\s]+@", r"\1***@", value)
+        return re.sub(r"(\bpassword\s*=\s*)('[^']*'|\S+)", r"\1***", value, flags=re.IGNORECASE)
     if isinstance(value, tuple):
         return [display_value(v) for v in value]
     return value
@@ -96,6 +97,26 @@ class PipelineSettings:
     channel_size: int = attrs.field(default=16, validator=attrs.validators.ge(1))
     # trace_id -> job_id pairs remembered to give later messages of a trace their job.
     trace_cache_size: int = attrs.field(default=100_000, validator=attrs.validators.ge(0))
+
+
+@attrs.frozen
+class HttpSettings:
+    """The HTTP view: health, /metrics, the job and trace API, the web page."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=17001, validator=attrs.validators.and_(attrs.validators.ge(0), attrs.validators.le(65535)))
+    # When this environment variable is set, POST /api/reload and /api/tap need `Bearer <value>`.
+    token_env: str = "MONITORING_SIDECAR_TOKEN"
+
+
+@attrs.frozen
+class IndexSettings:
+    """The live index of recent jobs and traces behind the unified view."""
+
+    max_jobs: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
+    max_traces: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
+    max_age: Duration = attrs.field(default=3600.0, validator=attrs.validators.gt(0))
 
 
 @attrs.frozen
@@ -260,7 +281,9 @@ class Rule:
 @attrs.frozen
 class SidecarConfig:
     tcp: TcpSettings
+    http: HttpSettings
     pipeline: PipelineSettings
+    index: IndexSettings
     storage: StorageSettings
     reload: ReloadSettings
     shutdown: ShutdownSettings
@@ -509,7 +532,15 @@ def _read_yaml(path: Path, problems: list[ConfigProblem]):
 
 # ---------------------------------------------------------------- the whole configuration
 
-_TOP_LEVEL = {"tcp": TcpSettings, "pipeline": PipelineSettings, "storage": StorageSettings, "reload": ReloadSettings, "shutdown": ShutdownSettings}
+_TOP_LEVEL = {
+    "tcp": TcpSettings,
+    "http": HttpSettings,
+    "pipeline": PipelineSettings,
+    "index": IndexSettings,
+    "storage": StorageSettings,
+    "reload": ReloadSettings,
+    "shutdown": ShutdownSettings,
+}
 _MAIN_KEYS = (*_TOP_LEVEL, "backends", "routing")
 
 
@@ -630,7 +661,9 @@ def load_config(config_path: Path | None, routes_dir: Path | None, environ=os.en
     ordered = tuple(rule for _priority, _order, rule in sorted(rules, key=lambda r: (r[0], r[1])))
     return SidecarConfig(
         tcp=sections["tcp"],
+        http=sections["http"],
         pipeline=sections["pipeline"],
+        index=sections["index"],
         storage=sections["storage"],
         reload=sections["reload"],
         shutdown=sections["shutdown"],

@@ -11,6 +11,7 @@ import attrs
 import trio
 
 from sidecar.delivery import BackendSupervisor
+from sidecar.jobs import LiveIndex
 from sidecar.metrics import Counters
 from sidecar.routing import RouteTable
 
@@ -26,8 +27,10 @@ class Routing:
 
 
 class Correlator:
-    def __init__(self, routing: Routing, counters: Counters, *, trace_cache_size: int, host: str | None = None):
+    def __init__(self, routing: Routing, counters: Counters, index: LiveIndex, *, trace_cache_size: int, host: str | None = None):
         self.routing = routing
+        self.index = index
+        self.observers: list = []  # callables given each enriched chunk (the HTTP tap)
         self.counters = counters
         self.host = host or socket.gethostname()
         self.trace_cache_size = trace_cache_size
@@ -83,6 +86,9 @@ class Correlator:
     async def process(self, received_at: str, messages: list[dict]) -> None:
         self.chunks += 1
         by_source = self.enrich(received_at, messages)
+        self.index.add(messages)
+        for observer in self.observers:
+            observer(messages)
         routing = self.routing
         for source, group in by_source.items():
             targets = routing.table.targets_for(source)
@@ -97,4 +103,4 @@ class Correlator:
             self.counters.inc("routed_messages_total", len(group))
 
     def statistics(self) -> dict:
-        return {"chunks": self.chunks, "traces_with_jobs": len(self.trace_jobs)}
+        return {"chunks": self.chunks, "traces_with_jobs": len(self.trace_jobs), "index": self.index.statistics()}

@@ -3,11 +3,14 @@ overflow policy, batching per source, retries with backoff and jitter, a circuit
 the accounting `routed = delivered + dropped{reason} + queued`, true at every instant.
 """
 
+import bisect
 import collections
+import datetime as dt
 import hashlib
 import logging
 import math
 import random
+import time
 
 from pathlib import Path
 
@@ -232,6 +235,42 @@ class CircuitBreaker:
         return True
 
 
+class LatencyHistogram:
+    """Seconds from a message's timestamp to its delivery, in Prometheus-style buckets.
+    Timestamps repeat within a batch (milliseconds), so each distinct one is parsed once."""
+
+    BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+    def __init__(self):
+        self.counts = [0] * (len(self.BOUNDS) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe_batch(self, batch: list[dict]) -> None:
+        now = time.time()
+        epochs: dict[str, float] = {}
+        counts = self.counts
+        bounds = self.BOUNDS
+        for message in batch:
+            timestamp = message["timestamp"]
+            epoch = epochs.get(timestamp)
+            if epoch is None:
+                epoch = epochs[timestamp] = dt.datetime.fromisoformat(timestamp).timestamp()
+            latency = max(now - epoch, 0.0)
+            counts[bisect.bisect_left(bounds, latency)] += 1
+            self.total += latency
+        self.count += len(batch)
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(upper bound, count of observations at or below it), +Inf last."""
+        running = 0
+        buckets = []
+        for bound, count in zip((*map(str, self.BOUNDS), "+Inf"), self.counts):
+            running += count
+            buckets.append((bound, running))
+        return buckets
+
+
 def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
     """Exponential backoff with equal jitter: never zero, never in lockstep with others."""
     ceiling = min(maximum, initial * 2 ** min(attempt, 30))
@@ -268,6 +307,7 @@ class BackendSupervisor:
         self._urgent: set[str] = set()
         self._in_flight: list[dict] = []
         self._stopped = trio.Event()
+        self.latency = LatencyHistogram()
 
     # ---------------------------------------------------------------- producer side
 
@@ -451,6 +491,7 @@ class BackendSupervisor:
             else:
                 self._record_success()
                 self.delivered += len(batch)
+                self.latency.observe_batch(batch)
                 return
             self.retries += 1
             attempt += 1

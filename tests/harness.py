@@ -64,7 +64,9 @@ class SidecarProcess:
         self.routes_dir.mkdir(exist_ok=True)
         for name, text in (routes or {}).items():
             self.write_route(name, text)
-        self.env = {**os.environ, **(env or {})}
+        # The HTTP view on a free port too, so sidecars of several tests never collide.
+        self.env = {**os.environ, "MONITORING_SIDECAR_HTTP": "127.0.0.1:0", **(env or {})}
+        self.http_port: int | None = None
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
 
@@ -94,7 +96,21 @@ class SidecarProcess:
             return found and self.status_path.exists() and int(found.group(1))
 
         self.port = wait_until(listening, timeout, "the sidecar to listen")
+        found = re.search(r"HTTP view on http://[\d.]+:(\d+)/", self.log())
+        self.http_port = int(found.group(1)) if found else None
         return self
+
+    def http(self, path: str, method: str = "GET", headers: dict | None = None):
+        """(status, body bytes) of a request to the sidecar's HTTP view."""
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
 
     def log(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
@@ -142,8 +158,11 @@ class SidecarProcess:
 
     def send(self, messages: list[dict], encoding: str = "json") -> None:
         """Send over one new connection, then close it."""
+        self.send_raw(encode(messages, encoding))
+
+    def send_raw(self, payload: bytes) -> None:
         with self.connect() as conn:
-            conn.sendall(encode(messages, encoding))
+            conn.sendall(payload)
             conn.shutdown(socket.SHUT_WR)
             conn.recv(1)  # the sidecar closes after reading everything
 

@@ -49,7 +49,7 @@ def test_check_exits_non_zero_with_file_and_line(tmp_path):
 def test_run_uses_the_embedded_default_and_send_shows_on_console_and_in_var(tmp_path):
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run", "--listen", f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "sidecar", "run", "--listen", f"127.0.0.1:{port}", "--http", "127.0.0.1:0"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )

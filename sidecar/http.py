@@ -1,0 +1,290 @@
+"""The HTTP side: health, Prometheus metrics, the unified view's JSON API and a live tap.
+
+A small ASGI application served by hypercorn's trio worker inside the sidecar's nursery (no web
+framework: a dozen routes do not need one). Read-only except `POST /api/reload`; reload and tap
+can require a bearer token taken from the environment.
+"""
+
+import functools
+import hmac
+import logging
+import os
+import urllib.parse
+
+import orjson
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from sidecar.config import display_value
+
+log = logging.getLogger("sidecar.http")
+
+TAP_BUFFER = 1000  # messages a slow tap client may lag behind before it loses some (counted)
+
+
+class Tap:
+    """One live-stream subscriber: a filter and a bounded channel."""
+
+    def __init__(self, source: str | None, kind: str | None):
+        self.source = source
+        self.kind = kind
+        self.send, self.receive = trio.open_memory_channel(TAP_BUFFER)
+        self.dropped = 0
+
+    def offer(self, messages: list[dict]) -> None:
+        for message in messages:
+            if (self.source is None or message["source"] == self.source) and (self.kind is None or message["type"] == self.kind):
+                try:
+                    self.send.send_nowait(message)
+                except trio.WouldBlock:
+                    self.dropped += 1
+
+
+class SidecarCollector(Collector):
+    """Every counter of the core, read when scraped."""
+
+    def __init__(self, sidecar):
+        self.sidecar = sidecar
+
+    def collect(self):
+        sidecar = self.sidecar
+        counters = sidecar.counters
+        for name, help_text in (
+            ("messages_received_total", "Valid messages received from SDKs"),
+            ("routed_messages_total", "Messages the correlator routed to at least one rule"),
+            ("unrouted_messages_total", "Messages no rule matched"),
+            ("connections_total", "Connections accepted"),
+            ("bytes_received_total", "Bytes read from finished connections"),
+            ("reloads_total", "Configuration reloads applied"),
+            ("reload_failures_total", "Configuration reloads rejected"),
+        ):
+            family = CounterMetricFamily(f"sidecar_{name.removesuffix('_total')}", help_text)
+            family.add_metric([], counters.get(name))
+            yield family
+        for name, label, help_text in (
+            ("decode_errors_total", "reason", "Messages rejected by the decoder, by reason"),
+            ("connections_refused_total", "reason", "Connections refused, by reason"),
+            ("connections_closed_total", "reason", "Connections closed by the sidecar, by reason"),
+        ):
+            family = CounterMetricFamily(f"sidecar_{name.removesuffix('_total')}", help_text, labels=[label])
+            for value, count in sorted(counters.by_label(name, label).items()):
+                family.add_metric([value], count)
+            yield family
+        active = GaugeMetricFamily("sidecar_connections_active", "Open SDK connections")
+        active.add_metric([], len(sidecar.listener.connections))
+        yield active
+        supervisors = sidecar.topology.all_supervisors()
+        per_backend = {
+            "routed": CounterMetricFamily("sidecar_backend_routed", "Messages routed to a backend instance", labels=["backend", "type"]),
+            "delivered": CounterMetricFamily("sidecar_backend_delivered", "Messages a backend instance delivered", labels=["backend", "type"]),
+            "retries": CounterMetricFamily("sidecar_backend_retries", "Failed writes retried", labels=["backend", "type"]),
+            "queued": GaugeMetricFamily("sidecar_backend_queued", "Messages held for a backend instance (memory and disk)", labels=["backend", "type"]),
+            "circuit_open": GaugeMetricFamily("sidecar_backend_circuit_open", "1 while the circuit is open or half-open", labels=["backend", "type"]),
+        }
+        dropped = CounterMetricFamily("sidecar_backend_dropped", "Messages dropped, by reason", labels=["backend", "type", "reason"])
+        latency = HistogramMetricFamily("sidecar_delivery_latency_seconds", "From message timestamp to delivery", labels=["backend", "type"])
+        for supervisor in supervisors:
+            labels = [supervisor.label, supervisor.spec.type]
+            per_backend["routed"].add_metric(labels, supervisor.routed)
+            per_backend["delivered"].add_metric(labels, supervisor.delivered)
+            per_backend["retries"].add_metric(labels, supervisor.retries)
+            per_backend["queued"].add_metric(labels, supervisor.queued)
+            per_backend["circuit_open"].add_metric(labels, 0 if supervisor.breaker.state == "closed" else 1)
+            for reason, count in sorted(supervisor.dropped.items()):
+                dropped.add_metric([*labels, reason], count)
+            latency.add_metric(labels, supervisor.latency.cumulative(), supervisor.latency.total)
+        yield from per_backend.values()
+        yield dropped
+        yield latency
+        index = sidecar.correlator.index.statistics() if sidecar.correlator else {}
+        for key in ("jobs", "traces"):
+            gauge = GaugeMetricFamily(f"sidecar_index_{key}", f"{key.capitalize()} in the live index")
+            gauge.add_metric([], index.get(key, 0))
+            yield gauge
+            evicted = CounterMetricFamily(f"sidecar_index_evicted_{key}", f"{key.capitalize()} evicted from the live index")
+            evicted.add_metric([], index.get(f"evicted_{key}", 0))
+            yield evicted
+
+
+class ViewServer:
+    def __init__(self, sidecar, settings):
+        self.sidecar = sidecar
+        self.settings = settings
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SidecarCollector(sidecar))
+        self.taps: set[Tap] = set()
+        self.address: tuple[str, int] | None = None
+        self._stop = trio.Event()
+        self._routes = {
+            ("GET", "/healthz"): self.healthz,
+            ("GET", "/readyz"): self.readyz,
+            ("GET", "/metrics"): self.metrics,
+            ("GET", "/api/jobs"): self.jobs,
+            ("GET", "/api/routes"): self.routes,
+            ("GET", "/api/backends"): self.backends,
+            ("GET", "/api/statistics"): self.statistics,
+            ("GET", "/api/tap"): self.tap,
+            ("POST", "/api/reload"): self.reload,
+            ("GET", "/"): self.page,
+        }
+
+    # ------------------------------------------------------------ serving
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        config = HypercornConfig()
+        config.bind = [f"{self.settings.host}:{self.settings.port}"]
+        config.accesslog = None
+        config.errorlog = logging.getLogger("sidecar.http.server")
+        config.graceful_timeout = 1.0
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(functools.partial(serve, self, config, shutdown_trigger=self._stop.wait))
+            host, port = bound[0].removeprefix("http://").rsplit(":", 1)
+            self.address = (host.strip("[]"), int(port))
+            log.info("HTTP view on http://%s:%d/", *self.address)
+            task_status.started(self.address)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for tap in list(self.taps):
+            tap.send.close()
+
+    def publish(self, messages: list[dict]) -> None:
+        for tap in self.taps:
+            tap.offer(messages)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        query = dict(urllib.parse.parse_qsl(scope.get("query_string", b"").decode()))
+        handler = self._routes.get((scope["method"], path))
+        argument = None
+        if handler is None:
+            for prefix, method in (("/api/jobs/", self.job), ("/api/traces/", self.trace)):
+                if path.startswith(prefix) and scope["method"] == "GET":
+                    handler, argument = method, urllib.parse.unquote(path[len(prefix) :])
+        if handler is None:
+            allowed = [m for (m, p) in self._routes if p == path]
+            if allowed:
+                await _respond(send, 405, {"error": f"use {', '.join(allowed)}"})
+            else:
+                await _respond(send, 404, {"error": f"no such resource: {path}"})
+            return
+        if handler in (self.reload, self.tap) and not self._authorised(scope):
+            await _respond(send, 401, {"error": "a bearer token is required"}, headers=[(b"www-authenticate", b"Bearer")])
+            return
+        if argument is not None:
+            await handler(send, argument)
+        elif handler == self.tap:
+            await handler(send, receive, query)
+        else:
+            await handler(send, query)
+
+    def _authorised(self, scope) -> bool:
+        token = os.environ.get(self.settings.token_env) if self.settings.token_env else None
+        if not token:
+            return True
+        given = dict(scope["headers"]).get(b"authorization", b"").decode()
+        return hmac.compare_digest(given, f"Bearer {token}")
+
+    # ------------------------------------------------------------ routes
+
+    async def healthz(self, send, query):
+        await _respond(send, 200, {"status": "alive"})
+
+    async def readyz(self, send, query):
+        ready = self.sidecar.listener.address is not None and self.sidecar.correlator is not None
+        await _respond(send, 200 if ready else 503, {"ready": ready, "listener": self.sidecar.listener.statistics()["address"]})
+
+    async def metrics(self, send, query):
+        await _respond_bytes(send, 200, generate_latest(self.registry), b"text/plain; version=0.0.4; charset=utf-8")
+
+    async def jobs(self, send, query):
+        await _respond(send, 200, {"jobs": self.sidecar.correlator.index.recent_jobs(query.get("since"))})
+
+    async def job(self, send, job_id):
+        view = self.sidecar.job_view(job_id)
+        await _respond(send, 200, view) if view else await _respond(send, 404, {"error": f"no job {job_id!r} in the live index"})
+
+    async def trace(self, send, trace_id):
+        view = self.sidecar.correlator.index.trace(trace_id)
+        await _respond(send, 200, view) if view else await _respond(send, 404, {"error": f"no trace {trace_id!r} in the live index"})
+
+    async def routes(self, send, query):
+        table = self.sidecar.correlator.routing.table
+        rules = [
+            {
+                "source": rule.source,
+                "backend": rule.spec.label,
+                "type": rule.spec.type,
+                "enabled": rule.enabled,
+                "priority": rule.priority,
+                "filter": rule.filter.describe(),
+                "overrides": {k: display_value(v) for k, v in rule.spec.overrides},
+                "file": rule.where.file,
+                "line": rule.where.line,
+            }
+            for rule in table.rules
+        ]
+        await _respond(send, 200, {"files": list(self.sidecar.config.files), "rules": rules, "last_reload_error": self.sidecar.last_reload_error})
+
+    async def backends(self, send, query):
+        await _respond(send, 200, {"backends": [s.statistics() for s in self.sidecar.topology.all_supervisors()]})
+
+    async def statistics(self, send, query):
+        await _respond(send, 200, self.sidecar.statistics())
+
+    async def reload(self, send, query):
+        applied = await self.sidecar.reload("HTTP request")
+        await _respond(send, 200 if applied else 422, {"applied": applied, "error": self.sidecar.last_reload_error})
+
+    async def tap(self, send, receive, query):
+        tap = Tap(query.get("source"), query.get("type"))
+        self.taps.add(tap)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store")]})
+        await send({"type": "http.response.body", "body": b": tap open\n\n", "more_body": True})
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def until_disconnect():
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(until_disconnect)
+                async for message in tap.receive:
+                    await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(message) + b"\n\n", "more_body": True})
+                nursery.cancel_scope.cancel()
+        finally:
+            self.taps.discard(tap)
+        with trio.move_on_after(1) as cleanup:
+            cleanup.shield = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def page(self, send, query):
+        from importlib.resources import files
+
+        try:
+            body = files("sidecar").joinpath("web/index.html").read_bytes()
+        except FileNotFoundError:
+            await _respond(send, 404, {"error": "the web page is not part of this build"})
+            return
+        await _respond_bytes(send, 200, body, b"text/html; charset=utf-8")
+
+
+async def _respond(send, status: int, payload, headers=()) -> None:
+    await _respond_bytes(send, status, orjson.dumps(payload, option=orjson.OPT_INDENT_2), b"application/json", headers)
+
+
+async def _respond_bytes(send, status: int, body: bytes, content_type: bytes, headers=()) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,285 @@
+"""The live index of recent jobs and traces: what the unified view shows.
+
+Fed by the correlator one chunk at a time; bounded by count and by age, evictions counted.
+Timestamps are the canonical RFC 3339 strings the sidecar writes, so they order as strings and
+are parsed only when a view is built, never on the hot path.
+"""
+
+import datetime as dt
+
+import attrs
+
+KEY_EVENTS_PER_SOURCE = 8
+FAILED_STATUSES = frozenset({"error", "failed", "failure", "aborted", "cancelled"})
+DONE_STATUSES = frozenset({"completed", "complete", "done", "success", "succeeded", "finished"})
+
+
+def parse_time(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def seconds_between(first: str, last: str) -> float:
+    return (parse_time(last) - parse_time(first)).total_seconds()
+
+
+@attrs.define
+class SourceActivity:
+    """What one source did within a job or trace."""
+
+    source: str
+    first: str
+    last: str
+    messages: int = 0
+    errors: int = 0
+    events: list = attrs.field(factory=list)  # (timestamp, level, message), the latest few
+    metrics: dict = attrs.field(factory=dict)  # name -> (value, unit), the latest
+    progress: dict | None = None
+
+    def add(self, message: dict) -> None:
+        timestamp = message["timestamp"]
+        if timestamp < self.first:
+            self.first = timestamp
+        if timestamp > self.last:
+            self.last = timestamp
+        self.messages += 1
+        kind = message["type"]
+        data = message["data"]
+        if kind == "event":
+            if data["level"] in ("error", "critical"):
+                self.errors += 1
+            self.events.append((timestamp, data["level"], data["message"]))
+            if len(self.events) > KEY_EVENTS_PER_SOURCE:
+                del self.events[0]
+        elif kind == "metric":
+            self.metrics[data["name"]] = (data["value"], data.get("unit"))
+        elif kind == "progress":
+            self.progress = {"percent": data["percent"], "status": data["status"], "at": timestamp}
+
+
+@attrs.define
+class SpanRecord:
+    span_id: str
+    name: str
+    source: str
+    trace_id: str | None
+    parent_span_id: str | None = None
+    start: str | None = None
+    end: str | None = None
+    duration_ms: float | None = None
+    status: str | None = None
+
+
+@attrs.define
+class Activity:
+    """A job or a trace: its sources' activity and its spans."""
+
+    key: str
+    first: str
+    last: str
+    sources: dict = attrs.field(factory=dict)  # source -> SourceActivity
+    spans: dict = attrs.field(factory=dict)  # span_id -> SpanRecord
+    links: set = attrs.field(factory=set)  # trace ids of a job, job ids of a trace
+    updated: float = 0.0  # monotonic time of the last message, for eviction by age
+
+    def add(self, message: dict, link: str | None) -> None:
+        timestamp = message["timestamp"]
+        if timestamp < self.first:
+            self.first = timestamp
+        if timestamp > self.last:
+            self.last = timestamp
+        source = message["source"]
+        activity = self.sources.get(source)
+        if activity is None:
+            activity = self.sources[source] = SourceActivity(source, timestamp, timestamp)
+        activity.add(message)
+        if link:
+            self.links.add(link)
+        if message["type"] == "span":
+            self._add_span(message)
+
+    def _add_span(self, message: dict) -> None:
+        data = message["data"]
+        span = self.spans.get(message["span_id"])
+        if span is None:
+            span = self.spans[message["span_id"]] = SpanRecord(message["span_id"], data["name"], message["source"], message.get("trace_id"))
+        if message.get("parent_span_id"):
+            span.parent_span_id = message["parent_span_id"]
+        if data["phase"] == "start":
+            span.start = message["timestamp"]
+        else:
+            span.end = message["timestamp"]
+            span.duration_ms = data["duration_ms"]
+            span.status = data["status"]
+            if span.start is None:
+                span.start = (parse_time(span.end) - dt.timedelta(milliseconds=span.duration_ms)).isoformat().replace("+00:00", "Z")
+
+    def status(self) -> str:
+        if any(a.errors for a in self.sources.values()):
+            return "failed"
+        if any(s.status in FAILED_STATUSES for s in self.spans.values()):
+            return "failed"
+        progresses = [a.progress for a in self.sources.values() if a.progress]
+        if any(p["status"] in FAILED_STATUSES for p in progresses):
+            return "failed"
+        open_spans = any(s.end is None for s in self.spans.values())
+        latest = max(progresses, key=lambda p: p["at"], default=None)
+        if latest and (latest["percent"] >= 100 or latest["status"] in DONE_STATUSES) and not open_spans:
+            return "completed"
+        if not progresses and self.spans and not open_spans:
+            return "completed"
+        return "running"
+
+    def view(self, kind: str) -> dict:
+        """The timeline as JSON: per source and the span tree, ordered by time."""
+        sources = sorted(self.sources.values(), key=lambda a: a.first)
+        children: dict[str | None, list] = {}
+        for span in sorted(self.spans.values(), key=lambda s: s.start or ""):
+            parent = span.parent_span_id if span.parent_span_id in self.spans else None
+            children.setdefault(parent, []).append(span)
+
+        def tree(parent):
+            return [{**attrs.asdict(span), "children": tree(span.span_id)} for span in children.get(parent, [])]
+
+        return {
+            kind: self.key,
+            "status": self.status(),
+            "start": self.first,
+            "end": self.last,
+            "duration_s": round(seconds_between(self.first, self.last), 3),
+            ("trace_ids" if kind == "job_id" else "job_ids"): sorted(self.links),
+            "sources": [
+                {
+                    "source": a.source,
+                    "first": a.first,
+                    "last": a.last,
+                    "duration_s": round(max(seconds_between(a.first, a.last), self._span_seconds(a.source)), 3),
+                    "messages": a.messages,
+                    "errors": a.errors,
+                    "events": [{"timestamp": t, "level": level, "message": text} for t, level, text in a.events],
+                    "metrics": {name: {"value": value, "unit": unit} for name, (value, unit) in a.metrics.items()},
+                    "progress": a.progress,
+                    "summary": summarise(a),
+                }
+                for a in sources
+            ],
+            "spans": tree(None),
+        }
+
+    def _span_seconds(self, source: str) -> float:
+        return max((s.duration_ms / 1000 for s in self.spans.values() if s.source == source and s.duration_ms is not None), default=0.0)
+
+
+def summarise(activity: SourceActivity) -> str:
+    """One line for a source: its distinct event messages, then its metrics."""
+    seen = []
+    for _t, _level, text in activity.events:
+        if text not in seen:
+            seen.append(text)
+    parts = seen[-4:]
+    for name, (value, unit) in activity.metrics.items():
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        shown = f"{value:,}" if isinstance(value, int) else f"{value:g}"
+        parts.append(f"{name} {shown}{' ' + unit if unit else ''}")
+    if activity.progress and not parts:
+        parts.append(f"{activity.progress['percent']:g}% {activity.progress['status']}")
+    return ", ".join(parts) if parts else f"{activity.messages} messages"
+
+
+class LiveIndex:
+    """Recent jobs (by context.job_id, or a progress message's job_id) and traces (by trace_id)."""
+
+    def __init__(self, max_jobs: int, max_traces: int, max_age: float, clock):
+        self.max_jobs = max_jobs
+        self.max_traces = max_traces
+        self.max_age = max_age
+        self.clock = clock
+        self.jobs: dict[str, Activity] = {}
+        self.traces: dict[str, Activity] = {}
+        self.evicted = {"jobs": 0, "traces": 0}
+
+    def add(self, messages: list[dict]) -> None:
+        now = self.clock()
+        for message in messages:
+            context = message.get("context")
+            job_id = context.get("job_id") if context else None
+            if job_id is None and message["type"] == "progress":
+                job_id = message["data"]["job_id"]
+            trace_id = message.get("trace_id")
+            if job_id is not None:
+                self._record(self.jobs, job_id, message, trace_id, now, self.max_jobs, "jobs")
+            if trace_id is not None:
+                self._record(self.traces, trace_id, message, job_id, now, self.max_traces, "traces")
+
+    def _record(self, table: dict, key: str, message: dict, link, now: float, limit: int, kind: str) -> None:
+        activity = table.get(key)
+        if activity is None:
+            activity = table[key] = Activity(key, message["timestamp"], message["timestamp"])
+            if len(table) > limit:
+                del table[next(iter(table))]
+                self.evicted[kind] += 1
+        else:
+            # Most recently updated last: eviction takes the front.
+            del table[key]
+            table[key] = activity
+        activity.updated = now
+        activity.add(message, link)
+
+    def expire(self) -> None:
+        """Drop what has not been updated for max_age; called now and then, not per message."""
+        horizon = self.clock() - self.max_age
+        for kind, table in (("jobs", self.jobs), ("traces", self.traces)):
+            while table:
+                key = next(iter(table))
+                if table[key].updated >= horizon:
+                    break
+                del table[key]
+                self.evicted[kind] += 1
+
+    def job(self, job_id: str) -> dict | None:
+        activity = self.jobs.get(job_id)
+        return activity.view("job_id") if activity else None
+
+    def trace(self, trace_id: str) -> dict | None:
+        activity = self.traces.get(trace_id)
+        return activity.view("trace_id") if activity else None
+
+    def recent_jobs(self, since: str | None = None) -> list[dict]:
+        found = []
+        for activity in reversed(self.jobs.values()):
+            if since and activity.last < since:
+                continue
+            found.append(
+                {
+                    "job_id": activity.key,
+                    "status": activity.status(),
+                    "start": activity.first,
+                    "end": activity.last,
+                    "duration_s": round(seconds_between(activity.first, activity.last), 3),
+                    "sources": [a.source for a in sorted(activity.sources.values(), key=lambda a: a.first)],
+                }
+            )
+        return found
+
+    def statistics(self) -> dict:
+        return {"jobs": len(self.jobs), "traces": len(self.traces), "evicted_jobs": self.evicted["jobs"], "evicted_traces": self.evicted["traces"]}
+
+
+def render_tree(view: dict) -> str:
+    """The seed's unified view as text:
+
+    job-12345:
+      ├─ file-receiver: File received, validated, queued (2.3s)
+      └─ db-loader: Data loaded, 10,000 rows inserted (45.2s)
+
+      Total: 47.6s
+    """
+    key = view.get("job_id") or view.get("trace_id")
+    lines = [f"{key}:"]
+    sources = view["sources"]
+    for index, source in enumerate(sources):
+        branch = "└─" if index == len(sources) - 1 else "├─"
+        lines.append(f"  {branch} {source['source']}: {source['summary']} ({source['duration_s']:.1f}s)")
+    lines.append("")
+    lines.append(f"  Total: {view['duration_s']:.1f}s")
+    return "\n".join(lines)

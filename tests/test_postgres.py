@@ -1,0 +1,284 @@
+"""The postgres backend against a real PostgreSQL server (tests/services/postgres.py)."""
+
+import itertools
+import signal
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+import trio
+
+from sidecar.backends.base import PartialDelivery, RetryableError
+from sidecar.backends.postgres import PostgresBackend, PostgresSettings
+from tests.harness import REPO, SidecarProcess, SteadySender, event, read_jsonl, seqs, wait_until
+from tests.services.postgres import PASSWORD, postgres_server  # noqa: F401
+
+_tables = itertools.count()
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN, PARENT = "00f067aa0ba902b7", "1111111111111111"
+
+
+def unique_table() -> str:
+    return f"events_{next(_tables)}_{int(time.time() * 1000) % 100000}"
+
+
+def make_backend(server, table: str, **settings) -> PostgresBackend:
+    options = {"connection_string": server.url(), "table": table, "connect_timeout": 3.0, **settings}
+    return PostgresBackend(PostgresSettings(**options), label="pg")
+
+
+def enriched(kind: str, data: dict, **extra) -> dict:
+    return {
+        "source": "svc", "type": kind, "timestamp": "2025-10-20T10:30:45.123Z", "received_at": "2025-10-20T10:30:45.200Z",
+        "host": "h1", "data": data, **extra,
+    }
+
+
+def rows(server, query: str, *params):
+    with psycopg.connect(server.admin_dsn()) as conn:
+        return conn.execute(query, params or None).fetchall()
+
+
+async def test_every_message_type_lands_in_typed_columns(postgres_server):
+    table = unique_table()
+    backend = make_backend(postgres_server, table)
+    await backend.open()
+    batch = [
+        enriched("event", {"level": "error", "message": "boom"}, trace_id=TRACE, span_id=SPAN, context={"job_id": "job-1", "user": "u"}),
+        enriched("metric", {"name": "queue.depth", "value": 42.5, "unit": "items", "tags": {"q": "a"}}, context={"job_id": "job-1"}),
+        enriched("progress", {"job_id": "job-2", "percent": 50, "status": "half"}),
+        enriched("resource", {"cpu_percent": 12.5, "memory_mb": 300}),
+        enriched("span", {"name": "load", "phase": "start"}, trace_id=TRACE, span_id=SPAN, parent_span_id=PARENT),
+        enriched("span", {"name": "load", "phase": "end", "status": "ok", "duration_ms": 1234}, trace_id=TRACE, span_id=SPAN, parent_span_id=PARENT),
+    ]
+    await backend.write_batch("svc", batch)
+    await backend.aclose()
+    got = rows(
+        postgres_server,
+        f"SELECT to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS'), received_at - time, source, type, level, name, value,"
+        f" trace_id, span_id, parent_span_id, job_id, host, context, data FROM {table} ORDER BY data::text",
+    )
+    by_type = {}
+    for row in got:
+        by_type.setdefault(row[3], []).append(row)
+    assert len(got) == 6
+    event_row = by_type["event"][0]
+    assert event_row[0] == "2025-10-20T10:30:45.123" and event_row[1].total_seconds() == pytest.approx(0.077)
+    assert event_row[2:] == ("svc", "event", "error", None, None, TRACE, SPAN, None, "job-1", "h1", {"job_id": "job-1", "user": "u"}, {"level": "error", "message": "boom"})
+    assert by_type["metric"][0][4:7] == (None, "queue.depth", 42.5) and by_type["metric"][0][10] == "job-1"
+    assert by_type["metric"][0][13]["tags"] == {"q": "a"}
+    assert by_type["progress"][0][10] == "job-2" and by_type["progress"][0][13]["percent"] == 50
+    assert by_type["resource"][0][4:7] == (None, None, None) and by_type["resource"][0][13] == {"cpu_percent": 12.5, "memory_mb": 300}
+    spans = sorted(by_type["span"], key=lambda r: r[13]["phase"])
+    assert [s[5] for s in spans] == ["load", "load"] and [s[13]["phase"] for s in spans] == ["end", "start"]
+    assert spans[0][7:10] == (TRACE, SPAN, PARENT) and spans[0][13]["duration_ms"] == 1234
+    # the column types, as created
+    types = dict(rows(postgres_server, "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = %s", table))
+    assert types["time"] == types["received_at"] == "timestamp with time zone"
+    assert types["value"] == "double precision" and types["context"] == types["data"] == "jsonb"
+
+
+async def test_a_batch_is_one_copy_statement_and_the_schema_is_created_once(postgres_server):
+    table = unique_table()
+    first = make_backend(postgres_server, table)
+    await first.open()
+    # A statement-level trigger records the text of every statement that inserts into the table.
+    postgres_server.admin(f"""
+        CREATE TABLE {table}_statements (query text);
+        CREATE FUNCTION {table}_log() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS
+          $$ BEGIN INSERT INTO {table}_statements VALUES (current_query()); RETURN NULL; END $$;
+        CREATE TRIGGER log_statements AFTER INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {table}_log();
+    """)
+    await first.write_batch("svc", [enriched("event", {"level": "info", "message": f"m{i}"}) for i in range(1000)])
+    statements = [q for (q,) in rows(postgres_server, f"SELECT query FROM {table}_statements")]
+    assert len(statements) == 1 and statements[0].startswith(f'COPY "public"."{table}"'), statements
+
+    def indexes():
+        return sorted(name for (name,) in rows(postgres_server, "SELECT indexname FROM pg_indexes WHERE tablename = %s", table))
+
+    assert indexes() == sorted(f"{table}_{suffix}" for suffix in ("job_id_time_idx", "trace_id_idx", "source_time_idx", "time_brin_idx"))
+    assert first.timescaledb is False  # the Debian server has no TimescaleDB: plain table, BRIN on time
+    # A second backend (another sidecar, a restart) reuses the table: no error, nothing added.
+    second = make_backend(postgres_server, table)
+    await second.open()
+    await second.write_batch("svc", [enriched("event", {"level": "info", "message": "again"})])
+    assert indexes() == sorted(f"{table}_{suffix}" for suffix in ("job_id_time_idx", "trace_id_idx", "source_time_idx", "time_brin_idx"))
+    assert rows(postgres_server, f"SELECT count(*) FROM {table}") == [(1001,)]
+    # reconnecting after a failure does not run the schema checks again
+    await first.aclose()
+    await first.open()
+    await first.write_batch("svc", [enriched("event", {"level": "info", "message": "after reconnect"})])
+    assert rows(postgres_server, f"SELECT count(*) FROM {table}") == [(1002,)]
+    await first.aclose()
+    await second.aclose()
+
+
+async def test_poison_rows_are_isolated_and_the_rest_of_the_batch_lands(postgres_server):
+    table = unique_table()
+    backend = make_backend(postgres_server, table)
+    await backend.open()
+    batch = [enriched("metric", {"name": "m", "value": float(i)}, context={"seq": i}) for i in range(40)]
+    batch[3] = enriched("metric", {"name": "m", "value": "1e400"}, context={"seq": 3})  # out of range for double precision
+    batch[17] = {**batch[17], "timestamp": "2025-02-30T10:00:00.000Z"}  # no such date
+    batch[25] = enriched("event", {"level": "info", "message": "nul\x00byte"}, context={"seq": 25, "k\x00": "v\x00"})
+    batch[30] = enriched("metric", {"name": "m", "value": 10**400}, context={"seq": 30})  # not even encodable as JSON
+    with pytest.raises(PartialDelivery) as caught:
+        await backend.write_batch("svc", batch)
+    assert caught.value.rejected == {3: "postgres_numeric_value_out_of_range", 17: "postgres_datetime_field_overflow", 30: "unencodable"}
+    assert "#3: postgres_numeric_value_out_of_range" in str(caught.value) and "#17:" in str(caught.value)
+    landed = sorted(seq for (seq,) in rows(postgres_server, f"SELECT (context->>'seq')::int FROM {table}"))
+    assert landed == [i for i in range(40) if i not in (3, 17, 30)]
+    # NUL characters cannot be stored: they are replaced, and the row is kept
+    assert rows(postgres_server, f"SELECT data->>'message', context FROM {table} WHERE type = 'event'") == [("nul\ufffdbyte", {"seq": 25, "k\ufffd": "v\ufffd"})]
+    assert batch[25]["data"]["message"] == "nul\x00byte", "messages are shared with other backends: never modified"
+    await backend.aclose()
+
+
+async def test_a_wrong_password_trips_the_circuit_and_is_never_shown(postgres_server):
+    backend = PostgresBackend(PostgresSettings(connection_string=postgres_server.url(password="Wrong-Secret-1234"), table=unique_table()), label="pg")
+    with pytest.raises(RetryableError) as caught:
+        await backend.open()
+    assert caught.value.trip_circuit
+    assert "password authentication failed" in str(caught.value)
+    assert "Wrong-Secret-1234" not in str(caught.value)
+    missing_db = PostgresBackend(PostgresSettings(connection_string=postgres_server.url(dbname="nope"), table="t"), label="pg")
+    with pytest.raises(RetryableError) as caught:
+        await missing_db.open()
+    assert caught.value.trip_circuit and "does not exist" in str(caught.value) and PASSWORD not in str(caught.value)
+    # libpq quotes unparsable connection strings; the settings refuse them without the text
+    with pytest.raises(ValueError) as invalid:
+        PostgresSettings(connection_string="postgresql://u:sec ret-Zz9@h:x/d")
+    assert "sec ret" not in str(invalid.value)
+
+
+async def test_a_server_that_is_down_is_retryable_without_tripping(postgres_server):
+    backend = PostgresBackend(PostgresSettings(connection_string=f"postgresql://sidecar:{PASSWORD}@127.0.0.1:1/monitoring", table="t", connect_timeout=2), label="pg")
+    with pytest.raises(RetryableError) as caught:
+        await backend.open()
+    assert not caught.value.trip_circuit and PASSWORD not in str(caught.value)
+
+
+SIDECAR_CONFIG = """
+tcp: {{host: 127.0.0.1, port: 0}}
+shutdown: {{connection_grace: 0.2, drain_timeout: 5}}
+backends:
+  timescaledb:
+    type: postgres
+    connection_string: "${{PG_URL}}"
+    table: {table}
+    connect_timeout: 2
+    batch: {{max_messages: 200, timeout: 0.1}}
+    queue: {{max_messages: 100000, when_full: drop_newest}}
+    retry: {{initial_backoff: 0.05, max_backoff: 0.3, attempt_timeout: 10}}
+    circuit_breaker: {{failure_threshold: 3, reset_timeout: 0.3, max_reset_timeout: 1.0}}
+  files:
+    type: filesystem
+    base_path: {base}
+    create_base_path: true
+    fsync: never
+    batch: {{max_messages: 200, timeout: 0.05}}
+routing:
+  queue-service:
+    - backend: timescaledb
+    - backend: files
+"""
+
+
+@pytest.fixture
+def sidecars():
+    started = []
+    yield started
+    for sidecar in started:
+        if sidecar.process and sidecar.process.poll() is None:
+            sidecar.stop(signal.SIGKILL)
+
+
+def test_bad_password_end_to_end_circuit_opens_and_the_password_stays_hidden(postgres_server, tmp_path, sidecars):
+    secret = "Bad-Pa55-Never-Shown-77"
+    config = SIDECAR_CONFIG.format(table=unique_table(), base=tmp_path / "out")
+    sidecar = SidecarProcess(tmp_path, config, env={"PG_URL": postgres_server.url(password=secret)})
+    sidecars.append(sidecar.start())
+    sidecar.send([event("queue-service", i) for i in range(10)])
+    stats = sidecar.wait_for(lambda s: sidecar.backend("timescaledb").get("retries", 0) >= 3, what="three retries")
+    pg = sidecar.backend("timescaledb")
+    assert pg["delivered"] == 0 and pg["queued"] == 10 and "password authentication failed" in pg["last_error"]
+    assert pg["circuit_opened"] == 1 and "circuit open for 0.3s after 1 failures" in sidecar.log()  # tripped at once
+    retries = pg["retries"]
+    time.sleep(0.3)
+    assert sidecar.backend("timescaledb")["retries"] <= retries + 2, "a tripped circuit must not retry in a loop"
+    assert sidecar.backend("files")["delivered"] == 10
+    sidecar.stop()
+    assert secret not in sidecar.log() and secret not in str(stats) and secret not in sidecar.status_path.read_text()
+    assert "circuit open" in sidecar.log()
+    # `check` shows the template for ${PG_URL}, and hides a password written in the file
+    for connection_string in ("${PG_URL}", postgres_server.url(password=secret)):
+        (tmp_path / "check.yaml").write_text(config.replace('"${PG_URL}"', f'"{connection_string}"'))
+        output = subprocess.run(
+            [sys.executable, "-m", "sidecar", "check", "--config", str(tmp_path / "check.yaml"), "--source", "queue-service"],
+            capture_output=True, text=True, cwd=REPO, env={**sidecar.env}, timeout=60,
+        )
+        assert output.returncode == 0, output.stderr
+        assert "timescaledb" in output.stdout and secret not in output.stdout + output.stderr
+
+
+def test_outage_under_load_every_message_arrives_exactly_once(postgres_server, tmp_path, sidecars):
+    """Stop PostgreSQL for 10 s under steady load, start it again: every message is in the table
+    exactly once (one transaction per batch; a batch whose commit reply was lost is looked up by
+    its transaction id before it is retried), and the filesystem backend never stopped."""
+    table = unique_table()
+    config = SIDECAR_CONFIG.format(table=table, base=tmp_path / "out")
+    sidecar = SidecarProcess(tmp_path, config, env={"PG_URL": postgres_server.url()})
+    sidecars.append(sidecar.start())
+    sender = SteadySender(sidecar, "queue-service", per_second=300)
+    sender.start()
+    try:
+        sidecar.wait_for(lambda s: sidecar.backend("timescaledb").get("delivered", 0) >= 300, what="postgres delivering")
+        postgres_server.stop()
+        try:
+            files_at_stop = sidecar.backend("files")["delivered"]
+            sidecar.wait_for(lambda s: sidecar.backend("timescaledb").get("circuit") == "open", timeout=10, what="the circuit to open")
+            time.sleep(10)
+            during = sidecar.backend("files")["delivered"] - files_at_stop
+            stalled = sidecar.backend("timescaledb")
+        finally:
+            postgres_server.start()
+        wait_until(lambda: sender.sent > 0, what="sending")
+        time.sleep(1)
+    finally:
+        sent = sender.stop()
+    assert during >= 1500, f"the filesystem backend received only {during} messages during the outage"
+    assert stalled["queued"] > 1000 and stalled["circuit_opened"] >= 1
+    final = sidecar.wait_for(
+        lambda s: sidecar.backend("timescaledb").get("delivered") == sent and sidecar.backend("files").get("delivered") == sent,
+        timeout=30, what="every message delivered to both backends",
+    )
+    pg = sidecar.backend("timescaledb")
+    assert pg["dropped"] == {} and pg["queued"] == 0 and pg["circuit"] == "closed"
+    assert final["received"] == sent
+    count, distinct = rows(postgres_server, f"SELECT count(*), count(DISTINCT (context->>'seq')::int) FROM {table}")[0]
+    assert (count, distinct) == (sent, sent), "every message exactly once"
+    assert seqs(read_jsonl(tmp_path / "out" / "queue-service.jsonl")) == list(range(sent))
+    assert sidecar.stop() == 0
+    assert PASSWORD not in sidecar.log()
+
+
+async def test_attempt_timeout_cancels_the_statement_and_the_retry_writes_once(postgres_server):
+    """A COPY stuck behind a lock: the attempt times out, the server-side statement is cancelled,
+    and the retry writes the batch exactly once."""
+    table = unique_table()
+    backend = make_backend(postgres_server, table)
+    await backend.open()
+    batch = [enriched("event", {"level": "info", "message": f"m{i}"}) for i in range(50)]
+    with psycopg.connect(postgres_server.admin_dsn()) as locker:
+        locker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(trio.TooSlowError):
+            with trio.fail_after(1):
+                await backend.write_batch("svc", batch)
+        active = rows(postgres_server, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY%%' AND state = 'active'")
+        assert active == [(0,)], "the cancelled COPY must not still be running"
+        locker.rollback()
+    await backend.write_batch("svc", batch)
+    assert rows(postgres_server, f"SELECT count(*) FROM {table}") == [(50,)]
+    await backend.aclose()

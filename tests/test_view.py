@@ -1,0 +1,196 @@
+"""The unified view: the live index, the HTTP API, /metrics, the tap, and `trace`."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar.jobs import LiveIndex, render_tree
+from sidecar.message import validate_message
+from tests.harness import REPO, SidecarProcess, encode, wait_until
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def seed_job(job="job-12345", trace=TRACE):
+    """The seed's unified view as messages: file-receiver, queue-service, db-loader."""
+
+    def m(source, seconds, kind, data, span=None, parent=None):
+        message = {
+            "source": source,
+            "type": kind,
+            "timestamp": f"2025-10-20T10:{int(seconds // 60):02d}:{seconds % 60:06.3f}Z",
+            "trace_id": trace,
+            "context": {"job_id": job},
+            "data": data,
+        }
+        if span:
+            message["span_id"] = span
+        if parent:
+            message["parent_span_id"] = parent
+        validate_message(message)
+        return message
+
+    return [
+        m("file-receiver", 0.0, "event", {"level": "info", "message": "File received"}),
+        m("file-receiver", 1.0, "event", {"level": "info", "message": "validated"}),
+        m("file-receiver", 2.3, "event", {"level": "info", "message": "queued"}),
+        m("queue-service", 2.4, "span", {"name": "process_job", "phase": "start"}, span="a" * 16),
+        m("queue-service", 2.4, "progress", {"job_id": job, "percent": 0, "status": "started"}, span="a" * 16),
+        m("queue-service", 2.5, "event", {"level": "info", "message": "Job dequeued, processing started"}, span="a" * 16),
+        m("db-loader", 2.5, "span", {"name": "load_data", "phase": "start"}, span="b" * 16, parent="a" * 16),
+        m("db-loader", 2.5, "event", {"level": "info", "message": "Data loaded"}, span="b" * 16),
+        m("db-loader", 47.7, "metric", {"name": "rows_inserted", "value": 10000}, span="b" * 16),
+        m("db-loader", 47.7, "span", {"name": "load_data", "phase": "end", "status": "success", "duration_ms": 45200.0}, span="b" * 16, parent="a" * 16),
+        m("queue-service", 47.6, "progress", {"job_id": job, "percent": 100, "status": "completed"}, span="a" * 16),
+        m("queue-service", 47.6, "span", {"name": "process_job", "phase": "end", "status": "success", "duration_ms": 45200.0}, span="a" * 16),
+    ]
+
+
+EXPECTED_TREE = """job-12345:
+  ├─ file-receiver: File received, validated, queued (2.3s)
+  ├─ queue-service: Job dequeued, processing started (45.2s)
+  └─ db-loader: Data loaded, rows_inserted 10,000 (45.2s)
+
+  Total: 47.7s"""
+
+
+def test_the_live_index_gives_the_seeds_tree():
+    index = LiveIndex(100, 100, 3600, clock=lambda: 0.0)
+    index.add(seed_job())
+    view = index.job("job-12345")
+    assert view["status"] == "completed"
+    assert [s["source"] for s in view["sources"]] == ["file-receiver", "queue-service", "db-loader"]
+    assert render_tree(view) == EXPECTED_TREE
+    (root,) = view["spans"]
+    assert root["name"] == "process_job" and [c["name"] for c in root["children"]] == ["load_data"]
+    assert view["trace_ids"] == [TRACE]
+    assert index.trace(TRACE)["job_ids"] == ["job-12345"]
+
+
+def test_status_follows_errors_and_open_work():
+    index = LiveIndex(100, 100, 3600, clock=lambda: 0.0)
+    running = seed_job("job-run", "1" * 32)[:5]
+    index.add(running)
+    assert index.job("job-run")["status"] == "running"
+    failing = seed_job("job-fail", "2" * 32)
+    failing[1]["data"]["level"] = "error"
+    index.add(failing)
+    assert index.job("job-fail")["status"] == "failed"
+
+
+def test_the_index_is_bounded_by_count_and_by_age():
+    now = [0.0]
+    index = LiveIndex(max_jobs=3, max_traces=3, max_age=10, clock=lambda: now[0])
+    for n in range(5):
+        index.add(seed_job(f"job-{n}", f"{n:032x}"))
+    assert list(index.jobs) == ["job-2", "job-3", "job-4"]
+    assert index.statistics()["evicted_jobs"] == 2
+    now[0] = 5.0
+    index.add(seed_job("job-4", f"{4:032x}"))  # touched: stays
+    now[0] = 12.0
+    index.expire()
+    assert list(index.jobs) == ["job-4"]
+    assert index.statistics()["evicted_jobs"] == 4
+
+
+CONFIG = """
+tcp: {{host: 127.0.0.1, port: 0}}
+backends:
+  files: {{type: filesystem, base_path: {base}, create_base_path: true, batch: {{timeout: 0.05}}}}
+routing:
+  all: [{{backend: files}}]
+"""
+
+
+def get_json(sidecar, path, **kwargs):
+    status, body = sidecar.http(path, **kwargs)
+    return status, json.loads(body) if body else None
+
+
+def test_the_http_view_serves_jobs_traces_routes_backends_and_metrics(tmp_path):
+    sidecar = SidecarProcess(tmp_path, CONFIG.format(base=tmp_path / "out"), env={"MONITORING_SIDECAR_TOKEN": "t0ken"}).start()
+    try:
+        sidecar.send(seed_job())
+        sidecar.send([{"source": "other", "type": "metric", "data": {"name": "x", "value": 1}}])
+        sidecar.send_raw(b'{"source": "other", "type": "bogus", "data": {}}\n')
+        sidecar.wait_for(lambda s: s["backends"] and s["backends"][0]["delivered"] == 13, what="13 delivered")
+        assert get_json(sidecar, "/healthz") == (200, {"status": "alive"})
+        assert get_json(sidecar, "/readyz")[0] == 200
+
+        status, job = get_json(sidecar, "/api/jobs/job-12345")
+        assert status == 200 and job["status"] == "completed" and job["duration_s"] == 47.7
+        assert [s["source"] for s in job["sources"]] == ["file-receiver", "queue-service", "db-loader"]
+        assert job["sources"][0]["duration_s"] == 2.3
+        assert get_json(sidecar, "/api/jobs/nope")[0] == 404
+        status, trace = get_json(sidecar, f"/api/traces/{TRACE}")
+        assert trace["spans"][0]["children"][0]["name"] == "load_data"
+        status, jobs = get_json(sidecar, "/api/jobs?since=2025-10-20T00:00:00.000Z")
+        assert [j["job_id"] for j in jobs["jobs"]] == ["job-12345"] and jobs["jobs"][0]["status"] == "completed"
+        assert get_json(sidecar, "/api/jobs?since=2099-01-01T00:00:00.000Z")[1] == {"jobs": []}
+
+        status, routes = get_json(sidecar, "/api/routes")
+        assert routes["rules"][0]["backend"] == "files" and routes["rules"][0]["file"].endswith("sidecar.yaml") and routes["rules"][0]["line"] == 6
+        status, backends = get_json(sidecar, "/api/backends")
+        assert backends["backends"][0]["delivered"] == 13 and backends["backends"][0]["circuit"] == "closed"
+
+        status, body = sidecar.http("/metrics")
+        families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        value = lambda name, **labels: next(s.value for s in families[name].samples if s.name.endswith("_total") and all(s.labels.get(k) == v for k, v in labels.items()))
+        assert value("sidecar_messages_received") == 13
+        assert value("sidecar_decode_errors", reason="unknown_type") == 1
+        assert value("sidecar_backend_delivered", backend="files") == 13
+        latency = families["sidecar_delivery_latency_seconds"]
+        assert next(s.value for s in latency.samples if s.name.endswith("_count")) == 13
+
+        assert get_json(sidecar, "/api/reload", method="POST")[0] == 401
+        status, reloaded = get_json(sidecar, "/api/reload", method="POST", headers={"Authorization": "Bearer t0ken"})
+        assert status == 200 and reloaded["applied"] is True
+        assert get_json(sidecar, "/api/nothing")[0] == 404
+        assert get_json(sidecar, "/healthz", method="POST")[0] == 405
+    finally:
+        assert sidecar.stop() == 0
+
+
+def test_the_tap_streams_messages_as_they_pass(tmp_path):
+    sidecar = SidecarProcess(tmp_path, CONFIG.format(base=tmp_path / "out")).start()
+    received = []
+    try:
+        with socket.create_connection(("127.0.0.1", sidecar.http_port), timeout=10) as conn:
+            conn.sendall(b"GET /api/tap?source=wanted&type=event HTTP/1.1\r\nHost: x\r\n\r\n")
+            stream = conn.makefile("rb")
+            wait_until(lambda: b"tap open" in (stream.readline() or b"tap open"), what="the tap to open")
+
+            def read():
+                for line in stream:
+                    if line.startswith(b"data: "):
+                        received.append(json.loads(line[6:]))
+                        if len(received) == 3:
+                            return
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            sidecar.send([{"source": "wanted", "type": "event", "data": {"level": "info", "message": f"m{i}"}} for i in range(3)] + [{"source": "unwanted", "type": "event", "data": {"level": "info", "message": "x"}}])
+            reader.join(10)
+    finally:
+        assert sidecar.stop() == 0
+    assert [m["data"]["message"] for m in received] == ["m0", "m1", "m2"]
+
+
+def test_trace_prints_the_seeds_tree_from_a_running_sidecar(tmp_path):
+    sidecar = SidecarProcess(tmp_path, CONFIG.format(base=tmp_path / "out")).start()
+    try:
+        sidecar.send(seed_job())
+        sidecar.wait_for(lambda s: s["received"] == 12, what="the job received")
+        env = {**os.environ, "MONITORING_SIDECAR_URL": f"http://127.0.0.1:{sidecar.http_port}"}
+        result = subprocess.run([sys.executable, "-m", "sidecar", "trace", "job-12345"], capture_output=True, text=True, env=env, cwd=REPO, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.rstrip("\n") == EXPECTED_TREE
+        missing = subprocess.run([sys.executable, "-m", "sidecar", "trace", "job-0"], capture_output=True, text=True, env=env, cwd=REPO, timeout=30)
+        assert missing.returncode == 1 and "no job 'job-0'" in missing.stderr
+    finally:
+        assert sidecar.stop() == 0
