@@ -35,25 +35,29 @@ class SourceActivity:
     metrics: dict = attrs.field(factory=dict)  # name -> (value, unit), the latest
     progress: dict | None = None
 
-    def add(self, message: dict) -> None:
-        timestamp = message["timestamp"]
-        if timestamp < self.first:
-            self.first = timestamp
-        if timestamp > self.last:
-            self.last = timestamp
-        self.messages += 1
-        kind = message["type"]
-        data = message["data"]
-        if kind == "event":
-            if data["level"] in ("error", "critical"):
-                self.errors += 1
-            self.events.append((timestamp, data["level"], data["message"]))
-            if len(self.events) > KEY_EVENTS_PER_SOURCE:
-                del self.events[0]
-        elif kind == "metric":
-            self.metrics[data["name"]] = (data["value"], data.get("unit"))
-        elif kind == "progress":
-            self.progress = {"percent": data["percent"], "status": data["status"], "at": timestamp}
+    def add_group(self, group: list[dict]) -> None:
+        """Messages of this source, in arrival order: one pass per kind of message."""
+        timestamps = [m["timestamp"] for m in group]
+        first, last = min(timestamps), max(timestamps)
+        if first < self.first:
+            self.first = first
+        if last > self.last:
+            self.last = last
+        self.messages += len(group)
+        events = [m for m in group if m["type"] == "event"]
+        if events:
+            self.errors += sum(1 for m in events if m["data"]["level"] in ("error", "critical"))
+            self.events.extend((m["timestamp"], m["data"]["level"], m["data"]["message"]) for m in events[-KEY_EVENTS_PER_SOURCE:])
+            del self.events[:-KEY_EVENTS_PER_SOURCE]
+        if len(events) < len(group):
+            for m in group:
+                kind = m["type"]
+                if kind == "metric":
+                    data = m["data"]
+                    self.metrics[data["name"]] = (data["value"], data.get("unit"))
+                elif kind == "progress":
+                    data = m["data"]
+                    self.progress = {"percent": data["percent"], "status": data["status"], "at": m["timestamp"]}
 
 
 @attrs.define
@@ -81,20 +85,32 @@ class Activity:
     links: set = attrs.field(factory=set)  # trace ids of a job, job ids of a trace
     updated: float = 0.0  # monotonic time of the last message, for eviction by age
 
-    def add(self, message: dict, link: str | None) -> None:
-        timestamp = message["timestamp"]
-        if timestamp < self.first:
-            self.first = timestamp
-        if timestamp > self.last:
-            self.last = timestamp
-        source = message["source"]
-        activity = self.sources.get(source)
-        if activity is None:
-            activity = self.sources[source] = SourceActivity(source, timestamp, timestamp)
-        activity.add(message)
-        if link:
-            self.links.add(link)
-        if message["type"] == "span":
+    def add_group(self, group: list[dict], links) -> None:
+        by_source: dict[str, list[dict]] = {}
+        last_source = None
+        target: list[dict] = []
+        spans = []
+        for message in group:
+            source = message["source"]
+            if source != last_source:
+                target = by_source.get(source)
+                if target is None:
+                    target = by_source[source] = []
+                last_source = source
+            target.append(message)
+            if message["type"] == "span":
+                spans.append(message)
+        for source, messages in by_source.items():
+            activity = self.sources.get(source)
+            if activity is None:
+                activity = self.sources[source] = SourceActivity(source, messages[0]["timestamp"], messages[0]["timestamp"])
+            activity.add_group(messages)
+            if activity.first < self.first:
+                self.first = activity.first
+            if activity.last > self.last:
+                self.last = activity.last
+        self.links.update(links)
+        for message in spans:
             self._add_span(message)
 
     def _add_span(self, message: dict) -> None:
@@ -199,31 +215,46 @@ class LiveIndex:
         self.evicted = {"jobs": 0, "traces": 0}
 
     def add(self, messages: list[dict]) -> None:
-        now = self.clock()
+        """Index one chunk: grouped by job and by trace first, so each is updated once."""
+        by_job: dict[str, list[dict]] = {}
+        by_trace: dict[str, list[dict]] = {}
+        pairs: set[tuple[str, str]] = set()
         for message in messages:
             context = message.get("context")
             job_id = context.get("job_id") if context else None
             if job_id is None and message["type"] == "progress":
                 job_id = message["data"]["job_id"]
-            trace_id = message.get("trace_id")
             if job_id is not None:
-                self._record(self.jobs, job_id, message, trace_id, now, self.max_jobs, "jobs")
+                group = by_job.get(job_id)
+                if group is None:
+                    group = by_job[job_id] = []
+                group.append(message)
+            trace_id = message.get("trace_id")
             if trace_id is not None:
-                self._record(self.traces, trace_id, message, job_id, now, self.max_traces, "traces")
+                group = by_trace.get(trace_id)
+                if group is None:
+                    group = by_trace[trace_id] = []
+                group.append(message)
+                if job_id is not None:
+                    pairs.add((job_id, trace_id))
+        now = self.clock()
+        for job_id, group in by_job.items():
+            links = {trace for job, trace in pairs if job == job_id}
+            self._record(self.jobs, job_id, group, links, now, self.max_jobs, "jobs")
+        for trace_id, group in by_trace.items():
+            links = {job for job, trace in pairs if trace == trace_id}
+            self._record(self.traces, trace_id, group, links, now, self.max_traces, "traces")
 
-    def _record(self, table: dict, key: str, message: dict, link, now: float, limit: int, kind: str) -> None:
-        activity = table.get(key)
+    def _record(self, table: dict, key: str, group: list[dict], links, now: float, limit: int, kind: str) -> None:
+        activity = table.pop(key, None)  # re-inserted last: least recently updated first
         if activity is None:
-            activity = table[key] = Activity(key, message["timestamp"], message["timestamp"])
-            if len(table) > limit:
+            activity = Activity(key, group[0]["timestamp"], group[0]["timestamp"])
+            if len(table) >= limit:
                 del table[next(iter(table))]
                 self.evicted[kind] += 1
-        else:
-            # Most recently updated last: eviction takes the front.
-            del table[key]
-            table[key] = activity
+        table[key] = activity
         activity.updated = now
-        activity.add(message, link)
+        activity.add_group(group, links)
 
     def expire(self) -> None:
         """Drop what has not been updated for max_age; called now and then, not per message."""
