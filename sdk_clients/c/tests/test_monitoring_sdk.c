@@ -1,0 +1,785 @@
+/* Tests of the C SDK against a real TCP capture server (a thread on 127.0.0.1). Run by
+ * `make test` under AddressSanitizer + UBSan; the last line is "N passed, M failed". */
+#define _DEFAULT_SOURCE /* usleep */
+#include <errno.h>
+#include <json-c/json.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "monitoring_sdk.h"
+
+static int passed, failed;
+#define CHECK(cond, ...) check_((cond), __LINE__, #cond, __VA_ARGS__)
+static int check_(int ok, int line, const char *expr, const char *fmt, ...) {
+    if (ok) { passed++; return 1; }
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "FAIL line %d: %s: ", line, expr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    failed++;
+    return 0;
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static int errors_seen;
+static void count_error(void *arg, const char *what) { (void)arg; (void)what; __atomic_add_fetch(&errors_seen, 1, __ATOMIC_RELAXED); }
+
+static mon_client *client(const char *source, int port) {
+    mon_client *m = mon_init(source, "127.0.0.1", port);
+    mon_set_error_handler(m, count_error, NULL);
+    return m;
+}
+
+/* ---- capture server: complete lines of every connection, in arrival order --------------- */
+
+enum { CAPTURE, NO_READ, RESET };
+typedef struct { int fd; char *buf; size_t len; } conn_t;
+typedef struct {
+    int port, lfd, mode, wake[2];
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    char *data;
+    size_t len;
+    int lines, accepted;
+} server_t;
+
+static void append(server_t *s, const char *p, size_t n) {
+    pthread_mutex_lock(&s->mu);
+    s->data = realloc(s->data, s->len + n + 1);
+    memcpy(s->data + s->len, p, n);
+    s->len += n;
+    s->data[s->len] = '\0';
+    for (size_t i = 0; i < n; i++) s->lines += p[i] == '\n';
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void *server_main(void *arg) {
+    server_t *s = arg;
+    conn_t c[64];
+    int n = 0;
+    for (;;) {
+        struct pollfd p[66];
+        p[0] = (struct pollfd){s->wake[0], POLLIN, 0};
+        p[1] = (struct pollfd){s->lfd, POLLIN, 0};
+        for (int i = 0; i < n; i++) p[2 + i] = (struct pollfd){c[i].fd, s->mode == NO_READ ? 0 : POLLIN, 0};
+        if (poll(p, (nfds_t)(2 + n), 1000) < 0) continue;
+        if (p[0].revents) break;
+        for (int i = 0; i < n; i++) {
+            if (!(p[2 + i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+            char buf[65536];
+            ssize_t r = read(c[i].fd, buf, sizeof buf);
+            if (r > 0) {
+                c[i].buf = realloc(c[i].buf, c[i].len + (size_t)r);
+                memcpy(c[i].buf + c[i].len, buf, (size_t)r);
+                c[i].len += (size_t)r;
+                char *nl = NULL;
+                for (size_t k = c[i].len; k-- > 0;) if (c[i].buf[k] == '\n') { nl = c[i].buf + k; break; }
+                if (nl) {
+                    size_t whole = (size_t)(nl - c[i].buf) + 1;
+                    append(s, c[i].buf, whole);
+                    memmove(c[i].buf, c[i].buf + whole, c[i].len - whole);
+                    c[i].len -= whole;
+                }
+            } else if (r == 0 || (errno != EINTR && errno != EAGAIN)) {
+                if (c[i].len) { append(s, c[i].buf, c[i].len); append(s, "\n", 1); }
+                free(c[i].buf);
+                close(c[i].fd);
+                c[i--] = c[--n];
+                p[2 + i + 1] = p[2 + n]; /* keep poll results aligned with the moved entry */
+            }
+        }
+        if (p[1].revents & POLLIN) { /* after the reads: p[] covers only the polled connections */
+            int fd = accept(s->lfd, NULL, NULL);
+            if (fd >= 0 && s->mode == RESET) {
+                struct linger l = {1, 0};
+                setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+                close(fd);
+            } else if (fd >= 0 && n < 64) {
+                if (s->mode == NO_READ) { int sz = 4096; setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &sz, sizeof sz); }
+                c[n++] = (conn_t){fd, NULL, 0};
+                pthread_mutex_lock(&s->mu);
+                s->accepted++;
+                pthread_mutex_unlock(&s->mu);
+            }
+        }
+    }
+    for (int i = 0; i < n; i++) { free(c[i].buf); close(c[i].fd); }
+    close(s->lfd);
+    return NULL;
+}
+
+static void server_start(server_t *s, int port, int mode) {
+    struct sockaddr_in a;
+    socklen_t al = sizeof a;
+    int one = 1;
+    if (!s->data) { pthread_mutex_init(&s->mu, NULL); pthread_cond_init(&s->cv, NULL); }
+    s->mode = mode;
+    s->lfd = socket(AF_INET, SOCK_STREAM, 0);
+    setsockopt(s->lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons((uint16_t)port);
+    if (bind(s->lfd, (struct sockaddr *)&a, sizeof a) || listen(s->lfd, 64)) { perror("capture server"); exit(2); }
+    getsockname(s->lfd, (struct sockaddr *)&a, &al);
+    s->port = ntohs(a.sin_port);
+    if (pipe(s->wake)) exit(2);
+    if (!s->data) { s->data = calloc(1, 1); s->len = 0; }
+    pthread_create(&s->thread, NULL, server_main, s);
+}
+
+static void server_stop(server_t *s) {
+    if (write(s->wake[1], "x", 1) != 1) exit(2);
+    pthread_join(s->thread, NULL);
+    close(s->wake[0]);
+    close(s->wake[1]);
+}
+
+static void server_free(server_t *s) {
+    free(s->data);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cv);
+    memset(s, 0, sizeof *s);
+}
+
+static int wait_lines(server_t *s, int n, double timeout) {
+    double end = now_s() + timeout;
+    pthread_mutex_lock(&s->mu);
+    while (s->lines < n && now_s() < end) {
+        pthread_mutex_unlock(&s->mu);
+        usleep(2000);
+        pthread_mutex_lock(&s->mu);
+    }
+    int got = s->lines;
+    pthread_mutex_unlock(&s->mu);
+    return got;
+}
+
+/* The captured lines (NUL-terminated copies without the newline) and their number. */
+static char **lines_of(server_t *s, int *n) {
+    pthread_mutex_lock(&s->mu);
+    char **out = calloc((size_t)s->lines + 1, sizeof *out);
+    int k = 0;
+    for (char *p = s->data, *nl; k < s->lines && (nl = strchr(p, '\n')); p = nl + 1) out[k++] = strndup(p, (size_t)(nl - p));
+    *n = k;
+    pthread_mutex_unlock(&s->mu);
+    return out;
+}
+
+static void free_lines(char **l, int n) {
+    for (int i = 0; i < n; i++) free(l[i]);
+    free(l);
+}
+
+static int free_port(void) {
+    server_t s = {0};
+    int one = 1;
+    struct sockaddr_in a;
+    socklen_t al = sizeof a;
+    s.lfd = socket(AF_INET, SOCK_STREAM, 0);
+    setsockopt(s.lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bind(s.lfd, (struct sockaddr *)&a, sizeof a);
+    getsockname(s.lfd, (struct sockaddr *)&a, &al);
+    close(s.lfd);
+    return ntohs(a.sin_port);
+}
+
+/* ---- checking lines ------------------------------------------------------------------------- */
+
+/* Parses strictly (valid UTF-8 required); NULL if the line is not one JSON object. */
+static json_object *parse(const char *line) {
+    json_tokener *t = json_tokener_new();
+    json_tokener_set_flags(t, JSON_TOKENER_STRICT | JSON_TOKENER_VALIDATE_UTF8);
+    json_object *o = json_tokener_parse_ex(t, line, (int)strlen(line));
+    int ok = o && json_tokener_get_error(t) == json_tokener_success && t->char_offset == (int)strlen(line) &&
+             json_object_is_type(o, json_type_object);
+    json_tokener_free(t);
+    if (!ok) { json_object_put(o); return NULL; }
+    return o;
+}
+
+static const char *get(json_object *o, const char *path) { /* "data.message" */
+    char key[64];
+    const char *dot;
+    json_object *v = o;
+    while (v && (dot = strchr(path, '.'))) {
+        snprintf(key, sizeof key, "%.*s", (int)(dot - path), path);
+        if (!json_object_object_get_ex(v, key, &v)) return NULL;
+        path = dot + 1;
+    }
+    return v && json_object_object_get_ex(v, path, &v) ? json_object_get_string(v) : NULL;
+}
+
+/* The line with its timestamp replaced by TS, after checking the timestamp's format. */
+static char *masked(const char *line) {
+    const char *k = "\"timestamp\":\"", *p = strstr(line, k);
+    char *out = strdup(line);
+    if (!p) return out;
+    p += strlen(k);
+    const char *fmt = "dddd-dd-ddTdd:dd:dd.dddZ\"";
+    for (size_t i = 0; fmt[i]; i++)
+        if (fmt[i] == 'd' ? !(p[i] >= '0' && p[i] <= '9') : p[i] != fmt[i]) return out;
+    size_t head = (size_t)(p - line);
+    memcpy(out + head, "TS", 2);
+    memmove(out + head + 2, out + head + 24, strlen(out + head + 24) + 1);
+    return out;
+}
+
+static void expect_lines(server_t *s, const char *const *want, int nwant, const char *what) {
+    int n;
+    wait_lines(s, nwant, 5);
+    char **got = lines_of(s, &n);
+    CHECK(n == nwant, "%s: %d lines, expected %d", what, n, nwant);
+    for (int i = 0; i < n && i < nwant; i++) {
+        char *m = masked(got[i]);
+        json_object *o = parse(got[i]);
+        CHECK(o != NULL, "%s: line %d is not strict JSON: %s", what, i, got[i]);
+        CHECK(!strcmp(m, want[i]), "%s: line %d\n  got  %s\n  want %s", what, i, m, want[i]);
+        json_object_put(o);
+        free(m);
+    }
+    free_lines(got, n);
+}
+
+/* ---- tests ------------------------------------------------------------------------------------ */
+
+static void test_exact_messages(void) {
+    server_t s = {0};
+    server_start(&s, 0, CAPTURE);
+    mon_client *m = client("svc", s.port);
+    const mon_kv ctx[] = {{"file", "a.csv"}, {"job_id", "job-2"}, {"skip", NULL}, {NULL, NULL}};
+    const mon_kv tags[] = {{"table", "orders"}, {NULL, NULL}}, dup[] = {{"k", "1"}, {"k", "2"}, {NULL, NULL}}, none[] = {{NULL, NULL}};
+    mon_set_context(m, "job_id", "job-1");
+    CHECK(mon_log_event(m, "WARN", "hello", ctx) == 0, "log_event");
+    mon_log_event(m, NULL, NULL, none);
+    mon_log_metric(m, "rows", 10000, "count", tags);
+    mon_log_metric(m, "ratio", 0.1, NULL, NULL);
+    mon_log_metric(m, "big", 1e300, NULL, none);
+    mon_log_metric(m, "neg", -2.5e-7, "s", dup);
+    mon_log_progress(m, "job-1", 50, NULL);
+    mon_log_resource(m, 12.5, 256, NAN, NAN);
+    mon_log_resource(m, NAN, NAN, NAN, 3);
+    mon_set_context_json(m, "n", " [1, 2.50, {\"a\" : null}] ");
+    mon_set_context(m, "job_id", NULL);
+    mon_log_event(m, "error", "after", NULL);
+    mon_set_context(m, "n", NULL);
+    mon_log_event(m, "critical", "bare", NULL);
+    CHECK(mon_log_metric(m, "nan", NAN, NULL, NULL) == -1, "NaN metric refused");
+    CHECK(mon_log_metric(m, "inf", -INFINITY, NULL, NULL) == -1, "Inf metric refused");
+    CHECK(mon_log_progress(m, "j", INFINITY, NULL) == -1, "Inf percent refused");
+    CHECK(mon_log_resource(m, 1, INFINITY, NAN, NAN) == -1, "Inf resource refused");
+    CHECK(mon_set_context_json(m, "bad", "{\"a\":}") == -1, "invalid JSON context refused");
+    CHECK(mon_flush(m, 5000) == 0, "flush");
+    const char *want[] = {
+        "{\"source\":\"svc\",\"type\":\"event\",\"timestamp\":\"TS\",\"context\":{\"job_id\":\"job-2\",\"file\":\"a.csv\"},\"data\":{\"level\":\"warning\",\"message\":\"hello\"}}",
+        "{\"source\":\"svc\",\"type\":\"event\",\"timestamp\":\"TS\",\"context\":{\"job_id\":\"job-1\"},\"data\":{\"level\":\"info\",\"message\":\"\"}}",
+        "{\"source\":\"svc\",\"type\":\"metric\",\"timestamp\":\"TS\",\"context\":{\"job_id\":\"job-1\"},\"data\":{\"name\":\"rows\",\"value\":10000,\"unit\":\"count\",\"tags\":{\"table\":\"orders\"}}}",
+        "{\"source\":\"svc\",\"type\":\"metric\",\"timestamp\":\"TS\",\"context\":{\"job_id\":\"job-1\"},\"data\":{\"name\":\"ratio\",\"value\":0.1}}",
+        "{\"source\":\"svc\",\"type\":\"metric\",\"timestamp\":\"TS\",\"context\":{\"job_id\":\"job-1\"},\"data\":{\"name\":\"big\",\"value\":1e+300}}",
+        "{\"source\":\"svc\",\"type\":\"metric\",\"timestamp\":\"TS\",\"context\":{\"job_id\":\"job-1\"},\"data\":{\"name\":\"neg\",\"value\":-2.5e-07,\"unit\":\"s\",\"tags\":{\"k\":\"2\"}}}",
+        "{\"source\":\"svc\",\"type\":\"progress\",\"timestamp\":\"TS\",\"context\":{\"job_id\":\"job-1\"},\"data\":{\"job_id\":\"job-1\",\"percent\":50,\"status\":\"running\"}}",
+        "{\"source\":\"svc\",\"type\":\"resource\",\"timestamp\":\"TS\",\"context\":{\"job_id\":\"job-1\"},\"data\":{\"cpu_percent\":12.5,\"memory_mb\":256}}",
+        "{\"source\":\"svc\",\"type\":\"resource\",\"timestamp\":\"TS\",\"context\":{\"job_id\":\"job-1\"},\"data\":{\"network_io_mb\":3}}",
+        "{\"source\":\"svc\",\"type\":\"event\",\"timestamp\":\"TS\",\"context\":{\"n\":[1,2.50,{\"a\":null}]},\"data\":{\"level\":\"error\",\"message\":\"after\"}}",
+        "{\"source\":\"svc\",\"type\":\"event\",\"timestamp\":\"TS\",\"data\":{\"level\":\"critical\",\"message\":\"bare\"}}",
+    };
+    expect_lines(&s, want, 11, "exact messages");
+    mon_stats st;
+    mon_statistics(m, &st);
+    CHECK(st.sent == 11 && st.queued == 0 && st.dropped == 0 && st.errors >= 5, "stats sent=%llu errors=%llu",
+          (unsigned long long)st.sent, (unsigned long long)st.errors);
+    CHECK(mon_close(m, 2000) == 0, "close");
+    server_stop(&s);
+    server_free(&s);
+}
+
+static void test_escaping(void) {
+    static const struct { const char *in, *out; } cases[] = {
+        {"\"}\n{\"source\":\"forged\",\"type\":\"event\"}\n", "\"}\n{\"source\":\"forged\",\"type\":\"event\"}\n"},
+        {"back\\slash \\\" \\n \r\n\t\b\f\v\x7f", "back\\slash \\\" \\n \r\n\t\b\f\v\x7f"},
+        {"\x01\x02\x03\x1b[31m\x1f", "\x01\x02\x03\x1b[31m\x1f"},
+        {"\xff", "\xef\xbf\xbd"},
+        {"a\xc0\xafz", "a\xef\xbf\xbd\xef\xbf\xbdz"},
+        {"end\xe2\x82", "end\xef\xbf\xbd"},
+        {"\xe2\x82x", "\xef\xbf\xbdx"},
+        {"\xed\xa0\x80", "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"},
+        {"\xf4\x90\x80\x80", "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"},
+        {"\xf0\x9f\x98!", "\xef\xbf\xbd!"},
+        {"\xf8\x88\x80\x80\x80", "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"},
+        {"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 \xe2\x80\xa8", "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 \xe2\x80\xa8"},
+    };
+    const int n = (int)(sizeof cases / sizeof cases[0]);
+    server_t s = {0};
+    server_start(&s, 0, CAPTURE);
+    mon_client *m = client("evil\"\n\xff", s.port);
+    for (int i = 0; i < n; i++) {
+        const mon_kv ctx[] = {{cases[i].in, cases[i].in}, {NULL, NULL}};
+        mon_log_event(m, cases[i].in, cases[i].in, ctx);
+        mon_log_metric(m, cases[i].in, i, cases[i].in, ctx);
+    }
+    mon_flush(m, 5000);
+    int got_n;
+    wait_lines(&s, 2 * n, 5);
+    char **got = lines_of(&s, &got_n);
+    CHECK(got_n == 2 * n, "one line per call: %d lines for %d calls", got_n, 2 * n);
+    for (int i = 0; i < got_n && i < 2 * n; i++) {
+        const char *want = cases[i / 2].out;
+        int raw_ok = 1;
+        for (const unsigned char *p = (const unsigned char *)got[i]; *p; p++) raw_ok &= *p >= 0x20;
+        CHECK(raw_ok, "line %d holds a raw control byte", i);
+        json_object *o = parse(got[i]);
+        if (!CHECK(o != NULL, "line %d is not strict UTF-8 JSON: %s", i, got[i])) continue;
+        const char *src = get(o, "source"), *v1 = get(o, i % 2 ? "data.name" : "data.message");
+        const char *v2 = get(o, i % 2 ? "data.unit" : "data.level");
+        json_object *c, *tg;
+        CHECK(src && !strcmp(src, "evil\"\n\xef\xbf\xbd"), "source decoded: %s", src ? src : "(none)");
+        CHECK(v1 && !strcmp(v1, want) && v2 && !strcmp(v2, want), "case %d decoded wrongly: %s", i / 2, got[i]);
+        json_object_object_get_ex(i % 2 ? json_object_object_get(o, "data") : o, i % 2 ? "tags" : "context", &c);
+        CHECK(c && json_object_object_length(c) == 1 && json_object_object_get_ex(c, want, &tg) && !strcmp(json_object_get_string(tg), want) &&
+              !strcmp(get(o, "type"), i % 2 ? "metric" : "event"), "case %d: context/tags or type wrong: %s", i / 2, got[i]);
+        json_object_put(o);
+    }
+    free_lines(got, got_n);
+    mon_close(m, 2000);
+    server_stop(&s);
+    server_free(&s);
+}
+
+static void check_sequence(server_t *s, const char *prefix, int from, int to, int skip_first, const char *what) {
+    int n;
+    char **got = lines_of(s, &n), want[64];
+    int expected = to - from + skip_first, bad = -1;
+    CHECK(n == expected, "%s: %d lines, expected %d", what, n, expected);
+    for (int i = skip_first; i < n && bad < 0; i++) {
+        json_object *o = parse(got[i]);
+        const char *msg = o ? get(o, "data.message") : NULL;
+        snprintf(want, sizeof want, "%s%d", prefix, from + i - skip_first);
+        if (!msg || strcmp(msg, want)) bad = i;
+        json_object_put(o);
+    }
+    CHECK(bad < 0, "%s: line %d out of order or broken: %s", what, bad, bad >= 0 && bad < n ? got[bad] : "");
+    free_lines(got, n);
+}
+
+/* Whether a call that started at `start` took over 20 ms (the machine is shared: a single
+ * preemption can take that long, so callers assert a handful at most, never zero). */
+static int timed(double start, double *worst) {
+    double took = now_s() - start;
+    if (took > *worst) *worst = took;
+    return took > 0.02;
+}
+
+static void test_down_then_up(void) {
+    int port = free_port(), calls = 2000;
+    mon_client *m = client("svc", port);
+    double worst = 0, t0 = now_s();
+    int slow = 0;
+    for (int i = 0; i < calls; i++) {
+        char msg[32];
+        snprintf(msg, sizeof msg, "m-%d", i);
+        double a = now_s();
+        mon_log_event(m, "info", msg, NULL);
+        slow += timed(a, &worst);
+    }
+    double total = now_s() - t0;
+    CHECK(slow <= 3 && worst < 1.0 && total < 3.0, "sidecar down: calls must return at once (%d over 20 ms, worst %.3f ms, total %.3f s)",
+          slow, worst * 1e3, total);
+    printf("  sidecar down: %d calls, worst %.1f us, total %.1f ms\n", calls, worst * 1e6, total * 1e3);
+    mon_stats st;
+    mon_statistics(m, &st);
+    CHECK(st.queued == (uint64_t)calls && st.sent == 0, "all queued: %llu", (unsigned long long)st.queued);
+    server_t s = {0};
+    server_start(&s, port, CAPTURE);
+    CHECK(mon_flush(m, 10000) == 0, "flush after the sidecar came up");
+    wait_lines(&s, calls, 5);
+    check_sequence(&s, "m-", 0, calls, 0, "down then up");
+
+    /* restart: the client notices the closed connection and resends nothing twice */
+    server_stop(&s);
+    for (int i = calls; i < calls + 100; i++) {
+        char msg[32];
+        snprintf(msg, sizeof msg, "m-%d", i);
+        mon_log_event(m, "info", msg, NULL);
+    }
+    usleep(50000);
+    server_start(&s, port, CAPTURE);
+    CHECK(mon_flush(m, 10000) == 0, "flush after restart");
+    wait_lines(&s, calls + 100, 5);
+    check_sequence(&s, "m-", 0, calls + 100, 0, "restart");
+    mon_statistics(m, &st);
+    CHECK(st.reconnects >= 1 && st.sent == (uint64_t)calls + 100, "reconnects=%llu sent=%llu", (unsigned long long)st.reconnects, (unsigned long long)st.sent);
+    mon_close(m, 2000);
+    server_stop(&s);
+    server_free(&s);
+
+    /* close with nothing listening gives up at once */
+    m = client("svc", free_port());
+    mon_log_event(m, "info", "lost", NULL);
+    t0 = now_s();
+    CHECK(mon_close(m, 2000) == -1 && now_s() - t0 < 1.5, "close with the sidecar down: %.3f s", now_s() - t0);
+}
+
+static void test_overflow(void) {
+    int port = free_port(), calls = MON_MAX_MESSAGES + 500;
+    mon_client *m = client("svc", port);
+    for (int i = 0; i < calls; i++) {
+        char msg[32];
+        snprintf(msg, sizeof msg, "o-%d", i);
+        mon_log_event(m, "info", msg, NULL);
+    }
+    mon_stats st;
+    mon_statistics(m, &st);
+    CHECK(st.dropped == 500 && st.queued == MON_MAX_MESSAGES, "overflow: dropped %llu queued %llu", (unsigned long long)st.dropped, (unsigned long long)st.queued);
+    server_t s = {0};
+    server_start(&s, port, CAPTURE);
+    CHECK(mon_flush(m, 10000) == 0, "flush after overflow");
+    wait_lines(&s, MON_MAX_MESSAGES + 1, 5);
+    int n;
+    char **got = lines_of(&s, &n);
+    char *first = n ? masked(got[0]) : strdup("");
+    CHECK(!strcmp(first, "{\"source\":\"svc\",\"type\":\"metric\",\"timestamp\":\"TS\",\"data\":{\"name\":\"sdk.dropped_messages\",\"value\":500,"
+                         "\"unit\":\"count\",\"tags\":{\"reason\":\"buffer_full\"}}}"), "drop report first: %s", first);
+    free(first);
+    free_lines(got, n);
+    check_sequence(&s, "o-", 500, calls, 1, "overflow keeps the newest, in order");
+    mon_close(m, 2000);
+    server_stop(&s);
+    server_free(&s);
+
+    /* the byte bound, and messages over the sidecar's 1 MiB limit */
+    m = client("svc", free_port());
+    char *big = malloc(100001);
+    memset(big, 'x', 100000);
+    big[100000] = '\0';
+    for (int i = 0; i < 100; i++) mon_log_event(m, "info", big, NULL);
+    mon_statistics(m, &st);
+    CHECK(st.queued <= MON_MAX_BYTES / 100000 && st.queued > 50 && st.dropped + st.queued == 100, "byte bound: queued %llu dropped %llu",
+          (unsigned long long)st.queued, (unsigned long long)st.dropped);
+    char *huge = malloc(MON_MAX_MESSAGE_BYTES + 1);
+    memset(huge, '\n', MON_MAX_MESSAGE_BYTES); /* escaped, it doubles */
+    huge[MON_MAX_MESSAGE_BYTES] = '\0';
+    CHECK(mon_log_event(m, "info", huge + MON_MAX_MESSAGE_BYTES / 2, NULL) == -1, "a message over 1 MiB is dropped");
+    free(big);
+    free(huge);
+    mon_close(m, 0);
+}
+
+#define THREADS 8
+#define PER_THREAD 1000
+typedef struct { mon_client *m; int id; } worker_t;
+static void *worker(void *arg) {
+    worker_t *w = arg;
+    char msg[64], id[8];
+    snprintf(id, sizeof id, "%d", w->id);
+    const mon_kv ctx[] = {{"thread", id}, {NULL, NULL}};
+    for (int i = 0; i < PER_THREAD; i++) {
+        snprintf(msg, sizeof msg, "t%d-%d \"quoted\"\n", w->id, i);
+        mon_log_event(w->m, "info", msg, ctx);
+        if (i % 100 == 0) mon_log_metric(w->m, "tick", i, NULL, ctx);
+    }
+    return NULL;
+}
+
+static void test_threads(void) {
+    server_t s = {0};
+    server_start(&s, 0, CAPTURE);
+    mon_client *m = client("svc", s.port);
+    pthread_t t[THREADS];
+    worker_t w[THREADS];
+    for (int i = 0; i < THREADS; i++) { w[i] = (worker_t){m, i}; pthread_create(&t[i], NULL, worker, &w[i]); }
+    for (int i = 0; i < THREADS; i++) pthread_join(t[i], NULL);
+    CHECK(mon_flush(m, 10000) == 0, "flush after threads");
+    int total = THREADS * (PER_THREAD + PER_THREAD / 100), n, next[THREADS] = {0}, bad = 0;
+    wait_lines(&s, total, 5);
+    char **got = lines_of(&s, &n);
+    CHECK(n == total, "threads: %d lines, expected %d", n, total);
+    for (int i = 0; i < n; i++) {
+        json_object *o = parse(got[i]);
+        const char *msg = o ? get(o, "data.message") : NULL, *th = o ? get(o, msg ? "context.thread" : "data.tags.thread") : NULL;
+        int tid, seq;
+        if (!o || !th) { bad++; json_object_put(o); continue; }
+        if (msg) {
+            char want[64];
+            if (sscanf(msg, "t%d-%d", &tid, &seq) != 2 || tid < 0 || tid >= THREADS || seq != next[tid] || atoi(th) != tid) bad++;
+            else {
+                snprintf(want, sizeof want, "t%d-%d \"quoted\"\n", tid, seq);
+                bad += strcmp(want, msg) != 0;
+                next[tid]++;
+            }
+        }
+        json_object_put(o);
+    }
+    CHECK(bad == 0, "threads: %d broken, interleaved or out-of-order lines", bad);
+    for (int i = 0; i < THREADS; i++) CHECK(next[i] == PER_THREAD, "thread %d: %d messages", i, next[i]);
+    free_lines(got, n);
+    mon_close(m, 2000);
+    server_stop(&s);
+    server_free(&s);
+}
+
+static int is_hex(const char *s, size_t n) {
+    if (!s || strlen(s) != n) return 0;
+    for (size_t i = 0; i < n; i++) if (!strchr("0123456789abcdef", s[i])) return 0;
+    return 1;
+}
+
+static void *span_in_thread(void *arg) {
+    char id[17];
+    mon_start_span(arg, "worker", id);
+    mon_end_span(arg, id, NULL);
+    return NULL;
+}
+
+static void test_spans(void) {
+    server_t s = {0};
+    server_start(&s, 0, CAPTURE);
+    mon_client *m = client("svc", s.port);
+    char outer[17], inner[17], tp[80];
+    mon_start_span(m, "outer", outer);
+    mon_log_event(m, "info", "in outer", NULL);
+    mon_start_span(m, "inner", inner);
+    const char *env = getenv("TRACEPARENT");
+    CHECK(env && strlen(env) == 55 && !strncmp(env + 36, inner, 16), "TRACEPARENT names the inner span: %s", env ? env : "(unset)");
+    mon_log_event(m, "info", "in inner", NULL);
+    pthread_t t;
+    pthread_create(&t, NULL, span_in_thread, m);
+    pthread_join(t, NULL);
+    CHECK(mon_end_span(m, inner, "error") == 0, "end inner");
+    snprintf(tp, sizeof tp, "00-%.32s-%s-01", env ? env + 3 : "", outer);
+    CHECK(getenv("TRACEPARENT") && !strcmp(getenv("TRACEPARENT"), tp), "TRACEPARENT back to outer");
+    CHECK(mon_end_span(m, outer, NULL) == 0, "end outer");
+    CHECK(getenv("TRACEPARENT") == NULL, "TRACEPARENT unset after the last span");
+    CHECK(mon_end_span(m, outer, NULL) == -1 && mon_end_span(m, "nope", NULL) == -1 && mon_end_span(m, NULL, NULL) == -1, "unknown span refused");
+    mon_log_event(m, "info", "after", NULL);
+    mon_flush(m, 5000);
+    int n;
+    wait_lines(&s, 9, 5);
+    char **got = lines_of(&s, &n);
+    json_object *o[9] = {0};
+    CHECK(n == 9, "spans: %d lines", n);
+    for (int i = 0; i < n && i < 9; i++) o[i] = parse(got[i]);
+    if (n == 9 && o[0] && o[1] && o[2] && o[3] && o[4] && o[5] && o[6] && o[7] && o[8]) {
+        const char *trace = get(o[0], "trace_id");
+        CHECK(is_hex(trace, 32) && !strcmp(get(o[0], "span_id"), outer) && !get(o[0], "parent_span_id") &&
+              !strcmp(get(o[0], "data.phase"), "start") && !strcmp(get(o[0], "data.name"), "outer"), "outer start: %s", got[0]);
+        CHECK(!strcmp(get(o[1], "trace_id"), trace) && !strcmp(get(o[1], "span_id"), outer) && !get(o[1], "parent_span_id"), "event in outer: %s", got[1]);
+        CHECK(!strcmp(get(o[2], "trace_id"), trace) && !strcmp(get(o[2], "span_id"), inner) && !strcmp(get(o[2], "parent_span_id"), outer), "inner start: %s", got[2]);
+        CHECK(!strcmp(get(o[3], "span_id"), inner) && !get(o[3], "parent_span_id"), "event in inner: %s", got[3]);
+        CHECK(is_hex(get(o[4], "trace_id"), 32) && strcmp(get(o[4], "trace_id"), trace) && !get(o[4], "parent_span_id") &&
+              !strcmp(get(o[4], "span_id"), get(o[5], "span_id")) && !strcmp(get(o[5], "data.status"), "success"),
+              "a span in another thread starts its own trace: %s", got[4]);
+        CHECK(!strcmp(get(o[6], "span_id"), inner) && !strcmp(get(o[6], "parent_span_id"), outer) && !strcmp(get(o[6], "data.phase"), "end") &&
+              !strcmp(get(o[6], "data.status"), "error") && get(o[6], "data.duration_ms"), "inner end: %s", got[6]);
+        json_object *d;
+        json_object_object_get_ex(json_object_object_get(o[6], "data"), "duration_ms", &d);
+        CHECK(d && (json_object_is_type(d, json_type_double) || json_object_is_type(d, json_type_int)) && json_object_get_double(d) >= 0, "duration_ms is a number");
+        CHECK(!strcmp(get(o[7], "span_id"), outer) && !strcmp(get(o[7], "data.status"), "success") && !get(o[7], "parent_span_id"), "outer end: %s", got[7]);
+        CHECK(!get(o[8], "trace_id") && !get(o[8], "span_id"), "no trace outside spans: %s", got[8]);
+    }
+    for (int i = 0; i < 9; i++) json_object_put(o[i]);
+    free_lines(got, n);
+    mon_close(m, 2000);
+    server_stop(&s);
+    server_free(&s);
+}
+
+static void child_output(const char *cmd, char *out, size_t n) {
+    FILE *p = popen(cmd, "r");
+    out[0] = '\0';
+    if (p) { if (!fgets(out, (int)n, p)) out[0] = '\0'; pclose(p); }
+}
+
+static void test_environment(void) {
+    server_t s = {0};
+    char sidecar[64], out[256] = "";
+    server_start(&s, 0, CAPTURE);
+    snprintf(sidecar, sizeof sidecar, "127.0.0.1:%d", s.port);
+    setenv("MONITORING_SIDECAR", sidecar, 1);
+    setenv("MONITORING_SOURCE", "from-env", 1);
+    setenv("TRACEPARENT", " 00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01\n", 1);
+    setenv("MONITORING_CONTEXT", " {\"job_id\" : \"job-12345\", \"n\": 5, \"nested\": {\"a\": [1, true, null, -0.5e3]}, "
+                                 "\"s\": \"x\\ny\\u00e9\\ud83d\\ude00\\ud800\"} ", 1);
+    mon_client *m = mon_init("ignored", "no-such-host.invalid", 1);
+    mon_set_error_handler(m, count_error, NULL);
+    mon_log_event(m, "info", "picked up", NULL);
+    char id[17];
+    mon_start_span(m, "child-root", id);
+    char want_env[256];
+    snprintf(want_env, sizeof want_env, "00-4bf92f3577b34da6a3ce929d0e0e4736-%s-01", id);
+    child_output("printf %s \"$TRACEPARENT\"", out, sizeof out);
+    CHECK(!strcmp(out, want_env), "a child process sees TRACEPARENT: %s", out);
+    mon_set_context(m, "job_id", "job-9"); /* exported: a child process sees the new value */
+    child_output("printf %s \"$MONITORING_CONTEXT\"", out, sizeof out);
+    CHECK(!strcmp(out, "{\"job_id\":\"job-9\",\"n\":5,\"nested\":{\"a\":[1,true,null,-0.5e3]},\"s\":\"x\\ny\xc3\xa9\xf0\x9f\x98\x80\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\"}"),
+          "a child process sees MONITORING_CONTEXT: %s", out);
+    mon_end_span(m, id, NULL);
+    CHECK(getenv("TRACEPARENT") && !strcmp(getenv("TRACEPARENT"), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+          "TRACEPARENT restored to the remote parent");
+    mon_flush(m, 5000);
+    const char *ctx = "{\"job_id\":\"job-12345\",\"n\":5,\"nested\":{\"a\":[1,true,null,-0.5e3]},\"s\":\"x\\ny\xc3\xa9\xf0\x9f\x98\x80\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\"}";
+    char w0[512], w1[512];
+    snprintf(w0, sizeof w0, "{\"source\":\"from-env\",\"type\":\"event\",\"timestamp\":\"TS\",\"trace_id\":\"4bf92f3577b34da6a3ce929d0e0e4736\","
+             "\"span_id\":\"00f067aa0ba902b7\",\"context\":%s,\"data\":{\"level\":\"info\",\"message\":\"picked up\"}}", ctx);
+    snprintf(w1, sizeof w1, "{\"source\":\"from-env\",\"type\":\"span\",\"timestamp\":\"TS\",\"trace_id\":\"4bf92f3577b34da6a3ce929d0e0e4736\","
+             "\"span_id\":\"%s\",\"parent_span_id\":\"00f067aa0ba902b7\",\"context\":%s,\"data\":{\"name\":\"child-root\",\"phase\":\"start\"}}", id, ctx);
+    const char *want[] = {w0, w1};
+    wait_lines(&s, 3, 5);
+    int n;
+    char **got = lines_of(&s, &n);
+    CHECK(n == 3, "environment: %d lines", n);
+    free_lines(got, n);
+    pthread_mutex_lock(&s.mu);
+    s.lines = 2; /* compare the first two exactly */
+    pthread_mutex_unlock(&s.mu);
+    expect_lines(&s, want, 2, "environment pickup");
+    mon_close(m, 2000);
+    server_stop(&s);
+    server_free(&s);
+
+    setenv("MONITORING_CONTEXT", "[1]", 1);
+    setenv("TRACEPARENT", "00-00000000000000000000000000000000-00f067aa0ba902b7-01", 1);
+    setenv("MONITORING_SIDECAR", "nonsense", 1);
+    m = mon_init("svc", "127.0.0.1", 1);
+    mon_set_error_handler(m, count_error, NULL);
+    mon_start_span(m, "x", id);
+    CHECK(getenv("TRACEPARENT") && strstr(getenv("TRACEPARENT"), id) && !strstr(getenv("TRACEPARENT"), "-00000000000000000000000000000000-"),
+          "an invalid TRACEPARENT is ignored");
+    mon_stats st;
+    mon_statistics(m, &st);
+    CHECK(st.errors >= 2, "bad MONITORING_CONTEXT and MONITORING_SIDECAR counted: %llu", (unsigned long long)st.errors);
+    mon_close(m, 0);
+    unsetenv("MONITORING_SIDECAR");
+    unsetenv("MONITORING_SOURCE");
+    unsetenv("TRACEPARENT");
+    unsetenv("MONITORING_CONTEXT");
+}
+
+static void test_fork(void) {
+    int port = free_port();
+    mon_client *m = client("svc", port);
+    mon_log_event(m, "info", "parent-before-fork", NULL); /* queued: nothing listens yet */
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        mon_log_event(m, "info", "child", NULL);
+        int flushed = mon_flush(m, 8000);
+        _exit(mon_close(m, 2000) == 0 && flushed == 0 ? 0 : 3);
+    }
+    server_t s = {0};
+    server_start(&s, port, CAPTURE);
+    int status = -1;
+    waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child flushed its own message (status %d)", status);
+    CHECK(mon_flush(m, 10000) == 0, "parent flush");
+    wait_lines(&s, 2, 5);
+    int n, child = 0, parent = 0;
+    char **got = lines_of(&s, &n);
+    for (int i = 0; i < n; i++) {
+        child += strstr(got[i], "\"message\":\"child\"") != NULL;
+        parent += strstr(got[i], "\"message\":\"parent-before-fork\"") != NULL;
+    }
+    CHECK(n == 2 && child == 1 && parent == 1, "fork: %d lines, child %d, parent %d (the child must not resend the parent's queue)", n, child, parent);
+    free_lines(got, n);
+    mon_close(m, 2000);
+    server_stop(&s);
+    server_free(&s);
+}
+
+static void test_bad_servers(void) {
+    /* a sidecar that resets every connection: no SIGPIPE, no crash */
+    server_t s = {0};
+    server_start(&s, 0, RESET);
+    mon_client *m = client("svc", s.port);
+    for (int i = 0; i < 20; i++) {
+        for (int j = 0; j < 50; j++) mon_log_event(m, "info", "into a reset", NULL);
+        mon_flush(m, 20);
+    }
+    mon_stats st;
+    mon_statistics(m, &st);
+    CHECK(st.errors > 0, "resets were counted");
+    mon_close(m, 100);
+    server_stop(&s);
+    server_free(&s);
+
+    /* a sidecar that accepts but never reads: calls stay fast, close is bounded */
+    server_start(&s, 0, NO_READ);
+    m = client("svc", s.port);
+    char msg[1024];
+    memset(msg, 'y', sizeof msg - 1);
+    msg[sizeof msg - 1] = '\0';
+    double worst = 0;
+    int slow = 0;
+    for (int i = 0; i < 15000; i++) {
+        double a = now_s();
+        mon_log_event(m, "info", msg, NULL);
+        slow += timed(a, &worst);
+    }
+    mon_statistics(m, &st);
+    CHECK(slow <= 3 && worst < 1.0 && st.dropped > 0, "server not reading: %d calls over 20 ms, worst %.3f ms, dropped %llu",
+          slow, worst * 1e3, (unsigned long long)st.dropped);
+    double t0 = now_s();
+    CHECK(mon_close(m, 300) == -1 && now_s() - t0 < 2.0, "close is bounded: %.3f s", now_s() - t0);
+    usleep(600000); /* the sender thread notices within 250 ms and frees the client */
+    server_stop(&s);
+    server_free(&s);
+}
+
+static void test_null_safety(void) {
+    mon_stats st;
+    char id[17];
+    CHECK(mon_log_event(NULL, "info", "x", NULL) == -1 && mon_log_metric(NULL, "x", 1, NULL, NULL) == -1 &&
+          mon_log_progress(NULL, "j", 1, NULL) == -1 && mon_log_resource(NULL, 1, 1, 1, 1) == -1 &&
+          mon_start_span(NULL, "x", id) == -1 && strlen(id) == 16 && mon_end_span(NULL, id, NULL) == -1 &&
+          mon_set_context(NULL, "k", "v") == -1 && mon_flush(NULL, 0) == -1 && mon_close(NULL, 0) == -1, "NULL client");
+    mon_statistics(NULL, &st);
+    CHECK(st.sent == 0, "NULL statistics");
+    mon_client *m = mon_init(NULL, NULL, 0);
+    mon_set_error_handler(m, count_error, NULL);
+    CHECK(m != NULL && mon_set_context(m, NULL, "v") == -1 && mon_start_span(m, NULL, id) == 0 && mon_end_span(m, id, NULL) == 0, "NULL arguments");
+    mon_close(m, 0);
+}
+
+int main(void) {
+    unsetenv("MONITORING_SIDECAR");
+    unsetenv("MONITORING_SOURCE");
+    unsetenv("TRACEPARENT");
+    unsetenv("MONITORING_CONTEXT");
+    static const struct { const char *name; void (*fn)(void); } tests[] = {
+        {"exact messages", test_exact_messages}, {"escaping", test_escaping}, {"sidecar down, up, restarted", test_down_then_up},
+        {"overflow", test_overflow}, {"8 threads", test_threads}, {"spans", test_spans},
+        {"environment", test_environment}, {"fork", test_fork}, {"bad servers", test_bad_servers}, {"NULL safety", test_null_safety},
+    };
+    double t0 = now_s();
+    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
+        int f = failed;
+        double a = now_s();
+        tests[i].fn();
+        printf("%s %s (%.2f s)\n", failed == f ? "ok  " : "FAIL", tests[i].name, now_s() - a);
+        fflush(stdout);
+    }
+    printf("total %.1f s\n%d passed, %d failed\n", now_s() - t0, passed, failed);
+    return failed ? 1 : 0;
+}
