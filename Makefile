@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEBIAN_PACKAGES := $(sort $(shell cat sdk_clients/*/debian-packages.txt tests/debian-packages.txt 2>/dev/null))
 
-.PHONY: run test test-python test-python-sdk test-perl check bench debian-packages clean
+.PHONY: run test test-python test-python-sdk test-perl test-c test-java test-r check bench debian-packages clean
 
 $(STAMP): pyproject.toml sdk_clients/python/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is needed (found $$($(PYTHON) --version))"; exit 1; }
@@ -32,7 +32,9 @@ debian-packages:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-test: test-perl test-python-sdk test-python
+# Every suite; the SDKs' own first, then one pytest run over the sidecar's tests and the shared
+# SDK conformance suite (which needs the C and Java drivers built by their suites).
+test: test-perl test-python-sdk test-c test-java test-r test-python
 
 test-perl: debian-packages
 	cd sdk_clients/perl && perl Makefile.PL >/dev/null && $(MAKE) --no-print-directory >/dev/null && $(MAKE) --no-print-directory test
@@ -40,8 +42,17 @@ test-perl: debian-packages
 test-python-sdk: $(STAMP)
 	cd sdk_clients/python && ../../$(BIN)/python -m pytest -q
 
+test-c: debian-packages
+	$(MAKE) --no-print-directory -C sdk_clients/c all test
+
+test-java: debian-packages
+	cd sdk_clients/java && mvn -q -B -Dstyle.color=never test
+
+test-r: debian-packages
+	Rscript sdk_clients/r/run-tests.R
+
 test-python: $(STAMP) debian-packages
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest tests sdk_clients/conformance
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py

@@ -1,0 +1,4 @@
+library(testthat)
+library(monitoringsdk)
+
+test_check("monitoringsdk")
