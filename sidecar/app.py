@@ -10,6 +10,7 @@ reported by count.
 """
 
 import datetime as dt
+import functools
 import logging
 import os
 import signal
@@ -115,8 +116,38 @@ class Sidecar:
         """Override the HTTP view's address (the command line's --http)."""
         self.http_settings = attrs.evolve(self.http_settings, host=host, port=port, enabled=True)
 
-    def job_view(self, job_id: str) -> dict | None:
-        return self.correlator.index.job(job_id)
+    async def job_view(self, job_id: str) -> dict | None:
+        return await self._view("job", job_id)
+
+    async def trace_view(self, trace_id: str) -> dict | None:
+        return await self._view("trace", trace_id)
+
+    async def _view(self, kind: str, key: str) -> dict | None:
+        """From the database when a postgres backend is configured (every sidecar's messages,
+        also those gone from the live index), else, or when it cannot answer, from the live index."""
+        index = self.correlator.index
+        live = index.job(key) if kind == "job" else index.trace(key)
+        if live is not None:
+            live["origin"] = "live"
+        spec = next((s for s in self.topology.supervisors if s.type == "postgres"), None)
+        if spec is None:
+            return live
+        from sidecar.backends.postgres import fetch_messages
+
+        try:
+            messages = await trio.to_thread.run_sync(functools.partial(fetch_messages, spec.settings, **{f"{kind}_id": key}))
+        except Exception as exc:
+            log.warning("%s %s: database not available for the view (%s); answering from the live index", kind, key, exc)
+            if live is not None:
+                live["database_error"] = str(exc)
+            return live
+        if not messages:
+            return live
+        stored = LiveIndex(1, 1, float("inf"), trio.current_time)
+        stored.add(messages)
+        view = stored.job(key) if kind == "job" else stored.trace(key)
+        view["origin"] = f"database ({spec.label})"
+        return view
 
     async def _expire_index(self) -> None:
         while True:

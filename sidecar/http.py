@@ -212,11 +212,11 @@ class ViewServer:
         await _respond(send, 200, {"jobs": self.sidecar.correlator.index.recent_jobs(query.get("since"))})
 
     async def job(self, send, job_id):
-        view = self.sidecar.job_view(job_id)
+        view = await self.sidecar.job_view(job_id)
         await _respond(send, 200, view) if view else await _respond(send, 404, {"error": f"no job {job_id!r} in the live index"})
 
     async def trace(self, send, trace_id):
-        view = self.sidecar.correlator.index.trace(trace_id)
+        view = await self.sidecar.trace_view(trace_id)
         await _respond(send, 200, view) if view else await _respond(send, 404, {"error": f"no trace {trace_id!r} in the live index"})
 
     async def routes(self, send, query):

@@ -6,6 +6,9 @@ import shutil
 import subprocess
 
 from tests.harness import REPO, SidecarProcess, read_jsonl
+from tests.services.postgres import postgres_server  # noqa: F401
+from tests.test_cli import cli
+from tests.test_postgres import rows, unique_table
 
 PIPELINE = REPO / "examples" / "perl-pipeline"
 
@@ -22,21 +25,34 @@ backends:
 """
 
 
+def run_pipeline(sidecar: SidecarProcess, work) -> list[str]:
+    run = subprocess.run(
+        ["bash", str(PIPELINE / "run-pipeline.sh")],
+        env={**os.environ, "MONITORING_SIDECAR": f"127.0.0.1:{sidecar.port}", "PIPELINE_WORK": str(work), "PIPELINE_FILES": "3"},
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+    assert run.returncode == 0, run.stderr
+    jobs = [line.split()[1] for line in run.stdout.splitlines() if line.startswith("job ")]
+    assert len(jobs) == 3
+    stats = sidecar.wait_for(lambda s: s["received"] > 0 and all(b["queued"] == 0 for b in s["backends"]) and s["received"] == s["routed"], what="everything delivered")
+    assert stats["decode_errors"] == {}
+    return jobs
+
+
 def test_the_seeds_perl_services_join_up_by_job_and_trace(tmp_path):
     sidecar = SidecarProcess(tmp_path, CONFIG.format(base=tmp_path / "out"))
     shutil.copytree(PIPELINE / "routes.d", sidecar.routes_dir, dirs_exist_ok=True)
     sidecar.start()
     try:
-        run = subprocess.run(
-            ["bash", str(PIPELINE / "run-pipeline.sh")],
-            env={**os.environ, "MONITORING_SIDECAR": f"127.0.0.1:{sidecar.port}", "PIPELINE_WORK": str(tmp_path / "work"), "PIPELINE_FILES": "3"},
-            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-        )
-        assert run.returncode == 0, run.stderr
-        jobs = [line.split()[1] for line in run.stdout.splitlines() if line.startswith("job ")]
-        assert len(jobs) == 3
-        stats = sidecar.wait_for(lambda s: s["received"] > 0 and all(b["queued"] == 0 for b in s["backends"]) and s["received"] == s["routed"], what="everything delivered")
-        assert stats["decode_errors"] == {}
+        jobs = run_pipeline(sidecar, tmp_path / "work")
+        # the unified view: `trace` shows the three services of each job, in order
+        for job in jobs:
+            shown = cli("trace", job, "--url", f"http://127.0.0.1:{sidecar.http_port}")
+            assert shown.returncode == 0, shown.stderr
+            lines = shown.stdout.splitlines()
+            assert lines[0] == f"{job}:"
+            assert [line.split(":")[0].split()[-1] for line in lines[1:4]] == ["file-receiver", "queue-service", "db-loader"]
+            assert lines[-1].strip().startswith("Total: ")
     finally:
         assert sidecar.stop() == 0
 
@@ -65,3 +81,36 @@ def test_the_seeds_perl_services_join_up_by_job_and_trace(tmp_path):
         assert progress == [0, 100]
         spans = {m["data"]["name"]: m for m in messages if m["type"] == "span" and m["data"]["phase"] == "start"}
         assert spans["load_data"]["parent_span_id"] == spans["process_job"]["span_id"]
+
+
+POSTGRES_ROUTES = """
+# The seed: queue-service, file-receiver and db-loader also go to TimescaleDB/PostgreSQL.
+queue-service: [{backend: timescaledb}]
+file-receiver: [{backend: timescaledb}]
+db-loader: [{backend: timescaledb}]
+"""
+
+
+def test_with_a_connection_string_the_seeds_services_write_to_postgresql(tmp_path, postgres_server):
+    table = unique_table()
+    config = CONFIG.format(base=tmp_path / "out") + f"""
+  timescaledb:
+    type: postgres
+    connection_string: "${{PG_URL}}"
+    table: {table}
+    batch: {{timeout: 0.05}}
+"""
+    sidecar = SidecarProcess(tmp_path, config, env={"PG_URL": postgres_server.url()})
+    shutil.copytree(PIPELINE / "routes.d", sidecar.routes_dir, dirs_exist_ok=True)
+    sidecar.write_route("90-postgres.yaml", POSTGRES_ROUTES)
+    sidecar.start()
+    try:
+        jobs = run_pipeline(sidecar, tmp_path / "work")
+    finally:
+        assert sidecar.stop() == 0
+    for job in jobs:
+        sources = [s for (s,) in rows(postgres_server, f"SELECT DISTINCT source FROM {table} WHERE job_id = %s ORDER BY 1", job)]
+        assert sources == ["db-loader", "file-receiver", "queue-service"]
+        loaded = rows(postgres_server, f"SELECT value FROM {table} WHERE job_id = %s AND type = 'metric' AND name = 'rows_loaded'", job)
+        assert len(loaded) == 1 and loaded[0][0] in (100, 200, 300)
+    assert rows(postgres_server, f"SELECT count(*) FROM {table} WHERE source = 'config-service'") == [(0,)]

@@ -41,6 +41,7 @@ from psycopg import sql
 
 from sidecar.backends.base import Backend, PartialDelivery, RetryableError
 from sidecar.config import Duration
+from sidecar.message import format_timestamp
 
 log = logging.getLogger("sidecar.backends.postgres")
 
@@ -488,3 +489,29 @@ class PostgresBackend(Backend):
             return RetryableError(message, trip_circuit=trip)
         return RetryableError(f"{what}: {type(exc).__name__}: {text}")
 
+
+
+def fetch_messages(settings: PostgresSettings, *, job_id: str | None = None, trace_id: str | None = None, limit: int = 20_000) -> list[dict]:
+    """The messages of one job or trace as the table holds them, oldest first, whichever sidecar
+    wrote them: the unified view's answer for jobs that crossed hosts or left the live index.
+    Blocking (call it from a worker thread); errors come back with the password removed."""
+    column, value = ("job_id", job_id) if job_id is not None else ("trace_id", trace_id)
+    query = sql.SQL(
+        "SELECT time, received_at, source, type, trace_id, span_id, parent_span_id, host, context, data "
+        "FROM {} WHERE {} = %s ORDER BY time, received_at LIMIT %s"
+    ).format(sql.Identifier(settings.schema, settings.table), sql.Identifier(column))
+    try:
+        with psycopg.connect(settings.connection_string, connect_timeout=int(settings.connect_timeout), application_name=settings.application_name, autocommit=True) as conn:
+            rows = conn.execute(query, (value, limit)).fetchall()
+    except psycopg.Error as exc:
+        raise RuntimeError(_Scrubber(settings.connection_string)(str(exc).strip())) from None
+    messages = []
+    for time, received_at, source, kind, trace, span, parent, host, context, data in rows:
+        message = {"source": source, "type": kind, "timestamp": format_timestamp(time), "data": data}
+        for key, field in (("trace_id", trace), ("span_id", span), ("parent_span_id", parent), ("context", context), ("host", host)):
+            if field is not None:
+                message[key] = field
+        if received_at is not None:
+            message["received_at"] = format_timestamp(received_at)
+        messages.append(message)
+    return messages
