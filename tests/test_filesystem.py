@@ -74,3 +74,16 @@ async def test_a_missing_base_path_is_retried_not_created_unless_asked(tmp_path)
     creating = FilesystemBackend(FilesystemSettings(base_path=str(missing), create_base_path=True), label="t")
     await creating.open()
     assert missing.is_dir()
+
+
+def test_writes_go_to_a_thread_on_network_filesystems_only(tmp_path):
+    from sidecar.backends.filesystem import is_network_filesystem
+
+    mounts = "/dev/vda / ext4 rw 0 0\nserver:/export /mnt/nas nfs4 rw 0 0\nfs /mnt/nas/local ext4 rw 0 0\n"
+    assert not is_network_filesystem("/srv/logs", mounts)
+    assert is_network_filesystem("/mnt/nas/logs/deeper", mounts)
+    assert not is_network_filesystem("/mnt/nas/local/x", mounts)  # the longest mount point wins
+    assert is_network_filesystem("/srv/logs", "")  # unknown: safer in a thread
+    local = FilesystemBackend(FilesystemSettings(base_path=str(tmp_path)), label="t")
+    assert local._in_thread is is_network_filesystem(str(tmp_path))
+    assert FilesystemBackend(FilesystemSettings(base_path=str(tmp_path), io="thread"), label="t")._in_thread

@@ -40,6 +40,28 @@ def _template_fields(template: str) -> list[str]:
     return fields
 
 
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "afs", "lustre", "gpfs", "beegfs"})
+
+
+def is_network_filesystem(path: str, mounts: str | None = None) -> bool:
+    """Whether `path` is on a network filesystem, from the longest matching mount point in
+    /proc/self/mounts; unknown counts as network, to be safe."""
+    path = os.path.realpath(path)
+    if mounts is None:
+        try:
+            with open("/proc/self/mounts", encoding="utf-8", errors="replace") as handle:
+                mounts = handle.read()
+        except OSError:
+            return True
+    entries = [line.split()[:3] for line in mounts.splitlines()]
+    best, kind = "", "unknown"
+    for _device, mount_point, fstype in (e for e in entries if len(e) == 3):
+        mount_point = mount_point.replace("\\040", " ")
+        if _within(mount_point, path) and len(mount_point) >= len(best):
+            best, kind = mount_point, fstype
+    return kind in NETWORK_FILESYSTEMS or kind.startswith("fuse") or kind == "unknown"
+
+
 def _within(base: str, path: str) -> bool:
     return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
 
@@ -54,6 +76,9 @@ class FilesystemSettings:
     rotate_bytes: ByteSize = 0  # 0: never rotate
     rotate_keep: int = attrs.field(default=5, validator=attrs.validators.ge(1))
     max_open_files: int = attrs.field(default=64, validator=attrs.validators.ge(1))
+    # Where writes run: `thread` (a worker thread, so a hung NFS server stalls this backend only),
+    # `inline` (in the event loop, for local disks), `auto` (thread on network filesystems).
+    io: Literal["auto", "thread", "inline"] = "auto"
 
     def __attrs_post_init__(self):
         _template_fields(self.path)
@@ -76,6 +101,7 @@ class FilesystemBackend(Backend):
         self._files: dict[str, int] = {}  # path -> descriptor, oldest first
         self._sizes: dict[str, int] = {}
         self._last_fsync = time.monotonic()
+        self._in_thread = settings.io == "thread" or (settings.io == "auto" and is_network_filesystem(self.base))
 
     def path_for(self, source: str, kind: str = "", date: str = "") -> str:
         key = (source, kind, date)
@@ -106,9 +132,13 @@ class FilesystemBackend(Backend):
                 path = self.path_for(source, message["type"], message["timestamp"][:10])
                 writes.setdefault(path, []).append(message)
         payloads = [(path, b"\n".join(map(dumps, messages)) + b"\n") for path, messages in writes.items()]
-        # A thread that is not abandoned on cancel: a hung NFS write blocks this backend only,
-        # and is never written twice by a retry racing it.
-        await trio.to_thread.run_sync(self._write_all, payloads)
+        if self._in_thread:
+            # Not abandoned on cancel: a hung NFS write blocks this backend only, and is never
+            # written twice by a retry racing it.
+            await trio.to_thread.run_sync(self._write_all, payloads)
+        else:
+            # A local disk answers in microseconds: a thread hop would cost more than the write.
+            self._write_all(payloads)
 
     def _write_all(self, payloads: list[tuple[str, bytes]]) -> None:
         try:
