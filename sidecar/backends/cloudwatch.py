@@ -23,7 +23,7 @@ import attrs
 import orjson
 import trio
 
-from sidecar import __version__
+from sidecar.backends import aws
 from sidecar.backends.base import Backend, PartialDelivery, RetryableError
 from sidecar.config import ByteSize, Duration
 
@@ -229,25 +229,16 @@ def timestamp_ms(text: str) -> int | None:
     return (moment - _EPOCH) // dt.timedelta(milliseconds=1)
 
 
-def _classify(exc: Exception, what: str) -> Exception | None:
-    """A boto3/botocore failure as the machinery's retryable errors; None for anything else."""
-    import botocore.exceptions as bex
+def _logs_error(code: str, status: int, text: str) -> Exception:
+    if code in _CIRCUIT_ERRORS or status in (401, 403):
+        return RetryableError(text, trip_circuit=True)
+    # Throttling, 5xx and anything unexpected: retried with backoff (and the circuit opens
+    # after repeated failures). Refused events are handled per request, not here.
+    return RetryableError(text, trip_circuit=code not in _RETRY_ERRORS and status < 500)
 
-    if isinstance(exc, bex.ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", "")) or "Unknown"
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        text = f"{what}: {code}: {error.get('Message', '')}".rstrip(": ")
-        if code in _CIRCUIT_ERRORS or status in (401, 403):
-            return RetryableError(text, trip_circuit=True)
-        # Throttling, 5xx and anything unexpected: retried with backoff (and the circuit opens
-        # after repeated failures). Refused events are handled per request, not here.
-        return RetryableError(text, trip_circuit=code not in _RETRY_ERRORS and status < 500)
-    if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError, bex.NoRegionError, bex.CredentialRetrievalError)):
-        return RetryableError(f"{what}: {exc}", trip_circuit=True)
-    if isinstance(exc, (bex.BotoCoreError, OSError)):
-        return RetryableError(f"{what}: {exc}")
-    return None
+
+def _classify(exc: Exception, what: str) -> Exception | None:
+    return aws.classify(exc, what, _logs_error)
 
 
 def _error_code(exc: Exception) -> str:
@@ -290,23 +281,7 @@ class CloudWatchBackend(Backend):
             self._client = await trio.to_thread.run_sync(self._make_client)
 
     def _make_client(self):
-        import boto3
-        from botocore.config import Config
-
-        settings = self.settings
-        config = Config(
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            retries={"total_max_attempts": 1},  # the machinery retries, with backoff and a circuit
-            user_agent_extra=f"monitoring-sidecar/{__version__}",
-        )
-        try:
-            return boto3.session.Session().client("logs", region_name=settings.region, endpoint_url=settings.endpoint_url, config=config)
-        except Exception as exc:
-            classified = _classify(exc, "creating the CloudWatch Logs client")
-            if classified is None:
-                raise
-            raise classified from exc
+        return aws.make_client("logs", self.settings, _logs_error)
 
     def plan(self, source: str, batch: list[dict], now_ms: int) -> RequestPlan:
         dumps = orjson.dumps

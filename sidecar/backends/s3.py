@@ -22,7 +22,7 @@ import attrs
 import orjson
 import trio
 
-from sidecar import __version__
+from sidecar.backends import aws
 from sidecar.backends.base import Backend, PartialDelivery, PermanentError, RetryableError
 from sidecar.backends.filesystem import safe_component
 from sidecar.config import ByteSize, Duration
@@ -62,26 +62,16 @@ class S3Settings:
     read_timeout: Duration = attrs.field(default=20.0, validator=attrs.validators.gt(0))
 
 
-def _classify(exc: Exception, what: str) -> Exception | None:
-    """A boto3/botocore failure as the machinery's retryable/permanent errors; None for
-    anything else (a bug), which then propagates as it is."""
-    import botocore.exceptions as bex
+def _s3_error(code: str, status: int, text: str) -> Exception:
+    if code in _CONFIGURATION_ERRORS or status in (401, 403):
+        return RetryableError(text, trip_circuit=True)
+    if status >= 500 or status in (408, 429) or code in ("SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "RequestTimeTooSkewed"):
+        return RetryableError(text)
+    return PermanentError(text, reason=f"s3_{code}")
 
-    if isinstance(exc, bex.ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", "")) or "Unknown"
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        text = f"{what}: {code}: {error.get('Message', '')}".rstrip(": ")
-        if code in _CONFIGURATION_ERRORS or status in (401, 403):
-            return RetryableError(text, trip_circuit=True)
-        if status >= 500 or status in (408, 429) or code in ("SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "RequestTimeTooSkewed"):
-            return RetryableError(text)
-        return PermanentError(text, reason=f"s3_{code}")
-    if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError, bex.NoRegionError, bex.CredentialRetrievalError)):
-        return RetryableError(f"{what}: {exc}", trip_circuit=True)
-    if isinstance(exc, (bex.BotoCoreError, OSError)):
-        return RetryableError(f"{what}: {exc}")
-    return None
+
+def _classify(exc: Exception, what: str) -> Exception | None:
+    return aws.classify(exc, what, _s3_error)
 
 
 def object_key(prefix: str, source: str, received_at: str, *, unique: str, gzipped: bool) -> str:
@@ -136,24 +126,7 @@ class S3Backend(Backend):
             self._client = await trio.to_thread.run_sync(self._make_client)
 
     def _make_client(self):
-        import boto3
-        from botocore.config import Config
-
-        settings = self.settings
-        config = Config(
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            retries={"total_max_attempts": 1},  # the machinery retries, with backoff and a circuit
-            s3={"addressing_style": settings.addressing_style},
-            user_agent_extra=f"monitoring-sidecar/{__version__}",
-        )
-        try:
-            return boto3.session.Session().client("s3", region_name=settings.region, endpoint_url=settings.endpoint_url, config=config)
-        except Exception as exc:
-            classified = _classify(exc, "creating the S3 client")
-            if classified is None:
-                raise
-            raise classified from exc
+        return aws.make_client("s3", self.settings, _s3_error, s3={"addressing_style": self.settings.addressing_style})
 
     async def write_batch(self, source: str, batch: list[dict]) -> None:
         if not self.settings.bucket:
