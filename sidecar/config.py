@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import attrs
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import MarkedYAMLError
 
 from sidecar.message import LEVELS, MESSAGE_TYPES

@@ -53,7 +53,7 @@ def wait_until(predicate, timeout: float = 15.0, what: str = "condition", interv
 class SidecarProcess:
     """`monitoring-sidecar run` on a config written into `workdir`, listening on a free port."""
 
-    def __init__(self, workdir: Path, config: str, routes: dict[str, str] | None = None, env: dict | None = None):
+    def __init__(self, workdir: Path, config: str, routes: dict[str, str] | None = None, env: dict | None = None, extra_args=()):
         self.workdir = workdir
         self.config_path = workdir / "sidecar.yaml"
         self.routes_dir = workdir / "routes.d"
@@ -67,6 +67,7 @@ class SidecarProcess:
         # The HTTP view on a free port too, so sidecars of several tests never collide.
         self.env = {**os.environ, "MONITORING_SIDECAR_HTTP": "127.0.0.1:0", **(env or {})}
         self.http_port: int | None = None
+        self.extra_args = list(extra_args)
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
 
@@ -82,7 +83,7 @@ class SidecarProcess:
         command = [
             sys.executable, "-m", "sidecar", "run",
             "--config", str(self.config_path), "--routes", str(self.routes_dir),
-            "--status-file", str(self.status_path), "--status-interval", "0.05",
+            "--status-file", str(self.status_path), "--status-interval", "0.05", *self.extra_args,
         ]
         self.process = subprocess.Popen(
             command, cwd=self.workdir, env=self.env, stdin=subprocess.DEVNULL,
@@ -176,8 +177,9 @@ def encode(messages: list[dict], encoding: str = "json") -> bytes:
 class SteadySender(threading.Thread):
     """Sends numbered events from one source at a steady rate over one connection until stopped."""
 
-    def __init__(self, sidecar: SidecarProcess, source: str, per_second: int = 500):
+    def __init__(self, sidecar: SidecarProcess, source: str, per_second: int = 500, make_message=event):
         super().__init__(daemon=True)
+        self.make_message = make_message
         self.sidecar = sidecar
         self.source = source
         self.interval = 1.0 / per_second
@@ -189,7 +191,7 @@ class SteadySender(threading.Thread):
         try:
             with self.sidecar.connect() as conn:
                 while not self._stopping.is_set():
-                    conn.sendall(orjson.dumps(event(self.source, self.sent, sent_at=time.time())) + b"\n")
+                    conn.sendall(orjson.dumps(self.make_message(self.source, self.sent, sent_at=time.time())) + b"\n")
                     self.sent += 1
                     time.sleep(self.interval)
                 conn.shutdown(socket.SHUT_WR)

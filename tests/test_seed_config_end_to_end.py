@@ -10,9 +10,6 @@ checked to be retried and reported, never to lose or invent data.
 """
 
 import re
-import socket
-import subprocess
-import sys
 import time
 
 import orjson
@@ -23,24 +20,9 @@ from tests.services.cloudwatch import ACCESS_KEY, SECRET_KEY, cloudwatch_server,
 from tests.services.s3 import s3_server  # noqa: F401 (fixture)
 
 
-class SeedSidecar(SidecarProcess):
-    """The sidecar on the seed's file itself, listening on a free loopback port."""
-
-    def start(self, timeout: float = 20.0) -> "SeedSidecar":
-        command = [
-            sys.executable, "-m", "sidecar", "run", "--config", str(SEED_CONFIG), "--routes", str(self.routes_dir),
-            "--listen", "127.0.0.1:0", "--status-file", str(self.status_path), "--status-interval", "0.05",
-        ]
-        self.process = subprocess.Popen(command, cwd=self.workdir, env=self.env, stdin=subprocess.DEVNULL, stdout=self.stdout_path.open("wb"), stderr=self.stderr_path.open("wb"))
-
-        def listening():
-            if self.process.poll() is not None:
-                raise AssertionError(f"sidecar exited with {self.process.returncode}:\n{self.log()}")
-            found = re.search(r"listening on [\d.]+:(\d+)", self.log())
-            return found and self.status_path.exists() and int(found.group(1))
-
-        self.port = wait_until(listening, timeout, "the sidecar to listen")
-        return self
+def seed_sidecar(tmp_path, env: dict) -> SidecarProcess:
+    """The sidecar on the seed's file as written, listening on a free loopback port."""
+    return SidecarProcess(tmp_path, SEED_CONFIG.read_text(), env=env, extra_args=["--listen", "127.0.0.1:0"]).start()
 
 
 def now_event(source: str, seq: int, **extra) -> dict:
@@ -49,22 +31,6 @@ def now_event(source: str, seq: int, **extra) -> dict:
     message = event(source, seq, **extra)
     del message["timestamp"]
     return message
-
-
-class CurrentSender(SteadySender):
-    """SteadySender with current timestamps (CloudWatch refuses events older than 14 days)."""
-
-    def run(self) -> None:
-        try:
-            with self.sidecar.connect() as conn:
-                while not self._stopping.is_set():
-                    conn.sendall(orjson.dumps(now_event(self.source, self.sent, sent_at=time.time())) + b"\n")
-                    self.sent += 1
-                    time.sleep(self.interval)
-                conn.shutdown(socket.SHUT_WR)
-                conn.recv(1)
-        except BaseException as exc:  # reported by stop(), on the test's thread
-            self.error = exc
 
 
 def aws_environ(s3_server, logs_endpoint: str) -> dict:
@@ -84,7 +50,7 @@ def by_name(stats: dict, name: str) -> dict:
 
 def test_the_seed_config_as_written_puts_each_source_where_its_text_says(tmp_path, s3_server, cloudwatch_server, logs_proxy):
     s3_server.create_bucket("monitoring-logs")
-    sidecar = SeedSidecar(tmp_path, SEED_CONFIG.read_text(), env=aws_environ(s3_server, logs_proxy.endpoint_url)).start()
+    sidecar = seed_sidecar(tmp_path, aws_environ(s3_server, logs_proxy.endpoint_url))
     try:
         started = time.time()
         sidecar.send([now_event("config-service", i) for i in range(30)])
@@ -147,7 +113,7 @@ def test_adding_the_cloudwatch_route_to_queue_service_under_load(tmp_path, cloud
     env = {"AWS_ENDPOINT_URL_CLOUDWATCH_LOGS": cloudwatch_server.endpoint_url, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
     routes = {"50-queue-service.yaml": "queue-service:\n  - backend: nfs-file\n    config: {path: queue-service.jsonl}\n"}
     sidecar = SidecarProcess(tmp_path, RELOAD_CONFIG.format(base=tmp_path / "nas"), routes, env).start()
-    sender = CurrentSender(sidecar, "queue-service", per_second=300)
+    sender = SteadySender(sidecar, "queue-service", per_second=300, make_message=now_event)
     sender.start()
     try:
         wait_until(lambda: sender.sent > 200, what="load to run")

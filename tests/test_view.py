@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.jobs import LiveIndex, render_tree
 from sidecar.message import validate_message
-from tests.harness import REPO, SidecarProcess, encode, wait_until
+from tests.harness import REPO, SidecarProcess, wait_until
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
