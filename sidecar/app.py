@@ -62,7 +62,10 @@ class Topology:
 
     def apply(self, table: RouteTable, data_dir: Path) -> dict[BackendSpec, BackendSupervisor]:
         wanted = table.specs
-        for spec in wanted - self.supervisors.keys():
+        # In rule order, so that logs and statistics list backends the same way every time.
+        for spec in dict.fromkeys(rule.spec for rule in table.rules if rule.enabled):
+            if spec in self.supervisors:
+                continue
             supervisor = BackendSupervisor(spec, data_dir)
             self.supervisors[spec] = supervisor
             self._nursery.start_soon(supervisor.run, name=f"backend {spec.label}")
