@@ -348,6 +348,7 @@ class BackendSupervisor:
             "circuit": self.breaker.state,
             "circuit_opened": self.breaker.times_opened,
             "last_error": self.last_error,
+            "details": self.backend.statistics() if self.backend is not None else {},
         }
 
     # ---------------------------------------------------------------- consumer side

@@ -86,6 +86,7 @@ class SidecarCollector(Collector):
             "circuit_open": GaugeMetricFamily("sidecar_backend_circuit_open", "1 while the circuit is open or half-open", labels=["backend", "type"]),
         }
         dropped = CounterMetricFamily("sidecar_backend_dropped", "Messages dropped, by reason", labels=["backend", "type", "reason"])
+        details = CounterMetricFamily("sidecar_backend_events", "A backend type's own counts (e.g. truncated_events)", labels=["backend", "type", "name"])
         latency = HistogramMetricFamily("sidecar_delivery_latency_seconds", "From message timestamp to delivery", labels=["backend", "type"])
         for supervisor in supervisors:
             labels = [supervisor.label, supervisor.spec.type]
@@ -97,8 +98,12 @@ class SidecarCollector(Collector):
             for reason, count in sorted(supervisor.dropped.items()):
                 dropped.add_metric([*labels, reason], count)
             latency.add_metric(labels, supervisor.latency.cumulative(), supervisor.latency.total)
+            if supervisor.backend is not None:
+                for name, count in sorted(supervisor.backend.statistics().items()):
+                    details.add_metric([*labels, name], count)
         yield from per_backend.values()
         yield dropped
+        yield details
         yield latency
         index = sidecar.correlator.index.statistics() if sidecar.correlator else {}
         for key in ("jobs", "traces"):

@@ -222,6 +222,7 @@ def test_25000_events_from_three_sources_arrive_in_order_in_requests_within_the_
     backend = stats["backends"][0]
     assert backend["delivered"] == total - 1 and backend["dropped"] == {"too_old": 1}
     assert "truncated 1 event(s) from ütf8-svc" in sidecar.log()
+    assert backend["details"] == {"truncated_events": 1}
 
     recorded = logs_proxy.recorded()
     for body in recorded:

@@ -60,5 +60,10 @@ class Backend:
         any other exception is treated as retryable and logged with its traceback."""
         raise NotImplementedError
 
+    def statistics(self) -> dict:
+        """Counts of this backend's own (e.g. events truncated to fit), shown beside the shared
+        machinery's; names to counts. Also exported by /metrics."""
+        return {}
+
     async def aclose(self) -> None:
         """Release connections and descriptors; called once, after the last write."""

@@ -300,6 +300,9 @@ class CloudWatchBackend(Backend):
             entries.append((index, group, stream, last_ms, dumps(message).decode()))
         return plan_requests(entries, now_ms, max_event_size=self.settings.max_event_size, retention_days=self.settings.retention_days)
 
+    def statistics(self) -> dict:
+        return {"truncated_events": self.truncated}
+
     async def write_batch(self, source: str, batch: list[dict]) -> None:
         if batch is not self._pending_batch:
             now_ms = (dt.datetime.now(dt.timezone.utc) - _EPOCH) // dt.timedelta(milliseconds=1)
