@@ -121,13 +121,42 @@ class StreamDecoder:
             else:
                 complete = data[:last_newline]
             self._tail = bytearray(data[last_newline + 1 :])
-            self._parse_lines(complete.split(b"\n"), messages, errors)
+            if not self._parse_as_array(complete, messages, errors):
+                self._parse_lines(complete.split(b"\n"), messages, errors)
         if len(self._tail) > self.max_message_size:
             self.messages_seen += 1
             errors.append(DecodeError("too_large", f"message {self.messages_seen}: line longer than {self.max_message_size} bytes, skipped"))
             self._tail = bytearray()
             self._skipping_oversize_line = True
         return messages, errors
+
+    def _parse_as_array(self, complete: bytes, messages: list[dict], errors: list[DecodeError]) -> bool:
+        """The fast path: all complete lines parsed by one `orjson.loads` of them as a JSON array
+        (a call per line costs about 0.5 µs more per message). It applies only when the result
+        cannot differ from line-by-line parsing: nothing over the size limit, no line invalid or
+        blank (either makes the array invalid), and exactly one value per line (a line holding
+        `{...},{...}` would otherwise pass as two). Returns False to take the line-by-line path."""
+        if not complete or len(complete) > self.max_message_size:
+            return False
+        try:
+            parsed = orjson.loads(b"[" + complete.replace(b"\n", b",") + b"]")
+        except orjson.JSONDecodeError:
+            return False
+        if len(parsed) != complete.count(b"\n") + 1:
+            return False
+        base = self.messages_seen
+        for number, message in enumerate(parsed, base + 1):
+            if type(message) is not dict:
+                errors.append(DecodeError("not_an_object", f"message {number}: expected a JSON object, got {type(message).__name__}"))
+                continue
+            try:
+                validate_message(message)
+            except MessageError as exc:
+                errors.append(DecodeError(exc.reason, f"message {number}: {exc.detail}"))
+                continue
+            messages.append(message)
+        self.messages_seen = base + len(parsed)
+        return True
 
     def _parse_lines(self, lines: list[bytes], messages: list[dict], errors: list[DecodeError]) -> None:
         loads = orjson.loads

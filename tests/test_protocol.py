@@ -168,3 +168,16 @@ def test_msgpack_values_json_cannot_hold_are_rejected_per_message():
     messages, errors = decoder.receive_data(bad + good)
     assert len(messages) == 1
     assert [e.reason for e in errors] == ["invalid_field"]
+
+
+@given(st.lists(st.sampled_from([b'{"a": 1}, {"b": 2}', b"1, 2", b"[1], [2]", b'{"x": 1} {"y": 2}', b"  ", b""]), min_size=1, max_size=4), valid_messages)
+def test_a_line_holding_several_values_is_one_invalid_line_not_several_messages(odd_lines, good):
+    """The chunk-as-array fast path must agree with line-by-line parsing."""
+    lines = [orjson.dumps(m) for m in good] + odd_lines + [orjson.dumps(good[0])]
+    stream = b"\n".join(lines) + b"\n"
+    decoded, errors = feed(StreamDecoder(), stream, [])
+    assert [m["data"] for m in decoded] == [m["data"] for m in good] + [good[0]["data"]]
+    expected_errors = sum(1 for line in odd_lines if line.strip() and not line.startswith(b"{"))
+    expected_errors += sum(1 for line in odd_lines if line.startswith(b"{"))
+    assert len(errors) == expected_errors
+    assert all(e.reason == "invalid_json" for e in errors)
