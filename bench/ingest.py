@@ -8,20 +8,16 @@ delivered messages, checked against the lines in the file), and the sidecar's pe
 """
 
 import argparse
-import json
 import os
 import platform
 import re
-import socket
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import msgpack
 import orjson
+from benchkit import senders, start_sidecar
 
 CONFIG = """
 tcp: {{host: 127.0.0.1, port: 0}}
@@ -89,7 +85,6 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as work:
         work = Path(work)
-        (work / "sidecar.yaml").write_text(CONFIG.format(base=work / "out"))
         per_connection = args.messages // args.connections
         total = per_connection * args.connections
         print(f"preparing {total:,} messages over {args.connections} connections ({args.format}) ...", flush=True)
@@ -97,33 +92,9 @@ def main() -> int:
         size = sum(map(len, payloads))
         print(f"  {size / total:.0f} bytes per message on the wire, {size / 2**20:.0f} MiB in all", flush=True)
 
-        status = work / "status.json"
-        stderr = (work / "sidecar.stderr").open("wb")
-        sidecar = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "--config", str(work / "sidecar.yaml"), "--status-file", str(status), "--status-interval", "1", "--log-level", "warning", "--http", "127.0.0.1:0"],
-            stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL, cwd=work,
-        )
+        sidecar, port = start_sidecar(work, CONFIG.format(base=work / "out"))
         try:
-            port = None
-            deadline = time.monotonic() + 20
-            while port is None:
-                if time.monotonic() > deadline or sidecar.poll() is not None:
-                    raise SystemExit(f"sidecar did not start:\n{(work / 'sidecar.stderr').read_text()}")
-                try:
-                    address = json.loads(status.read_text())["listener"]["address"]
-                    port = int(address.rsplit(":", 1)[1])
-                except (OSError, ValueError, KeyError, TypeError):
-                    time.sleep(0.02)
-
-            def send(data: bytes) -> None:
-                with socket.create_connection(("127.0.0.1", port)) as conn:
-                    view = memoryview(data)
-                    for start in range(0, len(view), 1 << 18):
-                        conn.sendall(view[start : start + (1 << 18)])
-                    conn.shutdown(socket.SHUT_WR)
-                    conn.recv(1)
-
-            threads = [threading.Thread(target=send, args=(p,)) for p in payloads]
+            threads = senders(port, payloads)
             cpu_before = cpu_seconds(sidecar.pid)
             started = time.perf_counter()
             for thread in threads:
@@ -150,15 +121,14 @@ def main() -> int:
         finally:
             sidecar.terminate()
             sidecar.wait(60)
-        lines = counted
         elapsed = finished - started
         print(f"machine: {os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()}")
         print(f"sent in {sent - started:.2f}s; last line written after {elapsed:.2f}s")
         print(f"throughput: {total / elapsed:,.0f} messages/s ({size / elapsed / 2**20:.0f} MiB/s in)")
         print(f"sidecar CPU: {cpu_used / total * 1e6:.2f} µs per message ({cpu_used / elapsed:.0%} of one core)")
         print(f"sidecar peak RSS: {rss:.0f} MiB")
-        print(f"lines in the output files: {lines:,} of {total:,}")
-        return 0 if lines == total else 1
+        print(f"lines in the output files: {counted:,} of {total:,}")
+        return 0 if counted == total else 1
 
 
 if __name__ == "__main__":

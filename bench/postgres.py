@@ -12,11 +12,8 @@ import argparse
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sidecar.backends.postgres import COLUMNS, PostgresBackend, PostgresSettings, row_of  # noqa: E402
 from tests.services.postgres import start_server  # noqa: E402
+from benchkit import senders, start_sidecar  # noqa: E402
 
 CONFIG = """
 tcp: {{host: 127.0.0.1, port: 0}}
@@ -104,34 +102,11 @@ def through_sidecar(url: str, total: int, connections: int, batch: int) -> tuple
     create_table(url, "through_sidecar")
     with tempfile.TemporaryDirectory(prefix="bench-pg-") as work:
         work = Path(work)
-        (work / "sidecar.yaml").write_text(CONFIG.format(batch=batch))
         status = work / "status.json"
         stderr_path = work / "sidecar.stderr"
-        sidecar = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "--config", str(work / "sidecar.yaml"), "--status-file", str(status), "--status-interval", "0.5", "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=stderr_path.open("wb"), stdin=subprocess.DEVNULL, cwd=work,
-            env={**os.environ, "PG_URL": url},
-        )
+        sidecar, port = start_sidecar(work, CONFIG.format(batch=batch), env={"PG_URL": url}, status_interval=0.5)
         try:
-            port = None
-            deadline = time.monotonic() + 20
-            while port is None:
-                if time.monotonic() > deadline or sidecar.poll() is not None:
-                    raise SystemExit(f"sidecar did not start:\n{stderr_path.read_text()}")
-                try:
-                    port = int(json.loads(status.read_text())["listener"]["address"].rsplit(":", 1)[1])
-                except (OSError, ValueError, KeyError, TypeError):
-                    time.sleep(0.02)
-
-            def send(data: bytes) -> None:
-                with socket.create_connection(("127.0.0.1", port)) as conn:
-                    view = memoryview(data)
-                    for start in range(0, len(view), 1 << 18):
-                        conn.sendall(view[start : start + (1 << 18)])
-                    conn.shutdown(socket.SHUT_WR)
-                    conn.recv(1)
-
-            threads = [threading.Thread(target=send, args=(p,)) for p in payloads]
+            threads = senders(port, payloads)
             with psycopg.connect(url, autocommit=True) as watcher:
                 started = time.perf_counter()
                 for thread in threads:
