@@ -53,6 +53,21 @@ class ProtocolViolation(Exception):
         self.errors = list(errors)
 
 
+def _accept(message, number: int, messages: list[dict], errors: list[DecodeError]) -> bool:
+    """A decoded value: appended to `messages` if it is a valid protocol message, else its
+    error to `errors`. Returns whether it was accepted."""
+    if type(message) is not dict:
+        errors.append(DecodeError("not_an_object", f"message {number}: expected an object, got {type(message).__name__}"))
+        return False
+    try:
+        validate_message(message)
+    except MessageError as exc:
+        errors.append(DecodeError(exc.reason, f"message {number}: {exc.detail}"))
+        return False
+    messages.append(message)
+    return True
+
+
 class StreamDecoder:
     """Decode one connection's byte stream.
 
@@ -144,18 +159,9 @@ class StreamDecoder:
             return False
         if len(parsed) != complete.count(b"\n") + 1:
             return False
-        base = self.messages_seen
-        for number, message in enumerate(parsed, base + 1):
-            if type(message) is not dict:
-                errors.append(DecodeError("not_an_object", f"message {number}: expected a JSON object, got {type(message).__name__}"))
-                continue
-            try:
-                validate_message(message)
-            except MessageError as exc:
-                errors.append(DecodeError(exc.reason, f"message {number}: {exc.detail}"))
-                continue
-            messages.append(message)
-        self.messages_seen = base + len(parsed)
+        for number, message in enumerate(parsed, self.messages_seen + 1):
+            _accept(message, number, messages, errors)
+        self.messages_seen += len(parsed)
         return True
 
     def _parse_lines(self, lines: list[bytes], messages: list[dict], errors: list[DecodeError]) -> None:
@@ -178,15 +184,7 @@ class StreamDecoder:
                     continue
                 errors.append(DecodeError("invalid_json", f"message {base + seen}: {exc}"))
                 continue
-            if type(message) is not dict:
-                errors.append(DecodeError("not_an_object", f"message {base + seen}: expected a JSON object, got {type(message).__name__}"))
-                continue
-            try:
-                validate_message(message)
-            except MessageError as exc:
-                errors.append(DecodeError(exc.reason, f"message {base + seen}: {exc.detail}"))
-                continue
-            messages.append(message)
+            _accept(message, base + seen, messages, errors)
         self.messages_seen = base + seen
 
     def _receive_msgpack(self, data: bytes) -> tuple[list[dict], list[DecodeError]]:
@@ -202,21 +200,15 @@ class StreamDecoder:
         try:
             for message in unpacker:
                 self.messages_seen += 1
-                if type(message) is not dict:
-                    errors.append(DecodeError("not_an_object", f"message {self.messages_seen}: expected a map, got {type(message).__name__}"))
+                if not _accept(message, self.messages_seen, messages, errors):
                     continue
+                # MessagePack can carry what JSON cannot (bytes, non-string keys, huge ints);
+                # every backend writes JSON, so refuse those here rather than at delivery.
                 try:
-                    validate_message(message)
-                    # MessagePack can carry what JSON cannot (bytes, non-string keys, huge ints);
-                    # every backend writes JSON, so refuse those here rather than at delivery.
                     dumps(message)
-                except MessageError as exc:
-                    errors.append(DecodeError(exc.reason, f"message {self.messages_seen}: {exc.detail}"))
-                    continue
                 except TypeError as exc:
+                    messages.pop()
                     errors.append(DecodeError("invalid_field", f"message {self.messages_seen}: not representable as JSON: {exc}"))
-                    continue
-                messages.append(message)
         except (ValueError, msgpack.UnpackException) as exc:
             self._violation = ProtocolViolation(
                 "invalid_msgpack", f"broken MessagePack framing after message {self.messages_seen} ({type(exc).__name__}: {exc})", messages, errors
