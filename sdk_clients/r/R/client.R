@@ -332,8 +332,31 @@ print.monitoring_client <- function(x, ...) {
   line <- paste0('{"source":', self$source_json, ',"type":"', type, '","timestamp":"', .timestamp(), '"',
                  ids, if (!is.null(ctx)) paste0(',"context":', ctx), ',"data":', data, "}\n")
   self$closed <- FALSE
-  .enqueue(self, charToRaw(line))
+  bytes <- charToRaw(line)
+  # The common case: nothing waiting and the socket has room. Writing the line at once skips the
+  # buffer's bookkeeping (about a third of a call); anything else goes through the buffer.
+  if (self$n == 0L && is.null(self$front) && !is.null(self$con) && length(bytes) <= .CHUNK &&
+      !any(self$pending_drops > 0) && .write_now(self, bytes)) {
+    return(invisible(NULL))
+  }
+  .enqueue(self, bytes)
   .pump(self)
+}
+
+# One small message written now if the socket is writable and has nothing to say; FALSE (and the
+# message not written) otherwise, or when the write fails, so that the caller buffers it.
+.write_now <- function(self, bytes) {
+  con <- self$con
+  ready <- socketSelect(list(con, con), write = c(FALSE, TRUE), timeout = 0)
+  if (ready[[1]] || !ready[[2]]) return(FALSE)
+  written <- tryCatch({
+    withCallingHandlers(writeBin(bytes, con), warning = .write_failed)
+    TRUE
+  }, error = function(e) {
+    .fail(self, sprintf("connection to the sidecar lost: %s", conditionMessage(e)))
+  })
+  if (written) self$sent <- self$sent + 1
+  written
 }
 
 # The context of set_context() with a call's own (the call wins), encoded.
