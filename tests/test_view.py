@@ -16,24 +16,29 @@ from tests.harness import REPO, SidecarProcess, wait_until
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
+def timeline_message(job, trace, source, seconds, kind, data, span=None, parent=None, hour="2025-10-20T10"):
+    """A valid message of `job` and `trace`, `seconds` after the start of `hour`."""
+    message = {
+        "source": source,
+        "type": kind,
+        "timestamp": f"{hour}:{int(seconds // 60):02d}:{seconds % 60:06.3f}Z",
+        "trace_id": trace,
+        "context": {"job_id": job},
+        "data": data,
+    }
+    if span:
+        message["span_id"] = span
+    if parent:
+        message["parent_span_id"] = parent
+    validate_message(message)
+    return message
+
+
 def seed_job(job="job-12345", trace=TRACE):
     """The seed's unified view as messages: file-receiver, queue-service, db-loader."""
 
     def m(source, seconds, kind, data, span=None, parent=None):
-        message = {
-            "source": source,
-            "type": kind,
-            "timestamp": f"2025-10-20T10:{int(seconds // 60):02d}:{seconds % 60:06.3f}Z",
-            "trace_id": trace,
-            "context": {"job_id": job},
-            "data": data,
-        }
-        if span:
-            message["span_id"] = span
-        if parent:
-            message["parent_span_id"] = parent
-        validate_message(message)
-        return message
+        return timeline_message(job, trace, source, seconds, kind, data, span, parent)
 
     return [
         m("file-receiver", 0.0, "event", {"level": "info", "message": "File received"}),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import REPO, SidecarProcess
-from tests.test_view import CONFIG, seed_job
+from tests.test_view import CONFIG, seed_job, timeline_message
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
 expect = playwright_sync.expect
@@ -28,19 +28,7 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is
 
 
 def message(job, trace, source, seconds, kind, data, span=None, parent=None, day="2025-10-21T09"):
-    found = {
-        "source": source,
-        "type": kind,
-        "timestamp": f"{day}:{int(seconds // 60):02d}:{seconds % 60:06.3f}Z",
-        "trace_id": trace,
-        "context": {"job_id": job},
-        "data": data,
-    }
-    if span:
-        found["span_id"] = span
-    if parent:
-        found["parent_span_id"] = parent
-    return found
+    return timeline_message(job, trace, source, seconds, kind, data, span, parent, hour=day)
 
 
 def failed_job():

@@ -25,6 +25,7 @@ import trio
 
 from sidecar.backends import aws
 from sidecar.backends.base import Backend, PartialDelivery, RetryableError
+from sidecar.backends.filesystem import PLACEHOLDERS, template_fields
 from sidecar.config import ByteSize, Duration
 
 log = logging.getLogger("sidecar.backends.cloudwatch")
@@ -41,7 +42,6 @@ MAX_FUTURE_MS = 2 * 3600 * 1000
 TIME_MARGIN_MS = 60 * 1000
 RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653)
 
-PLACEHOLDERS = ("source", "type", "date", "host")
 _HOST = os.uname().nodename
 _NAME_CHARS = frozenset(string.ascii_letters + string.digits + "._-")
 _GROUP_CHARS = _NAME_CHARS | frozenset("/#")
@@ -66,17 +66,6 @@ def safe_name_value(value: str) -> str:
     return cleaned
 
 
-def _template_fields(template: str, what: str) -> set[str]:
-    fields = set()
-    for _literal, field, spec, conversion in string.Formatter().parse(template):
-        if field is None:
-            continue
-        if field not in PLACEHOLDERS or spec or conversion:
-            raise ValueError(f"{what} template {template!r}: unknown placeholder {{{field}}} (known: {', '.join('{%s}' % p for p in PLACEHOLDERS)})")
-        fields.add(field)
-    return fields
-
-
 def _check_group(name: str) -> str | None:
     if not 1 <= len(name) <= 512 or not set(name) <= _GROUP_CHARS:
         return "log group names are 1-512 characters of A-Z a-z 0-9 . _ - / #"
@@ -93,7 +82,7 @@ def _check_stream(name: str) -> str | None:
 
 def _validate_template(checker, what: str):
     def validate(_instance, _attribute, template: str) -> None:
-        _template_fields(template, what)
+        template_fields(template, what)
         sample = template.format(**{p: "x" for p in PLACEHOLDERS})
         problem = checker(sample)
         if problem:
@@ -253,7 +242,7 @@ class CloudWatchBackend(Backend):
     def __init__(self, settings: CloudWatchSettings, *, label: str):
         super().__init__(settings, label=label)
         self._client = None
-        self._fields = _template_fields(settings.log_group, "log_group") | _template_fields(settings.log_stream, "log_stream")
+        self._fields = template_fields(settings.log_group, "log_group") | template_fields(settings.log_stream, "log_stream")
         self._per_message = bool(self._fields & {"type", "date"})
         self._names: dict[tuple, tuple[str, str]] = {}
         self.truncated = 0

@@ -29,14 +29,16 @@ def safe_component(value: str) -> str:
     return "_" + cleaned[1:] if cleaned.startswith(".") or not cleaned else cleaned
 
 
-def _template_fields(template: str) -> list[str]:
-    fields = []
+def template_fields(template: str, what: str = "path") -> set[str]:
+    """The placeholders a name template uses; ValueError for any other, or one with a format
+    spec or conversion (`{source.__class__}`, `{source!r}` must not reach str.format)."""
+    fields = set()
     for _literal, field, spec, conversion in string.Formatter().parse(template):
         if field is None:
             continue
         if field not in PLACEHOLDERS or spec or conversion:
-            raise ValueError(f"path template {template!r}: unknown placeholder {{{field}}} (known: {', '.join('{%s}' % p for p in PLACEHOLDERS)})")
-        fields.append(field)
+            raise ValueError(f"{what} template {template!r}: unknown placeholder {{{field}}} (known: {', '.join('{%s}' % p for p in PLACEHOLDERS)})")
+        fields.add(field)
     return fields
 
 
@@ -81,7 +83,7 @@ class FilesystemSettings:
     io: Literal["auto", "thread", "inline"] = "auto"
 
     def __attrs_post_init__(self):
-        _template_fields(self.path)
+        template_fields(self.path)
         base = os.path.abspath(self.base_path)
         sample = os.path.normpath(os.path.join(base, self.path.format(**{p: "x" for p in PLACEHOLDERS})))
         if not _within(base, sample) or sample == base:
@@ -95,7 +97,7 @@ class FilesystemBackend(Backend):
     def __init__(self, settings: FilesystemSettings, *, label: str):
         super().__init__(settings, label=label)
         self.base = os.path.abspath(settings.base_path)
-        self._fields = set(_template_fields(settings.path))
+        self._fields = template_fields(settings.path)
         self._per_message = bool(self._fields & {"type", "date"})
         self._paths: dict[tuple, str] = {}
         self._files: dict[str, int] = {}  # path -> descriptor, oldest first
