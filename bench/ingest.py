@@ -11,6 +11,9 @@ import argparse
 import os
 import platform
 import re
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -81,6 +84,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=2_000_000)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--format", choices=["json", "msgpack"], default="json")
+    parser.add_argument("--profile", metavar="FILE", help="record the sidecar with py-spy (raw, collapsed stacks) into FILE")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as work:
@@ -95,6 +99,13 @@ def main() -> int:
         sidecar, port = start_sidecar(work, CONFIG.format(base=work / "out"))
         try:
             threads = senders(port, payloads)
+            profiler = None
+            if args.profile:
+                profiler = subprocess.Popen(
+                    [str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(sidecar.pid), "-f", "raw", "-o", args.profile, "-r", "200"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+                time.sleep(1)  # py-spy attaches
             cpu_before = cpu_seconds(sidecar.pid)
             started = time.perf_counter()
             for thread in threads:
@@ -117,6 +128,9 @@ def main() -> int:
                 time.sleep(0.002)
             finished = time.perf_counter()
             cpu_used = cpu_seconds(sidecar.pid) - cpu_before
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(30)
             rss = peak_rss_mib(sidecar.pid)
         finally:
             sidecar.terminate()

@@ -6,10 +6,13 @@ are parsed only when a view is built, never on the hot path.
 """
 
 import datetime as dt
+import operator
 
 import attrs
 
 KEY_EVENTS_PER_SOURCE = 8
+_timestamp_of = operator.itemgetter("timestamp")
+_first = operator.itemgetter(0)
 FAILED_STATUSES = frozenset({"error", "failed", "failure", "aborted", "cancelled"})
 DONE_STATUSES = frozenset({"completed", "complete", "done", "success", "succeeded", "finished"})
 
@@ -35,9 +38,10 @@ class SourceActivity:
     metrics: dict = attrs.field(factory=dict)  # name -> (value, unit), the latest
     progress: dict | None = None
 
-    def add_group(self, group: list[dict]) -> None:
-        """Messages of this source, in arrival order: one pass per kind of message."""
-        timestamps = [m["timestamp"] for m in group]
+    def add_group(self, group: list[dict]) -> list[dict]:
+        """Messages of this source, in arrival order: one pass per kind of message. Returns the
+        span messages among them."""
+        timestamps = list(map(_timestamp_of, group))
         first, last = min(timestamps), max(timestamps)
         if first < self.first:
             self.first = first
@@ -45,19 +49,41 @@ class SourceActivity:
             self.last = last
         self.messages += len(group)
         events = [m for m in group if m["type"] == "event"]
+        spans = []
         if events:
-            self.errors += sum(1 for m in events if m["data"]["level"] in ("error", "critical"))
+            levels = [m["data"]["level"] for m in events]
+            self.errors += levels.count("error") + levels.count("critical")
             self.events.extend((m["timestamp"], m["data"]["level"], m["data"]["message"]) for m in events[-KEY_EVENTS_PER_SOURCE:])
             del self.events[:-KEY_EVENTS_PER_SOURCE]
         if len(events) < len(group):
             for m in group:
                 kind = m["type"]
-                if kind == "metric":
+                if kind == "span":
+                    spans.append(m)
+                elif kind == "metric":
                     data = m["data"]
                     self.metrics[data["name"]] = (data["value"], data.get("unit"))
                 elif kind == "progress":
                     data = m["data"]
                     self.progress = {"percent": data["percent"], "status": data["status"], "at": m["timestamp"]}
+        return spans
+
+    def merge(self, later: "SourceActivity") -> None:
+        """Fold in the activity of messages that arrived after this one's."""
+        if later.first < self.first:
+            self.first = later.first
+        if later.last > self.last:
+            self.last = later.last
+        self.messages += later.messages
+        self.errors += later.errors
+        if later.events:
+            # By time: a chunk's cells (one per trace) are merged one after another.
+            self.events.extend(later.events)
+            self.events.sort(key=_first)
+            del self.events[:-KEY_EVENTS_PER_SOURCE]
+        self.metrics.update(later.metrics)
+        if later.progress is not None and (self.progress is None or later.progress["at"] >= self.progress["at"]):
+            self.progress = later.progress
 
 
 @attrs.define
@@ -85,31 +111,19 @@ class Activity:
     links: set = attrs.field(factory=set)  # trace ids of a job, job ids of a trace
     updated: float = 0.0  # monotonic time of the last message, for eviction by age
 
-    def add_group(self, group: list[dict], links) -> None:
-        by_source: dict[str, list[dict]] = {}
-        last_source = None
-        target: list[dict] = []
-        spans = []
-        for message in group:
-            source = message["source"]
-            if source != last_source:
-                target = by_source.get(source)
-                if target is None:
-                    target = by_source[source] = []
-                last_source = source
-            target.append(message)
-            if message["type"] == "span":
-                spans.append(message)
-        for source, messages in by_source.items():
-            activity = self.sources.get(source)
-            if activity is None:
-                activity = self.sources[source] = SourceActivity(source, messages[0]["timestamp"], messages[0]["timestamp"])
-            activity.add_group(messages)
-            if activity.first < self.first:
-                self.first = activity.first
-            if activity.last > self.last:
-                self.last = activity.last
-        self.links.update(links)
+    def add_cell(self, piece: SourceActivity, spans: list[dict], link) -> None:
+        """One source's messages of one chunk, summarised in `piece`; `link` is the trace of a
+        job's cell or the job of a trace's (None when the messages had none)."""
+        activity = self.sources.get(piece.source)
+        if activity is None:
+            activity = self.sources[piece.source] = SourceActivity(piece.source, piece.first, piece.last)
+        activity.merge(piece)
+        if activity.first < self.first:
+            self.first = activity.first
+        if activity.last > self.last:
+            self.last = activity.last
+        if link is not None:
+            self.links.add(link)
         for message in spans:
             self._add_span(message)
 
@@ -215,46 +229,41 @@ class LiveIndex:
         self.evicted = {"jobs": 0, "traces": 0}
 
     def add(self, messages: list[dict]) -> None:
-        """Index one chunk: grouped by job and by trace first, so each is updated once."""
-        by_job: dict[str, list[dict]] = {}
-        by_trace: dict[str, list[dict]] = {}
-        pairs: set[tuple[str, str]] = set()
+        """Index one chunk. Its messages are grouped into cells of one job, trace and source in
+        one pass, and each cell is summarised once, for its job and its trace both."""
+        cells: dict[tuple, list[dict]] = {}
         for message in messages:
             context = message.get("context")
             job_id = context.get("job_id") if context else None
             if job_id is None and message["type"] == "progress":
                 job_id = message["data"]["job_id"]
-            if job_id is not None:
-                group = by_job.get(job_id)
-                if group is None:
-                    group = by_job[job_id] = []
-                group.append(message)
             trace_id = message.get("trace_id")
-            if trace_id is not None:
-                group = by_trace.get(trace_id)
-                if group is None:
-                    group = by_trace[trace_id] = []
-                group.append(message)
-                if job_id is not None:
-                    pairs.add((job_id, trace_id))
+            if job_id is None and trace_id is None:
+                continue
+            key = (job_id, trace_id, message["source"])
+            cell = cells.get(key)
+            if cell is None:
+                cell = cells[key] = []
+            cell.append(message)
         now = self.clock()
-        for job_id, group in by_job.items():
-            links = {trace for job, trace in pairs if job == job_id}
-            self._record(self.jobs, job_id, group, links, now, self.max_jobs, "jobs")
-        for trace_id, group in by_trace.items():
-            links = {job for job, trace in pairs if trace == trace_id}
-            self._record(self.traces, trace_id, group, links, now, self.max_traces, "traces")
+        for (job_id, trace_id, source), cell in cells.items():
+            piece = SourceActivity(source, cell[0]["timestamp"], cell[0]["timestamp"])
+            spans = piece.add_group(cell)
+            if job_id is not None:
+                self._record(self.jobs, job_id, piece, spans, trace_id, now, self.max_jobs, "jobs")
+            if trace_id is not None:
+                self._record(self.traces, trace_id, piece, spans, job_id, now, self.max_traces, "traces")
 
-    def _record(self, table: dict, key: str, group: list[dict], links, now: float, limit: int, kind: str) -> None:
+    def _record(self, table: dict, key: str, piece: SourceActivity, spans: list[dict], link, now: float, limit: int, kind: str) -> None:
         activity = table.pop(key, None)  # re-inserted last: least recently updated first
         if activity is None:
-            activity = Activity(key, group[0]["timestamp"], group[0]["timestamp"])
+            activity = Activity(key, piece.first, piece.last)
             if len(table) >= limit:
                 del table[next(iter(table))]
                 self.evicted[kind] += 1
         table[key] = activity
         activity.updated = now
-        activity.add_group(group, links)
+        activity.add_cell(piece, spans, link)
 
     def expire(self) -> None:
         """Drop what has not been updated for max_age; called now and then, not per message."""

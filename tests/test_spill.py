@@ -84,7 +84,7 @@ async def test_a_spilling_queue_keeps_order_across_memory_and_disk(tmp_path):
     assert queue.depth <= 10 + 7 and queue.spilled > 0
     got = []
     while len(got) < 105:
-        batch = await queue.get(8)
+        batch, _lines = await queue.get(8)
         got.extend(batch)
         await queue.acknowledge(batch)
     assert seqs(got) == list(range(105))

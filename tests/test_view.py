@@ -77,6 +77,22 @@ def test_the_live_index_gives_the_seeds_tree():
     assert index.trace(TRACE)["job_ids"] == ["job-12345"]
 
 
+def test_a_chunk_indexes_as_its_messages_one_by_one():
+    # Two jobs, their traces and a trace without a job, interleaved in one chunk.
+    messages = [m for pair in zip(seed_job("job-a", "a" * 32), seed_job("job-b", "b" * 32)) for m in pair]
+    messages += [timeline_message(None, "c" * 32, "file-receiver", 70, "event", {"level": "error", "message": "no job"})]
+    del messages[-1]["context"]
+    whole, single = (LiveIndex(100, 100, 3600, clock=lambda: 0.0) for _ in range(2))
+    whole.add(messages)
+    for message in messages:
+        single.add([message])
+    for job in ("job-a", "job-b"):
+        assert whole.job(job) == single.job(job)
+    for trace in ("a" * 32, "b" * 32, "c" * 32):
+        assert whole.trace(trace) == single.trace(trace)
+    assert whole.trace("c" * 32)["sources"][0]["errors"] == 1 and whole.trace("c" * 32)["job_ids"] == []
+
+
 def test_status_follows_errors_and_open_work():
     index = LiveIndex(100, 100, 3600, clock=lambda: 0.0)
     running = seed_job("job-run", "1" * 32)[:5]

@@ -47,6 +47,9 @@ class Backend:
     # Defaults of the shared delivery settings for this type, e.g. {"batch": {"timeout": 60.0}};
     # a backend's own `batch:`/`queue:`/`retry:`/`circuit_breaker:` keys in the config win.
     delivery_defaults: ClassVar[dict] = {}
+    # True for a backend that writes each message as its JSON line: `write_batch` then also gets
+    # `lines`, the messages' lines (orjson, no newline), encoded once by the correlator.
+    takes_lines: ClassVar[bool] = False
 
     def __init__(self, settings, *, label: str):
         self.settings = settings
@@ -57,7 +60,8 @@ class Backend:
 
     async def write_batch(self, source: str, batch: list[dict]) -> None:
         """Write messages of one source, in order. Raise a DeliveryError subclass on failure;
-        any other exception is treated as retryable and logged with its traceback."""
+        any other exception is treated as retryable and logged with its traceback. (With
+        `takes_lines`: `write_batch(source, batch, lines=None)`.)"""
         raise NotImplementedError
 
     def statistics(self) -> dict:

@@ -93,6 +93,7 @@ class FilesystemSettings:
 class FilesystemBackend(Backend):
     type_name = "filesystem"
     Settings = FilesystemSettings
+    takes_lines = True
 
     def __init__(self, settings: FilesystemSettings, *, label: str):
         super().__init__(settings, label=label)
@@ -124,16 +125,17 @@ class FilesystemBackend(Backend):
                 raise RetryableError(f"base_path {self.base} does not exist (not mounted?)")
             await trio.to_thread.run_sync(lambda: os.makedirs(self.base, exist_ok=True))
 
-    async def write_batch(self, source: str, batch: list[dict]) -> None:
-        dumps = orjson.dumps
+    async def write_batch(self, source: str, batch: list[dict], lines: list[bytes] | None = None) -> None:
+        if lines is None:
+            lines = list(map(orjson.dumps, batch))
         if not self._per_message:
-            writes = {self.path_for(source): batch}
+            writes = {self.path_for(source): lines}
         else:
             writes = {}
-            for message in batch:
+            for message, line in zip(batch, lines):
                 path = self.path_for(source, message["type"], message["timestamp"][:10])
-                writes.setdefault(path, []).append(message)
-        payloads = [(path, b"\n".join(map(dumps, messages)) + b"\n") for path, messages in writes.items()]
+                writes.setdefault(path, []).append(line)
+        payloads = [(path, b"\n".join(chosen) + b"\n") for path, chosen in writes.items()]
         if self._in_thread:
             # Not abandoned on cancel: a hung NFS write blocks this backend only, and is never
             # written twice by a retry racing it.
