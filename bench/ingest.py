@@ -63,10 +63,10 @@ def peak_rss_mib(pid: int) -> float:
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far: steadier than wall time on a shared machine."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a process so far: steadier than wall time on a shared machine."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_model() -> str:
@@ -127,7 +127,8 @@ def main() -> int:
                     raise SystemExit(f"sidecar died:\n{(work / 'sidecar.stderr').read_text()}")
                 time.sleep(0.002)
             finished = time.perf_counter()
-            cpu_used = cpu_seconds(sidecar.pid) - cpu_before
+            user, system = (after - before for after, before in zip(cpu_seconds(sidecar.pid), cpu_before))
+            cpu_used = user + system
             if profiler is not None:
                 profiler.send_signal(signal.SIGINT)
                 profiler.wait(30)
@@ -139,7 +140,10 @@ def main() -> int:
         print(f"machine: {os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()}")
         print(f"sent in {sent - started:.2f}s; last line written after {elapsed:.2f}s")
         print(f"throughput: {total / elapsed:,.0f} messages/s ({size / elapsed / 2**20:.0f} MiB/s in)")
-        print(f"sidecar CPU: {cpu_used / total * 1e6:.2f} µs per message ({cpu_used / elapsed:.0%} of one core)")
+        print(
+            f"sidecar CPU: {cpu_used / total * 1e6:.2f} µs per message ({user / total * 1e6:.2f} user, {system / total * 1e6:.2f} system;"
+            f" {cpu_used / elapsed:.0%} of one core)"
+        )
         print(f"sidecar peak RSS: {rss:.0f} MiB")
         print(f"lines in the output files: {counted:,} of {total:,}")
         return 0 if counted == total else 1

@@ -94,7 +94,7 @@ class TcpSettings:
 @attrs.frozen
 class PipelineSettings:
     # Chunks (lists of messages read in one go) between the listener and the correlator.
-    channel_size: int = attrs.field(default=16, validator=attrs.validators.ge(1))
+    channel_size: int = attrs.field(default=4, validator=attrs.validators.ge(1))
     # trace_id -> job_id pairs remembered to give later messages of a trace their job.
     trace_cache_size: int = attrs.field(default=100_000, validator=attrs.validators.ge(0))
 

@@ -46,12 +46,14 @@ class Correlator:
             async for received_at, messages in receive_channel:
                 await self.process(received_at, messages)
 
-    def enrich(self, received_at: str, messages: list[dict]) -> dict[str, list[dict]]:
+    def enrich(self, received_at: str, messages: list[dict]) -> tuple[dict[str, list[dict]], dict[tuple, list[dict]]]:
         """Add received_at and host, fill a missing timestamp, give a message the job of its
-        trace, and group by source (order kept within a source)."""
+        trace; group by source (order kept within a source), and by (job, trace, source) for
+        the live index, as `jobs.cells_of` does, in the same pass."""
         host = self.host
         trace_jobs = self.trace_jobs
         by_source: dict[str, list[dict]] = {}
+        cells: dict[tuple, list[dict]] = {}
         last_source = None
         group: list[dict] = []
         for message in messages:
@@ -59,18 +61,19 @@ class Correlator:
             message["host"] = host
             if "timestamp" not in message:
                 message["timestamp"] = received_at
+            context = message.get("context")
+            job_id = context.get("job_id") if context else None
             trace_id = message.get("trace_id")
             if trace_id is not None:
-                context = message.get("context")
-                job_id = context.get("job_id") if context else None
                 if job_id:
                     if trace_id not in trace_jobs:
                         trace_jobs[trace_id] = job_id
                         if len(trace_jobs) > self.trace_cache_size:
                             del trace_jobs[next(iter(trace_jobs))]
                 else:
-                    job_id = trace_jobs.get(trace_id)
-                    if job_id is not None:
+                    known = trace_jobs.get(trace_id)
+                    if known is not None:
+                        job_id = known
                         if context is None:
                             message["context"] = {"job_id": job_id}
                         else:
@@ -82,12 +85,20 @@ class Correlator:
                     group = by_source[source] = []
                 last_source = source
             group.append(message)
-        return by_source
+            if job_id is None and message["type"] == "progress":
+                job_id = message["data"]["job_id"]
+            if job_id is not None or trace_id is not None:
+                key = (job_id, trace_id, source)
+                cell = cells.get(key)
+                if cell is None:
+                    cell = cells[key] = []
+                cell.append(message)
+        return by_source, cells
 
     async def process(self, received_at: str, messages: list[dict]) -> None:
         self.chunks += 1
-        by_source = self.enrich(received_at, messages)
-        self.index.add(messages)
+        by_source, cells = self.enrich(received_at, messages)
+        self.index.add_cells(cells)
         for observer in self.observers:
             observer(messages)
         routing = self.routing

@@ -216,6 +216,26 @@ def summarise(activity: SourceActivity) -> str:
     return ", ".join(parts) if parts else f"{activity.messages} messages"
 
 
+def cells_of(messages: list[dict]) -> dict[tuple, list[dict]]:
+    """A chunk's messages grouped by (job_id, trace_id, source), in order, leaving out those with
+    neither a job nor a trace. (The correlator builds the same groups inside its own loop.)"""
+    cells: dict[tuple, list[dict]] = {}
+    for message in messages:
+        context = message.get("context")
+        job_id = context.get("job_id") if context else None
+        if job_id is None and message["type"] == "progress":
+            job_id = message["data"]["job_id"]
+        trace_id = message.get("trace_id")
+        if job_id is None and trace_id is None:
+            continue
+        key = (job_id, trace_id, message["source"])
+        cell = cells.get(key)
+        if cell is None:
+            cell = cells[key] = []
+        cell.append(message)
+    return cells
+
+
 class LiveIndex:
     """Recent jobs (by context.job_id, or a progress message's job_id) and traces (by trace_id)."""
 
@@ -229,22 +249,12 @@ class LiveIndex:
         self.evicted = {"jobs": 0, "traces": 0}
 
     def add(self, messages: list[dict]) -> None:
-        """Index one chunk. Its messages are grouped into cells of one job, trace and source in
-        one pass, and each cell is summarised once, for its job and its trace both."""
-        cells: dict[tuple, list[dict]] = {}
-        for message in messages:
-            context = message.get("context")
-            job_id = context.get("job_id") if context else None
-            if job_id is None and message["type"] == "progress":
-                job_id = message["data"]["job_id"]
-            trace_id = message.get("trace_id")
-            if job_id is None and trace_id is None:
-                continue
-            key = (job_id, trace_id, message["source"])
-            cell = cells.get(key)
-            if cell is None:
-                cell = cells[key] = []
-            cell.append(message)
+        """Index a chunk of messages."""
+        self.add_cells(cells_of(messages))
+
+    def add_cells(self, cells: dict[tuple, list[dict]]) -> None:
+        """Index a chunk grouped by `cells_of`: each cell is summarised once, for its job and its
+        trace both."""
         now = self.clock()
         for (job_id, trace_id, source), cell in cells.items():
             piece = SourceActivity(source, cell[0]["timestamp"], cell[0]["timestamp"])

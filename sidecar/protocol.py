@@ -159,8 +159,19 @@ class StreamDecoder:
             return False
         if len(parsed) != complete.count(b"\n") + 1:
             return False
-        for number, message in enumerate(parsed, self.messages_seen + 1):
-            _accept(message, number, messages, errors)
+        validate = validate_message
+        append = messages.append
+        first = self.messages_seen + 1
+        for offset, message in enumerate(parsed):
+            if type(message) is dict:
+                try:
+                    validate(message)
+                except MessageError:
+                    pass
+                else:
+                    append(message)
+                    continue
+            _accept(message, first + offset, messages, errors)  # rejected: says why
         self.messages_seen += len(parsed)
         return True
 

@@ -124,16 +124,36 @@ async def test_poison_rows_are_isolated_and_the_rest_of_the_batch_lands(postgres
     batch[17] = {**batch[17], "timestamp": "2025-02-30T10:00:00.000Z"}  # no such date
     batch[25] = enriched("event", {"level": "info", "message": "nul\x00byte"}, context={"seq": 25, "k\x00": "v\x00"})
     batch[30] = enriched("metric", {"name": "m", "value": 10**400}, context={"seq": 30})  # not even encodable as JSON
+    batch[8] = {**batch[8], "host": "h\udc80"}  # a lone surrogate: no UTF-8 for it; found while the binary COPY runs
     with pytest.raises(PartialDelivery) as caught:
         await backend.write_batch("svc", batch)
-    assert caught.value.rejected == {3: "postgres_numeric_value_out_of_range", 17: "postgres_datetime_field_overflow", 30: "unencodable"}
+    assert caught.value.rejected == {3: "postgres_numeric_value_out_of_range", 8: "unencodable", 17: "postgres_datetime_field_overflow", 30: "unencodable"}
     assert "#3: postgres_numeric_value_out_of_range" in str(caught.value) and "#17:" in str(caught.value)
     landed = sorted(seq for (seq,) in rows(postgres_server, f"SELECT (context->>'seq')::int FROM {table}"))
-    assert landed == [i for i in range(40) if i not in (3, 17, 30)]
+    assert landed == [i for i in range(40) if i not in (3, 8, 17, 30)]
     # NUL characters cannot be stored: they are replaced, and the row is kept
     assert rows(postgres_server, f"SELECT data->>'message', context FROM {table} WHERE type = 'event'") == [("nul\ufffdbyte", {"seq": 25, "k\ufffd": "v\ufffd"})]
     assert batch[25]["data"]["message"] == "nul\x00byte", "messages are shared with other backends: never modified"
     await backend.aclose()
+
+
+async def test_values_binary_copy_cannot_carry_go_by_text_copy_in_the_same_transaction(postgres_server):
+    """A value the binary row cannot hold as it is (a number in a string, a timestamp without an
+    offset or in another zone) is written by a second, text COPY: the server reads it as before."""
+    table = unique_table()
+    backend = make_backend(postgres_server, table)
+    await backend.open()
+    batch = [enriched("metric", {"name": "m", "value": i}, context={"seq": i}) for i in range(6)]
+    batch[1] = enriched("metric", {"name": "m", "value": "42.5"}, context={"seq": 1})
+    batch[2] = {**batch[2], "timestamp": "2025-10-20T12:30:45.123+02:00"}  # read by Python: still binary
+    batch[4] = {**batch[4], "timestamp": "2025-10-20 10:30:45.123"}  # no offset: the session's zone (UTC here)
+    await backend.write_batch("svc", batch)
+    await backend.aclose()
+    got = rows(
+        postgres_server,
+        f"SELECT (context->>'seq')::int, value, to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS') FROM {table} ORDER BY 1",
+    )
+    assert got == [(i, 42.5 if i == 1 else float(i), "2025-10-20 10:30:45.123") for i in range(6)]
 
 
 async def test_a_wrong_password_trips_the_circuit_and_is_never_shown(postgres_server):

@@ -9,7 +9,11 @@ import threading
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.jobs import LiveIndex, render_tree
+from hypothesis import given, strategies as st
+
+from sidecar.correlator import Correlator
+from sidecar.jobs import LiveIndex, cells_of, render_tree
+from sidecar.metrics import Counters
 from sidecar.message import validate_message
 from tests.harness import REPO, SidecarProcess, wait_until
 
@@ -91,6 +95,34 @@ def test_a_chunk_indexes_as_its_messages_one_by_one():
     for trace in ("a" * 32, "b" * 32, "c" * 32):
         assert whole.trace(trace) == single.trace(trace)
     assert whole.trace("c" * 32)["sources"][0]["errors"] == 1 and whole.trace("c" * 32)["job_ids"] == []
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b"]),  # source
+            st.sampled_from([None, "", "job-1", "job-2"]),  # context.job_id
+            st.sampled_from([None, "1" * 32, "2" * 32]),  # trace_id
+            st.booleans(),  # a progress message (with its own job_id) rather than an event
+        ),
+        max_size=30,
+    )
+)
+def test_the_correlator_groups_cells_as_the_index_does(specs):
+    messages = []
+    for source, job, trace, progress in specs:
+        message = {"source": source, "type": "event", "timestamp": "2025-10-20T10:00:00.000Z", "data": {"level": "info", "message": "m"}}
+        if progress:
+            message.update(type="progress", data={"job_id": "job-p", "percent": 1, "status": "running"})
+        if job is not None:
+            message["context"] = {"job_id": job}
+        if trace is not None:
+            message["trace_id"] = trace
+        messages.append(message)
+    correlator = Correlator(None, Counters(), LiveIndex(10, 10, 60, clock=lambda: 0.0), trace_cache_size=100, host="h")
+    by_source, cells = correlator.enrich("2025-10-20T10:00:00.001Z", messages)
+    assert cells == cells_of(messages)
+    assert by_source == {source: [m for m in messages if m["source"] == source] for source in dict.fromkeys(m["source"] for m in messages)}
 
 
 def test_status_follows_errors_and_open_work():

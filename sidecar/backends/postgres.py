@@ -1,10 +1,18 @@
-"""PostgreSQL and TimescaleDB: one table with typed columns, written with COPY, one transaction
-per batch.
+"""PostgreSQL and TimescaleDB: one table with typed columns, written with binary COPY, one
+transaction per batch.
+
+Binary COPY, streamed: each message becomes a row (timestamps as datetimes, `value` as a double,
+context and data as jsonb) and is written as soon as it is made, so the server parses and indexes
+the first rows while the sidecar is still making the last ones. Measured on the 2-core development
+machine, the server takes binary rows about 30% faster than text (no timestamp, number or
+escape parsing; jsonb is still parsed from its text either way), and streaming removes the pause
+in which the server waited for a whole batch to be formatted. A message the binary encoding
+cannot carry as it is (a timestamp Python cannot read, a `value` that is not a number) goes into a
+second, text COPY in the same transaction, so the server judges it as before.
 
 Why a worker thread and not trio-asyncio: psycopg's blocking API runs in `trio.to_thread` on a
 connection owned by this backend. Measured on the 2-core development machine: a hand-off costs
-about 0.13 ms, the COPY of a 5000-row batch about 95 ms (53,000 rows/s into the indexed table),
-so the thread costs ~0.1% and the async API has nothing to win: the per-row work (psycopg's row
+about 0.13 ms, the COPY of a 5000-row batch 50-100 ms, so the thread costs ~0.2% and the async API has nothing to win: the per-row work (psycopg's row
 formatting, the server's parsing and index upkeep) is the same either way. trio-asyncio would
 also need an asyncio loop open around the whole sidecar (`open`/`write_batch`/`aclose` are
 separate calls from the delivery task), a core change for one backend. (trio-asyncio itself was
@@ -20,13 +28,15 @@ remembered the same way.
 
 Poison rows: when a COPY fails on a row-level error (bad data, out of range, too large), the same
 transaction retries the rows in halves under savepoints until the bad rows are alone; the others
-commit, and `PartialDelivery` reports each bad row with the server's reason. NUL characters,
-which PostgreSQL text and jsonb cannot hold, are replaced by U+FFFD before the COPY.
+commit, and `PartialDelivery` reports each bad row with the server's reason (or `unencodable`
+for a value that cannot be sent at all). NUL characters, which PostgreSQL text and jsonb cannot
+hold, are replaced by U+FFFD in names, job ids, context and data before the COPY.
 
 Passwords never leave this module: every error raised carries a message scrubbed of the
 password, and libpq's own parse errors (which may quote the connection string) are not shown.
 """
 
+import datetime as dt
 import logging
 import os
 import re
@@ -38,6 +48,8 @@ import psycopg
 import psycopg.conninfo
 import trio
 from psycopg import sql
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 
 from sidecar.backends.base import Backend, PartialDelivery, RetryableError
 from sidecar.config import Duration
@@ -78,6 +90,24 @@ _MISCONFIGURED_TEXT = re.compile(
     re.IGNORECASE,
 )
 _NUL_JSON = b"\\u0000"
+# The columns' types for binary COPY, in COLUMNS order (jsonb is sent by `_JsonbBytes`).
+COPY_TYPES = (
+    "timestamptz", "timestamptz", "text", "text", "text", "text", "float8",
+    "text", "text", "text", "text", "text", "jsonb", "jsonb",
+)
+_TEXT_TYPES = frozenset({str, type(None)})
+_from_iso = dt.datetime.fromisoformat
+
+
+class _JsonbBytes(Dumper):
+    """jsonb in binary COPY from JSON text already encoded (bytes): the format's version byte, then
+    the text. Registered by oid only, on this backend's connection, for `copy.set_types`."""
+
+    format = Format.BINARY
+    oid = 3802  # jsonb
+
+    def dump(self, obj: bytes) -> bytes:
+        return b"\x01" + obj
 
 
 def _identifier(_instance, attribute, value) -> None:
@@ -136,11 +166,15 @@ def _without_nul(value):
     return value
 
 
-def _json(value) -> str:
+def _json_bytes(value) -> bytes:
     text = orjson.dumps(value)
     if _NUL_JSON in text:
         text = orjson.dumps(_without_nul(value))
-    return text.decode()
+    return text
+
+
+def _json(value) -> str:
+    return _json_bytes(value).decode()
 
 
 def _text(value) -> str | None:
@@ -176,6 +210,54 @@ def row_of(message: dict) -> tuple:
     )
 
 
+def _moment(text, cache: dict) -> dt.datetime:
+    """A timestamp string as an aware datetime (the batch's `cache` holds the ones already read).
+    Raises for anything else, which then goes by text COPY for the server to judge."""
+    moment = cache.get(text)
+    if moment is None:
+        moment = _from_iso(text)  # TypeError for a non-string, ValueError for e.g. February 30
+        if moment.tzinfo is None:
+            raise ValueError("timestamp without an offset")
+        cache[text] = moment
+    return moment
+
+
+def binary_row_of(message: dict, moments: dict) -> tuple:
+    """`row_of` with the types binary COPY sends (COPY_TYPES). Raises for a message whose values
+    do not fit those types as they are; `row_of` and text COPY then take it."""
+    kind = message["type"]
+    data = message["data"]
+    context = message.get("context")
+    job_id = context.get("job_id") if context else None
+    if job_id is None and kind == "progress":
+        job_id = data.get("job_id")
+    value = data.get("value") if kind == "metric" else None
+    if value is not None and type(value) is not float:
+        if type(value) is not int:
+            raise TypeError("value is not a number")
+        value = float(value)  # OverflowError beyond a double
+    received_at = message.get("received_at")
+    row = (
+        _moment(message["timestamp"], moments),
+        _moment(received_at, moments) if received_at is not None else None,
+        message["source"],
+        kind,
+        data.get("level") if kind == "event" else None,
+        _text(data.get("name")) if kind in ("metric", "span") else None,
+        value,
+        message.get("trace_id"),
+        message.get("span_id"),
+        message.get("parent_span_id"),
+        _text(job_id),
+        message.get("host"),
+        _json_bytes(context) if context is not None else None,
+        _json_bytes(data),
+    )
+    if not {type(row[2]), type(kind), type(row[4]), type(row[7]), type(row[8]), type(row[9]), type(row[11])} <= _TEXT_TYPES:
+        raise TypeError("a text column's value is not a string")
+    return row
+
+
 def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
@@ -192,7 +274,9 @@ class PostgresBackend(Backend):
         super().__init__(settings, label=label)
         self.scrub = _Scrubber(settings.connection_string)
         self.qualified = sql.Identifier(settings.schema, settings.table)
-        self.copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(self.qualified, sql.SQL(", ").join(map(sql.Identifier, COLUMNS)))
+        column_list = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+        self.copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(self.qualified, column_list)
+        self.copy_binary_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(self.qualified, column_list)
         self.timescaledb = False  # known after the first open
         self._conn: psycopg.Connection | None = None
         self._schema_ready = False
@@ -269,6 +353,7 @@ class PostgresBackend(Backend):
                 tcp_user_timeout=int(self.settings.connect_timeout * 1000),
                 autocommit=False,
             )
+            self._conn.adapters.register_dumper(None, _JsonbBytes)
             if not self._schema_ready:
                 self._prepare_schema(self._conn)
                 self._schema_ready = True
@@ -286,16 +371,14 @@ class PostgresBackend(Backend):
         try:
             if self._outcome_unknown is not None and self._resolve_unknown_outcome(conn, batch):
                 return {}
-            rows = []
-            for index, message in enumerate(batch):
-                try:
-                    rows.append((index, row_of(message)))
-                except Exception as exc:  # e.g. a value orjson cannot encode
-                    rejected[index] = ("unencodable", f"{type(exc).__name__}: {exc}"[:200])
             self._begin(conn, batch)
             began = True
             try:
-                self._copy(conn, [row for _i, row in rows])
+                leftovers = self._copy_streaming(conn, batch)
+                if leftovers:
+                    text_rows = self._text_rows(batch, leftovers, rejected)
+                    if text_rows:
+                        self._copy(conn, [row for _i, row in text_rows], binary=False)
             except psycopg.Error as exc:
                 if not self._row_level(exc, conn):
                     raise
@@ -303,7 +386,11 @@ class PostgresBackend(Backend):
                 conn.rollback()
                 self._outcome_unknown = None
                 self._begin(conn, batch)
-                rejected.update(self._copy_isolating(conn, rows))
+                rejected = {}
+                binary_rows, leftovers = self._binary_rows(batch)
+                text_rows = self._text_rows(batch, leftovers, rejected)
+                rejected.update(self._copy_isolating(conn, binary_rows, binary=True))
+                rejected.update(self._copy_isolating(conn, text_rows, binary=False))
             conn.commit()
             self._outcome_unknown = None
             self._committed = batch
@@ -344,22 +431,74 @@ class PostgresBackend(Backend):
             log.warning("backend %s: the outcome of transaction %s is no longer known; writing its batch again (may duplicate)", self.label, xid)
         return False
 
-    def _copy(self, conn: psycopg.Connection, rows: list[tuple]) -> None:
-        with conn.cursor().copy(self.copy_sql) as copy:
+    def _copy_streaming(self, conn: psycopg.Connection, batch: list[dict]) -> list[int]:
+        """Binary COPY of the batch, each row written as soon as it is made; returns the indexes
+        of the messages `binary_row_of` could not take, left for `_text_rows`."""
+        leftovers = []
+        moments = {}
+        with conn.cursor().copy(self.copy_binary_sql) as copy:
+            copy.set_types(COPY_TYPES)
+            write_row = copy.write_row
+            for index, message in enumerate(batch):
+                try:
+                    row = binary_row_of(message, moments)
+                except Exception:
+                    leftovers.append(index)
+                    continue
+                try:
+                    write_row(row)
+                except psycopg.Error:
+                    raise
+                except Exception as exc:  # e.g. a lone surrogate in a string: the COPY is abandoned
+                    raise psycopg.DataError(f"{type(exc).__name__}: {exc}"[:200]) from None
+        return leftovers
+
+    @staticmethod
+    def _binary_rows(batch: list[dict]) -> tuple[list[tuple[int, tuple]], list[int]]:
+        rows, leftovers = [], []
+        moments = {}
+        for index, message in enumerate(batch):
+            try:
+                rows.append((index, binary_row_of(message, moments)))
+            except Exception:
+                leftovers.append(index)
+        return rows, leftovers
+
+    @staticmethod
+    def _text_rows(batch: list[dict], indexes: list[int], rejected: dict) -> list[tuple[int, tuple]]:
+        """Text COPY rows of the messages at `indexes`; those that cannot be encoded at all go to
+        `rejected`."""
+        rows = []
+        for index in indexes:
+            try:
+                rows.append((index, row_of(batch[index])))
+            except Exception as exc:  # e.g. a value orjson cannot encode
+                rejected[index] = ("unencodable", f"{type(exc).__name__}: {exc}"[:200])
+        return rows
+
+    def _copy(self, conn: psycopg.Connection, rows: list[tuple], *, binary: bool) -> None:
+        with conn.cursor().copy(self.copy_binary_sql if binary else self.copy_sql) as copy:
+            if binary:
+                copy.set_types(COPY_TYPES)
             write_row = copy.write_row
             for row in rows:
-                write_row(row)
+                try:
+                    write_row(row)
+                except psycopg.Error:
+                    raise
+                except Exception as exc:  # a value psycopg cannot send: the COPY is abandoned
+                    raise psycopg.DataError(f"{type(exc).__name__}: {exc}"[:200]) from None
 
-    def _copy_isolating(self, conn: psycopg.Connection, rows: list[tuple[int, tuple]]) -> dict[int, tuple[str, str]]:
+    def _copy_isolating(self, conn: psycopg.Connection, rows: list[tuple[int, tuple]], *, binary: bool) -> dict[int, tuple[str, str]]:
         """COPY `rows` (index, row) under savepoints, splitting failed chunks in halves until
         each bad row is alone; returns the bad rows' reasons. All in the current transaction."""
         rejected = {}
-        pending = [rows]
+        pending = [rows] if rows else []
         while pending:
             chunk = pending.pop()
             conn.execute("SAVEPOINT sidecar_rows")
             try:
-                self._copy(conn, [row for _i, row in chunk])
+                self._copy(conn, [row for _i, row in chunk], binary=binary)
             except psycopg.Error as exc:
                 if not self._row_level(exc, conn):
                     raise
@@ -387,9 +526,10 @@ class PostgresBackend(Backend):
         return state[:2] in _ROW_LEVEL_CLASSES
 
     def _row_reason(self, exc: psycopg.Error) -> tuple[str, str]:
-        label = _snake(type(exc).__name__) if exc.sqlstate else "unencodable"
-        detail = (exc.diag.message_primary or str(exc)).splitlines()[0] if exc.sqlstate else str(exc).splitlines()[0]
-        return f"postgres_{label}", self.scrub(detail)[:200]
+        if not exc.sqlstate:  # refused by psycopg before the server saw it
+            return "unencodable", self.scrub((str(exc).splitlines() or [type(exc).__name__])[0])[:200]
+        detail = (exc.diag.message_primary or str(exc)).splitlines()[0]
+        return f"postgres_{_snake(type(exc).__name__)}", self.scrub(detail)[:200]
 
     def _prepare_schema(self, conn: psycopg.Connection) -> None:
         """Create what is missing (schema, table, indexes, hypertable), never alter or drop;
