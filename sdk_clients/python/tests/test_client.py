@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -462,3 +463,95 @@ def test_encoder_matches_json_dumps_with_the_protocol_settings():
     assert module._encode(value) == expected
     with pytest.raises(ValueError):
         module._encode({"v": float("inf")})
+
+
+def test_json_lines_are_byte_for_byte_the_encoded_message_dict(monkeypatch):
+    """The JSON path assembles lines from cached pieces; the dict path (MessagePack's) builds the
+    message dict. With the JSON packer on both, every call must give the same bytes and errors."""
+    from collections import UserDict
+    from decimal import Decimal
+
+    from monitoring_sdk import client as module
+
+    class Shouting:
+        def __str__(self):
+            return "LOUD\n"
+
+    class Sub(dict):
+        pass
+
+    monkeypatch.setattr(module, "_time_ns", lambda: 1_700_000_000_987_654_321)
+    monkeypatch.setattr(module.time, "perf_counter", lambda: 1.0)
+    shared = ["a"]
+
+    def script(mon):
+        mon.log_event("info", "plain")
+        mon.log_event("INFO", 'ctl \n\r\t\x00 "q" \\ é ✓ 😀 \u2028', {"file": "a.csv", "n": 3})
+        mon.log_event("Warn", "lone \ud800 surrogate", {"job_id": "override"})
+        mon.log_event("wArN", Shouting(), UserDict({"k": "v"}))
+        mon.log_event(None, 1, Sub(x=1.5, y=None, z=True))
+        mon.log_event(3, "key types", {1: "int", 2.5: "float", None: "none", "s": [1, {"d": 2}]})
+        mon.log_event("debug", "empty mapping", UserDict())
+        mon.set_context("step", 2)
+        mon.set_context("files", shared)
+        shared.append("b")  # changed after set_context: the message shows it, as it always did
+        mon.log_metric("rows", 10000, "count", {"table": "x", "shard": 3})
+        mon.log_metric("ratio", 0.1 + 0.2, Shouting(), {1: "int key", "1": "str key"})
+        mon.log_metric("neg", -0.0, tags=UserDict({"k": Shouting()}))
+        mon.log_metric("big", 10 ** 30)
+        mon.log_metric("flag", True)
+        mon.log_metric("dec", Decimal("2.5"))
+        mon.log_metric("nan", float("nan"))  # an error, counted
+        mon.log_metric("bad", "x")  # an error, counted
+        mon.set_context("files", None)
+        mon.log_progress("job-1", 50, "running")
+        mon.log_progress("job-1", 99.5)
+        mon.log_resource(12.5, 512, None, 0.25)
+        mon.log_resource()
+        with mon.span("outer"):
+            mon.log_event("info", "in outer", {"step": 3})
+            with mon.span(Shouting()):
+                mon.log_metric("m", 1)
+        mon.set_context("tuple", (1, ("x", 2.5)))
+        mon.log_event("error", "tuple context")
+        mon.source = "renamed"
+        mon.log_event("critical", "after rename")
+        mon.source = 42
+        mon.log_event("info", "numeric source")
+        mon.set_context("bad", float("inf"))  # every message fails to encode from here on
+        mon.log_event("info", "lost")
+
+    results = []
+    for dict_path in (False, True):
+        os.environ["TRACEPARENT"] = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        os.environ["MONITORING_CONTEXT"] = '{"job_id": "job-1", "nested": {"a": [1, null]}}'
+        ids = itertools.count()
+        monkeypatch.setattr(os, "urandom", lambda n: next(ids).to_bytes(n, "big"))
+        shared[:] = ["a"]
+        errors = []
+        mon = MonitoringClient("svc", host="127.0.0.1", port=free_port(), on_error=errors.append)
+        mon._binary = dict_path  # with the JSON packer: the dict encoded by json, as before
+        lines = []
+        mon._offer = lines.append
+        script(mon)
+        mon.close(timeout=0)
+        results.append((lines, [type(e) for e in errors]))
+    (fast, fast_errors), (reference, reference_errors) = results
+    assert len(fast) == len(reference) == 26
+    for got, expected in zip(fast, reference):
+        assert got == expected
+    assert fast_errors == reference_errors == [ValueError, ValueError, ValueError, ValueError]
+    assert b'"files":["a","b"]' in fast[8]
+    assert b'"source":42' in fast[-1]
+
+
+def test_context_values_that_can_change_are_read_per_message(server, client):
+    files = ["a.csv"]
+    client.set_context("files", files)
+    client.set_context("job_id", "job-1")
+    client.log_event("info", "one")
+    files.append("b.csv")
+    client.log_event("info", "two", {"file": "c.csv"})
+    one, two = server.wait_messages(2)
+    assert one["context"] == {"files": ["a.csv"], "job_id": "job-1"}
+    assert two["context"] == {"files": ["a.csv", "b.csv"], "job_id": "job-1", "file": "c.csv"}

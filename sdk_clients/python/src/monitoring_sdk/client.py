@@ -3,6 +3,13 @@
 A call encodes its message at once and offers the bytes to a bounded queue; a daemon thread owns
 the socket, connects lazily, reconnects with capped backoff and writes the queue in batches. No
 call blocks on the network or raises into the host program.
+
+JSON lines are assembled from pieces rather than by encoding a dict per call: the part that stays
+the same from call to call (``{"source":...,"type":...,"timestamp":"``, the date and time to the
+second, the encoded ``set_context`` values, the ids of the active span) is encoded once and
+reused, and only the call's own strings and numbers are escaped each time. The bytes are the same
+as ``json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False,
+default=str)`` of the message dict (the tests compare the two); MessagePack still packs the dict.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import itertools
 import json
 import logging
 import os
+import queue
 import re
 import select
 import socket
@@ -24,6 +32,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from json.encoder import encode_basestring as _esc  # the C one where there is one: a str -> "..."
 from typing import Any, Callable, Optional, TypeVar
 
 _log = logging.getLogger("monitoring_sdk")
@@ -40,22 +49,38 @@ except (ImportError, TypeError):  # no C accelerator (PyPy): the same settings i
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 _BACKOFF_START, _BACKOFF_CAP = 0.1, 30.0
 _SEND_POLL = 0.25  # a write blocked on a full socket rechecks this often whether close() gave up
-_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
+_MILLIS = tuple(f".{ms:03d}Z\"," for ms in range(1000))  # what follows the second in a JSON line
 _clients: weakref.WeakSet[MonitoringClient] = weakref.WeakSet()
 _ts_cache: tuple[int, str] = (-1, "")
+_time_ns = time.time_ns
+_int_repr, _float_repr = int.__repr__, float.__repr__
+_KINDS = ("event", "metric", "progress", "resource", "span")
+_EVENT, _METRIC, _PROGRESS, _RESOURCE, _SPAN = range(len(_KINDS))
+# The level part of an event's data for the usual spellings; others are normalised per call.
+_LEVELS = {spelling: '{"level":"%s","message":' % ("warning" if name == "warn" else name)
+           for name in ("debug", "info", "warning", "warn", "error", "critical")
+           for spelling in (name, name.upper(), name.capitalize())}
+_FROZEN = (str, int, float, bool, type(None))  # context values that cannot change after set_context
+_RESOURCES = ("cpu_percent", "memory_mb", "disk_io_mb", "network_io_mb")
 
 F = TypeVar("F", bound=Callable[..., Any])
-_Span = tuple[str, str, Optional[str], float]  # name, trace_id, parent_span_id, start (perf_counter)
+# name, trace_id, parent_span_id, start (perf_counter), the ids as a JSON fragment for messages in it
+_Span = tuple[str, str, Optional[str], float, str]
+
+
+def _second(sec: int) -> str:
+    """The date and time part of the timestamp, formatted once per second."""
+    global _ts_cache
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    _ts_cache = (sec, text)
+    return text
 
 
 def _timestamp() -> str:
-    """RFC 3339 UTC with milliseconds; the date and time part is formatted once per second."""
-    global _ts_cache
-    sec, ms = divmod(time.time_ns() // 1000000, 1000)
+    """RFC 3339 UTC with milliseconds."""
+    sec, ms = divmod(_time_ns() // 1000000, 1000)
     cached = _ts_cache
-    if cached[0] != sec:
-        cached = _ts_cache = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
-    return cached[1] + _MILLIS[ms]
+    return (cached[1] if cached[0] == sec else _second(sec)) + _MILLIS[ms][:-2]
 
 
 def _number(value: Any) -> Any:
@@ -63,8 +88,32 @@ def _number(value: Any) -> Any:
     return value if type(value) is int or type(value) is float else float(value)
 
 
+def _num_json(value: Any) -> str:
+    """JSON text of what :func:`_number` returns, as the json module writes it."""
+    if type(value) is int:
+        return _int_repr(value)
+    if type(value) is not float:
+        value = float(value)
+    if value - value == 0.0:  # finite: NaN and the infinities are refused, as by allow_nan=False
+        return _float_repr(value)
+    return _encode(value)  # raises ValueError
+
+
+def _ids_json(trace_id: str, span_id: str, parent: str | None = None) -> str:
+    """The ids of a message as a JSON fragment; ids are lowercase hex, nothing to escape."""
+    text = f'"trace_id":"{trace_id}","span_id":"{span_id}",'
+    return text + f'"parent_span_id":"{parent}",' if parent else text
+
+
+def _frozen(value: Any) -> bool:
+    return type(value) in _FROZEN or (type(value) is tuple and all(map(_frozen, value)))
+
+
 def _pack_json(message: dict[str, Any]) -> bytes:
-    line = _encode(message) + "\n"
+    return _utf8(_encode(message) + "\n")
+
+
+def _utf8(line: str) -> bytes:
     try:
         return line.encode()
     except UnicodeEncodeError:  # lone surrogates, which UTF-8 cannot carry
@@ -98,22 +147,27 @@ class MonitoringClient:
                 self._report("config", ValueError(f"ignoring malformed MONITORING_SIDECAR={sidecar!r}"))
         self.encoding = "json"
         self._pack: Callable[[dict[str, Any]], bytes] = _pack_json
+        self._binary = False  # True: messages are dicts packed by self._pack, not JSON text
         if encoding == "msgpack":
             try:
                 import msgpack  # type: ignore
                 self._pack, self.encoding = functools.partial(msgpack.packb, default=str), "msgpack"
+                self._binary = True
             except ImportError as exc:
                 self._report("config", exc)
         self._max_messages, self._max_bytes = max_messages, max_bytes
         self._connect_timeout, self._atexit_timeout = connect_timeout, atexit_timeout
-        self._context: dict[str, Any] = {}
+        context: dict[str, Any] = {}
         try:
             seeded = json.loads(os.environ.get("MONITORING_CONTEXT") or "{}")
-            self._context = seeded if isinstance(seeded, dict) else {}
+            context = seeded if isinstance(seeded, dict) else {}
         except ValueError as exc:
             self._report("config", exc)
+        self._owned = set(context)  # keys whose values were parsed here: nothing else can change them
+        self._set_context(context)
         match = _TRACEPARENT.fullmatch(os.environ.get("TRACEPARENT", "").strip().lower())
         self._remote: tuple[str, str] | None = match.groups() if match else None  # type: ignore[assignment]
+        self._remote_ids = _ids_json(*self._remote) if self._remote else ""
         self._spans: dict[str, _Span] = {}
         self._active: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
             f"monitoring_sdk_spans_{id(self)}", default=())
@@ -124,7 +178,7 @@ class MonitoringClient:
     def _reset_io(self) -> None:
         """Fresh lock, queue, counters and no socket or thread: at construction and in a forked child."""
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)  # the sender waits here for work
+        self._bell: queue.SimpleQueue[None] = queue.SimpleQueue()  # wakes the sender when it waits
         self._drained = threading.Condition(self._lock)  # flush() waits here
         self._queue: deque[bytes] = deque()
         self._queued_bytes = self._in_flight = 0
@@ -134,13 +188,30 @@ class MonitoringClient:
         self._kick = self._abandon = self._idle = False
         self._retry_at = 0.0
 
+    @property
+    def source(self) -> Any:
+        return self._source
+
+    @source.setter
+    def source(self, value: Any) -> None:
+        self._source = value
+        self._heads = self._make_heads(value) if type(value) is str else None  # else encoded per call
+
     # -- public API ------------------------------------------------------------------------------
 
     def log_event(self, level: str, message: str, context: Mapping[str, Any] | None = None) -> None:
         """Log an event; ``level`` is debug, info, warning ("warn" accepted), error or critical."""
         try:
-            level = str(level).lower()
-            self._emit("event", {"level": "warning" if level == "warn" else level, "message": str(message)}, context)
+            if self._binary:
+                level = str(level).lower()
+                self._emit("event", {"level": "warning" if level == "warn" else level, "message": str(message)},
+                           context)
+                return
+            head = _LEVELS.get(level) if type(level) is str else None
+            if head is None:
+                level = str(level).lower()
+                head = f'{{"level":{_esc("warning" if level == "warn" else level)},"message":'
+            self._emit_json(_EVENT, f"{head}{_esc(str(message))}}}", context)
         except Exception as exc:
             self._fail(exc)
 
@@ -148,29 +219,60 @@ class MonitoringClient:
                    tags: Mapping[str, Any] | None = None) -> None:
         """Log a numeric metric; tag values are sent as strings."""
         try:
-            data: dict[str, Any] = {"name": str(name), "value": _number(value)}
+            if self._binary:
+                data: dict[str, Any] = {"name": str(name), "value": _number(value)}
+                if unit is not None:
+                    data["unit"] = str(unit)
+                if tags:
+                    data["tags"] = {str(k): str(v) for k, v in tags.items()}
+                self._emit("metric", data)
+                return
+            name = _esc(str(name))
+            value = _int_repr(value) if type(value) is int else _num_json(value)
+            text = f'{{"name":{name},"value":{value}'
             if unit is not None:
-                data["unit"] = str(unit)
+                text = f'{text},"unit":{_esc(str(unit))}'
             if tags:
-                data["tags"] = {str(k): str(v) for k, v in tags.items()}
-            self._emit("metric", data)
+                part: str | None = ""
+                if type(tags) is dict:  # str keys stay distinct through str(); others may collide
+                    for k, v in tags.items():
+                        if type(k) is not str:
+                            part = None
+                            break
+                        part = f"{part},{_esc(k)}:{_esc(str(v))}"
+                else:
+                    part = None
+                if part is None:
+                    part = "," + _encode({str(k): str(v) for k, v in tags.items()})[1:-1]
+                text = f'{text},"tags":{{{part[1:]}}}'
+            self._emit_json(_METRIC, f"{text}}}")
         except Exception as exc:
             self._fail(exc)
 
     def log_progress(self, job_id: str, percent: float, status: str = "running") -> None:
         """Report progress of a job, ``percent`` from 0 to 100."""
         try:
-            self._emit("progress", {"job_id": str(job_id), "percent": _number(percent), "status": str(status)})
+            if self._binary:
+                self._emit("progress", {"job_id": str(job_id), "percent": _number(percent), "status": str(status)})
+                return
+            self._emit_json(_PROGRESS, f'{{"job_id":{_esc(str(job_id))},"percent":{_num_json(percent)}'
+                                       f',"status":{_esc(str(status))}}}')
         except Exception as exc:
             self._fail(exc)
 
     def log_resource(self, cpu_percent: float | None = None, memory_mb: float | None = None,
                      disk_io_mb: float | None = None, network_io_mb: float | None = None) -> None:
         """Report resource usage; values left as None are omitted."""
-        values = {"cpu_percent": cpu_percent, "memory_mb": memory_mb, "disk_io_mb": disk_io_mb,
-                  "network_io_mb": network_io_mb}
+        values = (cpu_percent, memory_mb, disk_io_mb, network_io_mb)
         try:
-            self._emit("resource", {k: _number(v) for k, v in values.items() if v is not None})
+            if self._binary:
+                self._emit("resource", {k: _number(v) for k, v in zip(_RESOURCES, values) if v is not None})
+                return
+            text = ""
+            for key, value in zip(_RESOURCES, values):
+                if value is not None:
+                    text += ',"' + key + '":' + _num_json(value)
+            self._emit_json(_RESOURCE, "{" + text[1:] + "}")
         except Exception as exc:
             self._fail(exc)
 
@@ -184,10 +286,15 @@ class MonitoringClient:
         try:
             current = self._current()
             trace_id, parent = current if current else (os.urandom(16).hex(), None)
-            self._spans[span_id] = (str(name), trace_id, parent, time.perf_counter())
+            name = str(name)
+            self._spans[span_id] = (name, trace_id, parent, time.perf_counter(), _ids_json(trace_id, span_id))
             self._active.set(tuple(s for s in self._active.get() if s in self._spans) + (span_id,))
             self._export_traceparent()
-            self._emit("span", {"name": str(name), "phase": "start"}, ids=(trace_id, span_id, parent))
+            if self._binary:
+                self._emit("span", {"name": name, "phase": "start"}, ids=(trace_id, span_id, parent))
+            else:
+                self._emit_json(_SPAN, '{"name":' + _esc(name) + ',"phase":"start"}', None,
+                                _ids_json(trace_id, span_id, parent))
         except Exception as exc:
             self._fail(exc)
         return span_id
@@ -195,14 +302,19 @@ class MonitoringClient:
     def end_span(self, span_id: str, status: str = "success") -> None:
         """End a span started with :meth:`start_span`, with its duration in milliseconds."""
         try:
-            name, trace_id, parent, started = self._spans.pop(span_id)
+            name, trace_id, parent, started, _ = self._spans.pop(span_id)
             duration_ms = round((time.perf_counter() - started) * 1000, 3)
             stack = self._active.get()
             if span_id in stack:
                 self._active.set(tuple(s for s in stack if s != span_id))
             self._export_traceparent()
-            self._emit("span", {"name": name, "phase": "end", "status": str(status), "duration_ms": duration_ms},
-                       ids=(trace_id, span_id, parent))
+            if self._binary:
+                self._emit("span", {"name": name, "phase": "end", "status": str(status), "duration_ms": duration_ms},
+                           ids=(trace_id, span_id, parent))
+            else:
+                self._emit_json(_SPAN, '{"name":' + _esc(name) + ',"phase":"end","status":' + _esc(str(status))
+                                + ',"duration_ms":' + _num_json(duration_ms) + "}", None,
+                                _ids_json(trace_id, span_id, parent))
         except Exception as exc:
             self._fail(exc)
 
@@ -248,7 +360,8 @@ class MonitoringClient:
             context = {k: v for k, v in self._context.items() if k != key}
             if value is not None:
                 context[key] = value
-            self._context = context
+            self._owned.discard(key)
+            self._set_context(context)
         try:
             if context:
                 os.environ["MONITORING_CONTEXT"] = _encode(context)
@@ -264,7 +377,7 @@ class MonitoringClient:
         """
         with self._lock:
             self._kick = True
-            self._wake.notify()
+            self._bell.put(None)
             return self._drained.wait_for(lambda: not self._queue and not self._in_flight, timeout)
 
     def close(self, timeout: float = 2.0) -> bool:
@@ -275,7 +388,7 @@ class MonitoringClient:
         """
         with self._lock:
             self._closed = True
-            self._wake.notify()
+            self._bell.put(None)
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -295,6 +408,27 @@ class MonitoringClient:
 
     # -- message building (caller's thread) ------------------------------------------------------
 
+    @staticmethod
+    def _make_heads(source: Any) -> tuple[str, ...]:
+        """Each message type's opening up to the timestamp's value, ``{"source":...,"timestamp":"``."""
+        encoded = _encode(source)
+        return tuple(f'{{"source":{encoded},"type":"{kind}","timestamp":"' for kind in _KINDS)
+
+    def _set_context(self, context: dict[str, Any]) -> None:
+        """Install a new context dict (never changed afterwards) with its JSON, encoded once when
+        its values cannot change behind our back; else they are encoded per message, as before."""
+        state: tuple[dict[str, Any], str | None, str | None] = (context, None, None)
+        if not context:
+            state = (context, "", '"context":{')
+        elif all(k in self._owned or _frozen(v) for k, v in context.items()):
+            try:
+                inner = _encode(context)[1:-1]
+                state = (context, '"context":{' + inner + "},", '"context":{' + inner + ",")
+            except Exception:  # e.g. NaN: every message fails to encode, as it always did
+                pass
+        self._context = context
+        self._ctx = state  # read by callers in one go: the dict and its JSON always match
+
     def _current(self) -> tuple[str, str] | None:
         """(trace_id, span_id) of the innermost active span of this thread, else the remote parent."""
         stack = self._active.get()
@@ -306,6 +440,15 @@ class MonitoringClient:
                 return span[1], span_id
         return self._remote
 
+    def _current_ids(self, stack: tuple[str, ...]) -> str:
+        """The JSON ids fragment of the innermost live span of ``stack``, else the remote parent's."""
+        spans = self._spans
+        for span_id in reversed(stack):
+            span = spans.get(span_id)
+            if span is not None:
+                return span[4]
+        return self._remote_ids
+
     def _export_traceparent(self) -> None:
         current = self._current()
         if current:
@@ -313,9 +456,50 @@ class MonitoringClient:
         else:
             os.environ.pop("TRACEPARENT", None)
 
+    def _emit_json(self, kind: int, data: str, context: Mapping[str, Any] | None = None,
+                   ids: str | None = None) -> None:
+        """Assemble and offer one JSON line; ``data`` is the message's encoded ``data`` object."""
+        sec, ms = divmod(_time_ns() // 1000000, 1000)
+        cached = _ts_cache
+        stamp = (cached[1] if cached[0] == sec else _second(sec)) + _MILLIS[ms]
+        if ids is None:
+            stack = self._active.get()
+            ids = self._current_ids(stack) if stack else self._remote_ids
+        state = self._ctx
+        if context and type(context) is not dict:
+            context = {**context}  # as a merge reads it; empty: no call context
+        if context:
+            base, _, text = state
+            merged: str | None = None
+            if text is not None:
+                for k, v in context.items():  # new keys follow the encoded ones, as after a merge
+                    if type(k) is not str or k in base:
+                        break
+                    if type(v) is str:
+                        v = _esc(v)
+                    elif type(v) is int:
+                        v = _int_repr(v)
+                    else:
+                        break
+                    text = f"{text}{_esc(k)}:{v},"
+                else:
+                    merged = f"{text[:-1]}}},"
+            if merged is None:  # a key of set_context overridden, a value of another type, values that may change
+                merged = f'"context":{_encode({**base, **context})},'
+        else:
+            merged = state[1]
+            if merged is None:  # values that may change: encoded per message
+                merged = '"context":' + _encode(state[0]) + ","
+        line = f'{(self._heads or self._make_heads(self._source))[kind]}{stamp}{ids}{merged}"data":{data}}}\n'
+        try:
+            self._offer(line.encode())
+        except UnicodeEncodeError:  # lone surrogates, which UTF-8 cannot carry
+            self._offer(line.encode("utf-8", "replace"))
+
     def _emit(self, kind: str, data: dict[str, Any], context: Mapping[str, Any] | None = None,
               ids: tuple[str, str, str | None] | None = None) -> None:
-        message: dict[str, Any] = {"source": self.source, "type": kind, "timestamp": _timestamp()}
+        """The message as a dict, packed by ``self._pack`` (MessagePack)."""
+        message: dict[str, Any] = {"source": self._source, "type": kind, "timestamp": _timestamp()}
         if ids is not None:
             message["trace_id"], message["span_id"] = ids[0], ids[1]
             if ids[2]:
@@ -324,36 +508,44 @@ class MonitoringClient:
             current = self._current()
             if current:
                 message["trace_id"], message["span_id"] = current
-        merged = {**self._context, **context} if context else self._context
+        base = self._ctx[0]
+        merged = {**base, **context} if context else base
         if merged:
             message["context"] = merged
         message["data"] = data
         self._offer(self._pack(message))
 
     def _offer(self, data: bytes) -> None:
-        with self._lock:
-            if self._closed or len(data) > self._max_bytes:
+        size = len(data)
+        lock = self._lock
+        lock.acquire()
+        try:
+            if self._closed or size > self._max_bytes:
                 self._dropped += 1
                 return
-            self._queue.append(data)
-            self._queued_bytes += len(data)
-            dropped = self._trim() if len(self._queue) > self._max_messages or \
-                self._queued_bytes > self._max_bytes else 0
-            if self._idle:  # only a sender waiting for work needs waking; notify() is not free
+            q = self._queue
+            q.append(data)
+            self._queued_bytes += size
+            dropped = self._trim() if len(q) > self._max_messages or self._queued_bytes > self._max_bytes else 0
+            if self._idle:  # only a sender waiting for work needs waking
                 self._idle = False
-                self._wake.notify()
+                self._bell.put(None)
             elif self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="monitoring-sdk-sender", daemon=True)
                 self._thread.start()
-        if dropped:
+        finally:
+            lock.release()
+        if dropped and "buffer_full" not in self._warned:
             self._warn_once("buffer_full", "buffer full: dropping the oldest messages (counted, reported later)")
 
     def _trim(self) -> int:
         """Drop the oldest messages until the queue is within bounds (lock held)."""
+        q, size, max_messages, max_bytes = self._queue, self._queued_bytes, self._max_messages, self._max_bytes
         dropped = 0
-        while len(self._queue) > self._max_messages or self._queued_bytes > self._max_bytes:
-            self._queued_bytes -= len(self._queue.popleft())
+        while len(q) > max_messages or size > max_bytes:
+            size -= len(q.popleft())
             dropped += 1
+        self._queued_bytes = size
         self._dropped += dropped
         self._unreported += dropped
         return dropped
@@ -387,13 +579,21 @@ class MonitoringClient:
         delay = _BACKOFF_START
         while not self._abandon:
             with self._lock:
-                while not self._ready():
+                ready = self._ready()
+                if ready:
+                    self._idle = False
+                    if not self._queue:  # closed and written out
+                        break
+                    self._kick = False
+                else:
                     self._idle = not self._queue  # else backing off: new messages need not wake it
-                    self._wake.wait(max(0.0, self._retry_at - time.monotonic()) if self._queue else None)
-                self._idle = False
-                if not self._queue:  # closed and written out
-                    break
-                self._kick = False
+                    wait = max(0.0, self._retry_at - time.monotonic()) if self._queue else None
+            if not ready:
+                try:  # a message offered to an idle sender, flush() or close() rings the bell
+                    self._bell.get(timeout=wait)
+                except queue.Empty:
+                    pass
+                continue
             sock = self._sock or self._connect()
             if sock is not None and self._write_batch(sock):
                 delay = _BACKOFF_START
