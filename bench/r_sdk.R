@@ -3,14 +3,16 @@
 #
 #   Rscript bench/r_sdk.R [calls per case, default 20000]
 #
-# Loads the SDK from sdk_clients/r/R (no install needed); needs r-cran-jsonlite.
+# Uses the package built from sdk_clients/r (sdk_clients/r/dev-load.R: R CMD INSTALL into
+# sdk_clients/r/build/ when the sources changed); needs r-base-dev and r-cran-jsonlite. Each
+# timing is of the public call as a user makes it, garbage collections included.
 
 args <- commandArgs(trailingOnly = TRUE)
 calls <- if (length(args)) as.integer(args[[1]]) else 20000L
 script <- normalizePath(sub("^--file=", "", grep("^--file=", commandArgs(FALSE), value = TRUE)[[1]]))
-sdk <- new.env()
-for (f in sort(list.files(file.path(dirname(script), "..", "sdk_clients", "r", "R"), full.names = TRUE)))
-  sys.source(f, envir = sdk)
+source(file.path(dirname(script), "..", "sdk_clients", "r", "dev-load.R"))
+suppressPackageStartupMessages(
+  library(monitoringsdk, lib.loc = monitoringsdk_dev_lib(file.path(dirname(script), "..", "sdk_clients", "r"))))
 
 free_port <- function() {
   repeat {
@@ -25,8 +27,8 @@ drain_code <- 'a <- commandArgs(TRUE); srv <- serverSocket(as.integer(a[[1]]));
   repeat { x <- readBin(con, "raw", 1048576L); if (!length(x)) break }'
 
 measure <- function(mon, what) {
-  f <- if (what == "log_event") function(i) sdk$log_event(mon, "info", "row batch loaded", list(batch = "b-1"))
-       else function(i) sdk$log_metric(mon, "rows_loaded", i, "count", list(table = "orders"))
+  f <- if (what == "log_event") function(i) log_event(mon, "info", "row batch loaded", list(batch = "b-1"))
+       else function(i) log_metric(mon, "rows_loaded", i, "count", list(table = "orders"))
   for (i in seq_len(1000)) f(i)  # warm up (byte compilation, caches)
   t <- numeric(calls)
   clock <- function() as.double(Sys.time())
@@ -45,16 +47,16 @@ Sys.setenv(MONITORING_SIDECAR = sprintf("127.0.0.1:%d", port))
 system2(file.path(R.home("bin"), "Rscript"), c("-e", shQuote(drain_code), port, ready), wait = FALSE)
 deadline <- Sys.time() + 20
 while (!file.exists(ready) && Sys.time() < deadline) Sys.sleep(0.05)
-mon <- sdk$monitoring_client("bench", on_error = function(problem) NULL)
+mon <- monitoring_client("bench", on_error = function(problem) NULL)
 for (what in c("log_event", "log_metric")) rows[[length(rows) + 1]] <- c("sidecar up", what, measure(mon, what))
-up_stats <- sdk$statistics(mon)
-invisible(sdk$close.monitoring_client(mon))
+up_stats <- statistics(mon)
+invisible(close(mon))
 
 Sys.setenv(MONITORING_SIDECAR = sprintf("127.0.0.1:%d", free_port()))
-mon <- sdk$monitoring_client("bench", on_error = function(problem) NULL)
+mon <- monitoring_client("bench", on_error = function(problem) NULL)
 for (what in c("log_event", "log_metric")) rows[[length(rows) + 1]] <- c("sidecar down", what, measure(mon, what))
-down_stats <- sdk$statistics(mon)
-invisible(sdk$close.monitoring_client(mon, timeout = 0))
+down_stats <- statistics(mon)
+invisible(close(mon, timeout = 0))
 
 cat(sprintf("R SDK per-call latency, %d calls per case (%s; load average %s)\n", calls, R.version.string,
             tryCatch(strsplit(readLines("/proc/loadavg"), " ")[[1]][1], error = function(e) "?")))

@@ -3,13 +3,14 @@
 #
 #   Rscript sdk_clients/r/conformance-driver.R SCENARIO.json
 #
-# The SDK is loaded from the R/ files next to this script, so no install step is needed; only
-# jsonlite (Debian: r-cran-jsonlite).
+# The package is built from the sources next to this script (dev-load.R: R CMD INSTALL into
+# sdk_clients/r/build/, once per version of the sources) and loaded from there; it needs
+# r-base-dev and r-cran-jsonlite.
 
 main <- function(path) {
   here <- dirname(normalizePath(sub("^--file=", "", grep("^--file=", commandArgs(FALSE), value = TRUE)[[1]])))
-  sdk <- new.env()
-  for (f in sort(list.files(file.path(here, "R"), pattern = "[.]R$", full.names = TRUE))) sys.source(f, envir = sdk)
+  source(file.path(here, "dev-load.R"), local = TRUE)
+  sdk <- asNamespace(loadNamespace("monitoringsdk", lib.loc = monitoringsdk_dev_lib(here)))
 
   scenario <- jsonlite::fromJSON(path, simplifyVector = FALSE)
   mon <- sdk$monitoring_client(scenario$source)
