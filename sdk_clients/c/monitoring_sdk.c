@@ -1,10 +1,15 @@
 /* monitoring_sdk.c: see monitoring_sdk.h. C99, libc and pthreads only.
  *
- * A call encodes its JSON line (the envelope under the client's mutex, because it reads the
- * context and the span table; its own data outside it) and appends it to a ring of at most
- * MON_MAX_MESSAGES / MON_MAX_BYTES, dropping the oldest when full. One sender thread per client,
- * started by the first message, connects, writes batches with sendmsg(MSG_NOSIGNAL) on a
- * non-blocking socket, and puts back at the front what a failed write did not get out whole.
+ * A call encodes its message on the stack (the `data` part and the start of the envelope
+ * outside the client's mutex; the timestamp, span ids and context under it, because they read
+ * shared state) and copies it into a byte ring that mon_init allocated and touched: no
+ * allocation (unless the message is over about 1 KiB) and, in the usual case, no system call
+ * on the calling path; only waking an idle sender, or waiting for a mutex whose holder was
+ * descheduled, enters the kernel. The ring keeps at most MON_MAX_MESSAGES / MON_MAX_BYTES
+ * queued and drops the oldest whole messages when full. One sender thread per client, started
+ * by the first message, connects, takes the queued messages as one contiguous span of the ring
+ * (two pieces when it wraps) and writes them with one sendmsg(MSG_NOSIGNAL) on a non-blocking
+ * socket; what a failed write did not get out whole goes back to the front of the queue.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "monitoring_sdk.h"
@@ -31,30 +36,56 @@
 #define BACKOFF_MIN_NS 100000000LL /* 0.1 s, doubling up to 30 s */
 #define BACKOFF_MAX_NS 30000000000LL
 #define CONNECT_TIMEOUT_MS 1000
-#define BATCH_MAX 256              /* messages per sendmsg() round; +1 for the drop report */
-#define BATCH_BYTES (256 * 1024)
-#define LINGER_NS 1000000LL     /* after a batch the sender waits 1 ms for more before it idles,
-                                   so a busy caller rarely pays for waking it */
+#define BATCH_BYTES (256 * 1024)   /* bytes per write (a larger single message goes alone) ... */
+#define BATCH_MAX 1024             /* ... and messages */
+#define LINGER_NS 1000000LL        /* after a write the sender waits 1 ms for more before it idles,
+                                      so a busy caller rarely pays for waking it; and while fewer
+                                      than COALESCE_BYTES are queued, so that it writes less often */
+#define COALESCE_BYTES (16 * 1024)
 #define POLL_MS 250                /* a write blocked on a full socket rechecks close() this often */
+#define SPIN_TRIES 64              /* trylock attempts before sleeping on the mutex */
+#define STACK_BYTES 1024           /* per-call encoding buffers live on the stack up to this */
 
-typedef struct { char *p; size_t len; } msg_t;
-typedef struct { char *p; size_t len, cap; int oom, big; } buf_t;
+typedef struct { char *p; size_t len, cap; int oom, big, stack; } buf_t; /* stack: p is not ours */
 typedef struct { char *key; size_t klen; char *val; } ctx_t; /* val: encoded JSON text */
 typedef struct { char id[17], trace[33], parent[17]; char *name; int64_t t0; pthread_t thread; } span_t;
 
+/* The queue. Byte positions (qh, wr, fpos) and message positions (lq, lw, fl) only grow (until
+ * the queue is empty and nothing is pinned: then they restart at 0); a position's place in
+ * ring[] or lens[] is the position modulo cap or lcap, and a message may wrap around the end.
+ * Queued messages are [qh, wr) in ring[] and [lq, lw) in lens[] (one length per message).
+ * While the sender writes, the messages it took, [fpos, fpos+fbytes) and [fl, fl+fn), are
+ * "pinned": callers may drop queued messages but never reuse pinned space, so the sender reads
+ * them without the lock. Everything live lies in [rd, wr) with wr - rd <= cap, rd being fpos
+ * when pinned, qh otherwise. cap is the byte bound plus one batch (at most one whole message),
+ * so the bounds, not the ring's size, decide what is dropped (unless, while one write is in
+ * progress, callers drop more than that much: then a new message may find no room). */
 struct mon_client {
     pthread_mutex_t lock;
     pthread_cond_t wake, drained, done_cv;
-    char *source, *host;
-    int port;
+    char *source, *host, *source_json; /* source_json: the encoded string, quotes included */
+    size_t source_json_len;
+    int port, source_big;
     ctx_t *ctx;
     size_t nctx;
+    char *ctx_obj; /* the context as one JSON object ({...}), or NULL: not built (out of memory) */
+    size_t ctx_obj_len;
     span_t *spans;
     size_t nspans, capspans;
     char remote_trace[33], remote_span[17];
     uint64_t rng;
-    msg_t *ring, *batch;
-    size_t head, count, bytes, in_flight, nbatch; /* nbatch: taken by the sender, report included */
+    int64_t ts_sec;   /* the second that ts_text holds ("YYYY-MM-DDTHH:MM:SS.) */
+    char ts_text[22];
+    char *ring;
+    uint32_t *lens;   /* message lengths */
+    uint64_t cap, lcap, max_msgs, max_bytes;
+    uint64_t qh, wr, lq, lw, qbytes;
+    int pinned;
+    uint64_t fpos, fbytes, fl, fn;
+    size_t in_flight;                  /* messages the sender holds: pinned ones or rest */
+    buf_t rest, rep;                   /* sender's: a message cut by a full socket; drop report */
+    size_t rest_off, rep_off;          /* how much of each is written */
+    uint64_t rep_count;                /* drops that rep reports */
     int fd, started, idle, kick, closing, abandon, done, detached, warned;
     pthread_t thread;
     int64_t retry_at;
@@ -64,9 +95,32 @@ struct mon_client {
     mon_client *next; /* registry of live clients, for fork */
 };
 
+/* Sizes of a client's queue; mon_init uses the header's, the tests small ones. */
+typedef struct { uint64_t ring_bytes, max_msgs, max_bytes; } ring_cfg;
+
 static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t reg_once = PTHREAD_ONCE_INIT;
 static mon_client *reg_head;
+
+static void cpu_relax(void) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __asm__ __volatile__("pause");
+#elif defined(__GNUC__) && defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* The client's mutex. Holds are short (a memcpy), so spin a little before sleeping: a thread
+ * that sleeps on the mutex makes its holder's unlock a system call. */
+static void lock(mon_client *m) {
+    for (int i = 0; i < SPIN_TRIES; i++) {
+        if (pthread_mutex_trylock(&m->lock) == 0) return;
+        cpu_relax();
+    }
+    pthread_mutex_lock(&m->lock);
+}
+
+static void unlock(mon_client *m) { pthread_mutex_unlock(&m->lock); }
 
 /* ---- time, ids ------------------------------------------------------------------------- */
 
@@ -110,16 +164,33 @@ static void random_hex(mon_client *m, char *out, int bytes) { /* never all zeros
 
 /* ---- encoding --------------------------------------------------------------------------- */
 
+static void buf_stack(buf_t *b, char *storage, size_t n) {
+    b->p = storage;
+    b->len = 0;
+    b->cap = n;
+    b->oom = b->big = 0;
+    b->stack = 1;
+}
+
+static void buf_free(buf_t *b) {
+    if (!b->stack) free(b->p);
+    b->p = NULL;
+    b->len = b->cap = 0;
+    b->stack = 0;
+}
+
 static int grow(buf_t *b, size_t need) {
     if (b->oom || b->big) return -1;
     if (b->len + need <= b->cap) return 0;
     if (b->len + need > MON_MAX_MESSAGE_BYTES + 4096) { b->big = 1; return -1; } /* will be dropped */
     size_t cap = b->cap ? b->cap : 512;
     while (cap < b->len + need) cap *= 2;
-    char *p = realloc(b->p, cap);
+    char *p = b->stack ? malloc(cap) : realloc(b->p, cap);
     if (!p) { b->oom = 1; return -1; }
+    if (b->stack) memcpy(p, b->p, b->len);
     b->p = p;
     b->cap = cap;
+    b->stack = 0;
     return 0;
 }
 
@@ -183,16 +254,21 @@ static void put_str(buf_t *b, const char *s) { put_strn(b, s ? s : "", s ? strle
 /* Integers without a fraction; others in the fewest digits that read back as the same double. */
 static void put_num(buf_t *b, double v) {
     char s[40];
-    if (fabs(v) < 9007199254740992.0 && (double)(long long)v == v) {
-        snprintf(s, sizeof s, "%lld", (long long)v);
-    } else {
-        for (int prec = 15; prec <= 17; prec++) {
-            snprintf(s, sizeof s, "%.*g", prec, v);
-            if (strtod(s, NULL) == v) break;
-        }
-        for (char *p = s; *p; p++) /* a locale's decimal comma is not JSON */
-            if (!strchr("0123456789eE+-", *p)) *p = '.';
+    if (fabs(v) < 9007199254740992.0 && (double)(long long)v == v) { /* as "%lld", without printf */
+        long long x = (long long)v;
+        unsigned long long u = x < 0 ? 0ULL - (unsigned long long)x : (unsigned long long)x;
+        size_t i = sizeof s;
+        do s[--i] = (char)('0' + u % 10); while ((u /= 10) != 0);
+        if (x < 0) s[--i] = '-';
+        put(b, s + i, sizeof s - i);
+        return;
     }
+    for (int prec = 15; prec <= 17; prec++) {
+        snprintf(s, sizeof s, "%.*g", prec, v);
+        if (strtod(s, NULL) == v) break;
+    }
+    for (char *p = s; *p; p++) /* a locale's decimal comma is not JSON */
+        if (!strchr("0123456789eE+-", *p)) *p = '.';
     puts_(b, s);
 }
 
@@ -200,12 +276,14 @@ static void put_digits(char *p, long v, int n) {
     while (n--) { p[n] = (char)('0' + v % 10); v /= 10; }
 }
 
-static void put_timestamp(buf_t *b) { /* RFC 3339 UTC, ms; civil date computed (no tz lock) */
-    int64_t ms = now_ns(CLOCK_REALTIME) / 1000000, days = ms / 86400000, sod = ms % 86400000;
+/* "YYYY-MM-DDTHH:MM:SS.mmmZ" with its quotes (26 bytes): RFC 3339 UTC, the civil date computed
+ * (no tz lock). */
+static void format_timestamp(char t[26], int64_t ms) {
+    int64_t days = ms / 86400000, sod = ms % 86400000;
     int64_t z = days + 719468, era = (z >= 0 ? z : z - 146096) / 146097, doe = z - era * 146097;
     int64_t yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365, doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     int64_t mp = (5 * doy + 2) / 153, d = doy - (153 * mp + 2) / 5 + 1, mo = mp < 10 ? mp + 3 : mp - 9;
-    char t[] = "\"0000-00-00T00:00:00.000Z\"";
+    memcpy(t, "\"0000-00-00T00:00:00.000Z\"", 26);
     put_digits(t + 1, (long)(yoe + era * 400 + (mo <= 2)), 4);
     put_digits(t + 6, (long)mo, 2);
     put_digits(t + 9, (long)d, 2);
@@ -213,7 +291,28 @@ static void put_timestamp(buf_t *b) { /* RFC 3339 UTC, ms; civil date computed (
     put_digits(t + 15, (long)(sod / 60000 % 60), 2);
     put_digits(t + 18, (long)(sod / 1000 % 60), 2);
     put_digits(t + 21, (long)(sod % 1000), 3);
-    put(b, t, sizeof t - 1);
+}
+
+static void put_timestamp(buf_t *b) {
+    char t[26];
+    format_timestamp(t, now_ns(CLOCK_REALTIME) / 1000000);
+    put(b, t, sizeof t);
+}
+
+/* The same from a per-client cache of the formatted second (lock held): only the
+ * milliseconds are formatted per call. */
+static void put_timestamp_cached(mon_client *m, buf_t *b, int64_t ms) {
+    char t[26];
+    if (ms / 1000 != m->ts_sec) {
+        format_timestamp(t, ms);
+        memcpy(m->ts_text, t, 21);
+        m->ts_sec = ms / 1000;
+    } else {
+        memcpy(t, m->ts_text, 21);
+        put_digits(t + 21, (long)(ms % 1000), 3);
+        memcpy(t + 24, "Z\"", 2);
+    }
+    put(b, t, sizeof t);
 }
 
 /* Writes the entries of kv (NULL-key terminated) whose value is set, whose key appears in no
@@ -379,13 +478,22 @@ static void put_ctx_object(buf_t *b, const ctx_t *c, size_t n) {
     put(b, "}", 1);
 }
 
-static void export_context(mon_client *m) { /* setenv is process-wide: a child joins the job */
+/* Rebuilds the cached context object that every message copies (lock held). */
+static void ctx_cache(mon_client *m) {
     buf_t b = {0};
     put_ctx_object(&b, m->ctx, m->nctx);
     put(&b, "", 1);
+    free(m->ctx_obj);
+    m->ctx_obj = NULL;
+    m->ctx_obj_len = 0;
+    if (b.oom || b.big) { free(b.p); return; } /* messages then merge the context themselves */
+    m->ctx_obj = b.p;
+    m->ctx_obj_len = b.len - 1;
+}
+
+static void export_context(mon_client *m) { /* setenv is process-wide: a child joins the job */
     if (!m->nctx) unsetenv("MONITORING_CONTEXT");
-    else if (!b.oom && !b.big) setenv("MONITORING_CONTEXT", b.p, 1);
-    free(b.p);
+    else if (m->ctx_obj) setenv("MONITORING_CONTEXT", m->ctx_obj, 1);
 }
 
 static span_t *current_span(mon_client *m) { /* the calling thread's innermost active span */
@@ -425,87 +533,162 @@ static void read_traceparent(mon_client *m, const char *tp) {
 /* ---- queue --------------------------------------------------------------------------------- */
 
 static void report(mon_client *m, const char *what) {
-    pthread_mutex_lock(&m->lock);
+    lock(m);
     mon_error_fn fn = m->on_error;
     void *arg = m->on_error_arg;
     int first = !m->warned;
     m->warned = 1;
     m->errors++;
-    pthread_mutex_unlock(&m->lock);
+    unlock(m);
     if (fn) fn(arg, what);
     else if (first) fprintf(stderr, "monitoring_sdk(%s): %s (further problems are counted, not printed)\n", m->source, what);
 }
 
-static void drop_front(mon_client *m) {
-    msg_t *f = &m->ring[m->head];
-    m->bytes -= f->len;
-    free(f->p);
-    m->head = (m->head + 1) % MON_MAX_MESSAGES;
-    m->count--;
+static uint64_t queued(const mon_client *m) { return m->lw - m->lq; }
+
+static void drop_front(mon_client *m) { /* lock held, queue not empty */
+    uint32_t len = m->lens[m->lq % m->lcap];
+    m->qh += len;
+    m->qbytes -= len;
+    m->lq++;
     m->dropped++;
     m->unreported++;
 }
 
+static void rewind_if_empty(mon_client *m) { /* the next message starts at ring[0]: few pages touched */
+    if (m->lq == m->lw && !m->pinned) m->qh = m->wr = m->lq = m->lw = 0;
+}
+
+static void ring_copy(mon_client *m, uint64_t pos, const char *src, size_t n) {
+    size_t off = (size_t)(pos % m->cap), room = (size_t)m->cap - off, first = n < room ? n : room;
+    memcpy(m->ring + off, src, first);
+    if (n > first) memcpy(m->ring, src + first, n - first);
+}
+
+/* Appends a and b as one message (lock held; a+b fits in cap), dropping the oldest queued
+ * messages to stay within max_msgs and max_bytes. 0 if queued. -1 if even an empty queue has no
+ * room because the sender is writing from most of the ring: then this message is dropped.
+ * *dropped_now: something was dropped. */
+static int push(mon_client *m, const char *a, size_t alen, const char *b, size_t blen, int *dropped_now) {
+    uint64_t len = (uint64_t)alen + blen;
+    while (queued(m) && (queued(m) >= m->max_msgs || m->qbytes + len > m->max_bytes)) { drop_front(m); *dropped_now = 1; }
+    for (;;) {
+        rewind_if_empty(m);
+        uint64_t rd = m->pinned ? m->fpos : m->qh, lrd = m->pinned ? m->fl : m->lq;
+        if (m->wr - rd + len <= m->cap && m->lw - lrd < m->lcap) break;
+        *dropped_now = 1;
+        if (!queued(m)) { m->dropped++; m->unreported++; return -1; }
+        drop_front(m);
+    }
+    ring_copy(m, m->wr, a, alen);
+    ring_copy(m, m->wr + alen, b, blen);
+    m->wr += len;
+    m->lens[m->lw++ % m->lcap] = (uint32_t)len;
+    m->qbytes += len;
+    return 0;
+}
+
 static void *sender_main(void *arg);
 
-static void envelope(mon_client *m, buf_t *b, const char *type, const mon_kv *ctx, const span_t *own) {
-    const span_t *cur = own ? own : current_span(m);
-    puts_(b, "{\"source\":");
-    put_str(b, m->source);
-    puts_(b, ",\"type\":\"");
-    puts_(b, type);
-    puts_(b, "\",\"timestamp\":");
-    put_timestamp(b);
-    if (cur || m->remote_trace[0]) {
-        puts_(b, ",\"trace_id\":\"");
-        puts_(b, cur ? cur->trace : m->remote_trace);
-        puts_(b, "\",\"span_id\":\"");
-        puts_(b, cur ? cur->id : m->remote_span);
-        put(b, "\"", 1);
+/* One call's message, encoded on the stack: e the envelope up to "data": (its first part
+ * outside the lock, the rest by head()), d the data, f the call's own context entries. */
+typedef struct {
+    buf_t e, d, f;
+    int64_t ms;
+    const mon_kv *ctx;
+    char es[STACK_BYTES], ds[STACK_BYTES], fs[STACK_BYTES / 2];
+} call_t;
+
+static void call_begin(mon_client *m, call_t *c, const char *type, const mon_kv *ctx) {
+    int first = 1;
+    buf_stack(&c->e, c->es, sizeof c->es);
+    buf_stack(&c->d, c->ds, sizeof c->ds);
+    buf_stack(&c->f, c->fs, sizeof c->fs);
+    c->ctx = ctx;
+    c->e.big = m->source_big;
+    put(&c->e, "{\"source\":", 10);
+    put(&c->e, m->source_json, m->source_json_len);
+    puts_(&c->e, ",\"type\":\"");
+    puts_(&c->e, type);
+    puts_(&c->e, "\",\"timestamp\":");
+    put_kvs(&c->f, ctx, NULL, 0, &first); /* merged with the set_context values under the lock */
+}
+
+static void call_free(call_t *c) {
+    buf_free(&c->e);
+    buf_free(&c->d);
+    buf_free(&c->f);
+}
+
+/* ,"context":{...}: the set_context values, each replaced by the call's own value for the same
+ * key, then the call's other entries (f, encoded already); nothing when both are empty. */
+static void put_context(mon_client *m, buf_t *b, const mon_kv *ctx, const buf_t *f) {
+    int over = 0;
+    if (f->oom || f->big) { b->oom |= f->oom; b->big |= f->big; return; }
+    for (size_t i = 0; f->len && !over && i < m->nctx; i++) over = kv_lookup(ctx, m->ctx[i].key, m->ctx[i].klen) != NULL;
+    if (!over && m->ctx_obj) { /* the usual case: copies */
+        if (!m->nctx && !f->len) return;
+        puts_(b, ",\"context\":");
+        if (!f->len) { put(b, m->ctx_obj, m->ctx_obj_len); return; }
+        if (m->nctx) { put(b, m->ctx_obj, m->ctx_obj_len - 1); put(b, ",", 1); }
+        else put(b, "{", 1);
+        put(b, f->p, f->len);
+        put(b, "}", 1);
+        return;
     }
-    if (own && own->parent[0]) { puts_(b, ",\"parent_span_id\":\""); puts_(b, own->parent); put(b, "\"", 1); }
     int first = 1, base = m->nctx > 0;
     for (size_t i = 0; i < m->nctx; i++) { /* the call's context wins over set_context values */
-        const char *over = kv_lookup(ctx, m->ctx[i].key, m->ctx[i].klen);
+        const char *v = kv_lookup(ctx, m->ctx[i].key, m->ctx[i].klen);
         puts_(b, first ? ",\"context\":{" : ",");
         first = 0;
         put_strn(b, m->ctx[i].key, m->ctx[i].klen);
         put(b, ":", 1);
-        if (over) put_str(b, over); else puts_(b, m->ctx[i].val);
+        if (v) put_str(b, v); else puts_(b, m->ctx[i].val);
     }
     size_t mark = b->len;
     if (!base) puts_(b, ",\"context\":{");
     put_kvs(b, ctx, m->ctx, m->nctx, &first);
     if (first) b->len = mark; /* no context at all: no key */
     else put(b, "}", 1);
+}
+
+/* The envelope's part that reads shared state (lock held): timestamp, trace, context. own: the
+ * span a span message is about. */
+static void head(mon_client *m, call_t *c, const span_t *own) {
+    buf_t *b = &c->e;
+    const span_t *cur = own ? own : current_span(m);
+    put_timestamp_cached(m, b, c->ms);
+    if (cur || m->remote_trace[0]) {
+        puts_(b, ",\"trace_id\":\"");
+        put(b, cur ? cur->trace : m->remote_trace, 32);
+        puts_(b, "\",\"span_id\":\"");
+        put(b, cur ? cur->id : m->remote_span, 16);
+        put(b, "\"", 1);
+    }
+    if (own && own->parent[0]) { puts_(b, ",\"parent_span_id\":\""); put(b, own->parent, 16); put(b, "\"", 1); }
+    put_context(m, b, c->ctx, &c->f);
     puts_(b, ",\"data\":");
 }
 
-static void begin(mon_client *m, buf_t *b, const char *type, const mon_kv *ctx) {
-    memset(b, 0, sizeof *b);
-    pthread_mutex_lock(&m->lock);
-    envelope(m, b, type, ctx, NULL);
-    pthread_mutex_unlock(&m->lock);
-}
-
-/* Closes the message and offers it to the queue. */
-static int finish(mon_client *m, buf_t *b) {
+/* Closes the message and offers it to the queue, with head() unless headed (span calls, which
+ * wrote it while changing the span table). Frees c. */
+static int commit(mon_client *m, call_t *c, int headed) {
     const char *problem = NULL;
     int rc = 0, dropped_now = 0;
-    puts_(b, "}}\n");
-    pthread_mutex_lock(&m->lock);
-    if (b->oom || b->big || b->len > MON_MAX_MESSAGE_BYTES || m->closing) {
-        problem = b->oom ? "out of memory: message dropped" : m->closing ? "call during close: message dropped"
-                                                                        : "message over 1 MiB dropped";
+    put(&c->d, "}}\n", 3);
+    if (!headed) c->ms = now_ns(CLOCK_REALTIME) / 1000000;
+    lock(m);
+    if (!headed) head(m, c, NULL);
+    uint64_t len = (uint64_t)c->e.len + c->d.len, unreported = m->unreported;
+    if (c->e.oom || c->d.oom) problem = "out of memory: message dropped";
+    else if (c->e.big || c->d.big || len > MON_MAX_MESSAGE_BYTES) problem = "message over 1 MiB dropped";
+    else if (len > m->cap) problem = "message larger than the whole queue dropped";
+    else if (m->closing) problem = "call during close: message dropped";
+    if (problem) {
         m->dropped++;
-        free(b->p);
         rc = -1;
     } else {
-        uint64_t unreported = m->unreported;
-        if (m->count == MON_MAX_MESSAGES) { drop_front(m); dropped_now = 1; }
-        m->ring[(m->head + m->count++) % MON_MAX_MESSAGES] = (msg_t){b->p, b->len};
-        m->bytes += b->len;
-        while (m->bytes > MON_MAX_BYTES && m->count > 1) { drop_front(m); dropped_now = 1; }
+        rc = push(m, c->e.p, c->e.len, c->d.p, c->d.len, &dropped_now);
         if (!m->started) {
             sigset_t all, old; /* the sender never runs the host's signal handlers */
             sigfillset(&all);
@@ -519,7 +702,8 @@ static int finish(mon_client *m, buf_t *b) {
         }
         if (dropped_now && unreported == 0) problem = "buffer full: dropping the oldest messages (counted, reported later)";
     }
-    pthread_mutex_unlock(&m->lock);
+    unlock(m);
+    call_free(c);
     if (problem) report(m, problem);
     return rc;
 }
@@ -532,9 +716,9 @@ static int refuse(mon_client *m, const char *what) {
 /* ---- sender thread ------------------------------------------------------------------------- */
 
 static int abandoned(mon_client *m) {
-    pthread_mutex_lock(&m->lock);
+    lock(m);
     int a = m->abandon;
-    pthread_mutex_unlock(&m->lock);
+    unlock(m);
     return a;
 }
 
@@ -577,59 +761,95 @@ static int dial(mon_client *m, char *err, size_t errlen) {
     return fd;
 }
 
-/* Writes batch[0..n); *done = messages the sidecar got whole. A JSON line missing only its
- * newline counts: the sidecar takes an unterminated last line at EOF. */
-static int write_batch(mon_client *m, int fd, size_t n, size_t *done) {
-    size_t i = 0, off = 0;
+
+enum { W_DONE, W_BLOCKED, W_FAILED }; /* all written; the socket is full; the connection is gone */
+
+/* One non-blocking write of p1 and then p2 (either may be empty); *w: bytes written. The
+ * sidecar only talks to refuse a stream (EOF, reset or an error line), so anything to read
+ * first means the connection is gone: a restart does not swallow what we write next. */
+static int write_once(int fd, const char *p1, size_t n1, const char *p2, size_t n2, size_t *w) {
     struct pollfd p = {fd, POLLIN, 0};
+    struct iovec iov[2];
+    struct msghdr mh;
     char tmp[512];
-    if (poll(&p, 1, 0) > 0) { /* the sidecar only talks to refuse a stream: EOF, reset or an error line */
-        ssize_t r = recv(fd, tmp, sizeof tmp, MSG_DONTWAIT);
-        if (r >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) { *done = 0; return -1; }
+    ssize_t r;
+    *w = 0;
+    if (poll(&p, 1, 0) > 0) {
+        r = recv(fd, tmp, sizeof tmp, MSG_DONTWAIT);
+        if (r >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) return W_FAILED;
     }
-    while (i < n) {
-        struct iovec iov[64];
-        struct msghdr mh;
-        size_t k = 0;
-        for (size_t j = i; j < n && k < 64; j++, k++) {
-            iov[k].iov_base = m->batch[j].p + (j == i ? off : 0);
-            iov[k].iov_len = m->batch[j].len - (j == i ? off : 0);
-        }
-        memset(&mh, 0, sizeof mh);
-        mh.msg_iov = iov;
-        mh.msg_iovlen = k;
-        ssize_t w = sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (w < 0 && errno == EINTR) continue;
-        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) { /* the sidecar is not reading: wait */
-            if (abandoned(m)) break;
-            p.events = POLLOUT;
-            poll(&p, 1, POLL_MS);
-            continue;
-        }
-        if (w < 0) break;
-        for (size_t left = (size_t)w; left > 0;) {
-            size_t rest = m->batch[i].len - off;
-            if (left >= rest) { left -= rest; i++; off = 0; }
-            else { off += left; left = 0; }
-        }
-    }
-    *done = i + (i < n && off > 0 && off == m->batch[i].len - 1);
-    return i < n ? -1 : 0;
+    iov[0].iov_base = (void *)p1;
+    iov[0].iov_len = n1;
+    iov[1].iov_base = (void *)p2;
+    iov[1].iov_len = n2;
+    memset(&mh, 0, sizeof mh);
+    mh.msg_iov = iov;
+    mh.msg_iovlen = n2 ? 2 : 1;
+    do r = sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT); while (r < 0 && errno == EINTR);
+    if (r < 0) return errno == EAGAIN || errno == EWOULDBLOCK ? W_BLOCKED : W_FAILED;
+    *w = (size_t)r;
+    return *w == n1 + n2 ? W_DONE : W_BLOCKED;
 }
 
-static msg_t drop_report(mon_client *m, uint64_t count) {
-    buf_t b = {0};
+/* The drop report, into m->rep (lock held); rep.len stays 0 when memory is short. */
+static void build_report(mon_client *m) {
     char n[32];
-    puts_(&b, "{\"source\":");
-    put_str(&b, m->source);
-    puts_(&b, ",\"type\":\"metric\",\"timestamp\":");
-    put_timestamp(&b);
-    snprintf(n, sizeof n, "%llu", (unsigned long long)count);
-    puts_(&b, ",\"data\":{\"name\":\"sdk.dropped_messages\",\"value\":");
-    puts_(&b, n);
-    puts_(&b, ",\"unit\":\"count\",\"tags\":{\"reason\":\"buffer_full\"}}}\n");
-    if (b.oom) { free(b.p); return (msg_t){NULL, 0}; }
-    return (msg_t){b.p, b.len};
+    m->rep.len = 0;
+    m->rep.oom = m->rep.big = 0;
+    put(&m->rep, "{\"source\":", 10);
+    put(&m->rep, m->source_json, m->source_json_len);
+    puts_(&m->rep, ",\"type\":\"metric\",\"timestamp\":");
+    put_timestamp(&m->rep);
+    snprintf(n, sizeof n, "%llu", (unsigned long long)m->unreported);
+    puts_(&m->rep, ",\"data\":{\"name\":\"sdk.dropped_messages\",\"value\":");
+    puts_(&m->rep, n);
+    puts_(&m->rep, ",\"unit\":\"count\",\"tags\":{\"reason\":\"buffer_full\"}}}\n");
+    if (m->rep.oom || m->rep.big || m->source_big) m->rep.len = 0;
+    m->rep_off = 0;
+    m->rep_count = m->unreported;
+}
+
+/* Pins the oldest queued messages, up to BATCH_BYTES / BATCH_MAX (at least one), for the
+ * sender to write without the lock (lock held, queue not empty). */
+static void take(mon_client *m) {
+    uint64_t n = queued(m), bytes = m->qbytes;
+    if (n > BATCH_MAX || bytes > BATCH_BYTES)
+        for (n = bytes = 0; n < queued(m) && n < BATCH_MAX; n++) {
+            uint32_t len = m->lens[(m->lq + n) % m->lcap];
+            if (n > 0 && bytes + len > BATCH_BYTES) break;
+            bytes += len;
+        }
+    m->pinned = 1;
+    m->fpos = m->qh;
+    m->fbytes = bytes;
+    m->fl = m->lq;
+    m->fn = n;
+    m->qh += bytes;
+    m->lq += n;
+    m->qbytes -= bytes;
+    m->in_flight = (size_t)n;
+}
+
+/* Unpins the batch (lock held). Its messages from index g on (g_bytes into it) did not get
+ * out: they go back to the front of the queue, unless callers dropped queued messages in the
+ * meantime; these were newer, so then the batch's are dropped too. The bounds then apply as to
+ * any queue. */
+static void give_back(mon_client *m, uint64_t g, uint64_t g_bytes) {
+    if (g < m->fn) {
+        if (m->lq == m->fl + m->fn) {
+            m->lq = m->fl + g;
+            m->qh = m->fpos + g_bytes;
+            m->qbytes += m->fbytes - g_bytes;
+        } else {
+            m->dropped += m->fn - g;
+            m->unreported += m->fn - g;
+        }
+    }
+    m->pinned = 0;
+    m->in_flight = m->rest.len ? 1 : 0;
+    while (queued(m) > m->max_msgs) drop_front(m);
+    while (m->qbytes > m->max_bytes && queued(m) > 1) drop_front(m);
+    rewind_if_empty(m);
 }
 
 static void timed_wait(pthread_cond_t *cv, pthread_mutex_t *lock, int64_t deadline_ns) {
@@ -640,14 +860,30 @@ static void timed_wait(pthread_cond_t *cv, pthread_mutex_t *lock, int64_t deadli
 
 static void destroy(mon_client *m);
 
+enum { K_REPORT, K_REST, K_BATCH };
+
+/* Writes, in this order: the rest of a message the stream is in the middle of; the drop report;
+ * a message cut by a full socket, again whole after a reconnect; the queue, a batch at a time.
+ * A write either gets everything out (W_DONE), fills the socket (W_BLOCKED: a message cut in
+ * the middle is copied to m->rest, the rest of the batch goes back to the queue, and the sender
+ * waits for room without pinning anything) or fails (W_FAILED: what did not get out whole goes
+ * back, the connection is closed). A JSON line missing only its newline counts as written when
+ * the connection fails: the sidecar takes an unterminated last line at EOF. */
 static void *sender_main(void *arg) {
     mon_client *m = arg;
     int64_t delay = BACKOFF_MIN_NS, linger_until = 0;
     char err[160];
-    pthread_mutex_lock(&m->lock);
+    lock(m);
     while (!m->abandon) {
-        if (m->count == 0) {
+        int work = queued(m) || m->rest.len || m->rep.len;
+        if (work && m->qbytes < COALESCE_BYTES && !m->rest.len && !m->rep.len && !m->closing && !m->kick && m->fd >= 0 &&
+            now_ns(CLOCK_MONOTONIC) < linger_until) { /* a few messages: let more come */
+            timed_wait(&m->wake, &m->lock, linger_until);
+            continue;
+        }
+        if (!work) {
             if (m->closing) break;
+            m->kick = 0; /* a flush is over once nothing is queued */
             if (now_ns(CLOCK_MONOTONIC) < linger_until) {
                 timed_wait(&m->wake, &m->lock, linger_until);
                 continue;
@@ -663,10 +899,10 @@ static void *sender_main(void *arg) {
                 continue;
             }
             m->kick = 0;
-            pthread_mutex_unlock(&m->lock);
+            unlock(m);
             int fd = dial(m, err, sizeof err);
             if (fd < 0) report(m, err);
-            pthread_mutex_lock(&m->lock);
+            lock(m);
             if (fd < 0) {
                 if (m->closing) break;
                 m->retry_at = now_ns(CLOCK_MONOTONIC) + delay;
@@ -676,50 +912,90 @@ static void *sender_main(void *arg) {
             m->fd = fd;
             m->connections++;
         }
-        size_t n = 0, bytes = 0, done, extra = 0;
-        uint64_t reported = m->unreported;
-        if (reported && (m->batch[0] = drop_report(m, reported)).p) n = extra = 1;
-        while (m->count > 0 && n < BATCH_MAX + extra && bytes < BATCH_BYTES) {
-            msg_t f = m->ring[m->head];
-            m->head = (m->head + 1) % MON_MAX_MESSAGES;
-            m->count--;
-            m->bytes -= f.len;
-            bytes += f.len;
-            m->batch[n++] = f;
+        int fd = m->fd, kind, st;
+        const char *p1, *p2 = NULL;
+        size_t n1, n2 = 0, w;
+        if (m->rest.len && m->rest_off) kind = K_REST;
+        else if (m->rep.len || (m->unreported && (build_report(m), m->rep.len))) kind = K_REPORT;
+        else if (m->rest.len) kind = K_REST;
+        else kind = K_BATCH;
+        if (kind == K_REPORT) { p1 = m->rep.p + m->rep_off; n1 = m->rep.len - m->rep_off; }
+        else if (kind == K_REST) { p1 = m->rest.p + m->rest_off; n1 = m->rest.len - m->rest_off; }
+        else {
+            take(m);
+            size_t off = (size_t)(m->fpos % m->cap);
+            n1 = m->fbytes < m->cap - off ? (size_t)m->fbytes : (size_t)(m->cap - off);
+            p1 = m->ring + off;
+            n2 = (size_t)m->fbytes - n1;
+            p2 = m->ring;
         }
-        m->in_flight = n - extra;
-        m->nbatch = n;
-        int fd = m->fd;
-        pthread_mutex_unlock(&m->lock);
-        int rc = write_batch(m, fd, n, &done);
-        pthread_mutex_lock(&m->lock);
-        if (extra && done > 0) m->unreported -= reported;
-        m->sent += done > extra ? done - extra : 0;
-        for (size_t i = n; i-- > (done > extra ? done : extra);) { /* back to the front, in order */
-            if (m->count == MON_MAX_MESSAGES) { free(m->batch[i].p); m->dropped++; m->unreported++; continue; }
-            m->head = (m->head + MON_MAX_MESSAGES - 1) % MON_MAX_MESSAGES;
-            m->ring[m->head] = m->batch[i];
-            m->count++;
-            m->bytes += m->batch[i].len;
+        unlock(m);
+        st = write_once(fd, p1, n1, p2, n2, &w);
+        char *to_free = NULL;
+        if (kind == K_BATCH) {
+            /* the pinned messages are ours to read without the lock */
+            uint64_t d = 0, d_bytes = 0, cut_off = 0, len = 0, left = w;
+            buf_t cut = {0};
+            for (; d < m->fn; d++, d_bytes += len, left -= len)
+                if (left < (len = m->lens[(m->fl + d) % m->lcap])) { cut_off = left; break; }
+            if (st == W_BLOCKED && cut_off > 0) { /* the stream is inside message d: keep a copy */
+                if (grow(&cut, (size_t)len) == 0) {
+                    size_t off = (size_t)((m->fpos + d_bytes) % m->cap), first = m->cap - off < len ? (size_t)(m->cap - off) : (size_t)len;
+                    memcpy(cut.p, m->ring + off, first);
+                    memcpy(cut.p + first, m->ring, (size_t)len - first);
+                    cut.len = (size_t)len;
+                } else {
+                    st = W_FAILED; /* it cannot be finished: start over on a new connection */
+                    free(cut.p);
+                }
+            }
+            lock(m);
+            if (st == W_BLOCKED && cut_off > 0) {
+                m->rest = cut;
+                m->rest_off = (size_t)cut_off;
+                give_back(m, d + 1, d_bytes + len);
+            } else {
+                if (st == W_FAILED && cut_off > 0 && cut_off == len - 1) { d++; d_bytes += len; }
+                give_back(m, d, d_bytes);
+            }
+            m->sent += d;
+        } else if (kind == K_REPORT) {
+            lock(m);
+            if (st == W_DONE || (st == W_FAILED && m->rep_off + w + 1 == m->rep.len)) { m->unreported -= m->rep_count; m->rep.len = 0; }
+            else if (st == W_BLOCKED) m->rep_off += w;
+            else m->rep.len = 0; /* made again, with the count of then, after reconnecting */
+        } else {
+            lock(m);
+            if (st == W_DONE || (st == W_FAILED && m->rest_off + w + 1 == m->rest.len)) {
+                m->sent++;
+                to_free = m->rest.p;
+                memset(&m->rest, 0, sizeof m->rest);
+                m->rest_off = 0;
+                m->in_flight = 0;
+            } else if (st == W_BLOCKED) m->rest_off += w;
+            else m->rest_off = 0; /* sent whole again after reconnecting */
         }
-        while (m->bytes > MON_MAX_BYTES && m->count > 1) drop_front(m);
-        m->in_flight = m->nbatch = 0;
         pthread_cond_broadcast(&m->drained);
-        pthread_mutex_unlock(&m->lock); /* free() outside the lock: callers never wait for it */
-        for (size_t i = 0; i < done || i < extra; i++) free(m->batch[i].p);
-        pthread_mutex_lock(&m->lock);
-        if (rc == 0) {
+        if (to_free) { unlock(m); free(to_free); lock(m); } /* callers never wait for free() */
+        if (st == W_DONE) {
             delay = BACKOFF_MIN_NS;
             linger_until = now_ns(CLOCK_MONOTONIC) + LINGER_NS;
+            continue;
+        }
+        if (st == W_BLOCKED) { /* the sidecar is not reading: wait for room, nothing pinned */
+            struct pollfd p = {fd, POLLOUT, 0};
+            unlock(m);
+            poll(&p, 1, POLL_MS);
+            lock(m);
             continue;
         }
         close(m->fd);
         m->fd = -1;
         m->retry_at = now_ns(CLOCK_MONOTONIC) + delay;
         delay = delay * 2 > BACKOFF_MAX_NS ? BACKOFF_MAX_NS : delay * 2;
-        pthread_mutex_unlock(&m->lock);
+        unlock(m);
         report(m, "write to the sidecar failed; reconnecting");
-        pthread_mutex_lock(&m->lock);
+        lock(m);
     }
     if (m->fd >= 0) close(m->fd);
     m->fd = -1;
@@ -727,7 +1003,7 @@ static void *sender_main(void *arg) {
     pthread_cond_broadcast(&m->done_cv);
     pthread_cond_broadcast(&m->drained);
     int detached = m->detached;
-    pthread_mutex_unlock(&m->lock);
+    unlock(m);
     if (detached) destroy(m); /* close() gave up waiting and left the cleanup to us */
     return NULL;
 }
@@ -759,10 +1035,12 @@ static void init_conds(mon_client *m) {
 static void fork_child(void) {
     for (mon_client *m = reg_head; m; m = m->next) {
         if (m->fd >= 0) close(m->fd); /* our copy only; no shutdown() */
-        while (m->count) drop_front(m);
-        for (size_t i = 0; i < m->nbatch; i++) free(m->batch[i].p);
+        buf_free(&m->rest);
+        buf_free(&m->rep);
         m->fd = -1;
-        m->in_flight = m->nbatch = m->bytes = m->head = 0;
+        m->qh = m->wr = m->lq = m->lw = m->qbytes = 0;
+        m->pinned = 0;
+        m->in_flight = m->rest_off = m->rep_off = 0;
         m->started = m->idle = m->kick = m->done = m->warned = 0;
         m->sent = m->dropped = m->unreported = m->connections = m->errors = 0;
         m->retry_at = 0;
@@ -777,14 +1055,30 @@ static void install_atfork(void) { pthread_atfork(fork_prepare, fork_parent, for
 
 /* ---- public API ------------------------------------------------------------------------------ */
 
-mon_client *mon_init(const char *source, const char *host, int port) {
+static void destroy(mon_client *m) {
+    for (size_t i = 0; i < m->nctx; i++) { free(m->ctx[i].key); free(m->ctx[i].val); }
+    for (size_t i = 0; i < m->nspans; i++) free(m->spans[i].name);
+    pthread_mutex_destroy(&m->lock);
+    pthread_cond_destroy(&m->wake);
+    pthread_cond_destroy(&m->drained);
+    pthread_cond_destroy(&m->done_cv);
+    buf_free(&m->rest);
+    buf_free(&m->rep);
+    free(m->ctx); free(m->ctx_obj); free(m->spans); free(m->ring); free(m->lens);
+    free(m->source); free(m->source_json); free(m->host); free(m);
+}
+
+/* mon_init with the queue's sizes given (the tests use small ones). */
+static mon_client *create(const char *source, const char *host, int port, const ring_cfg *cfg) {
     pthread_once(&reg_once, install_atfork);
     mon_client *m = calloc(1, sizeof *m);
     if (!m) return NULL;
     const char *env_source = getenv("MONITORING_SOURCE"), *sidecar = getenv("MONITORING_SIDECAR");
     const char *bad = NULL, *bad_ctx = NULL;
+    buf_t sj = {0};
     m->fd = -1;
     m->port = port > 0 ? port : MON_DEFAULT_PORT;
+    m->ts_sec = INT64_MIN;
     m->source = strdup(env_source && *env_source ? env_source : source ? source : "unknown");
     m->host = strdup(host && *host ? host : MON_DEFAULT_HOST);
     if (sidecar && *sidecar) {
@@ -800,10 +1094,24 @@ mon_client *mon_init(const char *source, const char *host, int port) {
             if (nh) { free(m->host); m->host = nh; m->port = (int)p; }
         }
     }
-    m->ring = calloc(MON_MAX_MESSAGES, sizeof *m->ring);
-    m->batch = calloc(BATCH_MAX + 1, sizeof *m->batch);
-    if (!m->source || !m->host || !m->ring || !m->batch) {
-        free(m->source); free(m->host); free(m->ring); free(m->batch); free(m);
+    if (m->source) put_str(&sj, m->source);
+    m->source_json = sj.p;
+    m->source_json_len = sj.len;
+    m->source_big = sj.big; /* every message would be over the limit: all are dropped */
+    m->cap = cfg->ring_bytes;
+    m->max_msgs = cfg->max_msgs;
+    m->max_bytes = cfg->max_bytes;
+    m->lcap = 2 * cfg->max_msgs + BATCH_MAX; /* room for a batch, and for drops during its write */
+    if (m->cap > 0 && m->cap < 0x80000000u && m->cap <= (size_t)-1 && m->lcap <= (size_t)-1 / sizeof *m->lens) {
+        m->ring = malloc((size_t)m->cap);
+        m->lens = malloc((size_t)m->lcap * sizeof *m->lens);
+    }
+    if (m->ring && m->lens) { /* written now, so that no call takes a page fault on first use */
+        memset(m->ring, '\n', (size_t)m->cap); /* not 0: malloc+memset(0) may become a lazy calloc */
+        memset(m->lens, 0xff, (size_t)m->lcap * sizeof *m->lens);
+    }
+    if (!m->source || !m->host || sj.oom || !m->ring || !m->lens) {
+        free(m->source); free(m->host); free(m->source_json); free(m->ring); free(m->lens); free(m);
         return NULL;
     }
     pthread_mutex_init(&m->lock, NULL);
@@ -831,6 +1139,7 @@ mon_client *mon_init(const char *source, const char *host, int port) {
         ws(&r);
         if (!ok || r.s != r.e) bad_ctx = "ignoring MONITORING_CONTEXT: not a JSON object";
     }
+    ctx_cache(m);
     if (bad) report(m, bad);
     if (bad_ctx) report(m, bad_ctx);
     pthread_mutex_lock(&reg_lock);
@@ -840,99 +1149,107 @@ mon_client *mon_init(const char *source, const char *host, int port) {
     return m;
 }
 
+mon_client *mon_init(const char *source, const char *host, int port) {
+    /* the queue's bounds, plus room for the batch being written (at most one whole message) */
+    static const ring_cfg cfg = {MON_MAX_BYTES + MON_MAX_MESSAGE_BYTES, MON_MAX_MESSAGES, MON_MAX_BYTES};
+    return create(source, host, port, &cfg);
+}
+
 void mon_set_error_handler(mon_client *m, mon_error_fn fn, void *arg) {
     if (!m) return;
-    pthread_mutex_lock(&m->lock);
+    lock(m);
     m->on_error = fn;
     m->on_error_arg = arg;
-    pthread_mutex_unlock(&m->lock);
+    unlock(m);
 }
 
 int mon_log_event(mon_client *m, const char *level, const char *message, const mon_kv *ctx) {
     char lv[16];
     size_t n = level ? strlen(level) : 0;
-    buf_t b;
+    call_t c;
     if (!m) return -1;
     if (!level) level = "info";
     else if (n < sizeof lv) {
         for (size_t i = 0; i <= n; i++) lv[i] = (char)(level[i] >= 'A' && level[i] <= 'Z' ? level[i] + 32 : level[i]);
         level = strcmp(lv, "warn") ? lv : "warning";
     }
-    begin(m, &b, "event", ctx);
-    puts_(&b, "{\"level\":");
-    put_str(&b, level);
-    puts_(&b, ",\"message\":");
-    put_str(&b, message);
-    return finish(m, &b);
+    call_begin(m, &c, "event", ctx);
+    puts_(&c.d, "{\"level\":");
+    put_str(&c.d, level);
+    puts_(&c.d, ",\"message\":");
+    put_str(&c.d, message);
+    return commit(m, &c, 0);
 }
 
 int mon_log_metric(mon_client *m, const char *name, double value, const char *unit, const mon_kv *tags) {
-    buf_t b;
+    call_t c;
     int first = 1;
     if (!m) return -1;
     if (!isfinite(value)) return refuse(m, "log_metric: value is not a finite number");
-    begin(m, &b, "metric", NULL);
-    puts_(&b, "{\"name\":");
-    put_str(&b, name);
-    puts_(&b, ",\"value\":");
-    put_num(&b, value);
-    if (unit) { puts_(&b, ",\"unit\":"); put_str(&b, unit); }
-    size_t mark = b.len;
-    puts_(&b, ",\"tags\":{");
-    put_kvs(&b, tags, NULL, 0, &first);
-    if (first) b.len = mark;
-    else put(&b, "}", 1);
-    return finish(m, &b);
+    call_begin(m, &c, "metric", NULL);
+    puts_(&c.d, "{\"name\":");
+    put_str(&c.d, name);
+    puts_(&c.d, ",\"value\":");
+    put_num(&c.d, value);
+    if (unit) { puts_(&c.d, ",\"unit\":"); put_str(&c.d, unit); }
+    size_t mark = c.d.len;
+    puts_(&c.d, ",\"tags\":{");
+    put_kvs(&c.d, tags, NULL, 0, &first);
+    if (first) c.d.len = mark;
+    else put(&c.d, "}", 1);
+    return commit(m, &c, 0);
 }
 
 int mon_log_progress(mon_client *m, const char *job_id, double percent, const char *status) {
-    buf_t b;
+    call_t c;
     if (!m) return -1;
     if (!isfinite(percent)) return refuse(m, "log_progress: percent is not a finite number");
-    begin(m, &b, "progress", NULL);
-    puts_(&b, "{\"job_id\":");
-    put_str(&b, job_id);
-    puts_(&b, ",\"percent\":");
-    put_num(&b, percent);
-    puts_(&b, ",\"status\":");
-    put_str(&b, status ? status : "running");
-    return finish(m, &b);
+    call_begin(m, &c, "progress", NULL);
+    puts_(&c.d, "{\"job_id\":");
+    put_str(&c.d, job_id);
+    puts_(&c.d, ",\"percent\":");
+    put_num(&c.d, percent);
+    puts_(&c.d, ",\"status\":");
+    put_str(&c.d, status ? status : "running");
+    return commit(m, &c, 0);
 }
 
 int mon_log_resource(mon_client *m, double cpu, double mem, double disk, double net) {
     static const char *const keys[] = {"cpu_percent", "memory_mb", "disk_io_mb", "network_io_mb"};
     double v[4] = {cpu, mem, disk, net};
-    buf_t b;
+    call_t c;
     int first = 1;
     if (!m) return -1;
     for (int i = 0; i < 4; i++)
         if (isinf(v[i])) return refuse(m, "log_resource: a value is infinite");
-    begin(m, &b, "resource", NULL);
-    put(&b, "{", 1);
+    call_begin(m, &c, "resource", NULL);
+    put(&c.d, "{", 1);
     for (int i = 0; i < 4; i++) {
         if (isnan(v[i])) continue;
-        puts_(&b, first ? "\"" : ",\"");
+        puts_(&c.d, first ? "\"" : ",\"");
         first = 0;
-        puts_(&b, keys[i]);
-        puts_(&b, "\":");
-        put_num(&b, v[i]);
+        puts_(&c.d, keys[i]);
+        puts_(&c.d, "\":");
+        put_num(&c.d, v[i]);
     }
-    return finish(m, &b);
+    return commit(m, &c, 0);
 }
 
 int mon_start_span(mon_client *m, const char *name, char out[17]) {
     span_t s;
-    buf_t b = {0};
+    call_t c;
     memset(&s, 0, sizeof s);
     if (!m) { if (out) memset(out, '0', 16), out[16] = '\0'; return -1; }
-    pthread_mutex_lock(&m->lock);
+    s.name = strdup(name ? name : "");
+    call_begin(m, &c, "span", NULL);
+    c.ms = now_ns(CLOCK_REALTIME) / 1000000;
+    lock(m);
     span_t *cur = current_span(m);
     random_hex(m, s.id, 8);
     if (out) memcpy(out, s.id, 17);
     if (cur) { memcpy(s.trace, cur->trace, 33); memcpy(s.parent, cur->id, 17); }
     else if (m->remote_trace[0]) { memcpy(s.trace, m->remote_trace, 33); memcpy(s.parent, m->remote_span, 17); }
     else random_hex(m, s.trace, 16);
-    s.name = strdup(name ? name : "");
     s.t0 = now_ns(CLOCK_MONOTONIC);
     s.thread = pthread_self();
     if (m->nspans == m->capspans) {
@@ -941,46 +1258,50 @@ int mon_start_span(mon_client *m, const char *name, char out[17]) {
         if (p) { m->spans = p; m->capspans = cap; }
     }
     if (!s.name || m->nspans == m->capspans) {
-        pthread_mutex_unlock(&m->lock);
+        unlock(m);
         free(s.name);
+        call_free(&c);
         return refuse(m, "start_span: out of memory");
     }
     m->spans[m->nspans++] = s;
     export_traceparent(m);
-    envelope(m, &b, "span", NULL, &s);
-    pthread_mutex_unlock(&m->lock);
-    puts_(&b, "{\"name\":");
-    put_str(&b, s.name);
-    puts_(&b, ",\"phase\":\"start\"");
-    return finish(m, &b);
+    head(m, &c, &s);
+    unlock(m);
+    puts_(&c.d, "{\"name\":");
+    put_str(&c.d, s.name);
+    puts_(&c.d, ",\"phase\":\"start\"");
+    return commit(m, &c, 1);
 }
 
 int mon_end_span(mon_client *m, const char *span_id, const char *status) {
     span_t s;
-    buf_t b = {0};
+    call_t c;
     size_t i;
     if (!m) return -1;
-    pthread_mutex_lock(&m->lock);
+    call_begin(m, &c, "span", NULL);
+    c.ms = now_ns(CLOCK_REALTIME) / 1000000;
+    lock(m);
     for (i = m->nspans; i-- > 0 && !(span_id && !strcmp(m->spans[i].id, span_id));) {}
     if (i == (size_t)-1) {
-        pthread_mutex_unlock(&m->lock);
+        unlock(m);
+        call_free(&c);
         return refuse(m, "end_span: no active span with this id");
     }
     s = m->spans[i];
     memmove(m->spans + i, m->spans + i + 1, (m->nspans - i - 1) * sizeof s);
     m->nspans--;
     export_traceparent(m);
-    envelope(m, &b, "span", NULL, &s);
-    pthread_mutex_unlock(&m->lock);
+    head(m, &c, &s);
+    unlock(m);
     int64_t us = (now_ns(CLOCK_MONOTONIC) - s.t0 + 500) / 1000;
-    puts_(&b, "{\"name\":");
-    put_str(&b, s.name);
-    puts_(&b, ",\"phase\":\"end\",\"status\":");
-    put_str(&b, status ? status : "success");
-    puts_(&b, ",\"duration_ms\":");
-    put_num(&b, (double)us / 1000.0);
+    puts_(&c.d, "{\"name\":");
+    put_str(&c.d, s.name);
+    puts_(&c.d, ",\"phase\":\"end\",\"status\":");
+    put_str(&c.d, status ? status : "success");
+    puts_(&c.d, ",\"duration_ms\":");
+    put_num(&c.d, (double)us / 1000.0);
     free(s.name);
-    return finish(m, &b);
+    return commit(m, &c, 1);
 }
 
 int mon_set_context_json(mon_client *m, const char *key, const char *json) {
@@ -993,10 +1314,11 @@ int mon_set_context_json(mon_client *m, const char *key, const char *json) {
         put(&val, "", 1);
         if (bad || r.s != r.e || val.oom || val.big) { free(val.p); return refuse(m, "set_context: not a JSON value"); }
     }
-    pthread_mutex_lock(&m->lock);
+    lock(m);
     int rc = ctx_put(m, key, strlen(key), val.p);
+    ctx_cache(m);
     export_context(m);
-    pthread_mutex_unlock(&m->lock);
+    unlock(m);
     return rc ? refuse(m, "set_context: out of memory") : 0;
 }
 
@@ -1007,35 +1329,25 @@ int mon_set_context(mon_client *m, const char *key, const char *value) {
     put_str(&val, value);
     put(&val, "", 1);
     if (val.oom || val.big) { free(val.p); return refuse(m, "set_context: value too large or out of memory"); }
-    pthread_mutex_lock(&m->lock);
+    lock(m);
     int rc = ctx_put(m, key, strlen(key), val.p);
+    ctx_cache(m);
     export_context(m);
-    pthread_mutex_unlock(&m->lock);
+    unlock(m);
     return rc ? refuse(m, "set_context: out of memory") : 0;
 }
 
 int mon_flush(mon_client *m, int timeout_ms) {
     if (!m) return -1;
     int64_t deadline = now_ns(CLOCK_MONOTONIC) + (int64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000;
-    pthread_mutex_lock(&m->lock);
+    lock(m);
     m->kick = 1;
     pthread_cond_signal(&m->wake);
-    while ((m->count || m->in_flight) && m->started && !m->done && now_ns(CLOCK_MONOTONIC) < deadline)
+    while ((queued(m) || m->in_flight || m->rep.len) && m->started && !m->done && now_ns(CLOCK_MONOTONIC) < deadline)
         timed_wait(&m->drained, &m->lock, deadline);
-    int rc = m->count || m->in_flight ? -1 : 0;
-    pthread_mutex_unlock(&m->lock);
+    int rc = queued(m) || m->in_flight || m->rep.len ? -1 : 0;
+    unlock(m);
     return rc;
-}
-
-static void destroy(mon_client *m) {
-    while (m->count) drop_front(m);
-    for (size_t i = 0; i < m->nctx; i++) { free(m->ctx[i].key); free(m->ctx[i].val); }
-    for (size_t i = 0; i < m->nspans; i++) free(m->spans[i].name);
-    pthread_mutex_destroy(&m->lock);
-    pthread_cond_destroy(&m->wake);
-    pthread_cond_destroy(&m->drained);
-    pthread_cond_destroy(&m->done_cv);
-    free(m->ctx); free(m->spans); free(m->ring); free(m->batch); free(m->source); free(m->host); free(m);
 }
 
 int mon_close(mon_client *m, int timeout_ms) {
@@ -1045,7 +1357,7 @@ int mon_close(mon_client *m, int timeout_ms) {
         if (*p == m) { *p = m->next; break; }
     pthread_mutex_unlock(&reg_lock);
     int64_t deadline = now_ns(CLOCK_MONOTONIC) + (int64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000;
-    pthread_mutex_lock(&m->lock);
+    lock(m);
     m->closing = 1;
     pthread_cond_signal(&m->wake);
     while (m->started && !m->done && now_ns(CLOCK_MONOTONIC) < deadline) timed_wait(&m->done_cv, &m->lock, deadline);
@@ -1053,12 +1365,12 @@ int mon_close(mon_client *m, int timeout_ms) {
         pthread_t thread = m->thread; /* m may be freed as soon as the lock is released */
         m->abandon = m->detached = 1;
         pthread_cond_signal(&m->wake);
-        pthread_mutex_unlock(&m->lock);
+        unlock(m);
         pthread_detach(thread);
         return -1;
     }
-    int rc = m->count ? -1 : 0;
-    pthread_mutex_unlock(&m->lock);
+    int rc = queued(m) || m->in_flight ? -1 : 0;
+    unlock(m);
     if (m->started) pthread_join(m->thread, NULL);
     destroy(m);
     return rc;
@@ -1068,11 +1380,11 @@ void mon_statistics(mon_client *m, mon_stats *out) {
     if (!out) return;
     memset(out, 0, sizeof *out);
     if (!m) return;
-    pthread_mutex_lock(&m->lock);
-    out->queued = m->count + m->in_flight;
+    lock(m);
+    out->queued = queued(m) + m->in_flight;
     out->sent = m->sent;
     out->dropped = m->dropped;
     out->reconnects = m->connections > 1 ? m->connections - 1 : 0;
     out->errors = m->errors;
-    pthread_mutex_unlock(&m->lock);
+    unlock(m);
 }
