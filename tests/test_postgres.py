@@ -115,10 +115,13 @@ async def test_a_batch_is_one_copy_statement_and_the_schema_is_created_once(post
     await second.aclose()
 
 
-async def test_poison_rows_are_isolated_and_the_rest_of_the_batch_lands(postgres_server):
+@pytest.mark.parametrize("binary", [True, False], ids=["binary-copy", "text-copy"])
+async def test_poison_rows_are_isolated_and_the_rest_of_the_batch_lands(postgres_server, binary):
     table = unique_table()
     backend = make_backend(postgres_server, table)
     await backend.open()
+    assert backend.binary_copy is True
+    backend.binary_copy = binary  # text COPY: what a table with other column types gets
     batch = [enriched("metric", {"name": "m", "value": float(i)}, context={"seq": i}) for i in range(40)]
     batch[3] = enriched("metric", {"name": "m", "value": "1e400"}, context={"seq": 3})  # out of range for double precision
     batch[17] = {**batch[17], "timestamp": "2025-02-30T10:00:00.000Z"}  # no such date
@@ -154,6 +157,39 @@ async def test_values_binary_copy_cannot_carry_go_by_text_copy_in_the_same_trans
         f"SELECT (context->>'seq')::int, value, to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS') FROM {table} ORDER BY 1",
     )
     assert got == [(i, 42.5 if i == 1 else float(i), "2025-10-20 10:30:45.123") for i in range(6)]
+
+
+async def test_a_table_with_other_column_types_is_written_with_text_copy(postgres_server):
+    """Binary COPY needs the columns' exact types. A table made by someone else (numeric, json,
+    varchar) is written with text COPY, which lets the server convert; a column whose type
+    changes while the sidecar runs makes one attempt fail (nothing written, circuit not
+    tripped) and the retry switches to text COPY."""
+    table = unique_table()
+    postgres_server.admin(
+        f"CREATE TABLE {table} (time timestamptz NOT NULL, received_at timestamptz, source varchar(100) NOT NULL, type text NOT NULL,"
+        f" level text, name text, value numeric, trace_id text, span_id text, parent_span_id text, job_id text, host text, context json, data jsonb)"
+    )
+    postgres_server.admin(f"GRANT ALL ON {table} TO sidecar")
+    other = make_backend(postgres_server, table, create_schema=False)
+    await other.open()
+    assert other.binary_copy is False
+    await other.write_batch("svc", [enriched("metric", {"name": "m", "value": 1.5}, context={"seq": 0})])
+    await other.aclose()
+    assert rows(postgres_server, f"SELECT value, context::text FROM {table}") == [(1.5, '{"seq":0}')]
+
+    table = unique_table()
+    backend = make_backend(postgres_server, table)
+    await backend.open()
+    assert backend.binary_copy is True
+    await backend.write_batch("svc", [enriched("metric", {"name": "m", "value": 1.0}, context={"seq": 1})])
+    postgres_server.admin(f"ALTER TABLE {table} ALTER COLUMN value TYPE numeric")
+    batch = [enriched("metric", {"name": "m", "value": 2.0}, context={"seq": 2})]
+    with pytest.raises(RetryableError) as caught:
+        await backend.write_batch("svc", batch)
+    assert not caught.value.trip_circuit and backend.binary_copy is False
+    await backend.write_batch("svc", batch)
+    await backend.aclose()
+    assert rows(postgres_server, f"SELECT (context->>'seq')::int, value FROM {table} ORDER BY 1") == [(1, 1), (2, 2)]
 
 
 async def test_a_wrong_password_trips_the_circuit_and_is_never_shown(postgres_server):
@@ -302,3 +338,16 @@ async def test_attempt_timeout_cancels_the_statement_and_the_retry_writes_once(p
     await backend.write_batch("svc", batch)
     assert rows(postgres_server, f"SELECT count(*) FROM {table}") == [(50,)]
     await backend.aclose()
+
+
+def test_postgres_batches_default_to_5000_messages_and_the_config_still_wins(tmp_path):
+    from sidecar.config import load_config
+    from tests.conftest import SEED_CONFIG
+
+    seed = load_config(SEED_CONFIG, None).backends["timescaledb"].delivery.batch
+    assert (seed.max_messages, seed.timeout) == (5000, 1.0)
+    (tmp_path / "sidecar.yaml").write_text(
+        'backends:\n  pg:\n    type: postgres\n    connection_string: "postgresql://u@h/d"\n    batch: {max_messages: 300}\n'
+        "routing:\n  all:\n    - backend: pg\n"
+    )
+    assert load_config(tmp_path / "sidecar.yaml", None).backends["pg"].delivery.batch.max_messages == 300
