@@ -192,14 +192,20 @@ def _text(value) -> str | None:
     return value.replace("\x00", "\ufffd") if "\x00" in value else value
 
 
-def row_of(message: dict) -> tuple:
-    """One message as a row in COLUMNS order. The message is shared with other backends: only read."""
+def _parts(message: dict) -> tuple:
+    """type, data, context and the job (context.job_id, or a progress message's own job_id)."""
     kind = message["type"]
     data = message["data"]
     context = message.get("context")
     job_id = context.get("job_id") if context else None
     if job_id is None and kind == "progress":
         job_id = data.get("job_id")
+    return kind, data, context, job_id
+
+
+def row_of(message: dict) -> tuple:
+    """One message as a row in COLUMNS order. The message is shared with other backends: only read."""
+    kind, data, context, job_id = _parts(message)
     return (
         message["timestamp"],
         message.get("received_at"),
@@ -233,12 +239,7 @@ def _moment(text, cache: dict) -> dt.datetime:
 def binary_row_of(message: dict, moments: dict) -> tuple:
     """`row_of` with the types binary COPY sends (COPY_TYPES). Raises for a message whose values
     do not fit those types as they are; `row_of` and text COPY then take it."""
-    kind = message["type"]
-    data = message["data"]
-    context = message.get("context")
-    job_id = context.get("job_id") if context else None
-    if job_id is None and kind == "progress":
-        job_id = data.get("job_id")
+    kind, data, context, job_id = _parts(message)
     value = data.get("value") if kind == "metric" else None
     if value is not None and type(value) is not float:
         if type(value) is not int:

@@ -109,6 +109,7 @@ class S3Backend(Backend):
     type_name = "s3"
     Settings = S3Settings
     delivery_defaults = {"batch": {"max_messages": 20_000, "timeout": 60.0}}
+    takes_lines = True
 
     def __init__(self, settings: S3Settings, *, label: str):
         super().__init__(settings, label=label)
@@ -128,12 +129,12 @@ class S3Backend(Backend):
     def _make_client(self):
         return aws.make_client("s3", self.settings, _s3_error, s3={"addressing_style": self.settings.addressing_style})
 
-    async def write_batch(self, source: str, batch: list[dict]) -> None:
+    async def write_batch(self, source: str, batch: list[dict], lines: list[bytes] | None = None) -> None:
         if not self.settings.bucket:
             raise PermanentError(f"no bucket configured for source {source!r} (set bucket on the backend or in the rule's config)", reason="no_bucket")
         if batch is not self._pending_batch:
             self._pending_batch = batch
-            self._pending_objects = await trio.to_thread.run_sync(self._plan, source, batch)
+            self._pending_objects = await trio.to_thread.run_sync(self._plan, source, batch, lines)
         # Not abandoned on cancel: the client's own timeouts bound the wait, and an attempt never
         # races the retry that follows it.
         try:
@@ -151,10 +152,11 @@ class S3Backend(Backend):
         self._pending_batch = None
         self._pending_objects = []
 
-    def _plan(self, source: str, batch: list[dict]) -> list[list]:
+    def _plan(self, source: str, batch: list[dict], lines: list[bytes] | None) -> list[list]:
         settings = self.settings
-        dumps = orjson.dumps
-        lines = [dumps(message) + b"\n" for message in batch]
+        if lines is None:
+            lines = list(map(orjson.dumps, batch))
+        lines = [line + b"\n" for line in lines]
         received_at = batch[0].get("received_at", "") if batch else ""
         planned = []
         for start, end in split_lines(lines, settings.max_object_size):
