@@ -160,7 +160,7 @@ test_that("without flush, a lone message goes out at once and a burst's tail wit
   expect_length(s$lines, 52)
   for (i in 1:10) log_event(mon, "info", sprintf("before the error %d", i))
   log_event(mon, "ERROR", "disk full")  # urgent: pushed out with all held before it, not left to the timer
-  expect_lt(wait_lines(63, 2), 0.1)
+  expect_lt(wait_lines(63, 2), 0.15)  # the kernel timer alone would take ~200 ms
   expect_equal(jsonlite::fromJSON(s$lines[[63]])$data$level, "error")
   close(mon)
 })
