@@ -84,7 +84,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=2_000_000)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--format", choices=["json", "msgpack"], default="json")
-    parser.add_argument("--profile", metavar="FILE", help="record the sidecar with py-spy (raw, collapsed stacks) into FILE")
+    parser.add_argument("--profile", metavar="FILE", help="record the sidecar with py-spy (raw, collapsed stacks) into FILE; needs `pip install -e '.[bench]'`")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as work:
@@ -101,6 +101,8 @@ def main() -> int:
             threads = senders(port, payloads)
             profiler = None
             if args.profile:
+                if not Path(sys.executable).with_name("py-spy").exists():
+                    raise SystemExit("--profile needs py-spy: .venv/bin/pip install -e '.[bench]'")
                 profiler = subprocess.Popen(
                     [str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(sidecar.pid), "-f", "raw", "-o", args.profile, "-r", "200"],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
