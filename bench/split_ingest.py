@@ -34,7 +34,7 @@ from sidecar.jobs import LiveIndex, SourceActivity, cells_of  # noqa: E402
 from sidecar.message import format_timestamp  # noqa: E402
 from sidecar.protocol import StreamDecoder  # noqa: E402
 from benchkit import senders  # noqa: E402
-from ingest import cpu_model, message, peak_rss_mib  # noqa: E402
+from ingest import cpu_model, cpu_seconds, message, peak_rss_mib  # noqa: E402
 
 FRAME = struct.Struct("!I")
 
@@ -133,8 +133,7 @@ def coordinator(read_fds: list[int], out: str, total: int, done) -> None:
 
 
 def cpu_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_seconds(pid))
 
 
 def main() -> int:
