@@ -41,12 +41,7 @@ FRAME = struct.Struct("!I")
 
 def summaries(messages: list[dict]) -> list[tuple]:
     """The chunk's index cells, summarised as the live index does: (job, trace, piece, spans)."""
-    out = []
-    for (job_id, trace_id, source), cell in cells_of(messages).items():
-        piece = SourceActivity(source, cell[0]["timestamp"], cell[0]["timestamp"])
-        spans = piece.add_group(cell)
-        out.append((job_id, trace_id, piece, spans))
-    return out
+    return [(job_id, trace_id, *SourceActivity.of_cell(source, cell)) for (job_id, trace_id, source), cell in cells_of(messages).items()]
 
 
 async def worker_main(port: int, pipe_fd: int) -> None:
@@ -114,12 +109,9 @@ def coordinator(read_fds: list[int], out: str, total: int, done) -> None:
                     if fd_out is None:
                         fd_out = files[source] = os.open(os.path.join(out, f"{source}.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
                     os.write(fd_out, payload)
+                now = time.monotonic()
                 for job_id, trace_id, piece, spans in cells:
-                    now = time.monotonic()
-                    if job_id is not None:
-                        index._record(index.jobs, job_id, piece, spans, trace_id, now, index.max_jobs, "jobs")
-                    if trace_id is not None:
-                        index._record(index.traces, trace_id, piece, spans, job_id, now, index.max_traces, "traces")
+                    index.add_piece(job_id, trace_id, piece, spans, now)
                 delivered += count
                 if delivered >= total:
                     done.set()

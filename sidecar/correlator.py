@@ -113,16 +113,15 @@ class Correlator:
                 selected = target.select(group)
                 if selected:
                     supervisor: BackendSupervisor = routing.supervisors[target.spec]
-                    if not supervisor.takes_lines:
-                        await supervisor.put(selected)
-                    elif selected is group:
+                    if supervisor.takes_lines and selected is group:
                         # Encoded now, while the chunk is in the CPU's cache, once for every
                         # backend of this source that writes JSON lines.
                         if lines is None:
                             lines = list(map(dumps, group))
                         await supervisor.put(group, lines)
                     else:
-                        await supervisor.put(selected, list(map(dumps, selected)))
+                        # A filtered selection is encoded by the queue, as it is put, if need be.
+                        await supervisor.put(selected)
             self.counters.inc("routed_messages_total", len(group))
 
     def statistics(self) -> dict:

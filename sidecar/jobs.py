@@ -12,7 +12,7 @@ import attrs
 
 KEY_EVENTS_PER_SOURCE = 8
 _timestamp_of = operator.itemgetter("timestamp")
-_first = operator.itemgetter(0)
+_event_time = operator.itemgetter(0)  # of an (timestamp, level, message) event
 FAILED_STATUSES = frozenset({"error", "failed", "failure", "aborted", "cancelled"})
 DONE_STATUSES = frozenset({"completed", "complete", "done", "success", "succeeded", "finished"})
 
@@ -37,6 +37,12 @@ class SourceActivity:
     events: list = attrs.field(factory=list)  # (timestamp, level, message), the latest few
     metrics: dict = attrs.field(factory=dict)  # name -> (value, unit), the latest
     progress: dict | None = None
+
+    @classmethod
+    def of_cell(cls, source: str, cell: list[dict]) -> tuple["SourceActivity", list[dict]]:
+        """The summary of one cell's messages (see `cells_of`), and the span messages among them."""
+        piece = cls(source, cell[0]["timestamp"], cell[0]["timestamp"])
+        return piece, piece.add_group(cell)
 
     def add_group(self, group: list[dict]) -> list[dict]:
         """Messages of this source, in arrival order: one pass per kind of message. Returns the
@@ -79,7 +85,7 @@ class SourceActivity:
         if later.events:
             # By time: a chunk's cells (one per trace) are merged one after another.
             self.events.extend(later.events)
-            self.events.sort(key=_first)
+            self.events.sort(key=_event_time)
             del self.events[:-KEY_EVENTS_PER_SOURCE]
         self.metrics.update(later.metrics)
         if later.progress is not None and (self.progress is None or later.progress["at"] >= self.progress["at"]):
@@ -257,12 +263,15 @@ class LiveIndex:
         trace both."""
         now = self.clock()
         for (job_id, trace_id, source), cell in cells.items():
-            piece = SourceActivity(source, cell[0]["timestamp"], cell[0]["timestamp"])
-            spans = piece.add_group(cell)
-            if job_id is not None:
-                self._record(self.jobs, job_id, piece, spans, trace_id, now, self.max_jobs, "jobs")
-            if trace_id is not None:
-                self._record(self.traces, trace_id, piece, spans, job_id, now, self.max_traces, "traces")
+            piece, spans = SourceActivity.of_cell(source, cell)
+            self.add_piece(job_id, trace_id, piece, spans, now)
+
+    def add_piece(self, job_id: str | None, trace_id: str | None, piece: SourceActivity, spans: list[dict], now: float) -> None:
+        """One cell's summary (`SourceActivity.of_cell`), to its job and to its trace."""
+        if job_id is not None:
+            self._record(self.jobs, job_id, piece, spans, trace_id, now, self.max_jobs, "jobs")
+        if trace_id is not None:
+            self._record(self.traces, trace_id, piece, spans, job_id, now, self.max_traces, "traces")
 
     def _record(self, table: dict, key: str, piece: SourceActivity, spans: list[dict], link, now: float, limit: int, kind: str) -> None:
         activity = table.pop(key, None)  # re-inserted last: least recently updated first

@@ -17,6 +17,15 @@ import orjson
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Every source to the filesystem backend under {base}, flushed within 50 ms: `.format(base=...)`.
+FILES_CONFIG = """
+tcp: {{host: 127.0.0.1, port: 0}}
+backends:
+  files: {{type: filesystem, base_path: {base}, create_base_path: true, batch: {{timeout: 0.05}}}}
+routing:
+  all: [{{backend: files}}]
+"""
+
 
 def event(source: str, seq: int, level: str = "info", **extra) -> dict:
     return {

@@ -4,15 +4,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.harness import SidecarProcess, read_jsonl
-
-CONFIG = """
-tcp: {{host: 127.0.0.1, port: 0}}
-backends:
-  files: {{type: filesystem, base_path: {base}, create_base_path: true, batch: {{timeout: 0.05}}}}
-routing:
-  all: [{{backend: files}}]
-"""
+from tests.harness import FILES_CONFIG, SidecarProcess, read_jsonl
 
 PROGRAM = """
 from monitoring_sdk import MonitoringClient
@@ -29,7 +21,7 @@ mon.close(timeout=5)
 
 
 def test_python_sdk_messages_arrive_through_the_sidecar(tmp_path):
-    sidecar = SidecarProcess(tmp_path, CONFIG.format(base=tmp_path / "out")).start()
+    sidecar = SidecarProcess(tmp_path, FILES_CONFIG.format(base=tmp_path / "out")).start()
     try:
         run = subprocess.run(
             [sys.executable, "-c", textwrap.dedent(PROGRAM)],

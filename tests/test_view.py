@@ -15,7 +15,7 @@ from sidecar.correlator import Correlator
 from sidecar.jobs import LiveIndex, cells_of, render_tree
 from sidecar.metrics import Counters
 from sidecar.message import validate_message
-from tests.harness import REPO, SidecarProcess, wait_until
+from tests.harness import FILES_CONFIG, REPO, SidecarProcess, wait_until
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
@@ -151,22 +151,13 @@ def test_the_index_is_bounded_by_count_and_by_age():
     assert index.statistics()["evicted_jobs"] == 4
 
 
-CONFIG = """
-tcp: {{host: 127.0.0.1, port: 0}}
-backends:
-  files: {{type: filesystem, base_path: {base}, create_base_path: true, batch: {{timeout: 0.05}}}}
-routing:
-  all: [{{backend: files}}]
-"""
-
-
 def get_json(sidecar, path, **kwargs):
     status, body = sidecar.http(path, **kwargs)
     return status, json.loads(body) if body else None
 
 
 def test_the_http_view_serves_jobs_traces_routes_backends_and_metrics(tmp_path):
-    sidecar = SidecarProcess(tmp_path, CONFIG.format(base=tmp_path / "out"), env={"MONITORING_SIDECAR_TOKEN": "t0ken"}).start()
+    sidecar = SidecarProcess(tmp_path, FILES_CONFIG.format(base=tmp_path / "out"), env={"MONITORING_SIDECAR_TOKEN": "t0ken"}).start()
     try:
         sidecar.send(seed_job())
         sidecar.send([{"source": "other", "type": "metric", "data": {"name": "x", "value": 1}}])
@@ -210,7 +201,7 @@ def test_the_http_view_serves_jobs_traces_routes_backends_and_metrics(tmp_path):
 
 
 def test_the_tap_streams_messages_as_they_pass(tmp_path):
-    sidecar = SidecarProcess(tmp_path, CONFIG.format(base=tmp_path / "out")).start()
+    sidecar = SidecarProcess(tmp_path, FILES_CONFIG.format(base=tmp_path / "out")).start()
     received = []
     try:
         with socket.create_connection(("127.0.0.1", sidecar.http_port), timeout=10) as conn:
@@ -235,7 +226,7 @@ def test_the_tap_streams_messages_as_they_pass(tmp_path):
 
 
 def test_trace_prints_the_seeds_tree_from_a_running_sidecar(tmp_path):
-    sidecar = SidecarProcess(tmp_path, CONFIG.format(base=tmp_path / "out")).start()
+    sidecar = SidecarProcess(tmp_path, FILES_CONFIG.format(base=tmp_path / "out")).start()
     try:
         sidecar.send(seed_job())
         sidecar.wait_for(lambda s: s["received"] == 12, what="the job received")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO, SidecarProcess
-from tests.test_view import CONFIG, seed_job, timeline_message
+from tests.harness import FILES_CONFIG, REPO, SidecarProcess
+from tests.test_view import seed_job, timeline_message
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
 expect = playwright_sync.expect
@@ -58,7 +58,7 @@ def running_job():
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("web")
-    process = SidecarProcess(workdir, CONFIG.format(base=workdir / "out")).start()
+    process = SidecarProcess(workdir, FILES_CONFIG.format(base=workdir / "out")).start()
     try:
         sent = seed_job() + failed_job() + running_job()
         process.send(sent)

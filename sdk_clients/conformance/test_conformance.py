@@ -159,13 +159,6 @@ def test_conformance(language: kit.Language, scenario: dict, validator, tmp_path
 
 # -- end to end through a real sidecar ------------------------------------------------------------
 
-SIDECAR_CONFIG = """
-tcp: {{host: 127.0.0.1, port: 0}}
-backends:
-  files: {{type: filesystem, base_path: {base}, create_base_path: true, batch: {{timeout: 0.05}}}}
-routing:
-  all: [{{backend: files}}]
-"""
 E2E_SCENARIOS = [s for s in SCENARIOS if s.get("end_to_end")]
 
 
@@ -174,11 +167,11 @@ def test_end_to_end_through_a_real_sidecar(language: kit.Language, validator, tm
     """The driver sends to a real sidecar (filesystem backend); what lands in the JSONL file is
     the scenario's expectation plus the sidecar's received_at and host."""
     require(language)
-    from tests.harness import SidecarProcess, read_jsonl
+    from tests.harness import FILES_CONFIG, SidecarProcess, read_jsonl
 
     assert E2E_SCENARIOS, "no scenario has \"end_to_end\": true"
     out = tmp_path / "out"
-    sidecar = SidecarProcess(tmp_path, SIDECAR_CONFIG.format(base=out)).start()
+    sidecar = SidecarProcess(tmp_path, FILES_CONFIG.format(base=out)).start()
     runs = []
     try:
         for scenario in E2E_SCENARIOS:

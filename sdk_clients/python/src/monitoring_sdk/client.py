@@ -424,7 +424,7 @@ class MonitoringClient:
             try:
                 inner = _encode(context)[1:-1]
                 state = (context, '"context":{' + inner + "},", '"context":{' + inner + ",")
-            except Exception:  # e.g. NaN: every message fails to encode, as it always did
+            except Exception:  # e.g. NaN: not cached; each message then encodes it, fails and is counted
                 pass
         self._context = context
         self._ctx = state  # read by callers in one go: the dict and its JSON always match
