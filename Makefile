@@ -2,6 +2,8 @@
 #   make run    the sidecar on its embedded default (files under ./var/, console), routes from routes.d/
 #   make test   installs what the tests need (pip into .venv, Debian packages), then runs every suite
 SHELL := /bin/bash
+# The Rust toolchain of a rustup install, for the native hot path (sidecar/_native, built by pip).
+export PATH := $(HOME)/.cargo/bin:$(PATH)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,11 +12,12 @@ DEBIAN_PACKAGES := $(sort $(shell cat sdk_clients/*/debian-packages.txt tests/de
 
 .PHONY: run test test-python test-python-sdk test-perl test-c test-java test-r check bench debian-packages clean
 
-$(STAMP): pyproject.toml sdk_clients/python/pyproject.toml
+$(STAMP): pyproject.toml sdk_clients/python/pyproject.toml native/Cargo.toml native/Cargo.lock native/src/lib.rs
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is needed (found $$($(PYTHON) --version))"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]' -e 'sdk_clients/python[msgpack]'
+	@$(BIN)/monitoring-sidecar --version
 	touch $@
 
 run: $(STAMP)

@@ -4,7 +4,7 @@ routes them to the filesystem backend.
 Prints messages/s from the first byte sent to the last line written (the sidecar's own count of
 delivered messages, checked against the lines in the file), and the sidecar's peak RSS.
 
-    .venv/bin/python bench/ingest.py [--messages 2000000] [--connections 8] [--format json|msgpack]
+    .venv/bin/python bench/ingest.py [--messages 2000000] [--connections 8] [--format json|msgpack] [--python-path]
 """
 
 import argparse
@@ -22,6 +22,8 @@ import msgpack
 import orjson
 from benchkit import senders, start_sidecar
 
+from sidecar.protocol import NATIVE_AVAILABLE
+
 CONFIG = """
 tcp: {{host: 127.0.0.1, port: 0}}
 shutdown: {{drain_timeout: 60}}
@@ -37,6 +39,7 @@ backends:
 routing:
   all:
     - backend: files
+pipeline: {{native: {native}}}
 """
 
 
@@ -84,6 +87,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=2_000_000)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--format", choices=["json", "msgpack"], default="json")
+    parser.add_argument("--python-path", action="store_true", help="run the sidecar with `pipeline.native: false` (every message on the Python path)")
     parser.add_argument("--profile", metavar="FILE", help="record the sidecar with py-spy (raw, collapsed stacks) into FILE; needs `pip install -e '.[bench]'`")
     args = parser.parse_args()
 
@@ -96,7 +100,7 @@ def main() -> int:
         size = sum(map(len, payloads))
         print(f"  {size / total:.0f} bytes per message on the wire, {size / 2**20:.0f} MiB in all", flush=True)
 
-        sidecar, port = start_sidecar(work, CONFIG.format(base=work / "out"))
+        sidecar, port = start_sidecar(work, CONFIG.format(base=work / "out", native="false" if args.python_path else "true"))
         try:
             threads = senders(port, payloads)
             profiler = None
@@ -140,6 +144,7 @@ def main() -> int:
             sidecar.wait(60)
         elapsed = finished - started
         print(f"machine: {os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()}")
+        print(f"hot path: {'Python' if args.python_path or not NATIVE_AVAILABLE else 'native (sidecar._native)'}")
         print(f"sent in {sent - started:.2f}s; last line written after {elapsed:.2f}s")
         print(f"throughput: {total / elapsed:,.0f} messages/s ({size / elapsed / 2**20:.0f} MiB/s in)")
         print(

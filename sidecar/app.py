@@ -99,7 +99,7 @@ class Sidecar:
         self.config: SidecarConfig = load_config(config_path, routes_dir, environ)
         self.counters = Counters()
         self.topology = Topology()
-        self.listener = Listener(self.config.tcp, self.counters)
+        self.listener = Listener(self.config.tcp, self.counters, native=self.config.pipeline.native)
         self.correlator: Correlator | None = None
         self.watcher = ConfigWatcher(config_path, routes_dir, self.config.reload, self.reload)
         self.status_file = status_file

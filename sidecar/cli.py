@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 
 from sidecar import __version__
+from sidecar.protocol import NATIVE_AVAILABLE
 from sidecar.backends import backend_class
 from sidecar.config import ConfigError, display_value, load_config
 from sidecar.message import LEVELS, MESSAGE_TYPES, MessageError, format_timestamp, validate_message
@@ -266,7 +267,8 @@ def command_tap(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitoring-sidecar", description="Telemetry sidecar: receive from SDKs over local TCP, correlate, route to backends.")
-    parser.add_argument("--version", action="version", version=f"monitoring-sidecar {__version__}")
+    native = "built" if NATIVE_AVAILABLE else "not built: every message takes the Python path"
+    parser.add_argument("--version", action="version", version=f"monitoring-sidecar {__version__} (native hot path: {native})")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the sidecar")

@@ -8,12 +8,12 @@ import logging
 import socket
 
 import attrs
-import orjson
 import trio
 
-from sidecar.delivery import BackendSupervisor
+from sidecar.batch import Batch
 from sidecar.jobs import LiveIndex
 from sidecar.metrics import Counters
+from sidecar.protocol import NativeChunk
 from sidecar.routing import RouteTable
 
 log = logging.getLogger("sidecar.correlator")
@@ -95,34 +95,32 @@ class Correlator:
                 cell.append(message)
         return by_source, cells
 
-    async def process(self, received_at: str, messages: list[dict]) -> None:
+    async def process(self, received_at: str, messages) -> None:
+        """One chunk: a native `Chunk` (decoded and validated in Rust, enriched and encoded there
+        too) or, from the Python decoder, a list of message dicts."""
         self.chunks += 1
-        by_source, cells = self.enrich(received_at, messages)
-        self.index.add_cells(cells)
+        if type(messages) is NativeChunk:
+            groups, summaries = messages.enrich(received_at, self.host, self.trace_jobs, self.trace_cache_size)
+            self.index.add_summaries(summaries)
+            batches = [Batch(source, lines, timestamps, urgent) for source, lines, timestamps, urgent in groups]
+        else:
+            by_source, cells = self.enrich(received_at, messages)
+            self.index.add_cells(cells)
+            # Encoded now, while the chunk is in the CPU's cache, once for every backend.
+            batches = list(map(Batch.of, by_source.values()))
         for observer in self.observers:
-            observer(messages)
+            observer(batches)
         routing = self.routing
-        dumps = orjson.dumps
-        for source, group in by_source.items():
-            targets = routing.table.targets_for(source)
+        for batch in batches:
+            targets = routing.table.targets_for(batch.source)
             if not targets:
-                self.counters.inc("unrouted_messages_total", len(group))
+                self.counters.inc("unrouted_messages_total", len(batch))
                 continue
-            lines = None
             for target in targets:
-                selected = target.select(group)
-                if selected:
-                    supervisor: BackendSupervisor = routing.supervisors[target.spec]
-                    if supervisor.takes_lines and selected is group:
-                        # Encoded now, while the chunk is in the CPU's cache, once for every
-                        # backend of this source that writes JSON lines.
-                        if lines is None:
-                            lines = list(map(dumps, group))
-                        await supervisor.put(group, lines)
-                    else:
-                        # A filtered selection is encoded by the queue, as it is put, if need be.
-                        await supervisor.put(selected)
-            self.counters.inc("routed_messages_total", len(group))
+                selected = target.select(batch)
+                if len(selected):
+                    await routing.supervisors[target.spec].put(selected)
+            self.counters.inc("routed_messages_total", len(batch))
 
     def statistics(self) -> dict:
         return {"chunks": self.chunks, "traces_with_jobs": len(self.trace_jobs), "index": self.index.statistics()}

@@ -35,13 +35,17 @@ class Tap:
         self.send, self.receive = trio.open_memory_channel(TAP_BUFFER)
         self.dropped = 0
 
-    def offer(self, messages: list[dict]) -> None:
-        for message in messages:
-            if (self.source is None or message["source"] == self.source) and (self.kind is None or message["type"] == self.kind):
-                try:
-                    self.send.send_nowait(message)
-                except trio.WouldBlock:
-                    self.dropped += 1
+    def offer(self, batches: list) -> None:
+        """A chunk's batches (one per source); messages are decoded for a tap only."""
+        for batch in batches:
+            if self.source is not None and batch.source != self.source:
+                continue
+            for message in batch.messages():
+                if self.kind is None or message["type"] == self.kind:
+                    try:
+                        self.send.send_nowait(message)
+                    except trio.WouldBlock:
+                        self.dropped += 1
 
 
 class SidecarCollector(Collector):
@@ -157,9 +161,9 @@ class ViewServer:
         for tap in list(self.taps):
             tap.send.close()
 
-    def publish(self, messages: list[dict]) -> None:
+    def publish(self, batches: list) -> None:
         for tap in self.taps:
-            tap.offer(messages)
+            tap.offer(batches)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":

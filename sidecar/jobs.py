@@ -9,6 +9,7 @@ import datetime as dt
 import operator
 
 import attrs
+import orjson
 
 KEY_EVENTS_PER_SOURCE = 8
 _timestamp_of = operator.itemgetter("timestamp")
@@ -265,6 +266,17 @@ class LiveIndex:
         for (job_id, trace_id, source), cell in cells.items():
             piece, spans = SourceActivity.of_cell(source, cell)
             self.add_piece(job_id, trace_id, piece, spans, now)
+
+    def add_summaries(self, summaries: list[tuple]) -> None:
+        """Index a chunk summarised per cell by the native path (`Chunk.enrich`): each
+        `(job, trace, source, count, first, last, errors, events, metrics, progress, span_lines)`
+        is what `SourceActivity.of_cell` makes of the cell's messages."""
+        now = self.clock()
+        for job_id, trace_id, source, count, first, last, errors, events, metrics, progress, span_lines in summaries:
+            if progress is not None:
+                progress = {"percent": progress[0], "status": progress[1], "at": progress[2]}
+            piece = SourceActivity(source, first, last, count, errors, events, metrics, progress)
+            self.add_piece(job_id, trace_id, piece, list(map(orjson.loads, span_lines)), now)
 
     def add_piece(self, job_id: str | None, trace_id: str | None, piece: SourceActivity, spans: list[dict], now: float) -> None:
         """One cell's summary (`SourceActivity.of_cell`), to its job and to its trace."""

@@ -57,8 +57,9 @@ class RateLimitedLog:
 
 
 class Listener:
-    def __init__(self, settings: TcpSettings, counters: Counters):
+    def __init__(self, settings: TcpSettings, counters: Counters, *, native: bool = False):
         self.settings = settings
+        self.native = native  # decode JSON lines with the native hot path where it can
         self.counters = counters
         self.connections: dict[int, Connection] = {}
         self.address: tuple[str, int] | None = None
@@ -123,7 +124,7 @@ class Listener:
         connection = Connection(next(self._ids), peer)
         self.connections[connection.id] = connection
         self.counters.inc("connections_total")
-        decoder = StreamDecoder(self.settings.max_message_size)
+        decoder = StreamDecoder(self.settings.max_message_size, native=self.native)
         read_size = self.settings.read_size
         try:
             async with send_channel, stream:

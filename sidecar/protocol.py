@@ -15,6 +15,13 @@ import orjson
 
 from sidecar.message import MessageError, validate_message
 
+try:
+    from sidecar._native import Chunk as NativeChunk, decode as native_decode
+except ImportError:  # built without a Rust toolchain: the Python path does everything
+    NativeChunk = native_decode = None
+
+NATIVE_AVAILABLE = native_decode is not None
+
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
 
 
@@ -72,13 +79,18 @@ class StreamDecoder:
     """Decode one connection's byte stream.
 
     `receive_data()` returns `(messages, errors)`: the valid messages completed by this chunk, in
-    order, and a DecodeError for each rejected one. It raises ProtocolViolation when the stream
+    order, and a DecodeError for each rejected one. With `native`, `messages` may instead be a
+    `NativeChunk` (when every line of the chunk was valid as it stands): the same messages,
+    validated, still as bytes, for the correlator to enrich and encode in one call. It raises ProtocolViolation when the stream
     cannot be framed any more (unknown format, broken or oversized MessagePack); after that
     every call raises it again.
     """
 
-    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE):
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, *, native: bool = False):
         self.max_message_size = max_message_size
+        # JSON lines through the native decoder (when built), which returns a whole chunk as a
+        # `NativeChunk` instead of dicts, or declines it to the Python path below.
+        self.native = native and NATIVE_AVAILABLE
         self.format: StreamFormat | None = None
         self.messages_seen = 0
         self._tail = bytearray()
@@ -136,7 +148,11 @@ class StreamDecoder:
             else:
                 complete = data[:last_newline]
             self._tail = bytearray(data[last_newline + 1 :])
-            if not self._parse_as_array(complete, messages, errors):
+            chunk = native_decode(bytes(complete), self.max_message_size) if self.native else None
+            if chunk is not None:
+                self.messages_seen += len(chunk)
+                messages = chunk
+            elif not self._parse_as_array(complete, messages, errors):
                 self._parse_lines(complete.split(b"\n"), messages, errors)
         if len(self._tail) > self.max_message_size:
             self.messages_seen += 1

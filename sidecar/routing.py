@@ -11,6 +11,7 @@ import re
 
 import attrs
 
+from sidecar.batch import Batch
 from sidecar.config import BackendSpec, MessageFilter, Rule
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -23,11 +24,14 @@ class Target:
     priority: int
     rules: tuple  # the rules that made this target, for display
 
-    def select(self, messages: list[dict]) -> list[dict]:
+    def select(self, batch: Batch) -> Batch:
+        """The messages of `batch` this target takes: all of it (the same object) when it has no
+        filter, else a new batch of those that pass."""
         if not self.filters:
-            return messages
+            return batch
         filters = self.filters
-        return [m for m in messages if any(f.passes(m) for f in filters)]
+        chosen = [i for i, m in enumerate(batch.messages()) if any(f.passes(m) for f in filters)]
+        return batch if len(chosen) == len(batch) else batch.pick(chosen)
 
     def passes(self, message: dict) -> bool:
         return not self.filters or any(f.passes(message) for f in self.filters)

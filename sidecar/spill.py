@@ -69,10 +69,11 @@ class SpillLog:
 
     # ------------------------------------------------------------ writing
 
-    def append(self, messages: list[dict]) -> bool:
-        """Write one chunk; False (nothing written) when it would pass `max_bytes`."""
-        payload = orjson.dumps(messages)
-        record = HEADER.pack(MAGIC, len(payload), len(messages), zlib.crc32(payload)) + payload
+    def append(self, lines: list[bytes]) -> bool:
+        """Write the JSON lines of one batch as one record (a JSON array of the messages); False
+        (nothing written) when it would pass `max_bytes`."""
+        payload = b"[" + b",".join(lines) + b"]"
+        record = HEADER.pack(MAGIC, len(payload), len(lines), zlib.crc32(payload)) + payload
         if self.bytes_on_disk + len(record) > self.max_bytes:
             return False
         segment = self._writable(len(record))
@@ -80,7 +81,7 @@ class SpillLog:
         while view:
             view = view[os.write(self._writer, view) :]
         segment.end += len(record)
-        segment.unread += len(messages)
+        segment.unread += len(lines)
         return True
 
     def _writable(self, size: int) -> Segment:

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -90,6 +91,9 @@ def test_the_built_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     command = venv / "bin" / "monitoring-sidecar"
     version = subprocess.run([str(command), "--version"], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert version.stdout.startswith("monitoring-sidecar ")
+    if shutil.which("cargo"):
+        # A toolchain was there to build it: the wheel must carry the Rust hot path.
+        assert "(native hot path: built)" in version.stdout, version.stdout
     check = subprocess.run([str(command), "check", "--config", str(SEED_CONFIG)], capture_output=True, text=True, cwd=tmp_path)
     assert check.returncode == 0, check.stderr
     assert "config-service:" in check.stdout

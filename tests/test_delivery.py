@@ -8,13 +8,26 @@ import pytest
 import trio
 import trio.testing
 
+from sidecar.batch import Batch
 from sidecar.backends.filesystem import FilesystemSettings
 from sidecar.config import BackendSpec, BatchSettings, CircuitBreakerSettings, DeliverySettings, QueueSettings, RetrySettings
 from sidecar.delivery import BackendSupervisor, CircuitBreaker, DeliveryQueue, backoff_delay
 
 
 def msgs(n, source="svc", level="info", start=0):
-    return [{"source": source, "type": "event", "timestamp": "2025-10-20T10:30:45.123Z", "data": {"level": level, "message": f"m{start + i}"}} for i in range(n)]
+    return Batch.of([{"source": source, "type": "event", "timestamp": "2025-10-20T10:30:45.123Z", "data": {"level": level, "message": f"m{start + i}"}} for i in range(n)])
+
+
+async def drain(queue, at_most=10):
+    """The texts of every message left in the queue, taken `at_most` at a time."""
+    texts = []
+    while queue.depth:
+        batches = await queue.get(at_most)
+        assert 0 < sum(map(len, batches)) <= at_most
+        for batch in batches:
+            assert batch.lines == [orjson.dumps(m) for m in batch.messages()]
+            texts += [m["data"]["message"] for m in batch.messages()]
+    return texts
 
 
 async def test_block_policy_waits_for_room():
@@ -30,7 +43,7 @@ async def test_block_policy_waits_for_room():
         nursery.start_soon(producer)
         await trio.testing.wait_all_tasks_blocked()
         assert not done.is_set()
-        assert len((await queue.get(2))[0]) == 2
+        assert sum(map(len, await queue.get(2))) == 2
         await done.wait()
     assert queue.depth == 3
 
@@ -39,7 +52,7 @@ async def test_drop_newest_keeps_what_was_there():
     queue = DeliveryQueue(QueueSettings(max_messages=3, when_full="drop_newest"))
     assert await queue.put(msgs(2)) == 0
     assert await queue.put(msgs(3, start=2)) == 2
-    assert [m["data"]["message"] for m in (await queue.get(10))[0]] == ["m0", "m1", "m2"]
+    assert await drain(queue) == ["m0", "m1", "m2"]
 
 
 async def test_drop_oldest_keeps_the_newest():
@@ -47,24 +60,19 @@ async def test_drop_oldest_keeps_the_newest():
     await queue.put(msgs(2))
     assert await queue.put(msgs(2, start=2)) == 1
     assert await queue.put(msgs(5, start=4)) == 5 - 3 + 3
-    assert [m["data"]["message"] for m in (await queue.get(10))[0]] == ["m6", "m7", "m8"]
+    assert await drain(queue) == ["m6", "m7", "m8"]
 
 
 @pytest.mark.parametrize("when_full", ["drop_oldest", "drop_newest", "block"])
 async def test_lines_stay_paired_with_their_messages(when_full):
-    # Lines given by the correlator, lines made by the queue, and slices of both by the
-    # overflow policy and by `get`: each line is always its own message's.
-    queue = DeliveryQueue(QueueSettings(max_messages=5, when_full=when_full), encode=orjson.dumps)
-    first = msgs(3)
-    await queue.put(first, [orjson.dumps(m) for m in first])
+    # Slices by the overflow policy and by `get`: each line and timestamp is always its own
+    # message's.
+    queue = DeliveryQueue(QueueSettings(max_messages=5, when_full=when_full))
+    await queue.put(msgs(3))
     await queue.put(msgs(2, start=3))
     if when_full != "block":
         await queue.put(msgs(4, start=5))
-    taken = []
-    while queue.depth:
-        messages, lines = await queue.get(2)
-        assert lines == [orjson.dumps(m) for m in messages]
-        taken += [m["data"]["message"] for m in messages]
+    taken = await drain(queue, at_most=2)
     expected = {"drop_oldest": ["m4", "m5", "m6", "m7", "m8"], "drop_newest": ["m0", "m1", "m2", "m3", "m4"], "block": ["m0", "m1", "m2", "m3", "m4"]}
     assert taken == expected[when_full]
 
@@ -75,16 +83,16 @@ async def test_get_never_mutates_a_chunk_shared_with_other_queues():
     for queue in (first, second):
         await queue.put(chunk)
         await queue.put(msgs(2, start=3))
-    assert len((await first.get(4))[0]) == 4
-    assert len(chunk) == 3
-    assert len((await second.get(10))[0]) == 5
+    assert [len(b) for b in await first.get(4)] == [3, 1]
+    assert len(chunk) == 3 and len(chunk.messages()) == 3
+    assert [len(b) for b in await second.get(10)] == [3, 2]
 
 
 async def test_closed_queue_drains_then_ends():
     queue = DeliveryQueue(QueueSettings())
     await queue.put(msgs(2))
     queue.close()
-    assert len((await queue.get(10))[0]) == 2
+    assert sum(map(len, await queue.get(10))) == 2
     with pytest.raises(trio.EndOfChannel):
         await queue.get(10)
 

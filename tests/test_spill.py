@@ -2,8 +2,10 @@
 
 import signal
 
+import orjson
 import trio
 
+from sidecar.batch import Batch
 from sidecar.config import QueueSettings
 from sidecar.delivery import DeliveryQueue
 from sidecar.spill import HEADER, SpillLog
@@ -14,10 +16,15 @@ def chunk(start, n, source="svc"):
     return [event(source, i) for i in range(start, start + n)]
 
 
+def chunk_lines(start, n, source="svc"):
+    """The JSON lines of `chunk`, as the disk buffer takes them."""
+    return list(map(orjson.dumps, chunk(start, n, source)))
+
+
 def test_records_come_back_in_order_and_segments_go_once_acknowledged(tmp_path):
     log = SpillLog(tmp_path, max_bytes=10**9, segment_bytes=2000)
     for start in range(0, 100, 10):
-        assert log.append(chunk(start, 10))
+        assert log.append(chunk_lines(start, 10))
     assert log.unread == 100 and len(log.segments) > 2
     records = log.read(35)
     got = [m for _segment, messages in records for m in messages]
@@ -35,8 +42,8 @@ def test_records_come_back_in_order_and_segments_go_once_acknowledged(tmp_path):
 
 def test_a_new_log_on_the_same_directory_finds_what_was_not_acknowledged(tmp_path):
     first = SpillLog(tmp_path, max_bytes=10**9)
-    first.append(chunk(0, 5))
-    first.append(chunk(5, 5))
+    first.append(chunk_lines(0, 5))
+    first.append(chunk_lines(5, 5))
     first.read(5)  # handed out, never acknowledged: a crash before delivery
     second = SpillLog(tmp_path, max_bytes=10**9)
     assert second.unread == 10
@@ -46,7 +53,7 @@ def test_a_new_log_on_the_same_directory_finds_what_was_not_acknowledged(tmp_pat
 def test_a_truncated_tail_is_counted_and_skipped(tmp_path):
     log = SpillLog(tmp_path, max_bytes=10**9)
     for start in range(0, 30, 10):
-        log.append(chunk(start, 10))
+        log.append(chunk_lines(start, 10))
     log.close()
     segment = next(tmp_path.glob("segment-*.log"))
     data = segment.read_bytes()
@@ -59,8 +66,8 @@ def test_a_truncated_tail_is_counted_and_skipped(tmp_path):
 
 def test_garbage_in_a_segment_is_skipped_from_the_damage_on(tmp_path):
     log = SpillLog(tmp_path, max_bytes=10**9)
-    log.append(chunk(0, 10))
-    log.append(chunk(10, 10))
+    log.append(chunk_lines(0, 10))
+    log.append(chunk_lines(10, 10))
     log.close()
     segment = next(tmp_path.glob("segment-*.log"))
     data = bytearray(segment.read_bytes())
@@ -72,7 +79,7 @@ def test_garbage_in_a_segment_is_skipped_from_the_damage_on(tmp_path):
 
 def test_the_cap_refuses_a_chunk_whole(tmp_path):
     log = SpillLog(tmp_path, max_bytes=3000)
-    accepted = sum(log.append(chunk(i * 5, 5)) for i in range(20))
+    accepted = sum(log.append(chunk_lines(i * 5, 5)) for i in range(20))
     assert 0 < accepted < 20
     assert log.bytes_on_disk <= 3000
 
@@ -80,13 +87,13 @@ def test_the_cap_refuses_a_chunk_whole(tmp_path):
 async def test_a_spilling_queue_keeps_order_across_memory_and_disk(tmp_path):
     queue = DeliveryQueue(QueueSettings(max_messages=10, when_full="spill"), SpillLog(tmp_path, max_bytes=10**9))
     for start in range(0, 100, 7):
-        assert await queue.put(chunk(start, 7)) == 0
+        assert await queue.put(Batch.of(chunk(start, 7))) == 0
     assert queue.depth <= 10 + 7 and queue.spilled > 0
     got = []
     while len(got) < 105:
-        batch, _lines = await queue.get(8)
-        got.extend(batch)
-        await queue.acknowledge(batch)
+        for batch in await queue.get(8):
+            got.extend(batch.messages())
+            await queue.acknowledge(batch)
     assert seqs(got) == list(range(105))
     assert list(tmp_path.glob("segment-*.log")) == []
     queue.close()

@@ -6,6 +6,8 @@ Batching, queueing, retries, the circuit breaker and the accounting live in
 
 from typing import ClassVar
 
+from sidecar.batch import Batch
+
 
 class DeliveryError(Exception):
     """A write failed. Subclasses say whether trying again can help."""
@@ -47,9 +49,6 @@ class Backend:
     # Defaults of the shared delivery settings for this type, e.g. {"batch": {"timeout": 60.0}};
     # a backend's own `batch:`/`queue:`/`retry:`/`circuit_breaker:` keys in the config win.
     delivery_defaults: ClassVar[dict] = {}
-    # True for a backend that writes each message as its JSON line: `write_batch` then also gets
-    # `lines`, the messages' lines (orjson, no newline), encoded once by the correlator.
-    takes_lines: ClassVar[bool] = False
 
     def __init__(self, settings, *, label: str):
         self.settings = settings
@@ -58,10 +57,11 @@ class Backend:
     async def open(self) -> None:
         """Connect or prepare. Called before the first write and again after a failed one."""
 
-    async def write_batch(self, source: str, batch: list[dict]) -> None:
-        """Write messages of one source, in order. Raise a DeliveryError subclass on failure;
-        any other exception is treated as retryable and logged with its traceback. (With
-        `takes_lines`: `write_batch(source, batch, lines=None)`.)"""
+    async def write_batch(self, source: str, batch: Batch) -> None:
+        """Write messages of one source, in order: `batch.lines` are their JSON lines (no
+        newline), `batch.messages()` the same as dicts (parsed on first use, the same list on
+        every retry of a batch). Raise a DeliveryError subclass on failure; any other exception
+        is treated as retryable and logged with its traceback."""
         raise NotImplementedError
 
     def statistics(self) -> dict:

@@ -23,6 +23,7 @@ import attrs
 import orjson
 import trio
 
+from sidecar.batch import Batch
 from sidecar.backends import aws
 from sidecar.backends.base import Backend, PartialDelivery, RetryableError
 from sidecar.backends.filesystem import PLACEHOLDERS, template_fields
@@ -292,7 +293,8 @@ class CloudWatchBackend(Backend):
     def statistics(self) -> dict:
         return {"truncated_events": self.truncated}
 
-    async def write_batch(self, source: str, batch: list[dict]) -> None:
+    async def write_batch(self, source: str, batch: Batch) -> None:
+        batch = batch.messages()  # the same list on every retry of this batch
         if batch is not self._pending_batch:
             now_ms = (dt.datetime.now(dt.timezone.utc) - _EPOCH) // dt.timedelta(milliseconds=1)
             plan = await trio.to_thread.run_sync(self.plan, source, batch, now_ms)

@@ -4,9 +4,9 @@ import sys
 from typing import Literal
 
 import attrs
-import orjson
 import trio
 
+from sidecar.batch import Batch
 from sidecar.backends.base import Backend, RetryableError
 
 # Terminal control characters from the wire must not reach the terminal as such.
@@ -55,11 +55,11 @@ class ConsoleBackend(Backend):
     type_name = "console"
     Settings = ConsoleSettings
 
-    async def write_batch(self, source: str, batch: list[dict]) -> None:
+    async def write_batch(self, source: str, batch: Batch) -> None:
         if self.settings.format == "json":
-            payload = b"".join(orjson.dumps(m) + b"\n" for m in batch)
+            payload = b"\n".join(batch.lines) + b"\n"
         else:
-            payload = "".join(format_line(m) + "\n" for m in batch).encode("utf-8", "replace")
+            payload = "".join(format_line(m) + "\n" for m in batch.messages()).encode("utf-8", "replace")
         stream = sys.stdout if self.settings.stream == "stdout" else sys.stderr
         try:
             await trio.to_thread.run_sync(self._write, stream.buffer, payload)

@@ -11,9 +11,9 @@ import time
 from typing import Literal
 
 import attrs
-import orjson
 import trio
 
+from sidecar.batch import Batch
 from sidecar.backends.base import Backend, PermanentError, RetryableError
 from sidecar.config import ByteSize, Duration
 
@@ -93,7 +93,6 @@ class FilesystemSettings:
 class FilesystemBackend(Backend):
     type_name = "filesystem"
     Settings = FilesystemSettings
-    takes_lines = True
 
     def __init__(self, settings: FilesystemSettings, *, label: str):
         super().__init__(settings, label=label)
@@ -125,14 +124,13 @@ class FilesystemBackend(Backend):
                 raise RetryableError(f"base_path {self.base} does not exist (not mounted?)")
             await trio.to_thread.run_sync(lambda: os.makedirs(self.base, exist_ok=True))
 
-    async def write_batch(self, source: str, batch: list[dict], lines: list[bytes] | None = None) -> None:
-        if lines is None:
-            lines = list(map(orjson.dumps, batch))
+    async def write_batch(self, source: str, batch: Batch) -> None:
+        lines = batch.lines
         if not self._per_message:
             writes = {self.path_for(source): lines}
         else:
             writes = {}
-            for message, line in zip(batch, lines):
+            for message, line in zip(batch.messages(), lines):
                 path = self.path_for(source, message["type"], message["timestamp"][:10])
                 writes.setdefault(path, []).append(line)
         payloads = [(path, b"\n".join(chosen) + b"\n") for path, chosen in writes.items()]

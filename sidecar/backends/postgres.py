@@ -57,6 +57,7 @@ from psycopg import sql
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
+from sidecar.batch import Batch
 from sidecar.backends.base import Backend, PartialDelivery, RetryableError
 from sidecar.config import Duration
 from sidecar.message import format_timestamp
@@ -311,8 +312,9 @@ class PostgresBackend(Backend):
     async def open(self) -> None:
         await self._in_thread(self._open)
 
-    async def write_batch(self, source: str, batch: list[dict]) -> None:
-        rejected = await self._in_thread(self._write, batch)
+    async def write_batch(self, source: str, batch: Batch) -> None:
+        # The same list on every retry of a batch: `_write` knows a retry by its identity.
+        rejected = await self._in_thread(self._write, batch.messages())
         if rejected:
             details = "; ".join(f"#{index}: {reason} ({detail})" for index, (reason, detail) in sorted(rejected.items())[:5])
             more = f"; and {len(rejected) - 5} more" if len(rejected) > 5 else ""

@@ -22,6 +22,7 @@ import attrs
 import orjson
 import trio
 
+from sidecar.batch import Batch
 from sidecar.backends import aws
 from sidecar.backends.base import Backend, PartialDelivery, PermanentError, RetryableError
 from sidecar.backends.filesystem import safe_component
@@ -109,14 +110,13 @@ class S3Backend(Backend):
     type_name = "s3"
     Settings = S3Settings
     delivery_defaults = {"batch": {"max_messages": 20_000, "timeout": 60.0}}
-    takes_lines = True
 
     def __init__(self, settings: S3Settings, *, label: str):
         super().__init__(settings, label=label)
         self._client = None
         # The batch being delivered and its planned objects [key, body, done, start, end] (a
         # range of the batch), kept across retries of that batch: a retry never writes twice.
-        self._pending_batch: list[dict] | None = None
+        self._pending_batch: Batch | None = None
         self._pending_objects: list[list] = []
 
     async def open(self) -> None:
@@ -129,12 +129,12 @@ class S3Backend(Backend):
     def _make_client(self):
         return aws.make_client("s3", self.settings, _s3_error, s3={"addressing_style": self.settings.addressing_style})
 
-    async def write_batch(self, source: str, batch: list[dict], lines: list[bytes] | None = None) -> None:
+    async def write_batch(self, source: str, batch: Batch) -> None:
         if not self.settings.bucket:
             raise PermanentError(f"no bucket configured for source {source!r} (set bucket on the backend or in the rule's config)", reason="no_bucket")
         if batch is not self._pending_batch:
             self._pending_batch = batch
-            self._pending_objects = await trio.to_thread.run_sync(self._plan, source, batch, lines)
+            self._pending_objects = await trio.to_thread.run_sync(self._plan, source, batch)
         # Not abandoned on cancel: the client's own timeouts bound the wait, and an attempt never
         # races the retry that follows it.
         try:
@@ -152,12 +152,10 @@ class S3Backend(Backend):
         self._pending_batch = None
         self._pending_objects = []
 
-    def _plan(self, source: str, batch: list[dict], lines: list[bytes] | None) -> list[list]:
+    def _plan(self, source: str, batch: Batch) -> list[list]:
         settings = self.settings
-        if lines is None:
-            lines = list(map(orjson.dumps, batch))
-        lines = [line + b"\n" for line in lines]
-        received_at = batch[0].get("received_at", "") if batch else ""
+        lines = [line + b"\n" for line in batch.lines]
+        received_at = orjson.loads(batch.lines[0]).get("received_at", "") if len(batch) else ""
         planned = []
         for start, end in split_lines(lines, settings.max_object_size):
             payload = b"".join(lines[start:end])

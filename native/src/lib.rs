@@ -1,0 +1,952 @@
+//! The sidecar's per-message hot path in one native call per chunk: parse, validate, enrich and
+//! encode the JSON lines a connection sent, with no Python object per message but its line.
+//!
+//! It takes only the messages the Python path (`sidecar.protocol` and `sidecar.message`) would
+//! accept *unchanged*: canonical timestamps and ids, known levels, no null optional keys, no
+//! duplicate keys where the protocol looks. For anything else `decode` returns None and the chunk
+//! takes the Python path, which stays the reference: it explains errors and normalises. So this
+//! module decides only "valid as it stands" or "not for me", and never has to agree with the
+//! Python code on an error message. A hypothesis test checks both paths give the same lines.
+//!
+//! An accepted line is written out as received, with `received_at` and `host` (and, where the
+//! Python path adds them, `timestamp` and `context.job_id`) spliced in before its closing brace:
+//! the same JSON values as `orjson.dumps` of the enriched dict, without decoding the message.
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+
+const LEVELS: [&str; 5] = ["debug", "info", "warning", "error", "critical"];
+const MAX_SOURCE_LENGTH: usize = 200;
+const MAX_DEPTH: u32 = 128;
+const KEY_EVENTS_PER_SOURCE: usize = 8;
+
+/// A byte range of the chunk.
+#[derive(Clone, Copy, Debug, Default)]
+struct Span {
+    start: usize,
+    end: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ValueKind {
+    Object,
+    Array,
+    String { escaped: bool },
+    Number,
+    True,
+    False,
+    Null,
+}
+
+/// A parsed value: its whole text, and for a string the text between the quotes.
+#[derive(Clone, Copy, Debug)]
+struct Value {
+    kind: ValueKind,
+    whole: Span,
+    inner: Span,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Member {
+    key: Span,
+    value: Value,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Event,
+    Metric,
+    Progress,
+    Resource,
+    SpanKind,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Text {
+    span: Span,
+    escaped: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Context {
+    close: usize, // its closing brace
+    empty: bool,
+    job: Option<Text>,
+}
+
+/// One accepted message: where its parts are in the chunk.
+#[derive(Clone, Copy, Debug)]
+struct Message {
+    close: usize, // the closing brace of the message object
+    start: usize,
+    source: Span,
+    kind: Kind,
+    level: usize, // events: index into LEVELS
+    timestamp: Option<Span>,
+    trace_id: Option<Span>,
+    context: Option<Context>,
+    text: Option<Text>,               // an event's message
+    metric: Option<(Text, Span, Option<Text>)>, // name, value, unit
+    progress: Option<(Text, Span, Text)>,       // job_id, percent, status
+}
+
+/// Not on the fast path: the chunk goes to the Python decoder, which says why if it is wrong.
+#[derive(Debug)]
+struct Decline;
+
+type Parsed<T> = Result<T, Decline>;
+
+struct Parser<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    depth: u32,
+}
+
+impl<'a> Parser<'a> {
+    fn new(bytes: &'a [u8], at: usize) -> Self {
+        Parser { bytes, at, depth: 0 }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.at).copied()
+    }
+
+    fn skip_whitespace(&mut self) {
+        while let Some(b' ' | b'\t' | b'\r') = self.peek() {
+            self.at += 1;
+        }
+    }
+
+    fn expect(&mut self, byte: u8) -> Parsed<()> {
+        if self.peek() == Some(byte) {
+            self.at += 1;
+            Ok(())
+        } else {
+            Err(Decline)
+        }
+    }
+
+    fn value(&mut self) -> Parsed<Value> {
+        let start = self.at;
+        let kind = match self.peek().ok_or(Decline)? {
+            b'{' => {
+                self.object(|_| Ok(()))?;
+                ValueKind::Object
+            }
+            b'[' => {
+                self.array()?;
+                ValueKind::Array
+            }
+            b'"' => {
+                let (inner, escaped) = self.string()?;
+                return Ok(Value { kind: ValueKind::String { escaped }, whole: Span { start, end: self.at }, inner });
+            }
+            b't' => {
+                self.literal(b"true")?;
+                ValueKind::True
+            }
+            b'f' => {
+                self.literal(b"false")?;
+                ValueKind::False
+            }
+            b'n' => {
+                self.literal(b"null")?;
+                ValueKind::Null
+            }
+            b'-' | b'0'..=b'9' => {
+                self.number()?;
+                ValueKind::Number
+            }
+            _ => return Err(Decline),
+        };
+        let whole = Span { start, end: self.at };
+        Ok(Value { kind, whole, inner: whole })
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Parsed<()> {
+        if self.bytes[self.at..].starts_with(word) {
+            self.at += word.len();
+            Ok(())
+        } else {
+            Err(Decline)
+        }
+    }
+
+    /// A string; returns the span between the quotes and whether it holds escapes. The chunk is
+    /// valid UTF-8 (checked once for all of it), so only JSON's own rules are checked here.
+    fn string(&mut self) -> Parsed<(Span, bool)> {
+        self.at += 1;
+        let start = self.at;
+        let bytes = self.bytes;
+        let mut escaped = false;
+        loop {
+            // Straight to the next quote or backslash; what it skipped may hold no control byte.
+            let found = memchr::memchr2(b'"', b'\\', &bytes[self.at..]).ok_or(Decline)?;
+            if bytes[self.at..self.at + found].iter().any(|b| *b < 0x20) {
+                return Err(Decline);
+            }
+            self.at += found;
+            if bytes[self.at] == b'"' {
+                let inner = Span { start, end: self.at };
+                self.at += 1;
+                return Ok((inner, escaped));
+            }
+            escaped = true;
+            match *bytes.get(self.at + 1).ok_or(Decline)? {
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.at += 2,
+                b'u' => {
+                    let code = bytes.get(self.at + 2..self.at + 6).ok_or(Decline)?;
+                    let code = std::str::from_utf8(code).map_err(|_| Decline)?;
+                    let code = u32::from_str_radix(code, 16).map_err(|_| Decline)?;
+                    if (0xD800..=0xDFFF).contains(&code) {
+                        return Err(Decline); // surrogates: orjson's rules, left to it
+                    }
+                    self.at += 6;
+                }
+                _ => return Err(Decline),
+            }
+        }
+    }
+
+    /// JSON's number grammar. A float that parses to infinity is refused by orjson, so it is
+    /// left to the Python path; so is an integer too long to be one orjson reads.
+    fn number(&mut self) -> Parsed<()> {
+        let start = self.at;
+        let bytes = self.bytes;
+        if self.peek() == Some(b'-') {
+            self.at += 1;
+        }
+        let digits_start = self.at;
+        match self.peek() {
+            Some(b'0') => self.at += 1,
+            Some(b'1'..=b'9') => {
+                while let Some(b'0'..=b'9') = self.peek() {
+                    self.at += 1;
+                }
+            }
+            _ => return Err(Decline),
+        }
+        let integer_digits = self.at - digits_start;
+        let mut float = false;
+        if self.peek() == Some(b'.') {
+            self.at += 1;
+            let fraction = self.at;
+            while let Some(b'0'..=b'9') = self.peek() {
+                self.at += 1;
+            }
+            if self.at == fraction {
+                return Err(Decline);
+            }
+            float = true;
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.at += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.at += 1;
+            }
+            let exponent = self.at;
+            while let Some(b'0'..=b'9') = self.peek() {
+                self.at += 1;
+            }
+            if self.at == exponent {
+                return Err(Decline);
+            }
+            float = true;
+        }
+        if float {
+            let text = std::str::from_utf8(&bytes[start..self.at]).map_err(|_| Decline)?;
+            let value: f64 = text.parse().map_err(|_| Decline)?;
+            if !value.is_finite() {
+                return Err(Decline);
+            }
+        } else if integer_digits > 20 {
+            return Err(Decline);
+        }
+        Ok(())
+    }
+
+    fn array(&mut self) -> Parsed<()> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(Decline);
+        }
+        self.at += 1;
+        self.skip_whitespace();
+        if self.peek() == Some(b']') {
+            self.at += 1;
+            self.depth -= 1;
+            return Ok(());
+        }
+        loop {
+            self.skip_whitespace();
+            self.value()?;
+            self.skip_whitespace();
+            match self.peek() {
+                Some(b',') => self.at += 1,
+                Some(b']') => {
+                    self.at += 1;
+                    self.depth -= 1;
+                    return Ok(());
+                }
+                _ => return Err(Decline),
+            }
+        }
+    }
+
+    /// An object; `member` sees each key and value. Returns the position of its closing brace.
+    fn object(&mut self, mut member: impl FnMut(Member) -> Parsed<()>) -> Parsed<usize> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(Decline);
+        }
+        self.expect(b'{')?;
+        self.skip_whitespace();
+        if self.peek() == Some(b'}') {
+            self.at += 1;
+            self.depth -= 1;
+            return Ok(self.at - 1);
+        }
+        loop {
+            self.skip_whitespace();
+            if self.peek() != Some(b'"') {
+                return Err(Decline);
+            }
+            let (key, escaped) = self.string()?;
+            self.skip_whitespace();
+            self.expect(b':')?;
+            self.skip_whitespace();
+            let value = self.value()?;
+            if escaped {
+                // A key spelt with escapes could be any of the protocol's: left to Python.
+                return Err(Decline);
+            }
+            member(Member { key, value })?;
+            self.skip_whitespace();
+            match self.peek() {
+                Some(b',') => self.at += 1,
+                Some(b'}') => {
+                    self.at += 1;
+                    self.depth -= 1;
+                    return Ok(self.at - 1);
+                }
+                _ => return Err(Decline),
+            }
+        }
+    }
+}
+
+/// The members of the object that starts at `at`, with no key twice (the Python path would keep
+/// the last, but this one would check the first).
+fn members_of(bytes: &[u8], at: usize, found: &mut Vec<Member>) -> Parsed<usize> {
+    found.clear();
+    let mut parser = Parser::new(bytes, at);
+    let close = parser.object(|member| {
+        found.push(member);
+        Ok(())
+    })?;
+    for (index, member) in found.iter().enumerate() {
+        let key = &bytes[member.key.start..member.key.end];
+        if found[..index].iter().any(|other| &bytes[other.key.start..other.key.end] == key) {
+            return Err(Decline);
+        }
+    }
+    Ok(close)
+}
+
+fn find<'m>(bytes: &[u8], members: &'m [Member], name: &[u8]) -> Option<&'m Value> {
+    members.iter().find(|m| &bytes[m.key.start..m.key.end] == name).map(|m| &m.value)
+}
+
+fn text_of(value: &Value) -> Parsed<Text> {
+    match value.kind {
+        ValueKind::String { escaped } => Ok(Text { span: value.inner, escaped }),
+        _ => Err(Decline),
+    }
+}
+
+/// A string spelt without escapes (protocol keywords and ids: an escape is left to Python).
+fn plain_text(value: &Value) -> Parsed<Span> {
+    match value.kind {
+        ValueKind::String { escaped: false } => Ok(value.inner),
+        _ => Err(Decline),
+    }
+}
+
+fn number_of(value: &Value) -> Parsed<Span> {
+    if value.kind == ValueKind::Number {
+        Ok(value.whole)
+    } else {
+        Err(Decline)
+    }
+}
+
+fn number_value(bytes: &[u8], span: Span) -> f64 {
+    std::str::from_utf8(&bytes[span.start..span.end]).ok().and_then(|t| t.parse().ok()).unwrap_or(f64::NAN)
+}
+
+fn is_lower_hex(bytes: &[u8], span: Span, length: usize) -> bool {
+    span.end - span.start == length && bytes[span.start..span.end].iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, the one form the sidecar writes.
+fn is_canonical_timestamp(text: &[u8]) -> bool {
+    const PATTERN: &[u8; 24] = b"0000-00-00T00:00:00.000Z";
+    text.len() == 24
+        && text.iter().zip(PATTERN.iter()).all(|(b, p)| if *p == b'0' { b.is_ascii_digit() } else { b == p })
+}
+
+/// One line, if the Python path would accept it unchanged.
+fn accept(bytes: &[u8], start: usize, top: &mut Vec<Member>, inner: &mut Vec<Member>) -> Parsed<Message> {
+    let mut parser = Parser::new(bytes, start);
+    parser.skip_whitespace();
+    let object_start = parser.at;
+    let close = members_of(bytes, object_start, top)?;
+    parser.at = close + 1;
+    parser.skip_whitespace();
+    if parser.at != bytes.len() {
+        return Err(Decline);
+    }
+    let mut message = Message {
+        close,
+        start: object_start,
+        source: Span::default(),
+        kind: Kind::Event,
+        level: 0,
+        timestamp: None,
+        trace_id: None,
+        context: None,
+        text: None,
+        metric: None,
+        progress: None,
+    };
+    let mut data = None;
+    let mut span_id = false;
+    for member in top.iter() {
+        let value = &member.value;
+        match &bytes[member.key.start..member.key.end] {
+            b"source" => {
+                let span = plain_text(value)?;
+                let text = &bytes[span.start..span.end];
+                if text.is_empty() || text.len() > MAX_SOURCE_LENGTH || !text.iter().all(|b| (0x20..0x7f).contains(b)) {
+                    return Err(Decline);
+                }
+                message.source = span;
+            }
+            b"type" => {
+                let span = plain_text(value)?;
+                message.kind = match &bytes[span.start..span.end] {
+                    b"event" => Kind::Event,
+                    b"metric" => Kind::Metric,
+                    b"progress" => Kind::Progress,
+                    b"resource" => Kind::Resource,
+                    b"span" => Kind::SpanKind,
+                    _ => return Err(Decline),
+                };
+            }
+            b"data" => {
+                if value.kind != ValueKind::Object {
+                    return Err(Decline);
+                }
+                data = Some(value.whole.start);
+            }
+            b"timestamp" => {
+                let span = plain_text(value)?;
+                if !is_canonical_timestamp(&bytes[span.start..span.end]) {
+                    return Err(Decline);
+                }
+                message.timestamp = Some(span);
+            }
+            b"trace_id" => {
+                let span = plain_text(value)?;
+                if !is_lower_hex(bytes, span, 32) {
+                    return Err(Decline);
+                }
+                message.trace_id = Some(span);
+            }
+            b"span_id" | b"parent_span_id" => {
+                let span = plain_text(value)?;
+                if !is_lower_hex(bytes, span, 16) {
+                    return Err(Decline);
+                }
+                span_id |= &bytes[member.key.start..member.key.end] == b"span_id";
+            }
+            b"context" => {
+                if value.kind != ValueKind::Object {
+                    return Err(Decline);
+                }
+                let close = members_of(bytes, value.whole.start, inner)?;
+                let job = match find(bytes, inner, b"job_id") {
+                    None => None,
+                    Some(job) => {
+                        let text = text_of(job)?;
+                        if text.span.start == text.span.end {
+                            return Err(Decline); // "" is replaced by a trace's job in place
+                        }
+                        Some(text)
+                    }
+                };
+                message.context = Some(Context { close, empty: inner.is_empty(), job });
+            }
+            // Set by the sidecar: a message carrying them is rewritten in place by Python.
+            b"received_at" | b"host" => return Err(Decline),
+            _ => {}
+        }
+    }
+    if message.source.end == 0 || !top.iter().any(|m| &bytes[m.key.start..m.key.end] == b"type") {
+        return Err(Decline);
+    }
+    let data = data.ok_or(Decline)?;
+    members_of(bytes, data, inner)?;
+    let field = |name: &[u8]| find(bytes, inner, name);
+    match message.kind {
+        Kind::Event => {
+            let level = plain_text(field(b"level").ok_or(Decline)?)?;
+            message.level = LEVELS.iter().position(|l| l.as_bytes() == &bytes[level.start..level.end]).ok_or(Decline)?;
+            message.text = Some(text_of(field(b"message").ok_or(Decline)?)?);
+        }
+        Kind::Metric => {
+            let name = text_of(field(b"name").ok_or(Decline)?)?;
+            if name.span.start == name.span.end {
+                return Err(Decline);
+            }
+            let value = number_of(field(b"value").ok_or(Decline)?)?;
+            let unit = match field(b"unit") {
+                None => None,
+                Some(v) if v.kind == ValueKind::Null => None,
+                Some(v) => Some(text_of(v)?),
+            };
+            if let Some(tags) = field(b"tags") {
+                match tags.kind {
+                    ValueKind::Null => {}
+                    ValueKind::Object => {
+                        let mut values = Vec::new();
+                        members_of(bytes, tags.whole.start, &mut values)?;
+                        if !values.iter().all(|m| matches!(m.value.kind, ValueKind::String { .. })) {
+                            return Err(Decline);
+                        }
+                    }
+                    _ => return Err(Decline),
+                }
+            }
+            message.metric = Some((name, value, unit));
+        }
+        Kind::Progress => {
+            let job = text_of(field(b"job_id").ok_or(Decline)?)?;
+            if job.span.start == job.span.end {
+                return Err(Decline);
+            }
+            let percent = number_of(field(b"percent").ok_or(Decline)?)?;
+            let value = number_value(bytes, percent);
+            if !(0.0..=100.0).contains(&value) {
+                return Err(Decline);
+            }
+            let status = text_of(field(b"status").ok_or(Decline)?)?;
+            message.progress = Some((job, percent, status));
+        }
+        Kind::Resource => {
+            if !inner.iter().all(|m| matches!(m.value.kind, ValueKind::Number | ValueKind::Null)) {
+                return Err(Decline);
+            }
+        }
+        Kind::SpanKind => {
+            text_of(field(b"name").ok_or(Decline)?)?;
+            let phase = plain_text(field(b"phase").ok_or(Decline)?)?;
+            match &bytes[phase.start..phase.end] {
+                b"start" => {}
+                b"end" => {
+                    text_of(field(b"status").ok_or(Decline)?)?;
+                    let duration = number_of(field(b"duration_ms").ok_or(Decline)?)?;
+                    if !(number_value(bytes, duration) >= 0.0) {
+                        return Err(Decline);
+                    }
+                }
+                _ => return Err(Decline),
+            }
+            if !span_id {
+                return Err(Decline);
+            }
+        }
+    }
+    Ok(message)
+}
+
+/// The decoded text of a JSON string's inside (escapes resolved; surrogates were refused).
+fn unescape(raw: &[u8]) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut index = 0;
+    while index < raw.len() {
+        let next = raw[index..].iter().position(|b| *b == b'\\').map_or(raw.len(), |p| index + p);
+        out.push_str(std::str::from_utf8(&raw[index..next]).unwrap_or(""));
+        if next == raw.len() {
+            break;
+        }
+        let escape = raw[next + 1];
+        index = next + 2;
+        match escape {
+            b'b' => out.push('\u{8}'),
+            b'f' => out.push('\u{c}'),
+            b'n' => out.push('\n'),
+            b'r' => out.push('\r'),
+            b't' => out.push('\t'),
+            b'u' => {
+                let code = std::str::from_utf8(&raw[index..index + 4]).ok().and_then(|h| u32::from_str_radix(h, 16).ok());
+                out.push(code.and_then(char::from_u32).unwrap_or('\u{fffd}'));
+                index += 4;
+            }
+            other => out.push(other as char),
+        }
+    }
+    out
+}
+
+fn text_string(bytes: &[u8], text: Text) -> String {
+    let raw = &bytes[text.span.start..text.span.end];
+    if text.escaped {
+        unescape(raw)
+    } else {
+        std::str::from_utf8(raw).unwrap_or("").to_owned()
+    }
+}
+
+/// A JSON string literal, escaped as orjson escapes.
+fn push_json_string(out: &mut Vec<u8>, text: &str) {
+    out.push(b'"');
+    for &byte in text.as_bytes() {
+        match byte {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            0x00..=0x1f => out.extend_from_slice(format!("\\u{:04x}", byte).as_bytes()),
+            _ => out.push(byte),
+        }
+    }
+    out.push(b'"');
+}
+
+/// A number as orjson reads it: an integer that fits 64 bits stays one, anything else is a float.
+fn number_object(py: Python<'_>, bytes: &[u8], span: Span) -> PyResult<Py<PyAny>> {
+    let text = std::str::from_utf8(&bytes[span.start..span.end]).unwrap_or("0");
+    if !text.contains(['.', 'e', 'E']) {
+        if let Ok(value) = text.parse::<i64>() {
+            return Ok(value.into_pyobject(py)?.into_any().unbind());
+        }
+        if let Ok(value) = text.parse::<u64>() {
+            return Ok(value.into_pyobject(py)?.into_any().unbind());
+        }
+    }
+    let value: f64 = text.parse().unwrap_or(f64::NAN);
+    Ok(value.into_pyobject(py)?.into_any().unbind())
+}
+
+/// The complete lines of one connection's chunk, parsed and validated.
+#[pyclass(frozen, module = "sidecar._native")]
+struct Chunk {
+    data: Py<PyBytes>,
+    messages: Vec<Message>,
+}
+
+/// What one (job, trace, source) cell of a chunk did, for the live index.
+struct Cell {
+    job: Option<String>,
+    trace: Option<Span>,
+    source: Span,
+    count: usize,
+    first: Span,
+    last: Span,
+    errors: usize,
+    events: Vec<usize>, // message numbers, the latest few
+    metrics: Vec<(String, Span, Option<Text>)>,
+    progress: Option<usize>,
+    spans: Vec<Py<PyBytes>>,
+}
+
+/// One source's messages of a chunk: their lines and timestamps, in order.
+struct Group<'py> {
+    source: Span,
+    lines: Bound<'py, PyList>,
+    timestamps: Bound<'py, PyList>,
+    urgent: bool,
+}
+
+#[pymethods]
+impl Chunk {
+    fn __len__(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// Enrich every message as `Correlator.enrich` does and encode its line. Returns
+    /// `(groups, cells)`: per source `(source, lines, timestamps, urgent)`, in order of first
+    /// appearance, and per (job, trace, source) cell its summary for the live index:
+    /// `(job, trace, source, count, first, last, errors, events, metrics, progress, span_lines)`.
+    fn enrich<'py>(
+        &self,
+        py: Python<'py>,
+        received_at: &str,
+        host: &str,
+        trace_jobs: &Bound<'py, PyDict>,
+        trace_cache_size: usize,
+    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
+        let data = self.data.bind(py);
+        let bytes = data.as_bytes();
+        let received_at_object = PyString::new(py, received_at);
+        let mut suffix = Vec::with_capacity(64 + host.len());
+        suffix.extend_from_slice(b",\"received_at\":");
+        push_json_string(&mut suffix, received_at);
+        suffix.extend_from_slice(b",\"host\":");
+        push_json_string(&mut suffix, host);
+        let level_objects: Vec<Bound<'py, PyString>> = LEVELS.iter().map(|l| PyString::intern(py, l)).collect();
+
+        let mut groups: Vec<Group<'py>> = Vec::new();
+        let mut cells: Vec<Cell> = Vec::new();
+        let mut line = Vec::with_capacity(512);
+        let mut last_group = usize::MAX;
+        let mut last_cell = usize::MAX;
+        let mut last_timestamp: Option<(Span, Bound<'py, PyString>)> = None;
+        let mut last_trace: Option<(Span, Bound<'py, PyString>)> = None;
+        let received_span = Span { start: usize::MAX, end: usize::MAX }; // marks "received_at"
+        let slice = |span: Span| -> &[u8] {
+            if span.start == usize::MAX {
+                received_at.as_bytes()
+            } else {
+                &bytes[span.start..span.end]
+            }
+        };
+
+        for (number, message) in self.messages.iter().enumerate() {
+            // Correlation: a trace's first job is remembered; a message of the trace without
+            // a job of its own gets it.
+            let mut job: Option<String> = message.context.and_then(|c| c.job).map(|t| text_string(bytes, t));
+            let mut added_job = false;
+            if let Some(trace) = message.trace_id {
+                let key = match &last_trace {
+                    Some((span, object)) if slice(*span) == slice(trace) => object.clone(),
+                    _ => {
+                        let object = PyString::new(py, std::str::from_utf8(slice(trace)).unwrap_or(""));
+                        last_trace = Some((trace, object.clone()));
+                        object
+                    }
+                };
+                if let Some(own) = &job {
+                    if !trace_jobs.contains(&key)? {
+                        trace_jobs.set_item(&key, own)?;
+                        if trace_jobs.len() > trace_cache_size {
+                            if let Some((oldest, _)) = trace_jobs.iter().next() {
+                                trace_jobs.del_item(oldest)?;
+                            }
+                        }
+                    }
+                } else if let Some(known) = trace_jobs.get_item(&key)? {
+                    job = Some(known.extract::<String>()?);
+                    added_job = true;
+                }
+            }
+
+            // The line: as received, the sidecar's fields spliced in before the closing brace.
+            line.clear();
+            match (added_job, message.context) {
+                (true, Some(context)) => {
+                    line.extend_from_slice(&bytes[message.start..context.close]);
+                    line.extend_from_slice(if context.empty { b"\"job_id\":" } else { b",\"job_id\":" });
+                    push_json_string(&mut line, job.as_deref().unwrap_or(""));
+                    line.extend_from_slice(&bytes[context.close..message.close]);
+                }
+                _ => line.extend_from_slice(&bytes[message.start..message.close]),
+            }
+            line.extend_from_slice(&suffix);
+            let timestamp = message.timestamp.unwrap_or(received_span);
+            if message.timestamp.is_none() {
+                line.extend_from_slice(b",\"timestamp\":");
+                push_json_string(&mut line, received_at);
+            }
+            if added_job && message.context.is_none() {
+                line.extend_from_slice(b",\"context\":{\"job_id\":");
+                push_json_string(&mut line, job.as_deref().unwrap_or(""));
+                line.push(b'}');
+            }
+            line.push(b'}');
+            let line_object = PyBytes::new(py, &line);
+
+            let timestamp_object = match &last_timestamp {
+                Some((span, object)) if slice(*span) == slice(timestamp) => object.clone(),
+                _ => {
+                    let object = if message.timestamp.is_none() {
+                        received_at_object.clone()
+                    } else {
+                        PyString::new(py, std::str::from_utf8(slice(timestamp)).unwrap_or(""))
+                    };
+                    last_timestamp = Some((timestamp, object.clone()));
+                    object
+                }
+            };
+
+            let source = &bytes[message.source.start..message.source.end];
+            if last_group >= groups.len() || slice(groups[last_group].source) != source {
+                last_group = match groups.iter().position(|g| slice(g.source) == source) {
+                    Some(found) => found,
+                    None => {
+                        groups.push(Group { source: message.source, lines: PyList::empty(py), timestamps: PyList::empty(py), urgent: false });
+                        groups.len() - 1
+                    }
+                };
+            }
+            let group = &mut groups[last_group];
+            group.lines.append(&line_object)?;
+            group.timestamps.append(&timestamp_object)?;
+            if message.kind == Kind::Event && message.level >= 3 {
+                group.urgent = true;
+            }
+
+            // The live index's cell.
+            if job.is_none() && message.kind == Kind::Progress {
+                job = message.progress.map(|(j, _, _)| text_string(bytes, j));
+            }
+            if job.is_none() && message.trace_id.is_none() {
+                continue;
+            }
+            let same_cell = |cell: &Cell| {
+                cell.job == job
+                    && cell.trace.map(slice) == message.trace_id.map(slice)
+                    && slice(cell.source) == source
+            };
+            if last_cell >= cells.len() || !same_cell(&cells[last_cell]) {
+                last_cell = match cells.iter().position(same_cell) {
+                    Some(found) => found,
+                    None => {
+                        cells.push(Cell {
+                            job: job.clone(),
+                            trace: message.trace_id,
+                            source: message.source,
+                            count: 0,
+                            first: timestamp,
+                            last: timestamp,
+                            errors: 0,
+                            events: Vec::new(),
+                            metrics: Vec::new(),
+                            progress: None,
+                            spans: Vec::new(),
+                        });
+                        cells.len() - 1
+                    }
+                };
+            }
+            let cell = &mut cells[last_cell];
+            cell.count += 1;
+            if slice(timestamp) < slice(cell.first) {
+                cell.first = timestamp;
+            }
+            if slice(timestamp) > slice(cell.last) {
+                cell.last = timestamp;
+            }
+            match message.kind {
+                Kind::Event => {
+                    if message.level >= 3 {
+                        cell.errors += 1;
+                    }
+                    cell.events.push(number);
+                    if cell.events.len() > 4 * KEY_EVENTS_PER_SOURCE {
+                        cell.events.drain(..cell.events.len() - KEY_EVENTS_PER_SOURCE);
+                    }
+                }
+                Kind::Metric => {
+                    if let Some((name, value, unit)) = message.metric {
+                        let name = text_string(bytes, name);
+                        match cell.metrics.iter_mut().find(|(n, _, _)| *n == name) {
+                            Some(entry) => {
+                                entry.1 = value;
+                                entry.2 = unit;
+                            }
+                            None => cell.metrics.push((name, value, unit)),
+                        }
+                    }
+                }
+                Kind::Progress => cell.progress = Some(number),
+                Kind::SpanKind => cell.spans.push(line_object.clone().unbind()),
+                Kind::Resource => {}
+            }
+        }
+
+        let timestamp_text = |number: usize| -> &str {
+            std::str::from_utf8(slice(self.messages[number].timestamp.unwrap_or(received_span))).unwrap_or("")
+        };
+        let grouped = PyList::empty(py);
+        for group in groups {
+            let source = PyString::new(py, std::str::from_utf8(slice(group.source)).unwrap_or(""));
+            grouped.append(PyTuple::new(py, [source.into_any(), group.lines.into_any(), group.timestamps.into_any(), group.urgent.into_pyobject(py)?.to_owned().into_any()])?)?;
+        }
+        let summaries = PyList::empty(py);
+        for cell in cells {
+            let events = PyList::empty(py);
+            let keep = cell.events.len().saturating_sub(KEY_EVENTS_PER_SOURCE);
+            for &number in &cell.events[keep..] {
+                let message = &self.messages[number];
+                let text = message.text.map(|t| text_string(bytes, t)).unwrap_or_default();
+                events.append((timestamp_text(number), &level_objects[message.level], text))?;
+            }
+            let metrics = PyDict::new(py);
+            for (name, value, unit) in &cell.metrics {
+                let unit = unit.map(|u| text_string(bytes, u));
+                metrics.set_item(name, (number_object(py, bytes, *value)?, unit))?;
+            }
+            let progress = match cell.progress.and_then(|n| self.messages[n].progress.map(|p| (n, p))) {
+                Some((number, (_job, percent, status))) => {
+                    Some((number_object(py, bytes, percent)?, text_string(bytes, status), timestamp_text(number)))
+                }
+                None => None,
+            };
+            let spans = PyList::new(py, cell.spans)?;
+            let trace = cell.trace.map(|t| std::str::from_utf8(slice(t)).unwrap_or("").to_owned());
+            let source = std::str::from_utf8(slice(cell.source)).unwrap_or("");
+            let first = std::str::from_utf8(slice(cell.first)).unwrap_or("");
+            let last = std::str::from_utf8(slice(cell.last)).unwrap_or("");
+            let summary = (cell.job, trace, source, cell.count, first, last, cell.errors, events, metrics, progress, spans);
+            summaries.append(summary.into_pyobject(py)?)?;
+        }
+        Ok((grouped, summaries))
+    }
+}
+
+/// The complete lines of a chunk (`data` up to its last newline, without it) as a Chunk, or None
+/// when any line is not for the fast path: blank, longer than `max_message_size`, or anything
+/// the Python decoder would reject or normalise.
+#[pyfunction]
+fn decode(data: Bound<'_, PyBytes>, max_message_size: usize) -> Option<Chunk> {
+    let bytes = data.as_bytes();
+    // A bug here must not take the listener down: a panic declines the chunk like bad input.
+    let messages = std::panic::catch_unwind(|| accept_all(bytes, max_message_size)).ok()??;
+    Some(Chunk { data: data.unbind(), messages })
+}
+
+fn accept_all(bytes: &[u8], max_message_size: usize) -> Option<Vec<Message>> {
+    if std::str::from_utf8(bytes).is_err() {
+        return None;
+    }
+    let mut messages = Vec::with_capacity(bytes.len() / 256 + 1);
+    let mut top = Vec::with_capacity(16);
+    let mut inner = Vec::with_capacity(16);
+    let mut start = 0;
+    while start <= bytes.len() {
+        let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |p| start + p);
+        if end - start > max_message_size {
+            return None;
+        }
+        // Each line is parsed as its own document: the parser stops at its end.
+        let line = &bytes[..end];
+        match accept(line, start, &mut top, &mut inner) {
+            Ok(message) => messages.push(message),
+            Err(Decline) => return None,
+        }
+        start = end + 1;
+    }
+    Some(messages)
+}
+
+#[pymodule]
+fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_class::<Chunk>()?;
+    module.add_function(wrap_pyfunction!(decode, module)?)?;
+    Ok(())
+}

@@ -1,0 +1,100 @@
+"""The unit the delivery machinery moves: some of one source's messages, as JSON lines.
+
+Every enriched message travels as its JSON line (what the file and S3 backends write), encoded
+once by the correlator while the chunk is still in the CPU's cache, with its timestamp beside it
+for the latency histogram. The decoded messages come along when the correlator had them (the
+Python path) and are otherwise parsed from the lines only when a backend that needs fields asks
+(`messages()`): on the native path no message is ever a dict unless PostgreSQL, CloudWatch, the
+console, a filter or a tap wants one.
+"""
+
+import orjson
+
+from sidecar.message import URGENT_LEVELS
+
+
+def is_urgent(messages: list[dict]) -> bool:
+    """An error or critical event among them: the batcher flushes it at once."""
+    return any(m["type"] == "event" and m["data"]["level"] in URGENT_LEVELS for m in messages)
+
+
+class Batch:
+    __slots__ = ("source", "lines", "timestamps", "urgent", "_messages")
+
+    def __init__(self, source: str, lines: list[bytes], timestamps: list[str], urgent: bool = False, messages: list[dict] | None = None):
+        self.source = source
+        self.lines = lines
+        self.timestamps = timestamps
+        self.urgent = urgent
+        self._messages = messages
+
+    @classmethod
+    def of(cls, messages: list[dict]) -> "Batch":
+        """Enriched messages of one source as a batch (the Python path, tests)."""
+        source = messages[0]["source"] if messages else ""
+        return cls(source, list(map(orjson.dumps, messages)), [m["timestamp"] for m in messages], is_urgent(messages), messages)
+
+    @classmethod
+    def runs(cls, messages: list[dict]) -> list["Batch"]:
+        """Enriched messages of any sources as batches, one per run of one source."""
+        batches = []
+        start = 0
+        for index in range(1, len(messages) + 1):
+            if index == len(messages) or messages[index]["source"] != messages[start]["source"]:
+                batches.append(cls.of(messages[start:index]))
+                start = index
+        return batches
+
+    @classmethod
+    def empty(cls, source: str = "") -> "Batch":
+        return cls(source, [], [], False, [])
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __repr__(self) -> str:
+        return f"<Batch of {len(self.lines)} from {self.source!r}{' urgent' if self.urgent else ''}>"
+
+    def messages(self) -> list[dict]:
+        """The messages as dicts: parsed from the lines on first use, then kept."""
+        if self._messages is None:
+            self._messages = list(map(orjson.loads, self.lines))
+        return self._messages
+
+    def head(self, count: int) -> "Batch":
+        """The first `count` messages (a new batch; this one is unchanged)."""
+        messages = self._messages[:count] if self._messages is not None else None
+        return Batch(self.source, self.lines[:count], self.timestamps[:count], self.urgent, messages)
+
+    def tail(self, count: int) -> "Batch":
+        """All but the first `count` messages (a new batch)."""
+        messages = self._messages[count:] if self._messages is not None else None
+        return Batch(self.source, self.lines[count:], self.timestamps[count:], self.urgent, messages)
+
+    def last(self, count: int) -> "Batch":
+        return self.tail(max(len(self.lines) - count, 0))
+
+    def pick(self, indices: list[int]) -> "Batch":
+        """The messages at these positions, in order."""
+        messages = self.messages()
+        chosen = [messages[i] for i in indices]
+        return Batch(self.source, [self.lines[i] for i in indices], [self.timestamps[i] for i in indices], is_urgent(chosen), chosen)
+
+    def extend(self, other: "Batch") -> None:
+        """Append another batch's messages to this one (which must not be shared)."""
+        self.lines += other.lines
+        self.timestamps += other.timestamps
+        self.urgent = self.urgent or other.urgent
+        if self._messages is not None and other._messages is not None:
+            self._messages += other._messages
+        else:
+            self._messages = None  # dicts for a part only: all are parsed from the lines if asked
+
+    def take_front(self, count: int) -> "Batch":
+        """Remove the first `count` messages from this batch and return them as a new one."""
+        front = self.head(count)
+        del self.lines[:count]
+        del self.timestamps[:count]
+        if self._messages is not None:
+            del self._messages[:count]
+        return front

@@ -1,0 +1,290 @@
+"""The native hot path (sidecar._native) against the Python path, its reference.
+
+The native decoder takes a chunk only when every line is valid protocol v1 as it stands, and then
+must give, per source, the same enriched messages as the Python decoder plus `Correlator.enrich`
+plus `orjson.dumps`, the same trace-to-job memory, and the same live index. Anything else it
+must decline (return None), leaving the chunk to the Python path, which explains errors and
+normalises. Compared as JSON values in key order: a line is written as received, so its
+spelling (spaces, escapes, `1E2`) may differ from orjson's.
+"""
+
+import json
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from sidecar.batch import Batch
+from sidecar.correlator import Correlator
+from sidecar.jobs import LiveIndex
+from sidecar.metrics import Counters
+from sidecar.protocol import NATIVE_AVAILABLE, NativeChunk, StreamDecoder, native_decode
+
+pytestmark = pytest.mark.skipif(not NATIVE_AVAILABLE, reason="sidecar._native is not built (no Rust toolchain at install)")
+
+RECEIVED = "2026-11-27T08:00:00.000Z"
+HOST = 'host "one"\t'  # escaped in every line
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+OTHER_TRACE = "0af7651916cd43dd8448eb211c80319c"
+
+
+def canonical_event(source="svc", seq=0, **extra):
+    message = {"source": source, "type": "event", "timestamp": "2025-10-20T10:30:45.123Z", "data": {"level": "info", "message": f"m{seq}"}}
+    message.update(extra)
+    return message
+
+
+def encode(messages, style="compact") -> bytes:
+    """JSON lines as an SDK might write them: compact UTF-8, or spaced with \\u escapes (the
+    stdlib encoder, since orjson refuses integers beyond 64 bits, which JSON allows)."""
+    if style == "compact":
+        return "\n".join(json.dumps(m, ensure_ascii=False, separators=(",", ":")) for m in messages).encode() + b"\n"
+    return "\n".join(json.dumps(m, ensure_ascii=True, separators=(", ", " : ")) for m in messages).encode() + b"\n"
+
+
+def normalised(line: bytes) -> bytes:
+    return orjson.dumps(orjson.loads(line))
+
+
+class Side:
+    """One path's state across chunks: its correlator (trace -> job memory) and live index."""
+
+    def __init__(self, native: bool, trace_cache_size: int = 3):
+        self.native = native
+        self.index = LiveIndex(100, 100, 3600, clock=lambda: 0.0)
+        self.correlator = Correlator(None, Counters(), self.index, trace_cache_size=trace_cache_size, host=HOST)
+        self.native_chunks = 0
+
+    def feed(self, data: bytes) -> tuple[dict, list]:
+        """Per source, the normalised lines; and the decode errors."""
+        decoder = StreamDecoder(native=self.native)
+        messages, errors = decoder.receive_data(data)
+        if type(messages) is NativeChunk:
+            self.native_chunks += 1
+            groups, summaries = messages.enrich(RECEIVED, HOST, self.correlator.trace_jobs, self.correlator.trace_cache_size)
+            self.index.add_summaries(summaries)
+            batches = [Batch(source, lines, timestamps, urgent) for source, lines, timestamps, urgent in groups]
+        else:
+            by_source, cells = self.correlator.enrich(RECEIVED, messages)
+            self.index.add_cells(cells)
+            batches = list(map(Batch.of, by_source.values()))
+        lines = {b.source: [normalised(line) for line in b.lines] for b in batches}
+        timestamps = {b.source: b.timestamps for b in batches}
+        urgent = {b.source: b.urgent for b in batches}
+        return (lines, timestamps, urgent), [(e.reason, e.detail) for e in errors]
+
+    def views(self) -> dict:
+        return {
+            "jobs": {key: self.index.job(key) for key in self.index.jobs},
+            "traces": {key: self.index.trace(key) for key in self.index.traces},
+            "recent": self.index.recent_jobs(),
+            "trace_jobs": list(self.correlator.trace_jobs.items()),
+        }
+
+
+# ---------------------------------------------------------------- generated traffic
+
+texts = st.text(max_size=12)
+numbers = st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False, width=64))
+canonical_stamps = st.sampled_from(["2025-10-20T10:30:45.123Z", "2025-10-20T10:30:45.124Z", "2025-10-20T10:30:44.999Z"])
+odd_stamps = st.sampled_from(["2025-10-20T12:30:45+02:00", 1760956245.5, 1760956245123, None, "yesterday", "2025-10-20T10:30:45.123z"])
+
+
+@st.composite
+def data_for(draw, kind: str, canonical: bool):
+    if kind == "event":
+        levels = ["debug", "info", "warning", "error", "critical"] + ([] if canonical else ["WARN", "fatal", "loud", None])
+        data = {"level": draw(st.sampled_from(levels)), "message": draw(texts)}
+    elif kind == "metric":
+        data = {"name": draw(st.sampled_from(["rows", "queue.depth", "é"] + ([] if canonical else ["", 5]))), "value": draw(numbers)}
+        if draw(st.booleans()):
+            data["unit"] = draw(st.sampled_from(["ms", None] + ([] if canonical else [3])))
+        if draw(st.booleans()):
+            data["tags"] = draw(st.dictionaries(st.sampled_from(["q", "host"]), texts if canonical else st.one_of(texts, st.integers()), max_size=2))
+    elif kind == "progress":
+        data = {
+            "job_id": draw(st.sampled_from(["job-1", "job-2", "jöb"] + ([] if canonical else [7, ""]))),
+            "percent": draw(st.floats(0, 100) if canonical else st.one_of(st.floats(-5, 105), st.integers(-5, 105))),
+            "status": draw(st.sampled_from(["running", "done"])),
+        }
+    elif kind == "resource":
+        data = draw(st.dictionaries(st.sampled_from(["cpu_percent", "rss_mb"]), st.one_of(st.none(), numbers) if canonical else st.one_of(numbers, texts), max_size=2))
+    else:
+        data = {"name": draw(st.sampled_from(["load", "parse"])), "phase": draw(st.sampled_from(["start", "end"] + ([] if canonical else ["middle"])))}
+        if data["phase"] == "end":
+            data["status"] = draw(st.sampled_from(["ok", "error"]))
+            data["duration_ms"] = draw(st.floats(0, 1e6) if canonical else st.floats(-10, 10))
+    return data
+
+
+@st.composite
+def messages(draw):
+    canonical = draw(st.integers(0, 9)) < 7
+    kind = draw(st.sampled_from(["event", "metric", "progress", "resource", "span"]))
+    message = {"source": draw(st.sampled_from(["svc", "file-receiver", "db loader"] + ([] if canonical else ["ü", "", "x" * 201, 3])))}
+    message["type"] = kind
+    stamp = draw(canonical_stamps if canonical else st.one_of(canonical_stamps, odd_stamps))
+    if stamp is not None or not canonical:
+        if draw(st.integers(0, 4)):
+            message["timestamp"] = stamp
+    trace = draw(st.sampled_from([None, TRACE, OTHER_TRACE] + ([] if canonical else [TRACE.upper(), "12"])))
+    if trace is not None:
+        message["trace_id"] = trace
+    if kind == "span" or draw(st.booleans()):
+        message["span_id"] = draw(st.sampled_from(["00f067aa0ba902b7", "b7ad6b7169203331"] + ([] if canonical else ["00F067AA0BA902B7"])))
+    if draw(st.booleans()):
+        context = {}
+        job = draw(st.sampled_from([None, "job-1", "job-2", 'j"b\u00e9'] + ([] if canonical else [7, ""])))
+        if job is not None:
+            context["job_id"] = job
+        if draw(st.booleans()):
+            context["seq"] = draw(st.integers(0, 10))
+        message["context"] = context
+    message["data"] = draw(data_for(kind, canonical))
+    if draw(st.integers(0, 5)) == 0:
+        message["attributes"] = draw(st.dictionaries(texts, st.one_of(numbers, texts, st.lists(st.booleans(), max_size=2)), max_size=2))
+    if not canonical and draw(st.integers(0, 5)) == 0:
+        message[draw(st.sampled_from(["received_at", "host", "trace_id", "context"]))] = None
+    return message
+
+
+chunks = st.lists(st.tuples(st.lists(messages(), min_size=1, max_size=6), st.sampled_from(["compact", "spaced"])), min_size=1, max_size=4)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunks)
+def test_native_path_gives_the_python_paths_lines_correlation_and_index(sequence):
+    python, native = Side(native=False), Side(native=True)
+    for batch, style in sequence:
+        data = encode(batch, style)
+        expected, expected_errors = python.feed(data)
+        got, errors = native.feed(data)
+        assert got == expected
+        assert errors == expected_errors
+    assert native.views() == python.views()
+    event("chunks on the native path: " + ("2+" if native.native_chunks >= 2 else str(native.native_chunks)))
+
+
+def test_generated_traffic_does_reach_the_native_path():
+    # Guards the test above against a decoder that declines everything.
+    side = Side(native=True)
+    side.feed(encode([canonical_event(seq=i, trace_id=TRACE, context={"job_id": "job-1"}) for i in range(5)]))
+    side.feed(encode([canonical_event(seq=5)], "spaced"))
+    assert side.native_chunks == 2
+
+
+# ---------------------------------------------------------------- what it declines
+
+DECLINED = {
+    "a level alias": canonical_event(data={"level": "WARN", "message": "m"}),
+    "an upper-case trace id": canonical_event(trace_id=TRACE.upper()),
+    "an epoch timestamp": canonical_event(timestamp=1760956245.5),
+    "a timestamp with an offset": canonical_event(timestamp="2025-10-20T12:30:45.123+02:00"),
+    "a null optional key": canonical_event(trace_id=None),
+    "an integer job id": canonical_event(context={"job_id": 7}),
+    "an empty job id": canonical_event(context={"job_id": ""}),
+    "received_at from the client": canonical_event(received_at="2025-01-01T00:00:00.000Z"),
+    "a non-ASCII source": canonical_event(source="ü"),
+    "an unknown type": canonical_event(type="log"),
+    "a span without span_id": {"source": "s", "type": "span", "data": {"name": "n", "phase": "start"}},
+}
+
+DECLINED_BYTES = {
+    "a duplicate key": b'{"source":"a","source":"b","type":"event","data":{"level":"info","message":"m"}}',
+    "a duplicate data key": b'{"source":"a","type":"event","data":{"level":"info","level":"loud","message":"m"}}',
+    "an escaped key": b'{"sour\\u0063e":"a","type":"event","data":{"level":"info","message":"m"}}',
+    "a float orjson cannot read": b'{"source":"a","type":"event","data":{"level":"info","message":"m","x":1e400}}',
+    "a lone surrogate": b'{"source":"a","type":"event","data":{"level":"info","message":"\\ud800"}}',
+    "a blank line": b'{"source":"a","type":"event","data":{"level":"info","message":"m"}}\n',
+    "two values on a line": b'{"source":"a","type":"event","data":{"level":"info","message":"m"}} {}',
+    "invalid JSON": b'{"source":"a","type":"event","data":{"level":"info","message":"m"}',
+    "a control byte in a string": b'{"source":"a","type":"event","data":{"level":"info","message":"a\tb"}}',
+    "invalid UTF-8": b'{"source":"a","type":"event","data":{"level":"info","message":"\xff"}}',
+    "nesting deeper than 128": b'{"source":"a","type":"event","data":{"level":"info","message":"m","x":' + b"[" * 200 + b"]" * 200 + b"}}",
+}
+
+
+@pytest.mark.parametrize("case", sorted(DECLINED))
+def test_messages_python_would_normalise_or_reject_are_declined(case):
+    assert native_decode(orjson.dumps(DECLINED[case]), 1 << 20) is None
+
+
+@pytest.mark.parametrize("case", sorted(DECLINED_BYTES))
+def test_lines_python_would_treat_differently_are_declined(case):
+    assert native_decode(DECLINED_BYTES[case], 1 << 20) is None
+
+
+json_fragments = st.sampled_from([b"{", b"}", b"[", b"]", b'"', b":", b",", b"\\", b"\\u00e9", b"\\ud800", b"1e999", b"-0.5", b"null", b"\n", b" ", b"\xff", b"\x00",
+                                  b'"source"', b'"type"', b'"event"', b'"data"', b'"level"', b'"info"', b'"message"', b'"context"', b'"job_id"'])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.lists(json_fragments, max_size=60).map(b"".join)))
+def test_arbitrary_bytes_are_declined_or_accepted_never_raised(data):
+    chunk = native_decode(data, 1 << 20)
+    if chunk is not None:
+        chunk.enrich(RECEIVED, HOST, {}, 10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(messages(), min_size=1, max_size=3), st.data())
+def test_a_valid_line_cut_anywhere_is_declined_or_equal_to_python(batch, data):
+    # Truncations and single-byte changes of generated lines: whatever the native decoder
+    # accepts must be what the Python path makes of the same bytes.
+    line = bytearray(encode(batch)[:-1])
+    position = data.draw(st.integers(1, len(line) - 1))  # the first byte says JSON lines
+    if data.draw(st.booleans()):
+        del line[position:]
+    else:
+        line[position] = data.draw(st.sampled_from(b'{}[]":,\\ 0e-.nx'))
+    if line:
+        got, _ = Side(native=True).feed(bytes(line) + b"\n")
+        expected, _ = Side(native=False).feed(bytes(line) + b"\n")
+        assert got == expected
+
+
+def test_a_line_over_the_size_limit_is_declined():
+    line = orjson.dumps(canonical_event(data={"level": "info", "message": "x" * 200}))
+    assert native_decode(line, len(line)) is not None
+    assert native_decode(line, len(line) - 1) is None
+
+
+def test_declined_chunks_still_decode_on_the_python_path():
+    decoder = StreamDecoder(native=True)
+    good = canonical_event()
+    messages, errors = decoder.receive_data(encode([good, DECLINED["a level alias"]]))
+    assert type(messages) is list and [m["data"]["level"] for m in messages] == ["info", "warning"]
+    assert errors == []
+
+
+# ---------------------------------------------------------------- splicing
+
+@pytest.mark.parametrize("context", [None, {}, {"seq": 1}], ids=["no context", "empty context", "a context"])
+def test_a_trace_gives_its_job_to_a_later_message_in_every_context_shape(context):
+    side, reference = Side(native=True), Side(native=False)
+    first = canonical_event(seq=0, trace_id=TRACE, context={"job_id": "job-9"})
+    later = canonical_event(seq=1, trace_id=TRACE)
+    if context is not None:
+        later["context"] = context
+    for chunk in ([first], [later]):
+        got, _ = side.feed(encode(chunk))
+        expected, _ = reference.feed(encode(chunk))
+        assert got == expected
+    assert orjson.loads(got[0]["svc"][0])["context"]["job_id"] == "job-9"
+    assert side.native_chunks == 2
+
+
+def test_a_message_without_timestamp_gets_the_receive_time_and_lines_keep_key_order():
+    side = Side(native=True)
+    message = canonical_event()
+    del message["timestamp"]
+    (lines, timestamps, _urgent), _ = side.feed(encode([message]))
+    assert list(orjson.loads(lines["svc"][0])) == ["source", "type", "data", "received_at", "host", "timestamp"]
+    assert timestamps["svc"] == [RECEIVED]
+
+
+def test_error_events_mark_their_source_urgent():
+    side = Side(native=True)
+    (_lines, _timestamps, urgent), _ = side.feed(encode([canonical_event("a"), canonical_event("b", data={"level": "error", "message": "x"})]))
+    assert urgent == {"a": False, "b": True}
