@@ -269,6 +269,7 @@ class Sidecar:
             "started_at": self.started_at.isoformat(),
             "received": counters.get("messages_received_total"),
             "decode_errors": counters.by_label("decode_errors_total", "reason"),
+            "decoded_by_path": counters.by_label("decoded_messages_total", "path"),
             "routed": counters.get("routed_messages_total"),
             "unrouted": counters.get("unrouted_messages_total"),
             "connections_total": counters.get("connections_total"),

@@ -73,6 +73,7 @@ class SidecarCollector(Collector):
             ("decode_errors_total", "reason", "Messages rejected by the decoder, by reason"),
             ("connections_refused_total", "reason", "Connections refused, by reason"),
             ("connections_closed_total", "reason", "Connections closed by the sidecar, by reason"),
+            ("decoded_messages_total", "path", "Valid messages by the path that decoded them: native (the Rust hot path) or python"),
         ):
             family = CounterMetricFamily(f"sidecar_{name.removesuffix('_total')}", help_text, labels=[label])
             for value, count in sorted(counters.by_label(name, label).items()):

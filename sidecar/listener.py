@@ -17,7 +17,7 @@ import trio
 from sidecar.config import TcpSettings
 from sidecar.message import format_timestamp
 from sidecar.metrics import Counters
-from sidecar.protocol import StreamDecoder, ProtocolViolation
+from sidecar.protocol import NativeChunk, StreamDecoder, ProtocolViolation
 
 log = logging.getLogger("sidecar.listener")
 
@@ -164,6 +164,8 @@ class Listener:
         if messages:
             connection.messages += len(messages)
             self.counters.inc("messages_received_total", len(messages))
+            # Which path decoded them: an operator's check that the traffic is on the fast one.
+            self.counters.inc("decoded_messages_total", len(messages), path="native" if type(messages) is NativeChunk else "python")
             received_at = format_timestamp(dt.datetime.now(dt.timezone.utc))
             await send_channel.send((received_at, messages))
 

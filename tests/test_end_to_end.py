@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from sidecar.protocol import NATIVE_AVAILABLE
+
 from tests.harness import SidecarProcess, SteadySender, encode, event, read_jsonl, seqs, wait_until
 
 FILES_CONFIG = """
@@ -69,6 +71,26 @@ def test_json_and_msgpack_clients_both_arrive_enriched(start_sidecar, tmp_path):
         assert seqs(written) == list(range(100))
         assert {m["host"] for m in written} == {socket.gethostname()}
         assert all(m["received_at"].endswith("Z") and len(m["received_at"]) == 24 for m in written)
+    assert sidecar.stop() == 0
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_json_lines_take_the_path_the_config_names_and_the_file_is_the_same(start_sidecar, tmp_path, native):
+    if native and not NATIVE_AVAILABLE:
+        pytest.skip("sidecar._native is not built")
+    sidecar = start_sidecar(FILES_CONFIG + f"pipeline: {{{{native: {'true' if native else 'false'}}}}}\n")
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    sidecar.send([event("paths", 0, trace_id=trace, context={"seq": 0, "job_id": "job-1"})])
+    sidecar.send([event("paths", i, trace_id=trace) for i in range(1, 100)])
+    sidecar.wait_for(lambda s: s["backends"][0]["delivered"] == 100, what="100 delivered")
+    sidecar.send([event("paths", 100, level="WARN")])  # an alias: normalised by the Python path
+    stats = sidecar.wait_for(lambda s: s["backends"][0]["delivered"] == 101, what="101 delivered")
+    assert stats["decoded_by_path"] == ({"native": 100, "python": 1} if native else {"python": 101})
+    written = read_jsonl(tmp_path / "out" / "paths.jsonl")
+    assert seqs(written) == list(range(101))
+    assert {m["context"]["job_id"] for m in written[:100]} == {"job-1"}  # from the trace
+    assert written[100]["data"]["level"] == "warning"
+    assert list(written[1]) == ["source", "type", "timestamp", "data", "context", "trace_id", "received_at", "host"]
     assert sidecar.stop() == 0
 
 

@@ -22,7 +22,7 @@ const KEY_EVENTS_PER_SOURCE: usize = 8;
 
 /// A byte range of the chunk.
 #[derive(Clone, Copy, Debug, Default)]
-struct Span {
+struct Range {
     start: usize,
     end: usize,
 }
@@ -42,28 +42,28 @@ enum ValueKind {
 #[derive(Clone, Copy, Debug)]
 struct Value {
     kind: ValueKind,
-    whole: Span,
-    inner: Span,
+    whole: Range,
+    inner: Range,
 }
 
 #[derive(Clone, Copy, Debug)]
 struct Member {
-    key: Span,
+    key: Range,
     value: Value,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Kind {
+enum MessageType {
     Event,
     Metric,
     Progress,
     Resource,
-    SpanKind,
+    Span,
 }
 
 #[derive(Clone, Copy, Debug)]
 struct Text {
-    span: Span,
+    range: Range,
     escaped: bool,
 }
 
@@ -79,15 +79,15 @@ struct Context {
 struct Message {
     close: usize, // the closing brace of the message object
     start: usize,
-    source: Span,
-    kind: Kind,
+    source: Range,
+    kind: MessageType,
     level: usize, // events: index into LEVELS
-    timestamp: Option<Span>,
-    trace_id: Option<Span>,
+    timestamp: Option<Range>,
+    trace_id: Option<Range>,
     context: Option<Context>,
-    text: Option<Text>,               // an event's message
-    metric: Option<(Text, Span, Option<Text>)>, // name, value, unit
-    progress: Option<(Text, Span, Text)>,       // job_id, percent, status
+    text: Option<Text>,                          // an event's message
+    metric: Option<(Text, Range, Option<Text>)>, // name, value, unit
+    progress: Option<(Text, Range, Text)>,       // job_id, percent, status
 }
 
 /// Not on the fast path: the chunk goes to the Python decoder, which says why if it is wrong.
@@ -104,7 +104,11 @@ struct Parser<'a> {
 
 impl<'a> Parser<'a> {
     fn new(bytes: &'a [u8], at: usize) -> Self {
-        Parser { bytes, at, depth: 0 }
+        Parser {
+            bytes,
+            at,
+            depth: 0,
+        }
     }
 
     fn peek(&self) -> Option<u8> {
@@ -139,7 +143,14 @@ impl<'a> Parser<'a> {
             }
             b'"' => {
                 let (inner, escaped) = self.string()?;
-                return Ok(Value { kind: ValueKind::String { escaped }, whole: Span { start, end: self.at }, inner });
+                return Ok(Value {
+                    kind: ValueKind::String { escaped },
+                    whole: Range {
+                        start,
+                        end: self.at,
+                    },
+                    inner,
+                });
             }
             b't' => {
                 self.literal(b"true")?;
@@ -159,8 +170,15 @@ impl<'a> Parser<'a> {
             }
             _ => return Err(Decline),
         };
-        let whole = Span { start, end: self.at };
-        Ok(Value { kind, whole, inner: whole })
+        let whole = Range {
+            start,
+            end: self.at,
+        };
+        Ok(Value {
+            kind,
+            whole,
+            inner: whole,
+        })
     }
 
     fn literal(&mut self, word: &[u8]) -> Parsed<()> {
@@ -174,7 +192,7 @@ impl<'a> Parser<'a> {
 
     /// A string; returns the span between the quotes and whether it holds escapes. The chunk is
     /// valid UTF-8 (checked once for all of it), so only JSON's own rules are checked here.
-    fn string(&mut self) -> Parsed<(Span, bool)> {
+    fn string(&mut self) -> Parsed<(Range, bool)> {
         self.at += 1;
         let start = self.at;
         let bytes = self.bytes;
@@ -187,7 +205,10 @@ impl<'a> Parser<'a> {
             }
             self.at += found;
             if bytes[self.at] == b'"' {
-                let inner = Span { start, end: self.at };
+                let inner = Range {
+                    start,
+                    end: self.at,
+                };
                 self.at += 1;
                 return Ok((inner, escaped));
             }
@@ -346,7 +367,10 @@ fn members_of(bytes: &[u8], at: usize, found: &mut Vec<Member>) -> Parsed<usize>
     })?;
     for (index, member) in found.iter().enumerate() {
         let key = &bytes[member.key.start..member.key.end];
-        if found[..index].iter().any(|other| &bytes[other.key.start..other.key.end] == key) {
+        if found[..index]
+            .iter()
+            .any(|other| &bytes[other.key.start..other.key.end] == key)
+        {
             return Err(Decline);
         }
     }
@@ -354,25 +378,31 @@ fn members_of(bytes: &[u8], at: usize, found: &mut Vec<Member>) -> Parsed<usize>
 }
 
 fn find<'m>(bytes: &[u8], members: &'m [Member], name: &[u8]) -> Option<&'m Value> {
-    members.iter().find(|m| &bytes[m.key.start..m.key.end] == name).map(|m| &m.value)
+    members
+        .iter()
+        .find(|m| &bytes[m.key.start..m.key.end] == name)
+        .map(|m| &m.value)
 }
 
 fn text_of(value: &Value) -> Parsed<Text> {
     match value.kind {
-        ValueKind::String { escaped } => Ok(Text { span: value.inner, escaped }),
+        ValueKind::String { escaped } => Ok(Text {
+            range: value.inner,
+            escaped,
+        }),
         _ => Err(Decline),
     }
 }
 
 /// A string spelt without escapes (protocol keywords and ids: an escape is left to Python).
-fn plain_text(value: &Value) -> Parsed<Span> {
+fn plain_text(value: &Value) -> Parsed<Range> {
     match value.kind {
         ValueKind::String { escaped: false } => Ok(value.inner),
         _ => Err(Decline),
     }
 }
 
-fn number_of(value: &Value) -> Parsed<Span> {
+fn number_of(value: &Value) -> Parsed<Range> {
     if value.kind == ValueKind::Number {
         Ok(value.whole)
     } else {
@@ -380,23 +410,40 @@ fn number_of(value: &Value) -> Parsed<Span> {
     }
 }
 
-fn number_value(bytes: &[u8], span: Span) -> f64 {
-    std::str::from_utf8(&bytes[span.start..span.end]).ok().and_then(|t| t.parse().ok()).unwrap_or(f64::NAN)
+fn number_value(bytes: &[u8], span: Range) -> f64 {
+    std::str::from_utf8(&bytes[span.start..span.end])
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
-fn is_lower_hex(bytes: &[u8], span: Span, length: usize) -> bool {
-    span.end - span.start == length && bytes[span.start..span.end].iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+fn is_lower_hex(bytes: &[u8], span: Range, length: usize) -> bool {
+    span.end - span.start == length
+        && bytes[span.start..span.end]
+            .iter()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ`, the one form the sidecar writes.
 fn is_canonical_timestamp(text: &[u8]) -> bool {
     const PATTERN: &[u8; 24] = b"0000-00-00T00:00:00.000Z";
     text.len() == 24
-        && text.iter().zip(PATTERN.iter()).all(|(b, p)| if *p == b'0' { b.is_ascii_digit() } else { b == p })
+        && text.iter().zip(PATTERN.iter()).all(|(b, p)| {
+            if *p == b'0' {
+                b.is_ascii_digit()
+            } else {
+                b == p
+            }
+        })
 }
 
 /// One line, if the Python path would accept it unchanged.
-fn accept(bytes: &[u8], start: usize, top: &mut Vec<Member>, inner: &mut Vec<Member>) -> Parsed<Message> {
+fn accept(
+    bytes: &[u8],
+    start: usize,
+    top: &mut Vec<Member>,
+    inner: &mut Vec<Member>,
+) -> Parsed<Message> {
     let mut parser = Parser::new(bytes, start);
     parser.skip_whitespace();
     let object_start = parser.at;
@@ -409,8 +456,8 @@ fn accept(bytes: &[u8], start: usize, top: &mut Vec<Member>, inner: &mut Vec<Mem
     let mut message = Message {
         close,
         start: object_start,
-        source: Span::default(),
-        kind: Kind::Event,
+        source: Range::default(),
+        kind: MessageType::Event,
         level: 0,
         timestamp: None,
         trace_id: None,
@@ -427,7 +474,10 @@ fn accept(bytes: &[u8], start: usize, top: &mut Vec<Member>, inner: &mut Vec<Mem
             b"source" => {
                 let span = plain_text(value)?;
                 let text = &bytes[span.start..span.end];
-                if text.is_empty() || text.len() > MAX_SOURCE_LENGTH || !text.iter().all(|b| (0x20..0x7f).contains(b)) {
+                if text.is_empty()
+                    || text.len() > MAX_SOURCE_LENGTH
+                    || !text.iter().all(|b| (0x20..0x7f).contains(b))
+                {
                     return Err(Decline);
                 }
                 message.source = span;
@@ -435,11 +485,11 @@ fn accept(bytes: &[u8], start: usize, top: &mut Vec<Member>, inner: &mut Vec<Mem
             b"type" => {
                 let span = plain_text(value)?;
                 message.kind = match &bytes[span.start..span.end] {
-                    b"event" => Kind::Event,
-                    b"metric" => Kind::Metric,
-                    b"progress" => Kind::Progress,
-                    b"resource" => Kind::Resource,
-                    b"span" => Kind::SpanKind,
+                    b"event" => MessageType::Event,
+                    b"metric" => MessageType::Metric,
+                    b"progress" => MessageType::Progress,
+                    b"resource" => MessageType::Resource,
+                    b"span" => MessageType::Span,
                     _ => return Err(Decline),
                 };
             }
@@ -479,34 +529,45 @@ fn accept(bytes: &[u8], start: usize, top: &mut Vec<Member>, inner: &mut Vec<Mem
                     None => None,
                     Some(job) => {
                         let text = text_of(job)?;
-                        if text.span.start == text.span.end {
+                        if text.range.start == text.range.end {
                             return Err(Decline); // "" is replaced by a trace's job in place
                         }
                         Some(text)
                     }
                 };
-                message.context = Some(Context { close, empty: inner.is_empty(), job });
+                message.context = Some(Context {
+                    close,
+                    empty: inner.is_empty(),
+                    job,
+                });
             }
             // Set by the sidecar: a message carrying them is rewritten in place by Python.
             b"received_at" | b"host" => return Err(Decline),
             _ => {}
         }
     }
-    if message.source.end == 0 || !top.iter().any(|m| &bytes[m.key.start..m.key.end] == b"type") {
+    if message.source.end == 0
+        || !top
+            .iter()
+            .any(|m| &bytes[m.key.start..m.key.end] == b"type")
+    {
         return Err(Decline);
     }
     let data = data.ok_or(Decline)?;
     members_of(bytes, data, inner)?;
     let field = |name: &[u8]| find(bytes, inner, name);
     match message.kind {
-        Kind::Event => {
+        MessageType::Event => {
             let level = plain_text(field(b"level").ok_or(Decline)?)?;
-            message.level = LEVELS.iter().position(|l| l.as_bytes() == &bytes[level.start..level.end]).ok_or(Decline)?;
+            message.level = LEVELS
+                .iter()
+                .position(|l| l.as_bytes() == &bytes[level.start..level.end])
+                .ok_or(Decline)?;
             message.text = Some(text_of(field(b"message").ok_or(Decline)?)?);
         }
-        Kind::Metric => {
+        MessageType::Metric => {
             let name = text_of(field(b"name").ok_or(Decline)?)?;
-            if name.span.start == name.span.end {
+            if name.range.start == name.range.end {
                 return Err(Decline);
             }
             let value = number_of(field(b"value").ok_or(Decline)?)?;
@@ -521,7 +582,10 @@ fn accept(bytes: &[u8], start: usize, top: &mut Vec<Member>, inner: &mut Vec<Mem
                     ValueKind::Object => {
                         let mut values = Vec::new();
                         members_of(bytes, tags.whole.start, &mut values)?;
-                        if !values.iter().all(|m| matches!(m.value.kind, ValueKind::String { .. })) {
+                        if !values
+                            .iter()
+                            .all(|m| matches!(m.value.kind, ValueKind::String { .. }))
+                        {
                             return Err(Decline);
                         }
                     }
@@ -530,9 +594,9 @@ fn accept(bytes: &[u8], start: usize, top: &mut Vec<Member>, inner: &mut Vec<Mem
             }
             message.metric = Some((name, value, unit));
         }
-        Kind::Progress => {
+        MessageType::Progress => {
             let job = text_of(field(b"job_id").ok_or(Decline)?)?;
-            if job.span.start == job.span.end {
+            if job.range.start == job.range.end {
                 return Err(Decline);
             }
             let percent = number_of(field(b"percent").ok_or(Decline)?)?;
@@ -543,12 +607,15 @@ fn accept(bytes: &[u8], start: usize, top: &mut Vec<Member>, inner: &mut Vec<Mem
             let status = text_of(field(b"status").ok_or(Decline)?)?;
             message.progress = Some((job, percent, status));
         }
-        Kind::Resource => {
-            if !inner.iter().all(|m| matches!(m.value.kind, ValueKind::Number | ValueKind::Null)) {
+        MessageType::Resource => {
+            if !inner
+                .iter()
+                .all(|m| matches!(m.value.kind, ValueKind::Number | ValueKind::Null))
+            {
                 return Err(Decline);
             }
         }
-        Kind::SpanKind => {
+        MessageType::Span => {
             text_of(field(b"name").ok_or(Decline)?)?;
             let phase = plain_text(field(b"phase").ok_or(Decline)?)?;
             match &bytes[phase.start..phase.end] {
@@ -556,7 +623,8 @@ fn accept(bytes: &[u8], start: usize, top: &mut Vec<Member>, inner: &mut Vec<Mem
                 b"end" => {
                     text_of(field(b"status").ok_or(Decline)?)?;
                     let duration = number_of(field(b"duration_ms").ok_or(Decline)?)?;
-                    if !(number_value(bytes, duration) >= 0.0) {
+                    let duration = number_value(bytes, duration);
+                    if duration.is_nan() || duration < 0.0 {
                         return Err(Decline);
                     }
                 }
@@ -575,7 +643,10 @@ fn unescape(raw: &[u8]) -> String {
     let mut out = String::with_capacity(raw.len());
     let mut index = 0;
     while index < raw.len() {
-        let next = raw[index..].iter().position(|b| *b == b'\\').map_or(raw.len(), |p| index + p);
+        let next = raw[index..]
+            .iter()
+            .position(|b| *b == b'\\')
+            .map_or(raw.len(), |p| index + p);
         out.push_str(std::str::from_utf8(&raw[index..next]).unwrap_or(""));
         if next == raw.len() {
             break;
@@ -589,7 +660,9 @@ fn unescape(raw: &[u8]) -> String {
             b'r' => out.push('\r'),
             b't' => out.push('\t'),
             b'u' => {
-                let code = std::str::from_utf8(&raw[index..index + 4]).ok().and_then(|h| u32::from_str_radix(h, 16).ok());
+                let code = std::str::from_utf8(&raw[index..index + 4])
+                    .ok()
+                    .and_then(|h| u32::from_str_radix(h, 16).ok());
                 out.push(code.and_then(char::from_u32).unwrap_or('\u{fffd}'));
                 index += 4;
             }
@@ -600,7 +673,7 @@ fn unescape(raw: &[u8]) -> String {
 }
 
 fn text_string(bytes: &[u8], text: Text) -> String {
-    let raw = &bytes[text.span.start..text.span.end];
+    let raw = &bytes[text.range.start..text.range.end];
     if text.escaped {
         unescape(raw)
     } else {
@@ -628,7 +701,7 @@ fn push_json_string(out: &mut Vec<u8>, text: &str) {
 }
 
 /// A number as orjson reads it: an integer that fits 64 bits stays one, anything else is a float.
-fn number_object(py: Python<'_>, bytes: &[u8], span: Span) -> PyResult<Py<PyAny>> {
+fn number_object(py: Python<'_>, bytes: &[u8], span: Range) -> PyResult<Py<PyAny>> {
     let text = std::str::from_utf8(&bytes[span.start..span.end]).unwrap_or("0");
     if !text.contains(['.', 'e', 'E']) {
         if let Ok(value) = text.parse::<i64>() {
@@ -652,21 +725,21 @@ struct Chunk {
 /// What one (job, trace, source) cell of a chunk did, for the live index.
 struct Cell {
     job: Option<String>,
-    trace: Option<Span>,
-    source: Span,
+    trace: Option<Range>,
+    source: Range,
     count: usize,
-    first: Span,
-    last: Span,
+    first: Range,
+    last: Range,
     errors: usize,
     events: Vec<usize>, // message numbers, the latest few
-    metrics: Vec<(String, Span, Option<Text>)>,
+    metrics: Vec<(String, Range, Option<Text>)>,
     progress: Option<usize>,
     spans: Vec<Py<PyBytes>>,
 }
 
 /// One source's messages of a chunk: their lines and timestamps, in order.
 struct Group<'py> {
-    source: Span,
+    source: Range,
     lines: Bound<'py, PyList>,
     timestamps: Bound<'py, PyList>,
     urgent: bool,
@@ -698,17 +771,21 @@ impl Chunk {
         push_json_string(&mut suffix, received_at);
         suffix.extend_from_slice(b",\"host\":");
         push_json_string(&mut suffix, host);
-        let level_objects: Vec<Bound<'py, PyString>> = LEVELS.iter().map(|l| PyString::intern(py, l)).collect();
+        let level_objects: Vec<Bound<'py, PyString>> =
+            LEVELS.iter().map(|l| PyString::intern(py, l)).collect();
 
         let mut groups: Vec<Group<'py>> = Vec::new();
         let mut cells: Vec<Cell> = Vec::new();
         let mut line = Vec::with_capacity(512);
         let mut last_group = usize::MAX;
         let mut last_cell = usize::MAX;
-        let mut last_timestamp: Option<(Span, Bound<'py, PyString>)> = None;
-        let mut last_trace: Option<(Span, Bound<'py, PyString>)> = None;
-        let received_span = Span { start: usize::MAX, end: usize::MAX }; // marks "received_at"
-        let slice = |span: Span| -> &[u8] {
+        let mut last_timestamp: Option<(Range, Bound<'py, PyString>)> = None;
+        let mut last_trace: Option<(Range, Bound<'py, PyString>)> = None;
+        let received_span = Range {
+            start: usize::MAX,
+            end: usize::MAX,
+        }; // marks "received_at"
+        let slice = |span: Range| -> &[u8] {
             if span.start == usize::MAX {
                 received_at.as_bytes()
             } else {
@@ -719,13 +796,17 @@ impl Chunk {
         for (number, message) in self.messages.iter().enumerate() {
             // Correlation: a trace's first job is remembered; a message of the trace without
             // a job of its own gets it.
-            let mut job: Option<String> = message.context.and_then(|c| c.job).map(|t| text_string(bytes, t));
+            let mut job: Option<String> = message
+                .context
+                .and_then(|c| c.job)
+                .map(|t| text_string(bytes, t));
             let mut added_job = false;
             if let Some(trace) = message.trace_id {
                 let key = match &last_trace {
                     Some((span, object)) if slice(*span) == slice(trace) => object.clone(),
                     _ => {
-                        let object = PyString::new(py, std::str::from_utf8(slice(trace)).unwrap_or(""));
+                        let object =
+                            PyString::new(py, std::str::from_utf8(slice(trace)).unwrap_or(""));
                         last_trace = Some((trace, object.clone()));
                         object
                     }
@@ -750,7 +831,11 @@ impl Chunk {
             match (added_job, message.context) {
                 (true, Some(context)) => {
                     line.extend_from_slice(&bytes[message.start..context.close]);
-                    line.extend_from_slice(if context.empty { b"\"job_id\":" } else { b",\"job_id\":" });
+                    line.extend_from_slice(if context.empty {
+                        b"\"job_id\":"
+                    } else {
+                        b",\"job_id\":"
+                    });
                     push_json_string(&mut line, job.as_deref().unwrap_or(""));
                     line.extend_from_slice(&bytes[context.close..message.close]);
                 }
@@ -788,7 +873,12 @@ impl Chunk {
                 last_group = match groups.iter().position(|g| slice(g.source) == source) {
                     Some(found) => found,
                     None => {
-                        groups.push(Group { source: message.source, lines: PyList::empty(py), timestamps: PyList::empty(py), urgent: false });
+                        groups.push(Group {
+                            source: message.source,
+                            lines: PyList::empty(py),
+                            timestamps: PyList::empty(py),
+                            urgent: false,
+                        });
                         groups.len() - 1
                     }
                 };
@@ -796,12 +886,12 @@ impl Chunk {
             let group = &mut groups[last_group];
             group.lines.append(&line_object)?;
             group.timestamps.append(&timestamp_object)?;
-            if message.kind == Kind::Event && message.level >= 3 {
+            if message.kind == MessageType::Event && message.level >= 3 {
                 group.urgent = true;
             }
 
             // The live index's cell.
-            if job.is_none() && message.kind == Kind::Progress {
+            if job.is_none() && message.kind == MessageType::Progress {
                 job = message.progress.map(|(j, _, _)| text_string(bytes, j));
             }
             if job.is_none() && message.trace_id.is_none() {
@@ -842,16 +932,17 @@ impl Chunk {
                 cell.last = timestamp;
             }
             match message.kind {
-                Kind::Event => {
+                MessageType::Event => {
                     if message.level >= 3 {
                         cell.errors += 1;
                     }
                     cell.events.push(number);
                     if cell.events.len() > 4 * KEY_EVENTS_PER_SOURCE {
-                        cell.events.drain(..cell.events.len() - KEY_EVENTS_PER_SOURCE);
+                        cell.events
+                            .drain(..cell.events.len() - KEY_EVENTS_PER_SOURCE);
                     }
                 }
-                Kind::Metric => {
+                MessageType::Metric => {
                     if let Some((name, value, unit)) = message.metric {
                         let name = text_string(bytes, name);
                         match cell.metrics.iter_mut().find(|(n, _, _)| *n == name) {
@@ -863,19 +954,30 @@ impl Chunk {
                         }
                     }
                 }
-                Kind::Progress => cell.progress = Some(number),
-                Kind::SpanKind => cell.spans.push(line_object.clone().unbind()),
-                Kind::Resource => {}
+                MessageType::Progress => cell.progress = Some(number),
+                MessageType::Span => cell.spans.push(line_object.clone().unbind()),
+                MessageType::Resource => {}
             }
         }
 
         let timestamp_text = |number: usize| -> &str {
-            std::str::from_utf8(slice(self.messages[number].timestamp.unwrap_or(received_span))).unwrap_or("")
+            std::str::from_utf8(slice(
+                self.messages[number].timestamp.unwrap_or(received_span),
+            ))
+            .unwrap_or("")
         };
         let grouped = PyList::empty(py);
         for group in groups {
             let source = PyString::new(py, std::str::from_utf8(slice(group.source)).unwrap_or(""));
-            grouped.append(PyTuple::new(py, [source.into_any(), group.lines.into_any(), group.timestamps.into_any(), group.urgent.into_pyobject(py)?.to_owned().into_any()])?)?;
+            grouped.append(PyTuple::new(
+                py,
+                [
+                    source.into_any(),
+                    group.lines.into_any(),
+                    group.timestamps.into_any(),
+                    group.urgent.into_pyobject(py)?.to_owned().into_any(),
+                ],
+            )?)?;
         }
         let summaries = PyList::empty(py);
         for cell in cells {
@@ -883,7 +985,10 @@ impl Chunk {
             let keep = cell.events.len().saturating_sub(KEY_EVENTS_PER_SOURCE);
             for &number in &cell.events[keep..] {
                 let message = &self.messages[number];
-                let text = message.text.map(|t| text_string(bytes, t)).unwrap_or_default();
+                let text = message
+                    .text
+                    .map(|t| text_string(bytes, t))
+                    .unwrap_or_default();
                 events.append((timestamp_text(number), &level_objects[message.level], text))?;
             }
             let metrics = PyDict::new(py);
@@ -891,18 +996,37 @@ impl Chunk {
                 let unit = unit.map(|u| text_string(bytes, u));
                 metrics.set_item(name, (number_object(py, bytes, *value)?, unit))?;
             }
-            let progress = match cell.progress.and_then(|n| self.messages[n].progress.map(|p| (n, p))) {
-                Some((number, (_job, percent, status))) => {
-                    Some((number_object(py, bytes, percent)?, text_string(bytes, status), timestamp_text(number)))
-                }
+            let progress = match cell
+                .progress
+                .and_then(|n| self.messages[n].progress.map(|p| (n, p)))
+            {
+                Some((number, (_job, percent, status))) => Some((
+                    number_object(py, bytes, percent)?,
+                    text_string(bytes, status),
+                    timestamp_text(number),
+                )),
                 None => None,
             };
             let spans = PyList::new(py, cell.spans)?;
-            let trace = cell.trace.map(|t| std::str::from_utf8(slice(t)).unwrap_or("").to_owned());
+            let trace = cell
+                .trace
+                .map(|t| std::str::from_utf8(slice(t)).unwrap_or("").to_owned());
             let source = std::str::from_utf8(slice(cell.source)).unwrap_or("");
             let first = std::str::from_utf8(slice(cell.first)).unwrap_or("");
             let last = std::str::from_utf8(slice(cell.last)).unwrap_or("");
-            let summary = (cell.job, trace, source, cell.count, first, last, cell.errors, events, metrics, progress, spans);
+            let summary = (
+                cell.job,
+                trace,
+                source,
+                cell.count,
+                first,
+                last,
+                cell.errors,
+                events,
+                metrics,
+                progress,
+                spans,
+            );
             summaries.append(summary.into_pyobject(py)?)?;
         }
         Ok((grouped, summaries))
@@ -917,7 +1041,10 @@ fn decode(data: Bound<'_, PyBytes>, max_message_size: usize) -> Option<Chunk> {
     let bytes = data.as_bytes();
     // A bug here must not take the listener down: a panic declines the chunk like bad input.
     let messages = std::panic::catch_unwind(|| accept_all(bytes, max_message_size)).ok()??;
-    Some(Chunk { data: data.unbind(), messages })
+    Some(Chunk {
+        data: data.unbind(),
+        messages,
+    })
 }
 
 fn accept_all(bytes: &[u8], max_message_size: usize) -> Option<Vec<Message>> {

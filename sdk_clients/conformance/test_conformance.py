@@ -167,6 +167,7 @@ def test_end_to_end_through_a_real_sidecar(language: kit.Language, validator, tm
     """The driver sends to a real sidecar (filesystem backend); what lands in the JSONL file is
     the scenario's expectation plus the sidecar's received_at and host."""
     require(language)
+    from sidecar.protocol import NATIVE_AVAILABLE
     from tests.harness import FILES_CONFIG, SidecarProcess, read_jsonl
 
     assert E2E_SCENARIOS, "no scenario has \"end_to_end\": true"
@@ -182,6 +183,9 @@ def test_end_to_end_through_a_real_sidecar(language: kit.Language, validator, tm
         stats = sidecar.wait_for(lambda s: sum(b.get("delivered", 0) for b in s["backends"]) >= expected,
                                  timeout=30, what=f"{expected} messages delivered to the file")
         assert not stats.get("decode_errors"), stats
+        if NATIVE_AVAILABLE:
+            # What an SDK sends is canonical protocol v1: none of it needs the Python path.
+            assert stats["decoded_by_path"] == {"native": expected}, stats["decoded_by_path"]
     finally:
         assert sidecar.stop() == 0, sidecar.log()[-3000:]
     messages = [m for path in sorted(out.rglob("*.jsonl")) for m in read_jsonl(path)]
