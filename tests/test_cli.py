@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -99,6 +101,32 @@ def test_the_built_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     assert "config-service:" in check.stdout
     default = subprocess.run([str(command), "check"], capture_output=True, text=True, cwd=tmp_path)
     assert default.returncode == 0 and "default.yaml" in default.stdout
+
+
+@pytest.mark.slow
+def test_without_a_rust_toolchain_the_wheel_still_builds_and_runs_on_the_python_path(tmp_path):
+    # `pipx install` on a machine with no cargo: the native extension is optional.
+    source = tmp_path / "source"
+    tracked = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, tracked):
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
+    no_cargo = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "cargo").exists())
+    env = {**os.environ, "PATH": no_cargo}
+    assert shutil.which("cargo", path=no_cargo) is None
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), str(source)], check=True, timeout=300, env=env)
+    wheel = next(wheels.glob("monitoring_sidecar-*.whl"))
+    assert "_native" not in " ".join(zipfile.ZipFile(wheel).namelist())
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", str(wheel)], check=True, timeout=600)
+    command = venv / "bin" / "monitoring-sidecar"
+    version = subprocess.run([str(command), "--version"], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert "(native hot path: not built" in version.stdout, version.stdout
+    check = subprocess.run([str(command), "check", "--config", str(SEED_CONFIG)], capture_output=True, text=True, cwd=tmp_path)
+    assert check.returncode == 0, check.stderr
 
 
 def _free_port() -> int:
