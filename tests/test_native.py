@@ -195,6 +195,7 @@ DECLINED_BYTES = {
     "a duplicate data key": b'{"source":"a","type":"event","data":{"level":"info","level":"loud","message":"m"}}',
     "an escaped key": b'{"sour\\u0063e":"a","type":"event","data":{"level":"info","message":"m"}}',
     "a float orjson cannot read": b'{"source":"a","type":"event","data":{"level":"info","message":"m","x":1e400}}',
+    "a \\u escape with a sign": b'{"source":"a","type":"event","data":{"level":"info","message":"\\u+12a"}}',
     "a lone surrogate": b'{"source":"a","type":"event","data":{"level":"info","message":"\\ud800"}}',
     "a blank line": b'{"source":"a","type":"event","data":{"level":"info","message":"m"}}\n',
     "two values on a line": b'{"source":"a","type":"event","data":{"level":"info","message":"m"}} {}',

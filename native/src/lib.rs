@@ -20,6 +20,20 @@ const MAX_SOURCE_LENGTH: usize = 200;
 const MAX_DEPTH: u32 = 128;
 const KEY_EVENTS_PER_SOURCE: usize = 8;
 
+/// The bytes that end a run of plain string content: a quote, a backslash, or a control byte
+/// (which JSON allows only escaped).
+static STRING_STOPS: [bool; 256] = {
+    let mut stops = [false; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        stops[byte] = true;
+        byte += 1;
+    }
+    stops[b'"' as usize] = true;
+    stops[b'\\' as usize] = true;
+    stops
+};
+
 /// A byte range of the chunk.
 #[derive(Clone, Copy, Debug, Default)]
 struct Range {
@@ -134,7 +148,7 @@ impl<'a> Parser<'a> {
         let start = self.at;
         let kind = match self.peek().ok_or(Decline)? {
             b'{' => {
-                self.object(|_| Ok(()))?;
+                self.object(|parser, _key| parser.value().map(drop))?;
                 ValueKind::Object
             }
             b'[' => {
@@ -198,27 +212,42 @@ impl<'a> Parser<'a> {
         let bytes = self.bytes;
         let mut escaped = false;
         loop {
-            // Straight to the next quote or backslash; what it skipped may hold no control byte.
-            let found = memchr::memchr2(b'"', b'\\', &bytes[self.at..]).ok_or(Decline)?;
-            if bytes[self.at..self.at + found].iter().any(|b| *b < 0x20) {
-                return Err(Decline);
-            }
-            self.at += found;
-            if bytes[self.at] == b'"' {
-                let inner = Range {
-                    start,
-                    end: self.at,
-                };
+            // Keys and ids are short: a table lookup per byte finds their end before a SIMD
+            // search would have started. Longer text goes on with memchr.
+            let limit = bytes.len().min(self.at + 24);
+            while self.at < limit && !STRING_STOPS[bytes[self.at] as usize] {
                 self.at += 1;
-                return Ok((inner, escaped));
+            }
+            if self.at == limit {
+                let found = memchr::memchr2(b'"', b'\\', &bytes[self.at..]).ok_or(Decline)?;
+                if bytes[self.at..self.at + found].iter().any(|b| *b < 0x20) {
+                    return Err(Decline);
+                }
+                self.at += found;
+            }
+            match bytes[self.at] {
+                b'"' => {
+                    let inner = Range {
+                        start,
+                        end: self.at,
+                    };
+                    self.at += 1;
+                    return Ok((inner, escaped));
+                }
+                b'\\' => {}
+                _ => return Err(Decline), // a control byte must be escaped
             }
             escaped = true;
             match *bytes.get(self.at + 1).ok_or(Decline)? {
                 b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.at += 2,
                 b'u' => {
-                    let code = bytes.get(self.at + 2..self.at + 6).ok_or(Decline)?;
-                    let code = std::str::from_utf8(code).map_err(|_| Decline)?;
-                    let code = u32::from_str_radix(code, 16).map_err(|_| Decline)?;
+                    let digits = bytes.get(self.at + 2..self.at + 6).ok_or(Decline)?;
+                    if !digits.iter().all(u8::is_ascii_hexdigit) {
+                        return Err(Decline);
+                    }
+                    let code = digits.iter().fold(0u32, |code, digit| {
+                        code * 16 + (*digit as char).to_digit(16).unwrap_or(0)
+                    });
                     if (0xD800..=0xDFFF).contains(&code) {
                         return Err(Decline); // surrogates: orjson's rules, left to it
                     }
@@ -314,8 +343,9 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// An object; `member` sees each key and value. Returns the position of its closing brace.
-    fn object(&mut self, mut member: impl FnMut(Member) -> Parsed<()>) -> Parsed<usize> {
+    /// An object; `member` is given each key and parses its value. Returns the position of the
+    /// closing brace.
+    fn object(&mut self, mut member: impl FnMut(&mut Self, Range) -> Parsed<()>) -> Parsed<usize> {
         self.depth += 1;
         if self.depth > MAX_DEPTH {
             return Err(Decline);
@@ -336,12 +366,11 @@ impl<'a> Parser<'a> {
             self.skip_whitespace();
             self.expect(b':')?;
             self.skip_whitespace();
-            let value = self.value()?;
             if escaped {
                 // A key spelt with escapes could be any of the protocol's: left to Python.
                 return Err(Decline);
             }
-            member(Member { key, value })?;
+            member(self, key)?;
             self.skip_whitespace();
             match self.peek() {
                 Some(b',') => self.at += 1,
@@ -356,25 +385,93 @@ impl<'a> Parser<'a> {
     }
 }
 
-/// The members of the object that starts at `at`, with no key twice (the Python path would keep
-/// the last, but this one would check the first).
-fn members_of(bytes: &[u8], at: usize, found: &mut Vec<Member>) -> Parsed<usize> {
-    found.clear();
-    let mut parser = Parser::new(bytes, at);
-    let close = parser.object(|member| {
-        found.push(member);
+/// The members of the object at the parser's position, appended to `found`.
+fn collect_members(parser: &mut Parser, found: &mut Vec<Member>) -> Parsed<usize> {
+    parser.object(|parser, key| {
+        let value = parser.value()?;
+        found.push(Member { key, value });
         Ok(())
-    })?;
-    for (index, member) in found.iter().enumerate() {
+    })
+}
+
+/// No key twice (the Python path would keep the last value, but this one would check the first).
+fn check_unique(bytes: &[u8], members: &[Member]) -> Parsed<()> {
+    for (index, member) in members.iter().enumerate() {
         let key = &bytes[member.key.start..member.key.end];
-        if found[..index]
+        if members[..index]
             .iter()
             .any(|other| &bytes[other.key.start..other.key.end] == key)
         {
             return Err(Decline);
         }
     }
+    Ok(())
+}
+
+/// The members of the object that starts at `at`, each key once.
+fn members_of(bytes: &[u8], at: usize, found: &mut Vec<Member>) -> Parsed<usize> {
+    found.clear();
+    let close = collect_members(&mut Parser::new(bytes, at), found)?;
+    check_unique(bytes, found)?;
     Ok(close)
+}
+
+/// A message's members, and those of its `data` and `context` objects, in one pass.
+struct Members {
+    top: Vec<Member>,
+    data: Vec<Member>,
+    context: Vec<Member>,
+}
+
+impl Members {
+    fn new() -> Self {
+        Members {
+            top: Vec::with_capacity(16),
+            data: Vec::with_capacity(16),
+            context: Vec::with_capacity(8),
+        }
+    }
+
+    /// Parse the message object at the parser's position; returns its closing brace.
+    fn parse(&mut self, parser: &mut Parser) -> Parsed<usize> {
+        let Members { top, data, context } = self;
+        top.clear();
+        data.clear();
+        context.clear();
+        let close = parser.object(|parser, key| {
+            let name = &parser.bytes[key.start..key.end];
+            let start = parser.at;
+            let value = if parser.peek() == Some(b'{') && (name == b"data" || name == b"context") {
+                // A second `data` or `context` would mix into the first: the key check below
+                // declines the message then.
+                collect_members(
+                    parser,
+                    if name == b"data" {
+                        &mut *data
+                    } else {
+                        &mut *context
+                    },
+                )?;
+                let whole = Range {
+                    start,
+                    end: parser.at,
+                };
+                Value {
+                    kind: ValueKind::Object,
+                    whole,
+                    inner: whole,
+                }
+            } else {
+                parser.value()?
+            };
+            top.push(Member { key, value });
+            Ok(())
+        })?;
+        check_unique(parser.bytes, top)?;
+        check_unique(parser.bytes, data)?;
+        check_unique(parser.bytes, context)?;
+        Ok(close)
+    }
 }
 
 fn find<'m>(bytes: &[u8], members: &'m [Member], name: &[u8]) -> Option<&'m Value> {
@@ -438,17 +535,12 @@ fn is_canonical_timestamp(text: &[u8]) -> bool {
 }
 
 /// One line, if the Python path would accept it unchanged.
-fn accept(
-    bytes: &[u8],
-    start: usize,
-    top: &mut Vec<Member>,
-    inner: &mut Vec<Member>,
-) -> Parsed<Message> {
+fn accept(bytes: &[u8], start: usize, members: &mut Members) -> Parsed<Message> {
     let mut parser = Parser::new(bytes, start);
     parser.skip_whitespace();
     let object_start = parser.at;
-    let close = members_of(bytes, object_start, top)?;
-    parser.at = close + 1;
+    let close = members.parse(&mut parser)?;
+    let (top, inner, context) = (&members.top, &members.data, &members.context);
     parser.skip_whitespace();
     if parser.at != bytes.len() {
         return Err(Decline);
@@ -466,7 +558,7 @@ fn accept(
         metric: None,
         progress: None,
     };
-    let mut data = None;
+    let mut data = false;
     let mut span_id = false;
     for member in top.iter() {
         let value = &member.value;
@@ -497,7 +589,7 @@ fn accept(
                 if value.kind != ValueKind::Object {
                     return Err(Decline);
                 }
-                data = Some(value.whole.start);
+                data = true;
             }
             b"timestamp" => {
                 let span = plain_text(value)?;
@@ -524,8 +616,7 @@ fn accept(
                 if value.kind != ValueKind::Object {
                     return Err(Decline);
                 }
-                let close = members_of(bytes, value.whole.start, inner)?;
-                let job = match find(bytes, inner, b"job_id") {
+                let job = match find(bytes, context, b"job_id") {
                     None => None,
                     Some(job) => {
                         let text = text_of(job)?;
@@ -536,8 +627,8 @@ fn accept(
                     }
                 };
                 message.context = Some(Context {
-                    close,
-                    empty: inner.is_empty(),
+                    close: value.whole.end - 1,
+                    empty: context.is_empty(),
                     job,
                 });
             }
@@ -553,8 +644,9 @@ fn accept(
     {
         return Err(Decline);
     }
-    let data = data.ok_or(Decline)?;
-    members_of(bytes, data, inner)?;
+    if !data {
+        return Err(Decline);
+    }
     let field = |name: &[u8]| find(bytes, inner, name);
     match message.kind {
         MessageType::Event => {
@@ -1052,8 +1144,7 @@ fn accept_all(bytes: &[u8], max_message_size: usize) -> Option<Vec<Message>> {
         return None;
     }
     let mut messages = Vec::with_capacity(bytes.len() / 256 + 1);
-    let mut top = Vec::with_capacity(16);
-    let mut inner = Vec::with_capacity(16);
+    let mut members = Members::new();
     let mut start = 0;
     while start <= bytes.len() {
         let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |p| start + p);
@@ -1062,7 +1153,7 @@ fn accept_all(bytes: &[u8], max_message_size: usize) -> Option<Vec<Message>> {
         }
         // Each line is parsed as its own document: the parser stops at its end.
         let line = &bytes[..end];
-        match accept(line, start, &mut top, &mut inner) {
+        match accept(line, start, &mut members) {
             Ok(message) => messages.push(message),
             Err(Decline) => return None,
         }
