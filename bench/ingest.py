@@ -4,7 +4,7 @@ routes them to the filesystem backend.
 Prints messages/s from the first byte sent to the last line written (the sidecar's own count of
 delivered messages, checked against the lines in the file), and the sidecar's peak RSS.
 
-    .venv/bin/python bench/ingest.py [--messages 2000000] [--connections 8] [--format json|msgpack] [--python-path]
+    .venv/bin/python bench/ingest.py [--messages 2000000] [--connections 8] [--format json|msgpack] [--odd-every N] [--python-path]
 """
 
 import argparse
@@ -43,7 +43,10 @@ pipeline: {{native: {native}}}
 """
 
 
-def message(connection: int, seq: int) -> dict:
+def message(connection: int, seq: int, odd_every: int = 0) -> dict:
+    """An info event; with `odd_every`, every that many-th one says `WARN`, which the sidecar
+    normalises to `warning` on the Python path (the native decoder declines it)."""
+    level = "WARN" if odd_every and seq % odd_every == 0 else "info"
     return {
         "source": f"bench-{connection % 4}",
         "type": "event",
@@ -51,14 +54,14 @@ def message(connection: int, seq: int) -> dict:
         "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
         "span_id": "00f067aa0ba902b7",
         "context": {"job_id": f"job-{seq // 1000}", "seq": seq},
-        "data": {"level": "info", "message": f"connection {connection} processed record {seq} of the nightly load without error"},
+        "data": {"level": level, "message": f"connection {connection} processed record {seq} of the nightly load without error"},
     }
 
 
-def payload(connection: int, count: int, fmt: str) -> bytes:
+def payload(connection: int, count: int, fmt: str, odd_every: int = 0) -> bytes:
     if fmt == "msgpack":
-        return b"".join(msgpack.packb(message(connection, i)) for i in range(count))
-    return b"".join(orjson.dumps(message(connection, i)) + b"\n" for i in range(count))
+        return b"".join(msgpack.packb(message(connection, i, odd_every)) for i in range(count))
+    return b"".join(orjson.dumps(message(connection, i, odd_every)) + b"\n" for i in range(count))
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -87,6 +90,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=2_000_000)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--format", choices=["json", "msgpack"], default="json")
+    parser.add_argument("--odd-every", type=int, default=0, metavar="N", help="every N-th message has a level to normalise (WARN): mixed traffic")
     parser.add_argument("--python-path", action="store_true", help="run the sidecar with `pipeline.native: false` (every message on the Python path)")
     parser.add_argument("--profile", metavar="FILE", help="record the sidecar with py-spy (raw, collapsed stacks) into FILE; needs `pip install -e '.[bench]'`")
     args = parser.parse_args()
@@ -96,7 +100,7 @@ def main() -> int:
         per_connection = args.messages // args.connections
         total = per_connection * args.connections
         print(f"preparing {total:,} messages over {args.connections} connections ({args.format}) ...", flush=True)
-        payloads = [payload(c, per_connection, args.format) for c in range(args.connections)]
+        payloads = [payload(c, per_connection, args.format, args.odd_every) for c in range(args.connections)]
         size = sum(map(len, payloads))
         print(f"  {size / total:.0f} bytes per message on the wire, {size / 2**20:.0f} MiB in all", flush=True)
 

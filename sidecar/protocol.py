@@ -79,9 +79,9 @@ class StreamDecoder:
     """Decode one connection's byte stream.
 
     `receive_data()` returns `(messages, errors)`: the valid messages completed by this chunk, in
-    order, and a DecodeError for each rejected one. With `native`, `messages` may instead be a
-    `NativeChunk` (when every line of the chunk was valid as it stands): the same messages,
-    validated, still as bytes, for the correlator to enrich and encode in one call. It raises ProtocolViolation when the stream
+    order, and a DecodeError for each rejected one. With `native`, `messages` is instead a
+    `NativeChunk` when the native decoder took the chunk (see `_decode_natively`): the same
+    messages, validated, still as bytes, for the correlator to enrich and encode in one call. It raises ProtocolViolation when the stream
     cannot be framed any more (unknown format, broken or oversized MessagePack); after that
     every call raises it again.
     """
@@ -148,9 +148,8 @@ class StreamDecoder:
             else:
                 complete = data[:last_newline]
             self._tail = bytearray(data[last_newline + 1 :])
-            chunk = native_decode(bytes(complete), self.max_message_size) if self.native else None
+            chunk = self._decode_natively(bytes(complete), errors) if self.native else None
             if chunk is not None:
-                self.messages_seen += len(chunk)
                 messages = chunk
             elif not self._parse_as_array(complete, messages, errors):
                 self._parse_lines(complete.split(b"\n"), messages, errors)
@@ -191,28 +190,68 @@ class StreamDecoder:
         self.messages_seen += len(parsed)
         return True
 
+    def _decode_natively(self, complete: bytes, errors: list[DecodeError]):
+        """The chunk as a NativeChunk, or None to take the Python path for all of it.
+
+        The native decoder takes a chunk whose every line is valid as it stands. Otherwise it
+        names the lines it declined; when they are at most half, they are decoded here, one by
+        one, exactly as `_parse_lines` would: an invalid one is dropped with its error, a valid
+        one is put back in its normalised form (`orjson.dumps` of the message). The mended chunk
+        is then decoded natively again, so a few odd lines do not send a whole chunk the slow way.
+        """
+        decoded = native_decode(complete, self.max_message_size)
+        if type(decoded) is NativeChunk:
+            self.messages_seen += len(decoded)
+            return decoded
+        if decoded is None:
+            return None
+        lines = complete.count(b"\n") + 1
+        if 2 * len(decoded) > lines:
+            return None
+        pieces: list[bytes] = []
+        found: list[DecodeError] = []
+        position = 0
+        blank = 0  # lines that are no message at all, and so take no number
+        for index, start, end in decoded:
+            pieces.append(complete[position:start])
+            position = end + 1
+            mended: list[dict] = []
+            if not self._parse_line(complete[start:end], self.messages_seen + index + 1 - blank, mended, found):
+                blank += 1
+            elif mended:
+                pieces.append(orjson.dumps(mended[0]) + b"\n")
+        pieces.append(complete[position:])
+        rebuilt = b"".join(pieces).removesuffix(b"\n")
+        chunk = native_decode(rebuilt, self.max_message_size) if rebuilt else []
+        if chunk is None or (chunk and type(chunk) is not NativeChunk):
+            return None  # a normalised message the native decoder still declines (rare)
+        self.messages_seen += lines - blank
+        errors += found
+        return chunk
+
     def _parse_lines(self, lines: list[bytes], messages: list[dict], errors: list[DecodeError]) -> None:
-        loads = orjson.loads
-        limit = self.max_message_size
-        base = self.messages_seen
-        seen = 0
+        number = self.messages_seen
         for line in lines:
-            if not line:
-                continue
-            seen += 1
-            if len(line) > limit:
-                errors.append(DecodeError("too_large", f"message {base + seen}: line longer than {limit} bytes, skipped"))
-                continue
-            try:
-                message = loads(line)
-            except orjson.JSONDecodeError as exc:
-                if not line.strip():
-                    seen -= 1
-                    continue
-                errors.append(DecodeError("invalid_json", f"message {base + seen}: {exc}"))
-                continue
-            _accept(message, base + seen, messages, errors)
-        self.messages_seen = base + seen
+            number += self._parse_line(line, number + 1, messages, errors)
+        self.messages_seen = number
+
+    def _parse_line(self, line: bytes, number: int, messages: list[dict], errors: list[DecodeError]) -> int:
+        """One line, as message `number`: appended to `messages` if valid, else its error to
+        `errors`. Returns 0 for a blank line (no message, no number), else 1."""
+        if not line:
+            return 0
+        if len(line) > self.max_message_size:
+            errors.append(DecodeError("too_large", f"message {number}: line longer than {self.max_message_size} bytes, skipped"))
+            return 1
+        try:
+            message = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            if not line.strip():
+                return 0
+            errors.append(DecodeError("invalid_json", f"message {number}: {exc}"))
+            return 1
+        _accept(message, number, messages, errors)
+        return 1
 
     def _receive_msgpack(self, data: bytes) -> tuple[list[dict], list[DecodeError]]:
         messages: list[dict] = []

@@ -206,14 +206,22 @@ DECLINED_BYTES = {
 }
 
 
+def declined_lines(data: bytes, limit: int = 1 << 20):
+    """The line numbers the native decoder declines in `data` (None: it took the chunk)."""
+    decoded = native_decode(data, limit)
+    return None if type(decoded) is NativeChunk else [number for number, _start, _end in decoded]
+
+
 @pytest.mark.parametrize("case", sorted(DECLINED))
 def test_messages_python_would_normalise_or_reject_are_declined(case):
-    assert native_decode(orjson.dumps(DECLINED[case]), 1 << 20) is None
+    good = orjson.dumps(canonical_event())
+    assert declined_lines(b"\n".join([good, orjson.dumps(DECLINED[case]), good])) == [1]
 
 
 @pytest.mark.parametrize("case", sorted(DECLINED_BYTES))
 def test_lines_python_would_treat_differently_are_declined(case):
-    assert native_decode(DECLINED_BYTES[case], 1 << 20) is None
+    good = orjson.dumps(canonical_event())
+    assert declined_lines(good + b"\n" + DECLINED_BYTES[case]) == ([2] if case == "a blank line" else [1])
 
 
 json_fragments = st.sampled_from([b"{", b"}", b"[", b"]", b'"', b":", b",", b"\\", b"\\u00e9", b"\\ud800", b"1e999", b"-0.5", b"null", b"\n", b" ", b"\xff", b"\x00",
@@ -224,8 +232,10 @@ json_fragments = st.sampled_from([b"{", b"}", b"[", b"]", b'"', b":", b",", b"\\
 @given(st.one_of(st.binary(max_size=300), st.lists(json_fragments, max_size=60).map(b"".join)))
 def test_arbitrary_bytes_are_declined_or_accepted_never_raised(data):
     chunk = native_decode(data, 1 << 20)
-    if chunk is not None:
+    if type(chunk) is NativeChunk:
         chunk.enrich(RECEIVED, HOST, {}, 10)
+    else:
+        assert all(0 <= start <= end <= len(data) for _number, start, end in chunk)
 
 
 @settings(max_examples=300, deadline=None)
@@ -247,16 +257,27 @@ def test_a_valid_line_cut_anywhere_is_declined_or_equal_to_python(batch, data):
 
 def test_a_line_over_the_size_limit_is_declined():
     line = orjson.dumps(canonical_event(data={"level": "info", "message": "x" * 200}))
-    assert native_decode(line, len(line)) is not None
-    assert native_decode(line, len(line) - 1) is None
+    assert declined_lines(line, len(line)) is None
+    assert declined_lines(line, len(line) - 1) == [0]
 
 
-def test_declined_chunks_still_decode_on_the_python_path():
-    decoder = StreamDecoder(native=True)
-    good = canonical_event()
-    messages, errors = decoder.receive_data(encode([good, DECLINED["a level alias"]]))
-    assert type(messages) is list and [m["data"]["level"] for m in messages] == ["info", "warning"]
-    assert errors == []
+def test_a_few_odd_lines_are_mended_and_the_chunk_stays_native():
+    # Declined lines are decoded by Python one by one: a valid one comes back normalised, an
+    # invalid one is dropped with its error (numbered as the Python path numbers it).
+    side, reference = Side(native=True), Side(native=False)
+    batch = [canonical_event(seq=0), DECLINED["a level alias"], canonical_event(seq=2), canonical_event(seq=3)]
+    data = encode(batch)[:-1] + b"\n\n{broken\n" + encode([canonical_event(seq=4)])
+    got, errors = side.feed(data)
+    assert (got, errors) == reference.feed(data)
+    assert side.native_chunks == 1
+    assert errors == [("invalid_json", errors[0][1])] and errors[0][1].startswith("message 5: ")
+    assert [orjson.loads(line)["data"]["level"] for line in got[0]["svc"]] == ["info", "warning", "info", "info", "info"]
+
+
+def test_mostly_odd_chunks_take_the_python_path():
+    side = Side(native=True)
+    side.feed(encode([DECLINED["a level alias"], DECLINED["an epoch timestamp"], canonical_event()]))
+    assert side.native_chunks == 0
 
 
 # ---------------------------------------------------------------- splicing

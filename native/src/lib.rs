@@ -3,10 +3,11 @@
 //!
 //! It takes only the messages the Python path (`sidecar.protocol` and `sidecar.message`) would
 //! accept *unchanged*: canonical timestamps and ids, known levels, no null optional keys, no
-//! duplicate keys where the protocol looks. For anything else `decode` returns None and the chunk
-//! takes the Python path, which stays the reference: it explains errors and normalises. So this
-//! module decides only "valid as it stands" or "not for me", and never has to agree with the
-//! Python code on an error message. A hypothesis test checks both paths give the same lines.
+//! duplicate keys where the protocol looks. For any other line `decode` names it instead, and the
+//! Python path, which stays the reference, explains its error or normalises it and hands the
+//! chunk back. So this module decides only "valid as it stands" or "not for me", and never has
+//! to agree with the Python code on an error message. A hypothesis test checks both paths give
+//! the same lines.
 //!
 //! An accepted line is written out as received, with `received_at` and `host` (and, where the
 //! Python path adds them, `timestamp` and `context.job_id`) spliced in before its closing brace:
@@ -270,9 +271,7 @@ impl<'a> Parser<'a> {
         match self.peek() {
             Some(b'0') => self.at += 1,
             Some(b'1'..=b'9') => {
-                while let Some(b'0'..=b'9') = self.peek() {
-                    self.at += 1;
-                }
+                self.digits();
             }
             _ => return Err(Decline),
         }
@@ -280,11 +279,7 @@ impl<'a> Parser<'a> {
         let mut float = false;
         if self.peek() == Some(b'.') {
             self.at += 1;
-            let fraction = self.at;
-            while let Some(b'0'..=b'9') = self.peek() {
-                self.at += 1;
-            }
-            if self.at == fraction {
+            if self.digits() == 0 {
                 return Err(Decline);
             }
             float = true;
@@ -294,11 +289,7 @@ impl<'a> Parser<'a> {
             if let Some(b'+' | b'-') = self.peek() {
                 self.at += 1;
             }
-            let exponent = self.at;
-            while let Some(b'0'..=b'9') = self.peek() {
-                self.at += 1;
-            }
-            if self.at == exponent {
+            if self.digits() == 0 {
                 return Err(Decline);
             }
             float = true;
@@ -315,30 +306,24 @@ impl<'a> Parser<'a> {
         Ok(())
     }
 
-    fn array(&mut self) -> Parsed<()> {
-        self.depth += 1;
-        if self.depth > MAX_DEPTH {
-            return Err(Decline);
-        }
-        self.at += 1;
-        self.skip_whitespace();
-        if self.peek() == Some(b']') {
+    /// Skips ASCII digits; returns how many.
+    fn digits(&mut self) -> usize {
+        let start = self.at;
+        while let Some(b'0'..=b'9') = self.peek() {
             self.at += 1;
-            self.depth -= 1;
+        }
+        self.at - start
+    }
+
+    fn array(&mut self) -> Parsed<()> {
+        if self.open(b'[', b']')? {
             return Ok(());
         }
         loop {
             self.skip_whitespace();
             self.value()?;
-            self.skip_whitespace();
-            match self.peek() {
-                Some(b',') => self.at += 1,
-                Some(b']') => {
-                    self.at += 1;
-                    self.depth -= 1;
-                    return Ok(());
-                }
-                _ => return Err(Decline),
+            if self.next_or_close(b']')? {
+                return Ok(());
             }
         }
     }
@@ -346,15 +331,7 @@ impl<'a> Parser<'a> {
     /// An object; `member` is given each key and parses its value. Returns the position of the
     /// closing brace.
     fn object(&mut self, mut member: impl FnMut(&mut Self, Range) -> Parsed<()>) -> Parsed<usize> {
-        self.depth += 1;
-        if self.depth > MAX_DEPTH {
-            return Err(Decline);
-        }
-        self.expect(b'{')?;
-        self.skip_whitespace();
-        if self.peek() == Some(b'}') {
-            self.at += 1;
-            self.depth -= 1;
+        if self.open(b'{', b'}')? {
             return Ok(self.at - 1);
         }
         loop {
@@ -371,16 +348,43 @@ impl<'a> Parser<'a> {
                 return Err(Decline);
             }
             member(self, key)?;
-            self.skip_whitespace();
-            match self.peek() {
-                Some(b',') => self.at += 1,
-                Some(b'}') => {
-                    self.at += 1;
-                    self.depth -= 1;
-                    return Ok(self.at - 1);
-                }
-                _ => return Err(Decline),
+            if self.next_or_close(b'}')? {
+                return Ok(self.at - 1);
             }
+        }
+    }
+
+    /// The opening byte of an array or object, one level deeper; true if it is empty (and so
+    /// closed already).
+    fn open(&mut self, open: u8, close: u8) -> Parsed<bool> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(Decline);
+        }
+        self.expect(open)?;
+        self.skip_whitespace();
+        if self.peek() == Some(close) {
+            self.at += 1;
+            self.depth -= 1;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// After an element: a comma (false: more follow) or the closing byte (true: done).
+    fn next_or_close(&mut self, close: u8) -> Parsed<bool> {
+        self.skip_whitespace();
+        match self.peek() {
+            Some(b',') => {
+                self.at += 1;
+                Ok(false)
+            }
+            Some(byte) if byte == close => {
+                self.at += 1;
+                self.depth -= 1;
+                Ok(true)
+            }
+            _ => Err(Decline),
         }
     }
 }
@@ -1125,41 +1129,66 @@ impl Chunk {
     }
 }
 
-/// The complete lines of a chunk (`data` up to its last newline, without it) as a Chunk, or None
-/// when any line is not for the fast path: blank, longer than `max_message_size`, or anything
-/// the Python decoder would reject or normalise.
+/// The complete lines of a chunk (`data` up to its last newline, without it) as a Chunk when
+/// every line is for the fast path. Otherwise the lines that are not, as `(line number, start,
+/// end)`: blank, longer than `max_message_size`, not UTF-8, or anything the Python decoder would
+/// reject or normalise; the caller decodes those and may hand back a mended chunk. None if this
+/// code panicked (a bug): the caller then takes the Python path for the whole chunk.
 #[pyfunction]
-fn decode(data: Bound<'_, PyBytes>, max_message_size: usize) -> Option<Chunk> {
+fn decode(
+    py: Python<'_>,
+    data: Bound<'_, PyBytes>,
+    max_message_size: usize,
+) -> PyResult<Option<Py<PyAny>>> {
     let bytes = data.as_bytes();
-    // A bug here must not take the listener down: a panic declines the chunk like bad input.
-    let messages = std::panic::catch_unwind(|| accept_all(bytes, max_message_size)).ok()??;
-    Some(Chunk {
-        data: data.unbind(),
-        messages,
-    })
+    // A bug here must not take the listener down.
+    let Ok(outcome) = std::panic::catch_unwind(|| accept_all(bytes, max_message_size)) else {
+        return Ok(None);
+    };
+    Ok(Some(match outcome {
+        Ok(messages) => Chunk {
+            data: data.unbind(),
+            messages,
+        }
+        .into_pyobject(py)?
+        .into_any()
+        .unbind(),
+        Err(declined) => declined.into_pyobject(py)?.into_any().unbind(),
+    }))
 }
 
-fn accept_all(bytes: &[u8], max_message_size: usize) -> Option<Vec<Message>> {
-    if std::str::from_utf8(bytes).is_err() {
-        return None;
-    }
+fn accept_all(
+    bytes: &[u8],
+    max_message_size: usize,
+) -> Result<Vec<Message>, Vec<(usize, usize, usize)>> {
     let mut messages = Vec::with_capacity(bytes.len() / 256 + 1);
+    let mut declined = Vec::new();
     let mut members = Members::new();
     let mut start = 0;
+    let mut number = 0;
     while start <= bytes.len() {
         let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |p| start + p);
-        if end - start > max_message_size {
-            return None;
-        }
         // Each line is parsed as its own document: the parser stops at its end.
         let line = &bytes[..end];
-        match accept(line, start, &mut members) {
-            Ok(message) => messages.push(message),
-            Err(Decline) => return None,
+        let accepted =
+            if end - start > max_message_size || std::str::from_utf8(&line[start..]).is_err() {
+                Err(Decline)
+            } else {
+                accept(line, start, &mut members)
+            };
+        match accepted {
+            Ok(message) if declined.is_empty() => messages.push(message),
+            Ok(_) => {}
+            Err(Decline) => declined.push((number, start, end)),
         }
         start = end + 1;
+        number += 1;
     }
-    Some(messages)
+    if declined.is_empty() {
+        Ok(messages)
+    } else {
+        Err(declined)
+    }
 }
 
 #[pymodule]
