@@ -196,8 +196,9 @@ class StreamDecoder:
         The native decoder takes a chunk whose every line is valid as it stands. Otherwise it
         names the lines it declined; when they are at most half, they are decoded here, one by
         one, exactly as `_parse_lines` would: an invalid one is dropped with its error, a valid
-        one is put back in its normalised form (`orjson.dumps` of the message). The mended chunk
-        is then decoded natively again, so a few odd lines do not send a whole chunk the slow way.
+        one goes back to the native decoder in its normalised form (`orjson.dumps` of the
+        message), which parses just those lines and merges them in. So a few odd lines do not
+        send a whole chunk the slow way.
         """
         decoded = native_decode(complete, self.max_message_size)
         if type(decoded) is NativeChunk:
@@ -205,25 +206,21 @@ class StreamDecoder:
             return decoded
         if decoded is None:
             return None
-        lines = complete.count(b"\n") + 1
-        if 2 * len(decoded) > lines:
+        declined = decoded.declined
+        lines = decoded.lines
+        if 2 * len(declined) > lines:
             return None
-        pieces: list[bytes] = []
+        replacements: list[tuple[int, bytes]] = []
         found: list[DecodeError] = []
-        position = 0
         blank = 0  # lines that are no message at all, and so take no number
-        for index, start, end in decoded:
-            pieces.append(complete[position:start])
-            position = end + 1
-            mended: list[dict] = []
-            if not self._parse_line(complete[start:end], self.messages_seen + index + 1 - blank, mended, found):
+        for index, start, end in declined:
+            normalised: list[dict] = []
+            if not self._parse_line(complete[start:end], self.messages_seen + index + 1 - blank, normalised, found):
                 blank += 1
-            elif mended:
-                pieces.append(orjson.dumps(mended[0]) + b"\n")
-        pieces.append(complete[position:])
-        rebuilt = b"".join(pieces).removesuffix(b"\n")
-        chunk = native_decode(rebuilt, self.max_message_size) if rebuilt else []
-        if chunk is None or (chunk and type(chunk) is not NativeChunk):
+            elif normalised:
+                replacements.append((index, orjson.dumps(normalised[0])))
+        chunk = decoded.mend(replacements)
+        if chunk is None:
             return None  # a normalised message the native decoder still declines (rare)
         self.messages_seen += lines - blank
         errors += found

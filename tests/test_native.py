@@ -209,7 +209,7 @@ DECLINED_BYTES = {
 def declined_lines(data: bytes, limit: int = 1 << 20):
     """The line numbers the native decoder declines in `data` (None: it took the chunk)."""
     decoded = native_decode(data, limit)
-    return None if type(decoded) is NativeChunk else [number for number, _start, _end in decoded]
+    return None if type(decoded) is NativeChunk else [number for number, _start, _end in decoded.declined]
 
 
 @pytest.mark.parametrize("case", sorted(DECLINED))
@@ -235,7 +235,8 @@ def test_arbitrary_bytes_are_declined_or_accepted_never_raised(data):
     if type(chunk) is NativeChunk:
         chunk.enrich(RECEIVED, HOST, {}, 10)
     else:
-        assert all(0 <= start <= end <= len(data) for _number, start, end in chunk)
+        assert all(0 <= start <= end <= len(data) for _number, start, end in chunk.declined)
+        assert type(chunk.mend([])) is NativeChunk  # every declined line left out
 
 
 @settings(max_examples=300, deadline=None)

@@ -811,11 +811,68 @@ fn number_object(py: Python<'_>, bytes: &[u8], span: Range) -> PyResult<Py<PyAny
     Ok(value.into_pyobject(py)?.into_any().unbind())
 }
 
+/// The bytes a chunk's messages point into: the received bytes themselves, or, for a mended
+/// chunk, a copy of them with the normalised lines after them.
+enum Buffer {
+    Received(Py<PyBytes>),
+    Mended(Vec<u8>),
+}
+
 /// The complete lines of one connection's chunk, parsed and validated.
 #[pyclass(frozen, module = "sidecar._native")]
 struct Chunk {
-    data: Py<PyBytes>,
+    data: Buffer,
     messages: Vec<Message>,
+}
+
+/// A chunk some of whose lines were declined: the accepted ones, and where the others are.
+#[pyclass(frozen, module = "sidecar._native")]
+struct Partial {
+    data: Py<PyBytes>,
+    accepted: Vec<(usize, Message)>, // (line number, message)
+    #[pyo3(get)]
+    declined: Vec<(usize, usize, usize)>, // (line number, start, end)
+    #[pyo3(get)]
+    lines: usize,
+}
+
+#[pymethods]
+impl Partial {
+    /// The chunk with each declined line replaced: `replacements` are `(line number, line)` in
+    /// line order, a line Python normalised; a declined line without one (an invalid or blank
+    /// line) is left out. None if a replacement is itself declined.
+    fn mend(&self, py: Python<'_>, replacements: Vec<(usize, Vec<u8>)>) -> Option<Chunk> {
+        let received = self.data.bind(py).as_bytes();
+        let mut buffer = Vec::with_capacity(
+            received.len() + replacements.iter().map(|(_, l)| l.len() + 1).sum::<usize>(),
+        );
+        buffer.extend_from_slice(received);
+        let mut members = Members::new();
+        let mut mended = Vec::with_capacity(replacements.len());
+        for (number, line) in &replacements {
+            buffer.push(b'\n');
+            let start = buffer.len();
+            buffer.extend_from_slice(line);
+            if line.contains(&b'\n') || std::str::from_utf8(line).is_err() {
+                return None;
+            }
+            mended.push((*number, accept(&buffer, start, &mut members).ok()?));
+        }
+        // Both lists are in line order: merge them.
+        let mut messages = Vec::with_capacity(self.accepted.len() + mended.len());
+        let mut mended = mended.into_iter().peekable();
+        for (number, message) in &self.accepted {
+            while let Some((_, replacement)) = mended.next_if(|(n, _)| n < number) {
+                messages.push(replacement);
+            }
+            messages.push(*message);
+        }
+        messages.extend(mended.map(|(_, replacement)| replacement));
+        Some(Chunk {
+            data: Buffer::Mended(buffer),
+            messages,
+        })
+    }
 }
 
 /// What one (job, trace, source) cell of a chunk did, for the live index.
@@ -859,8 +916,10 @@ impl Chunk {
         trace_jobs: &Bound<'py, PyDict>,
         trace_cache_size: usize,
     ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
-        let data = self.data.bind(py);
-        let bytes = data.as_bytes();
+        let bytes: &[u8] = match &self.data {
+            Buffer::Received(data) => data.bind(py).as_bytes(),
+            Buffer::Mended(buffer) => buffer,
+        };
         let received_at_object = PyString::new(py, received_at);
         let mut suffix = Vec::with_capacity(64 + host.len());
         suffix.extend_from_slice(b",\"received_at\":");
@@ -1130,10 +1189,10 @@ impl Chunk {
 }
 
 /// The complete lines of a chunk (`data` up to its last newline, without it) as a Chunk when
-/// every line is for the fast path. Otherwise the lines that are not, as `(line number, start,
-/// end)`: blank, longer than `max_message_size`, not UTF-8, or anything the Python decoder would
-/// reject or normalise; the caller decodes those and may hand back a mended chunk. None if this
-/// code panicked (a bug): the caller then takes the Python path for the whole chunk.
+/// every line is for the fast path. Otherwise a Partial naming the lines that are not: blank,
+/// longer than `max_message_size`, not UTF-8, or anything the Python decoder would reject or
+/// normalise; the caller decodes those and may `mend` it into a Chunk. None if this code
+/// panicked (a bug): the caller then takes the Python path for the whole chunk.
 #[pyfunction]
 fn decode(
     py: Python<'_>,
@@ -1142,26 +1201,39 @@ fn decode(
 ) -> PyResult<Option<Py<PyAny>>> {
     let bytes = data.as_bytes();
     // A bug here must not take the listener down.
-    let Ok(outcome) = std::panic::catch_unwind(|| accept_all(bytes, max_message_size)) else {
+    let Ok((accepted, declined, lines)) =
+        std::panic::catch_unwind(|| accept_all(bytes, max_message_size))
+    else {
         return Ok(None);
     };
-    Ok(Some(match outcome {
-        Ok(messages) => Chunk {
-            data: data.unbind(),
+    let data = data.unbind();
+    Ok(Some(if declined.is_empty() {
+        let messages = accepted.into_iter().map(|(_, message)| message).collect();
+        Chunk {
+            data: Buffer::Received(data),
             messages,
         }
         .into_pyobject(py)?
         .into_any()
-        .unbind(),
-        Err(declined) => declined.into_pyobject(py)?.into_any().unbind(),
+        .unbind()
+    } else {
+        Partial {
+            data,
+            accepted,
+            declined,
+            lines,
+        }
+        .into_pyobject(py)?
+        .into_any()
+        .unbind()
     }))
 }
 
-fn accept_all(
-    bytes: &[u8],
-    max_message_size: usize,
-) -> Result<Vec<Message>, Vec<(usize, usize, usize)>> {
-    let mut messages = Vec::with_capacity(bytes.len() / 256 + 1);
+type Declined = Vec<(usize, usize, usize)>;
+
+/// The accepted messages with their line numbers, the declined lines, and the number of lines.
+fn accept_all(bytes: &[u8], max_message_size: usize) -> (Vec<(usize, Message)>, Declined, usize) {
+    let mut accepted = Vec::with_capacity(bytes.len() / 256 + 1);
     let mut declined = Vec::new();
     let mut members = Members::new();
     let mut start = 0;
@@ -1170,30 +1242,26 @@ fn accept_all(
         let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |p| start + p);
         // Each line is parsed as its own document: the parser stops at its end.
         let line = &bytes[..end];
-        let accepted =
+        let outcome =
             if end - start > max_message_size || std::str::from_utf8(&line[start..]).is_err() {
                 Err(Decline)
             } else {
                 accept(line, start, &mut members)
             };
-        match accepted {
-            Ok(message) if declined.is_empty() => messages.push(message),
-            Ok(_) => {}
+        match outcome {
+            Ok(message) => accepted.push((number, message)),
             Err(Decline) => declined.push((number, start, end)),
         }
         start = end + 1;
         number += 1;
     }
-    if declined.is_empty() {
-        Ok(messages)
-    } else {
-        Err(declined)
-    }
+    (accepted, declined, number)
 }
 
 #[pymodule]
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Chunk>()?;
+    module.add_class::<Partial>()?;
     module.add_function(wrap_pyfunction!(decode, module)?)?;
     Ok(())
 }
