@@ -33,7 +33,11 @@ class MessageError(Exception):
 def format_timestamp(moment: dt.datetime) -> str:
     """RFC 3339 UTC with milliseconds, the one form the sidecar writes."""
     moment = moment.astimezone(dt.timezone.utc)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
+    # Fields, not strftime: its %Y gives "5", not "0005", for the year 5 on glibc.
+    return (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T"
+        f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}.{moment.microsecond // 1000:03d}Z"
+    )
 
 
 def normalise_timestamp(value) -> str:
@@ -47,7 +51,10 @@ def normalise_timestamp(value) -> str:
             raise MessageError("invalid_timestamp", f"timestamp {value[:40]!r} is not RFC 3339") from None
         if moment.tzinfo is None:
             raise MessageError("invalid_timestamp", f"timestamp {value[:40]!r} has no UTC offset")
-        return format_timestamp(moment)
+        try:
+            return format_timestamp(moment)
+        except OverflowError:  # the offset moves it past year 1 or 9999
+            raise MessageError("invalid_timestamp", f"timestamp {value[:40]!r} is out of range in UTC") from None
     if type(value) in (int, float):
         seconds = value / 1000 if abs(value) >= _EPOCH_MS_THRESHOLD else value
         try:
@@ -55,7 +62,10 @@ def normalise_timestamp(value) -> str:
         except (ValueError, OverflowError, OSError):
             raise MessageError("invalid_timestamp", f"epoch timestamp {value!r} is out of range") from None
     if isinstance(value, msgpack.Timestamp):
-        return format_timestamp(value.to_datetime())
+        try:
+            return format_timestamp(value.to_datetime())
+        except (ValueError, OverflowError, OSError):
+            raise MessageError("invalid_timestamp", f"MessagePack timestamp {value.seconds}s is out of range") from None
     raise MessageError("invalid_timestamp", f"timestamp must be a string or a number, got {_kind(value)}")
 
 

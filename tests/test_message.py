@@ -1,6 +1,7 @@
 """Validation and timestamp normalisation of single messages."""
 
 import datetime as dt
+import re
 
 import msgpack
 import pytest
@@ -43,6 +44,41 @@ def test_timestamp_forms():
         with pytest.raises(MessageError) as caught:
             normalise_timestamp(bad)
         assert caught.value.reason == "invalid_timestamp"
+
+
+CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+any_moment = st.datetimes(min_value=dt.datetime(1, 1, 1), max_value=dt.datetime(9999, 12, 31, 23, 59, 59, 999999))
+any_offset = st.integers(-(24 * 60 - 1), 24 * 60 - 1).map(lambda minutes: dt.timezone(dt.timedelta(minutes=minutes)))
+
+
+@given(st.one_of(
+    st.builds(lambda moment, zone: moment.replace(tzinfo=zone).isoformat(), any_moment, any_offset),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    st.builds(msgpack.Timestamp, st.integers(-(2**63), 2**63 - 1), st.integers(0, 999_999_999)),
+    st.text(max_size=40),
+))
+def test_any_timestamp_is_canonical_or_a_message_error(value):
+    # Whatever a client sends, from the year 1 at +23:59 to a 2**63 s MessagePack timestamp:
+    # the canonical form or MessageError, never an exception that would end the connection.
+    try:
+        canonical_form = normalise_timestamp(value)
+    except MessageError as exc:
+        assert exc.reason == "invalid_timestamp"
+    else:
+        assert CANONICAL.fullmatch(canonical_form), canonical_form
+
+
+@pytest.mark.parametrize("value", ["0001-01-01T00:30:00+01:00", "9999-12-31T23:30:00-01:00", msgpack.Timestamp(2**62, 0), msgpack.Timestamp(-(2**40), 0)])
+def test_a_timestamp_out_of_range_in_utc_is_invalid(value):
+    # Each raised OverflowError before, out of the decoder and the connection's task.
+    with pytest.raises(MessageError) as caught:
+        normalise_timestamp(value)
+    assert caught.value.reason == "invalid_timestamp"
+
+
+def test_early_years_keep_four_digits():
+    assert normalise_timestamp("0005-03-01T00:00:00+00:00") == "0005-03-01T00:00:00.000Z"
 
 
 def message(kind, data, **extra):
