@@ -21,6 +21,8 @@ def is_urgent(messages: list[dict]) -> bool:
 class Batch:
     __slots__ = ("source", "lines", "timestamps", "urgent", "_messages")
 
+    # `urgent`: an error or critical event is among them, so the batcher flushes at once. A part
+    # of an urgent batch (head, tail) stays urgent: at worst a flush comes early.
     def __init__(self, source: str, lines: list[bytes], timestamps: list[str], urgent: bool = False, messages: list[dict] | None = None):
         self.source = source
         self.lines = lines
