@@ -249,7 +249,7 @@ class CloudWatchBackend(Backend):
         self.truncated = 0
         # The batch being delivered, its plan, and how many of the plan's requests the service
         # has accepted: kept across retries of that batch, so a retry resends only the rest.
-        self._pending_batch: list[dict] | None = None
+        self._pending_batch: Batch | None = None
         self._pending_plan: RequestPlan | None = None
         self._pending_rejected: dict[int, str] = {}
         self._accepted = 0
@@ -273,29 +273,29 @@ class CloudWatchBackend(Backend):
     def _make_client(self):
         return aws.make_client("logs", self.settings, _logs_error)
 
-    def plan(self, source: str, batch: list[dict], now_ms: int) -> RequestPlan:
-        dumps = orjson.dumps
+    def plan(self, source: str, batch: Batch, now_ms: int) -> RequestPlan:
+        """Each event is a message's JSON line as it is, at its timestamp; the messages are
+        parsed only for names that use their fields ({type}, {date})."""
         default_names = None if self._per_message else self.names_for(source)
+        messages = batch.messages() if self._per_message else None
         fallback = None
         entries = []
         last_text, last_ms = None, 0
-        for index, message in enumerate(batch):
-            text = message.get("timestamp")
+        for index, (line, text) in enumerate(zip(batch.lines, batch.timestamps)):
             if text != last_text:
                 last_text, last_ms = text, timestamp_ms(text)
                 if last_ms is None:
-                    fallback = fallback or timestamp_ms(message.get("received_at")) or now_ms
+                    fallback = fallback or timestamp_ms(orjson.loads(line).get("received_at")) or now_ms
                     last_ms = fallback
-            group, stream = default_names or self.names_for(source, message.get("type", ""), (text or "")[:10])
-            entries.append((index, group, stream, last_ms, dumps(message).decode()))
+            group, stream = default_names or self.names_for(source, messages[index].get("type", ""), (text or "")[:10])
+            entries.append((index, group, stream, last_ms, line.decode()))
         return plan_requests(entries, now_ms, max_event_size=self.settings.max_event_size, retention_days=self.settings.retention_days)
 
     def statistics(self) -> dict:
         return {"truncated_events": self.truncated}
 
     async def write_batch(self, source: str, batch: Batch) -> None:
-        batch = batch.messages()  # the same list on every retry of this batch
-        if batch is not self._pending_batch:
+        if batch is not self._pending_batch:  # a retry gets the same Batch
             now_ms = (dt.datetime.now(dt.timezone.utc) - _EPOCH) // dt.timedelta(milliseconds=1)
             plan = await trio.to_thread.run_sync(self.plan, source, batch, now_ms)
             self._pending_batch, self._pending_plan, self._pending_rejected, self._accepted = batch, plan, dict(plan.rejected), 0
