@@ -147,6 +147,9 @@ class ShutdownSettings:
 class BatchSettings:
     max_messages: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
     timeout: Duration = attrs.field(default=1.0, validator=attrs.validators.ge(0))
+    # A batch's JSON lines (a newline each) stay within this many bytes; 0: no byte limit. A
+    # single longer message still goes, alone.
+    max_bytes: ByteSize = attrs.field(default=0, validator=attrs.validators.ge(0))
 
 
 @attrs.frozen

@@ -7,6 +7,7 @@ import bisect
 import collections
 import datetime as dt
 import hashlib
+import itertools
 import logging
 import math
 import random
@@ -273,6 +274,22 @@ class LatencyHistogram:
         return buckets
 
 
+def encoded_size(batch: Batch) -> int:
+    """The bytes of a batch's lines, a newline each: what a file or an object gets."""
+    return sum(map(len, batch.lines)) + len(batch.lines)
+
+
+def count_within(lines: list[bytes], max_messages: int, max_bytes: int) -> int:
+    """How many lines from the front make a batch of at most `max_messages` and `max_bytes`
+    (newlines counted); at least one, so that a message larger than `max_bytes` still goes."""
+    total = 0
+    for count, line in enumerate(itertools.islice(lines, max_messages)):
+        total += len(line) + 1
+        if total > max_bytes:
+            return max(count, 1)
+    return min(len(lines), max_messages)
+
+
 def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
     """Exponential backoff with equal jitter: never zero, never in lockstep with others."""
     ceiling = min(maximum, initial * 2 ** min(attempt, 30))
@@ -305,6 +322,8 @@ class BackendSupervisor:
         self.last_error: str | None = None
         self._opened = False
         self._buffers: dict[str, Batch] = {}
+        self._max_bytes = spec.delivery.batch.max_bytes
+        self._buffer_bytes: dict[str, int] = {}  # with max_bytes: the buffered lines' size
         self._buffer_started: dict[str, float] = {}
         self._urgent: set[str] = set()
         self._in_flight: Batch = Batch.empty()
@@ -425,6 +444,8 @@ class BackendSupervisor:
             target = self._buffers[source] = Batch.empty(source)
             self._buffer_started[source] = now
         target.extend(batch)
+        if self._max_bytes:
+            self._buffer_bytes[source] = self._buffer_bytes.get(source, 0) + encoded_size(batch)
         if batch.urgent:
             self._urgent.add(source)
 
@@ -434,15 +455,23 @@ class BackendSupervisor:
         for source, buffered in self._buffers.items():
             if source in self._urgent or now - self._buffer_started[source] >= timeout:
                 due.append((source, True))
-            elif len(buffered) >= max_messages:
+            elif len(buffered) >= max_messages or self._full_by_bytes(source):
                 due.append((source, False))
         return due
 
+    def _full_by_bytes(self, source: str) -> bool:
+        return bool(self._max_bytes) and self._buffer_bytes[source] >= self._max_bytes
+
     async def _flush(self, source: str, max_messages: int, *, whole: bool) -> None:
         pending = self._buffers[source]
-        while len(pending) >= max_messages or (whole and len(pending)):
+        while len(pending) >= max_messages or self._full_by_bytes(source) or (whole and len(pending)):
+            count = max_messages
+            if self._max_bytes:
+                count = count_within(pending.lines, max_messages, self._max_bytes)
             # Moved from buffered to in flight in one step, so `queued` never misses it.
-            self._in_flight = batch = pending.take_front(max_messages)
+            self._in_flight = batch = pending.take_front(count)
+            if self._max_bytes:
+                self._buffer_bytes[source] -= encoded_size(batch)
             await self._deliver(source, batch)
             self._in_flight = Batch.empty()
             await self.queue.acknowledge(batch)
@@ -450,6 +479,7 @@ class BackendSupervisor:
             # A remainder keeps its start time: it has waited that long already.
             del self._buffers[source]
             del self._buffer_started[source]
+            self._buffer_bytes.pop(source, None)
             self._urgent.discard(source)
 
     async def _deliver(self, source: str, batch: Batch) -> None:

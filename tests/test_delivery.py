@@ -11,7 +11,7 @@ import trio.testing
 from sidecar.batch import Batch
 from sidecar.backends.filesystem import FilesystemSettings
 from sidecar.config import BackendSpec, BatchSettings, CircuitBreakerSettings, DeliverySettings, QueueSettings, RetrySettings
-from sidecar.delivery import BackendSupervisor, CircuitBreaker, DeliveryQueue, backoff_delay
+from sidecar.delivery import BackendSupervisor, CircuitBreaker, DeliveryQueue, backoff_delay, count_within
 
 
 def msgs(n, source="svc", level="info", start=0):
@@ -173,6 +173,35 @@ async def test_batches_flush_by_size_by_time_and_at_once_for_errors(tmp_path):
     assert [m["data"]["message"] for m in lines(target)] == [f"m{i}" for i in range(26)]
     assert supervisor.delivered == 26
     assert_accounting(supervisor)
+
+
+async def test_batches_are_cut_by_bytes_before_the_timer(tmp_path):
+    spec = file_spec(tmp_path, batch=BatchSettings(max_messages=1000, timeout=30.0, max_bytes=1000))
+    supervisor = BackendSupervisor(spec)
+    target = tmp_path / "svc.jsonl"
+    messages = Batch.of([{**m, "data": {"level": "info", "message": f"m{i:03d}"}} for i, m in enumerate(msgs(40).messages())])
+    line_size = len(messages.lines[0]) + 1
+    assert {len(line) + 1 for line in messages.lines} == {line_size}
+    per_batch = 1000 // line_size
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        await supervisor.put(messages)
+        # Cut while 1000 bytes or more wait; the remainder, under 1000, waits for the timer.
+        waiting, cuts = 40, 0
+        while waiting * line_size >= 1000:
+            waiting, cuts = waiting - per_batch, cuts + 1
+        await wait_until(lambda: len(lines(target)) == 40 - waiting, timeout=5, what="the batches that filled 1000 bytes")
+        assert supervisor.batches == cuts and supervisor.queued == waiting > 0
+        assert target.stat().st_size <= supervisor.batches * 1000
+        assert_accounting(supervisor)
+        supervisor.close()
+    assert len(lines(target)) == 40  # the rest at close
+
+
+def test_a_message_larger_than_max_bytes_still_goes_alone():
+    assert count_within([b"x" * 50, b"y"], 10, 20) == 1
+    assert count_within([b"x" * 5, b"y" * 5, b"z" * 5], 10, 12) == 2
+    assert count_within([b"x"] * 5, 3, 1000) == 3
 
 
 async def test_a_failing_backend_retries_opens_its_circuit_and_recovers(tmp_path):

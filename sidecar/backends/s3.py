@@ -3,8 +3,8 @@
 Keys are `{prefix}{source}/YYYY/MM/DD/HH/<time>-<unique>.jsonl[.gz]`, partitioned by the hour the
 batch's first message was received; `<unique>` is random, so keys never collide across restarts
 or sidecars. Objects stay large because the machinery batches slowly for this type (20,000
-messages or 60 s by default, see `delivery_defaults`); a batch whose encoding exceeds
-`max_object_size` is split into several objects.
+messages, 8 MiB of lines or 60 s by default, see `delivery_defaults`); a batch whose encoding
+still exceeds `max_object_size` (a `batch.max_bytes` set higher) is split into several objects.
 
 boto3 is blocking: every call runs in a worker thread with one client per backend instance. A
 batch keeps its keys until it is delivered, so a retry after a timeout overwrites the object the
@@ -109,7 +109,8 @@ def split_lines(lines: list[bytes], limit: int) -> list[tuple[int, int]]:
 class S3Backend(Backend):
     type_name = "s3"
     Settings = S3Settings
-    delivery_defaults = {"batch": {"max_messages": 20_000, "timeout": 60.0}}
+    # Objects of up to 8 MiB: a batch is cut at 20,000 messages, 8 MiB of lines, or 60 s.
+    delivery_defaults = {"batch": {"max_messages": 20_000, "timeout": 60.0, "max_bytes": 8 * 1024 * 1024}}
 
     def __init__(self, settings: S3Settings, *, label: str):
         super().__init__(settings, label=label)
