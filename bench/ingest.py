@@ -44,17 +44,18 @@ pipeline: {{native: {native}}}
 
 
 def message(connection: int, seq: int, odd_every: int = 0) -> dict:
-    """An info event; with `odd_every`, every that many-th one says `WARN`, which the sidecar
-    normalises to `warning` on the Python path (the native decoder declines it)."""
-    level = "WARN" if odd_every and seq % odd_every == 0 else "info"
+    """An info event; with `odd_every`, every that many-th one has its trace id in capitals, which
+    the sidecar lower-cases on the Python path (the native decoder declines it)."""
+    odd = bool(odd_every) and seq % odd_every == 0
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     return {
         "source": f"bench-{connection % 4}",
         "type": "event",
         "timestamp": "2025-10-20T10:30:45.123Z",
-        "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+        "trace_id": trace_id.upper() if odd else trace_id,
         "span_id": "00f067aa0ba902b7",
         "context": {"job_id": f"job-{seq // 1000}", "seq": seq},
-        "data": {"level": level, "message": f"connection {connection} processed record {seq} of the nightly load without error"},
+        "data": {"level": "info", "message": f"connection {connection} processed record {seq} of the nightly load without error"},
     }
 
 
@@ -90,7 +91,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=2_000_000)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--format", choices=["json", "msgpack"], default="json")
-    parser.add_argument("--odd-every", type=int, default=0, metavar="N", help="every N-th message has a level to normalise (WARN): mixed traffic")
+    parser.add_argument("--odd-every", type=int, default=0, metavar="N", help="every N-th message has an upper-case trace id, for the Python path to normalise: mixed traffic")
     parser.add_argument("--python-path", action="store_true", help="run the sidecar with `pipeline.native: false` (every message on the Python path)")
     parser.add_argument("--profile", metavar="FILE", help="record the sidecar with py-spy (raw, collapsed stacks) into FILE; needs `pip install -e '.[bench]'`")
     args = parser.parse_args()

@@ -8,6 +8,7 @@ normalises. Compared as JSON values in key order: a line is written as received,
 spelling (spaces, escapes, `1E2`) may differ from orjson's.
 """
 
+import datetime as dt
 import json
 
 import orjson
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from sidecar.batch import Batch
 from sidecar.correlator import Correlator
 from sidecar.jobs import LiveIndex
+from sidecar.message import MessageError, normalise_timestamp
 from sidecar.metrics import Counters
 from sidecar.protocol import NATIVE_AVAILABLE, NativeChunk, StreamDecoder, native_decode
 
@@ -177,10 +179,13 @@ def test_generated_traffic_does_reach_the_native_path():
 # ---------------------------------------------------------------- what it declines
 
 DECLINED = {
-    "a level alias": canonical_event(data={"level": "WARN", "message": "m"}),
+    "a level that is no alias": canonical_event(data={"level": "LOUD", "message": "m"}),
     "an upper-case trace id": canonical_event(trace_id=TRACE.upper()),
     "an epoch timestamp": canonical_event(timestamp=1760956245.5),
-    "a timestamp with an offset": canonical_event(timestamp="2025-10-20T12:30:45.123+02:00"),
+    "a timestamp without an offset": canonical_event(timestamp="2025-10-20T12:30:45.123"),
+    "a timestamp with a space for T": canonical_event(timestamp="2025-10-20 12:30:45.123Z"),
+    "a timestamp an offset moves past 9999": canonical_event(timestamp="9999-12-31T23:30:00.000-01:00"),
+    "a day that does not exist": canonical_event(timestamp="2023-02-29T00:00:00Z"),
     "a null optional key": canonical_event(trace_id=None),
     "an integer job id": canonical_event(context={"job_id": 7}),
     "an empty job id": canonical_event(context={"job_id": ""}),
@@ -210,6 +215,50 @@ def declined_lines(data: bytes, limit: int = 1 << 20):
     """The line numbers the native decoder declines in `data` (None: it took the chunk)."""
     decoded = native_decode(data, limit)
     return None if type(decoded) is NativeChunk else [number for number, _start, _end in decoded.declined]
+
+
+NORMALISED = {
+    "a level alias": (canonical_event(data={"level": "WARN", "message": "m"}), "level", "warning"),
+    "a level in capitals": (canonical_event(data={"level": "Error", "message": "m"}), "level", "error"),
+    "an offset": (canonical_event(timestamp="2025-10-20T12:30:45.123+02:00"), "timestamp", "2025-10-20T10:30:45.123Z"),
+    "microseconds": (canonical_event(timestamp="2025-10-20T10:30:45.123987Z"), "timestamp", "2025-10-20T10:30:45.123Z"),
+    "no fraction": (canonical_event(timestamp="2025-10-20T10:30:45Z"), "timestamp", "2025-10-20T10:30:45.000Z"),
+    "an offset across a leap day": (canonical_event(timestamp="2024-03-01T00:30:00.5+01:00"), "timestamp", "2024-02-29T23:30:00.500Z"),
+    "a negative offset across a year": (canonical_event(timestamp="2025-12-31T23:00:00.999-01:30"), "timestamp", "2026-01-01T00:30:00.999Z"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NORMALISED))
+def test_the_common_forms_python_normalises_are_normalised_natively_alike(case):
+    message, field, expected = NORMALISED[case]
+    side, reference = Side(native=True), Side(native=False)
+    got, _ = side.feed(encode([message]))
+    assert side.native_chunks == 1
+    assert got == reference.feed(encode([message]))[0]
+    written = orjson.loads(got[0]["svc"][0])
+    assert (written["data"] if field == "level" else written)[field] == expected
+
+
+@st.composite
+def rfc3339_texts(draw):
+    moment = draw(st.datetimes(min_value=dt.datetime(1, 1, 1), max_value=dt.datetime(9999, 12, 31, 23, 59, 59, 999999)))
+    fraction = draw(st.sampled_from(["", ".", ".5", ".12", ".123", ".1234", ".123456789"])) if draw(st.booleans()) else f".{moment.microsecond:06d}"
+    minutes = draw(st.integers(-(24 * 60 - 1), 24 * 60 - 1))
+    zone = "Z" if draw(st.booleans()) else f"{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    return moment.strftime("%Y-%m-%dT%H:%M:%S").rjust(19, "0") + fraction + draw(st.sampled_from([zone, zone, "z", "+05", ""]))
+
+
+@settings(max_examples=500, deadline=None)
+@given(rfc3339_texts())
+def test_a_timestamp_normalised_natively_is_pythons(text):
+    side = Side(native=True)
+    (lines, timestamps, _urgent), errors = side.feed(encode([canonical_event(timestamp=text)]))
+    try:
+        expected = normalise_timestamp(text)
+    except MessageError:
+        assert errors and not lines
+    else:
+        assert orjson.loads(lines["svc"][0])["timestamp"] == expected == timestamps["svc"][0]
 
 
 @pytest.mark.parametrize("case", sorted(DECLINED))
@@ -266,18 +315,18 @@ def test_a_few_odd_lines_are_mended_and_the_chunk_stays_native():
     # Declined lines are decoded by Python one by one: a valid one comes back normalised, an
     # invalid one is dropped with its error (numbered as the Python path numbers it).
     side, reference = Side(native=True), Side(native=False)
-    batch = [canonical_event(seq=0), DECLINED["a level alias"], canonical_event(seq=2), canonical_event(seq=3)]
+    batch = [canonical_event(seq=0), DECLINED["an upper-case trace id"], canonical_event(seq=2), canonical_event(seq=3)]
     data = encode(batch)[:-1] + b"\n\n{broken\n" + encode([canonical_event(seq=4)])
     got, errors = side.feed(data)
     assert (got, errors) == reference.feed(data)
     assert side.native_chunks == 1
     assert errors == [("invalid_json", errors[0][1])] and errors[0][1].startswith("message 5: ")
-    assert [orjson.loads(line)["data"]["level"] for line in got[0]["svc"]] == ["info", "warning", "info", "info", "info"]
+    assert [orjson.loads(line).get("trace_id") for line in got[0]["svc"]] == [None, TRACE, None, None, None]
 
 
 def test_mostly_odd_chunks_take_the_python_path():
     side = Side(native=True)
-    side.feed(encode([DECLINED["a level alias"], DECLINED["an epoch timestamp"], canonical_event()]))
+    side.feed(encode([DECLINED["a level that is no alias"], DECLINED["an epoch timestamp"], canonical_event()]))
     assert side.native_chunks == 0
 
 

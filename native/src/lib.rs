@@ -1,13 +1,14 @@
 //! The sidecar's per-message hot path in one native call per chunk: parse, validate, enrich and
 //! encode the JSON lines a connection sent, with no Python object per message but its line.
 //!
-//! It takes only the messages the Python path (`sidecar.protocol` and `sidecar.message`) would
-//! accept *unchanged*: canonical timestamps and ids, known levels, no null optional keys, no
-//! duplicate keys where the protocol looks. For any other line `decode` names it instead, and the
-//! Python path, which stays the reference, explains its error or normalises it and hands the
-//! chunk back. So this module decides only "valid as it stands" or "not for me", and never has
-//! to agree with the Python code on an error message. A hypothesis test checks both paths give
-//! the same lines.
+//! It takes the messages the Python path (`sidecar.protocol` and `sidecar.message`) would
+//! accept *unchanged* (canonical ids, no null optional keys, no duplicate keys where the protocol
+//! looks), plus the two normalisations most clients need: RFC 3339 timestamps with an offset or
+//! another fraction, and level aliases (`WARN`, `Error`), rewritten in place as Python would.
+//! For any other line `decode` names it instead, and the Python path, which stays the reference,
+//! explains its error or normalises it and hands the chunk back. So this module decides only
+//! "valid, maybe after those two rewrites" or "not for me", and never has to agree with the
+//! Python code on an error message. Hypothesis tests check both paths give the same lines.
 //!
 //! An accepted line is written out as received, with `received_at` and `host` (and, where the
 //! Python path adds them, `timestamp` and `context.job_id`) spliced in before its closing brace:
@@ -96,8 +97,11 @@ struct Message {
     start: usize,
     source: Range,
     kind: MessageType,
-    level: usize, // events: index into LEVELS
-    timestamp: Option<Range>,
+    level: usize,                // events: index into LEVELS
+    timestamp: Option<[u8; 24]>, // canonical
+    // Values the Python path normalises in place, rewritten in the line: the whole value as sent.
+    timestamp_sent: Option<Range>,
+    level_sent: Option<Range>,
     trace_id: Option<Range>,
     context: Option<Context>,
     text: Option<Text>,                          // an event's message
@@ -525,6 +529,139 @@ fn is_lower_hex(bytes: &[u8], span: Range, length: usize) -> bool {
             .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// RFC 3339 with a `T`, seconds, any fraction of at least one digit, and `Z` or `±HH:MM`, as the
+/// canonical `YYYY-MM-DDTHH:MM:SS.mmmZ` (the fraction cut to milliseconds, as Python's
+/// `fromisoformat` and `format_timestamp` do); None for any other form, an impossible date, or
+/// one that the offset moves out of the years 1-9999 (all left to Python, which says why).
+fn normalise_rfc3339(text: &[u8]) -> Option<[u8; 24]> {
+    let number = |start: usize, end: usize| -> Option<i64> {
+        text.get(start..end)?.iter().try_fold(0i64, |n, c| {
+            c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0'))
+        })
+    };
+    if text.len() < 20
+        || text[4] != b'-'
+        || text[7] != b'-'
+        || text[10] != b'T'
+        || text[13] != b':'
+        || text[16] != b':'
+    {
+        return None;
+    }
+    let (year, month, day) = (number(0, 4)?, number(5, 7)?, number(8, 10)?);
+    let (hour, minute, second) = (number(11, 13)?, number(14, 16)?, number(17, 19)?);
+    if !(1..=9999).contains(&year)
+        || !(1..=12).contains(&month)
+        || !(1..=days_in_month(year, month)).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 59
+    {
+        return None;
+    }
+    let mut at = 19;
+    let mut millis = 0;
+    if text.get(at) == Some(&b'.') {
+        let digits = text[at + 1..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count();
+        if digits == 0 {
+            return None;
+        }
+        for place in 0..3 {
+            millis = millis * 10
+                + if place < digits {
+                    i64::from(text[at + 1 + place] - b'0')
+                } else {
+                    0
+                };
+        }
+        at += 1 + digits;
+    }
+    let offset_minutes = match &text[at..] {
+        b"Z" => 0,
+        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
+            let (hours, minutes) = (number(at + 1, at + 3)?, number(at + 4, at + 6)?);
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            if *sign == b'-' {
+                -(hours * 60 + minutes)
+            } else {
+                hours * 60 + minutes
+            }
+        }
+        _ => return None,
+    };
+    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second
+        - offset_minutes * 60;
+    let (days, rest) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    let (year, month, day) = civil_from_days(days);
+    if !(1..=9999).contains(&year) {
+        return None;
+    }
+    let formatted = format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    );
+    formatted.as_bytes().try_into().ok()
+}
+
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * (month + if month > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+/// The date of a day number from `days_from_civil`.
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let days = days + 719_468;
+    let era = days.div_euclid(146_097);
+    let day_of_era = days - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    (year_of_era + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// An event level as the Python path normalises it (`sidecar.message._check_event`), for ASCII.
+fn level_of(text: &[u8]) -> Option<usize> {
+    if !text.is_ascii() {
+        return None; // Unicode lower-casing is Python's
+    }
+    let lowered = text.to_ascii_lowercase();
+    let canonical: &[u8] = match lowered.as_slice() {
+        b"warn" => b"warning",
+        b"fatal" | b"crit" => b"critical",
+        b"err" => b"error",
+        other => other,
+    };
+    LEVELS.iter().position(|l| l.as_bytes() == canonical)
+}
+
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ`, the one form the sidecar writes.
 fn is_canonical_timestamp(text: &[u8]) -> bool {
     const PATTERN: &[u8; 24] = b"0000-00-00T00:00:00.000Z";
@@ -556,6 +693,8 @@ fn accept(bytes: &[u8], start: usize, members: &mut Members) -> Parsed<Message> 
         kind: MessageType::Event,
         level: 0,
         timestamp: None,
+        timestamp_sent: None,
+        level_sent: None,
         trace_id: None,
         context: None,
         text: None,
@@ -597,10 +736,13 @@ fn accept(bytes: &[u8], start: usize, members: &mut Members) -> Parsed<Message> 
             }
             b"timestamp" => {
                 let span = plain_text(value)?;
-                if !is_canonical_timestamp(&bytes[span.start..span.end]) {
-                    return Err(Decline);
+                let text = &bytes[span.start..span.end];
+                if is_canonical_timestamp(text) {
+                    message.timestamp = text.try_into().ok();
+                } else {
+                    message.timestamp = Some(normalise_rfc3339(text).ok_or(Decline)?);
+                    message.timestamp_sent = Some(value.whole);
                 }
-                message.timestamp = Some(span);
             }
             b"trace_id" => {
                 let span = plain_text(value)?;
@@ -654,11 +796,13 @@ fn accept(bytes: &[u8], start: usize, members: &mut Members) -> Parsed<Message> 
     let field = |name: &[u8]| find(bytes, inner, name);
     match message.kind {
         MessageType::Event => {
-            let level = plain_text(field(b"level").ok_or(Decline)?)?;
-            message.level = LEVELS
-                .iter()
-                .position(|l| l.as_bytes() == &bytes[level.start..level.end])
-                .ok_or(Decline)?;
+            let sent = field(b"level").ok_or(Decline)?;
+            let level = plain_text(sent)?;
+            let text = &bytes[level.start..level.end];
+            message.level = level_of(text).ok_or(Decline)?;
+            if LEVELS[message.level].as_bytes() != text {
+                message.level_sent = Some(sent.whole);
+            }
             message.text = Some(text_of(field(b"message").ok_or(Decline)?)?);
         }
         MessageType::Metric => {
@@ -881,8 +1025,8 @@ struct Cell {
     trace: Option<Range>,
     source: Range,
     count: usize,
-    first: Range,
-    last: Range,
+    first: [u8; 24],
+    last: [u8; 24],
     errors: usize,
     events: Vec<usize>, // message numbers, the latest few
     metrics: Vec<(String, Range, Option<Text>)>,
@@ -934,19 +1078,13 @@ impl Chunk {
         let mut line = Vec::with_capacity(512);
         let mut last_group = usize::MAX;
         let mut last_cell = usize::MAX;
-        let mut last_timestamp: Option<(Range, Bound<'py, PyString>)> = None;
+        let mut last_timestamp: Option<([u8; 24], Bound<'py, PyString>)> = None;
         let mut last_trace: Option<(Range, Bound<'py, PyString>)> = None;
-        let received_span = Range {
-            start: usize::MAX,
-            end: usize::MAX,
-        }; // marks "received_at"
-        let slice = |span: Range| -> &[u8] {
-            if span.start == usize::MAX {
-                received_at.as_bytes()
-            } else {
-                &bytes[span.start..span.end]
-            }
-        };
+        let received: [u8; 24] = received_at.as_bytes().try_into().map_err(|_| {
+            pyo3::exceptions::PyValueError::new_err("received_at must be YYYY-MM-DDTHH:MM:SS.mmmZ")
+        })?;
+        let slice = |range: Range| -> &[u8] { &bytes[range.start..range.end] };
+        let mut edits: Vec<(Range, Vec<u8>)> = Vec::with_capacity(3);
 
         for (number, message) in self.messages.iter().enumerate() {
             // Correlation: a trace's first job is remembered; a message of the trace without
@@ -981,23 +1119,49 @@ impl Chunk {
                 }
             }
 
-            // The line: as received, the sidecar's fields spliced in before the closing brace.
-            line.clear();
-            match (added_job, message.context) {
-                (true, Some(context)) => {
-                    line.extend_from_slice(&bytes[message.start..context.close]);
-                    line.extend_from_slice(if context.empty {
-                        b"\"job_id\":"
-                    } else {
-                        b",\"job_id\":"
-                    });
-                    push_json_string(&mut line, job.as_deref().unwrap_or(""));
-                    line.extend_from_slice(&bytes[context.close..message.close]);
-                }
-                _ => line.extend_from_slice(&bytes[message.start..message.close]),
+            // The line: as received, with the values Python would normalise rewritten, and the
+            // sidecar's fields spliced in before the closing brace.
+            edits.clear();
+            if let Some(sent) = message.timestamp_sent {
+                let mut value = Vec::with_capacity(26);
+                push_json_string(
+                    &mut value,
+                    std::str::from_utf8(&message.timestamp.unwrap_or(received)).unwrap_or(""),
+                );
+                edits.push((sent, value));
             }
+            if let Some(sent) = message.level_sent {
+                let mut value = Vec::with_capacity(10);
+                push_json_string(&mut value, LEVELS[message.level]);
+                edits.push((sent, value));
+            }
+            if let (true, Some(context)) = (added_job, message.context) {
+                let mut value = Vec::with_capacity(32);
+                value.extend_from_slice(if context.empty {
+                    b"\"job_id\":"
+                } else {
+                    b",\"job_id\":"
+                });
+                push_json_string(&mut value, job.as_deref().unwrap_or(""));
+                edits.push((
+                    Range {
+                        start: context.close,
+                        end: context.close,
+                    },
+                    value,
+                ));
+            }
+            edits.sort_unstable_by_key(|(range, _)| range.start);
+            line.clear();
+            let mut position = message.start;
+            for (range, value) in &edits {
+                line.extend_from_slice(&bytes[position..range.start]);
+                line.extend_from_slice(value);
+                position = range.end;
+            }
+            line.extend_from_slice(&bytes[position..message.close]);
             line.extend_from_slice(&suffix);
-            let timestamp = message.timestamp.unwrap_or(received_span);
+            let timestamp = message.timestamp.unwrap_or(received);
             if message.timestamp.is_none() {
                 line.extend_from_slice(b",\"timestamp\":");
                 push_json_string(&mut line, received_at);
@@ -1011,12 +1175,12 @@ impl Chunk {
             let line_object = PyBytes::new(py, &line);
 
             let timestamp_object = match &last_timestamp {
-                Some((span, object)) if slice(*span) == slice(timestamp) => object.clone(),
+                Some((text, object)) if *text == timestamp => object.clone(),
                 _ => {
                     let object = if message.timestamp.is_none() {
                         received_at_object.clone()
                     } else {
-                        PyString::new(py, std::str::from_utf8(slice(timestamp)).unwrap_or(""))
+                        PyString::new(py, std::str::from_utf8(&timestamp).unwrap_or(""))
                     };
                     last_timestamp = Some((timestamp, object.clone()));
                     object
@@ -1080,10 +1244,10 @@ impl Chunk {
             }
             let cell = &mut cells[last_cell];
             cell.count += 1;
-            if slice(timestamp) < slice(cell.first) {
+            if timestamp < cell.first {
                 cell.first = timestamp;
             }
-            if slice(timestamp) > slice(cell.last) {
+            if timestamp > cell.last {
                 cell.last = timestamp;
             }
             match message.kind {
@@ -1115,11 +1279,9 @@ impl Chunk {
             }
         }
 
-        let timestamp_text = |number: usize| -> &str {
-            std::str::from_utf8(slice(
-                self.messages[number].timestamp.unwrap_or(received_span),
-            ))
-            .unwrap_or("")
+        let timestamp_text = |number: usize| -> String {
+            let timestamp = self.messages[number].timestamp.unwrap_or(received);
+            String::from_utf8_lossy(&timestamp).into_owned()
         };
         let grouped = PyList::empty(py);
         for group in groups {
@@ -1167,8 +1329,8 @@ impl Chunk {
                 .trace
                 .map(|t| std::str::from_utf8(slice(t)).unwrap_or("").to_owned());
             let source = std::str::from_utf8(slice(cell.source)).unwrap_or("");
-            let first = std::str::from_utf8(slice(cell.first)).unwrap_or("");
-            let last = std::str::from_utf8(slice(cell.last)).unwrap_or("");
+            let first = std::str::from_utf8(&cell.first).unwrap_or("");
+            let last = std::str::from_utf8(&cell.last).unwrap_or("");
             let summary = (
                 cell.job,
                 trace,
