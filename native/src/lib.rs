@@ -209,8 +209,8 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// A string; returns the span between the quotes and whether it holds escapes. The chunk is
-    /// valid UTF-8 (checked once for all of it), so only JSON's own rules are checked here.
+    /// A string; returns the span between the quotes and whether it holds escapes. The line is
+    /// valid UTF-8 (checked before it is parsed), so only JSON's own rules are checked here.
     fn string(&mut self) -> Parsed<(Range, bool)> {
         self.at += 1;
         let start = self.at;
