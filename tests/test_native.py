@@ -181,7 +181,8 @@ def test_generated_traffic_does_reach_the_native_path():
 DECLINED = {
     "a level that is no alias": canonical_event(data={"level": "LOUD", "message": "m"}),
     "an upper-case trace id": canonical_event(trace_id=TRACE.upper()),
-    "an epoch timestamp": canonical_event(timestamp=1760956245.5),
+    "epoch milliseconds past 9999": canonical_event(timestamp=253402300800000),
+    "an epoch integer from 2**53 on": canonical_event(timestamp=2**53),
     "a timestamp without an offset": canonical_event(timestamp="2025-10-20T12:30:45.123"),
     "a timestamp with a space for T": canonical_event(timestamp="2025-10-20 12:30:45.123Z"),
     "a timestamp an offset moves past 9999": canonical_event(timestamp="9999-12-31T23:30:00.000-01:00"),
@@ -223,6 +224,10 @@ NORMALISED = {
     "an offset": (canonical_event(timestamp="2025-10-20T12:30:45.123+02:00"), "timestamp", "2025-10-20T10:30:45.123Z"),
     "microseconds": (canonical_event(timestamp="2025-10-20T10:30:45.123987Z"), "timestamp", "2025-10-20T10:30:45.123Z"),
     "no fraction": (canonical_event(timestamp="2025-10-20T10:30:45Z"), "timestamp", "2025-10-20T10:30:45.000Z"),
+    "epoch seconds": (canonical_event(timestamp=1760956245), "timestamp", "2025-10-20T10:30:45.000Z"),
+    "epoch seconds with a fraction": (canonical_event(timestamp=1760956245.5), "timestamp", "2025-10-20T10:30:45.500Z"),
+    "epoch milliseconds": (canonical_event(timestamp=1760956245123), "timestamp", "2025-10-20T10:30:45.123Z"),
+    "negative epoch seconds": (canonical_event(timestamp=-1.25), "timestamp", "1969-12-31T23:59:58.750Z"),
     "an offset across a leap day": (canonical_event(timestamp="2024-03-01T00:30:00.5+01:00"), "timestamp", "2024-02-29T23:30:00.500Z"),
     "a negative offset across a year": (canonical_event(timestamp="2025-12-31T23:00:00.999-01:30"), "timestamp", "2026-01-01T00:30:00.999Z"),
 }
@@ -248,8 +253,17 @@ def rfc3339_texts(draw):
     return moment.strftime("%Y-%m-%dT%H:%M:%S").rjust(19, "0") + fraction + draw(st.sampled_from([zone, zone, "z", "+05", ""]))
 
 
+epoch_numbers = st.one_of(
+    st.integers(-(2**54), 2**54),
+    st.integers(10**11, 253402300799999),
+    st.floats(-1e15, 1e15),
+    st.floats(1e11, 2.6e14),
+    st.decimals(-1e12, 1e12, places=7, allow_nan=False, allow_infinity=False).map(float),
+)
+
+
 @settings(max_examples=500, deadline=None)
-@given(rfc3339_texts())
+@given(st.one_of(rfc3339_texts(), epoch_numbers))
 def test_a_timestamp_normalised_natively_is_pythons(text):
     side = Side(native=True)
     (lines, timestamps, _urgent), errors = side.feed(encode([canonical_event(timestamp=text)]))
@@ -326,7 +340,7 @@ def test_a_few_odd_lines_are_mended_and_the_chunk_stays_native():
 
 def test_mostly_odd_chunks_take_the_python_path():
     side = Side(native=True)
-    side.feed(encode([DECLINED["a level that is no alias"], DECLINED["an epoch timestamp"], canonical_event()]))
+    side.feed(encode([DECLINED["a level that is no alias"], DECLINED["an upper-case trace id"], canonical_event()]))
     assert side.native_chunks == 0
 
 

@@ -3,11 +3,12 @@
 //!
 //! It takes the messages the Python path (`sidecar.protocol` and `sidecar.message`) would
 //! accept *unchanged* (canonical ids, no null optional keys, no duplicate keys where the protocol
-//! looks), plus the two normalisations most clients need: RFC 3339 timestamps with an offset or
-//! another fraction, and level aliases (`WARN`, `Error`), rewritten in place as Python would.
+//! looks), plus the normalisations most clients need: RFC 3339 timestamps with an offset or
+//! another fraction, epoch seconds or milliseconds, and level aliases (`WARN`, `Error`),
+//! rewritten in place as Python would.
 //! For any other line `decode` names it instead, and the Python path, which stays the reference,
 //! explains its error or normalises it and hands the chunk back. So this module decides only
-//! "valid, maybe after those two rewrites" or "not for me", and never has to agree with the
+//! "valid, maybe after those rewrites" or "not for me", and never has to agree with the
 //! Python code on an error message. Hypothesis tests check both paths give the same lines.
 //!
 //! An accepted line is written out as received, with `received_at` and `host` (and, where the
@@ -596,6 +597,12 @@ fn normalise_rfc3339(text: &[u8]) -> Option<[u8; 24]> {
     };
     let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second
         - offset_minutes * 60;
+    canonical_timestamp(seconds, millis)
+}
+
+/// Seconds since the epoch and milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ`; None outside the
+/// years 1-9999.
+fn canonical_timestamp(seconds: i64, millis: i64) -> Option<[u8; 24]> {
     let (days, rest) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
     let (year, month, day) = civil_from_days(days);
     if !(1..=9999).contains(&year) {
@@ -608,6 +615,62 @@ fn normalise_rfc3339(text: &[u8]) -> Option<[u8; 24]> {
         rest % 60
     );
     formatted.as_bytes().try_into().ok()
+}
+
+/// An epoch number as `sidecar.message.normalise_timestamp` reads it: seconds, or milliseconds
+/// from 1e11 on, through `datetime.fromtimestamp`'s float arithmetic, cut to milliseconds. None
+/// where Python refuses it, or might compute it differently (integers from 2**53 on).
+fn normalise_epoch(text: &[u8]) -> Option<[u8; 24]> {
+    let text = std::str::from_utf8(text).ok()?;
+    let (seconds, micros) = if text.contains(['.', 'e', 'E']) {
+        let value: f64 = text.parse().ok()?;
+        if !value.is_finite() {
+            return None;
+        }
+        split_seconds(if value.abs() >= 1e11 {
+            value / 1000.0
+        } else {
+            value
+        })?
+    } else {
+        let value: i64 = text.parse().ok()?;
+        if value.unsigned_abs() < 100_000_000_000 {
+            (value, 0) // whole seconds: exact in Python too
+        } else if value.unsigned_abs() < 1 << 53 {
+            split_seconds(value as f64 / 1000.0)? // Python's int / 1000, the same double
+        } else {
+            return None;
+        }
+    };
+    canonical_timestamp(seconds, micros / 1000)
+}
+
+/// Whole seconds and microseconds of a float timestamp, as CPython's
+/// `_PyTime_DoubleToDenominator` makes them for `fromtimestamp` (round half to even).
+fn split_seconds(seconds: f64) -> Option<(i64, i64)> {
+    let mut whole = seconds.trunc();
+    let mut micros = round_half_even((seconds - whole) * 1e6);
+    if micros >= 1e6 {
+        micros -= 1e6;
+        whole += 1.0;
+    } else if micros < 0.0 {
+        micros += 1e6;
+        whole -= 1.0;
+    }
+    if whole.abs() > 1e12 {
+        return None; // far outside the years 1-9999 anyway
+    }
+    Some((whole as i64, micros as i64))
+}
+
+/// CPython's `_PyTime_RoundHalfEven`.
+fn round_half_even(value: f64) -> f64 {
+    let rounded = value.round();
+    if (value - rounded).abs() == 0.5 {
+        2.0 * (value / 2.0).round()
+    } else {
+        rounded
+    }
 }
 
 fn days_in_month(year: i64, month: i64) -> i64 {
@@ -735,13 +798,19 @@ fn accept(bytes: &[u8], start: usize, members: &mut Members) -> Parsed<Message> 
                 data = true;
             }
             b"timestamp" => {
-                let span = plain_text(value)?;
-                let text = &bytes[span.start..span.end];
-                if is_canonical_timestamp(text) {
-                    message.timestamp = text.try_into().ok();
-                } else {
-                    message.timestamp = Some(normalise_rfc3339(text).ok_or(Decline)?);
+                if value.kind == ValueKind::Number {
+                    let text = &bytes[value.whole.start..value.whole.end];
+                    message.timestamp = Some(normalise_epoch(text).ok_or(Decline)?);
                     message.timestamp_sent = Some(value.whole);
+                } else {
+                    let span = plain_text(value)?;
+                    let text = &bytes[span.start..span.end];
+                    if is_canonical_timestamp(text) {
+                        message.timestamp = text.try_into().ok();
+                    } else {
+                        message.timestamp = Some(normalise_rfc3339(text).ok_or(Decline)?);
+                        message.timestamp_sent = Some(value.whole);
+                    }
                 }
             }
             b"trace_id" => {
