@@ -81,15 +81,14 @@ class StreamDecoder:
     `receive_data()` returns `(messages, errors)`: the valid messages completed by this chunk, in
     order, and a DecodeError for each rejected one. With `native`, `messages` is instead a
     `NativeChunk` when the native decoder took the chunk (see `_decode_natively`): the same
-    messages, validated, still as bytes, for the correlator to enrich and encode in one call. It raises ProtocolViolation when the stream
-    cannot be framed any more (unknown format, broken or oversized MessagePack); after that
-    every call raises it again.
+    messages, validated, still as bytes, for the correlator to enrich and encode in one call.
+    It raises ProtocolViolation when the stream cannot be framed any more (unknown format,
+    broken or oversized MessagePack); after that every call raises it again.
     """
 
     def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, *, native: bool = False):
         self.max_message_size = max_message_size
-        # JSON lines through the native decoder (when built), which returns a whole chunk as a
-        # `NativeChunk` instead of dicts, or declines it to the Python path below.
+        # JSON lines through the native decoder when it is built (see `_decode_natively`).
         self.native = native and NATIVE_AVAILABLE
         self.format: StreamFormat | None = None
         self.messages_seen = 0
@@ -193,12 +192,13 @@ class StreamDecoder:
     def _decode_natively(self, complete: bytes, errors: list[DecodeError]):
         """The chunk as a NativeChunk, or None to take the Python path for all of it.
 
-        The native decoder takes a chunk whose every line is valid as it stands. Otherwise it
-        names the lines it declined; when they are at most half, they are decoded here, one by
-        one, exactly as `_parse_lines` would: an invalid one is dropped with its error, a valid
-        one goes back to the native decoder in its normalised form (`orjson.dumps` of the
-        message), which parses just those lines and merges them in. So a few odd lines do not
-        send a whole chunk the slow way.
+        The native decoder takes a chunk whose every line is valid as it stands or after the
+        rewrites it does itself (timestamps, level aliases). Otherwise it names the lines it
+        declined; when they are at most half, they are decoded here, one by one, exactly as
+        `_parse_lines` would: an invalid one is dropped with its error, a valid one goes back to
+        the native decoder in its normalised form (`orjson.dumps` of the message), which parses
+        just those lines and merges them in. So a few odd lines do not send a whole chunk the
+        slow way.
         """
         decoded = native_decode(complete, self.max_message_size)
         if type(decoded) is NativeChunk:

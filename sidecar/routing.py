@@ -29,8 +29,7 @@ class Target:
         filter, else a new batch of those that pass."""
         if not self.filters:
             return batch
-        filters = self.filters
-        chosen = [i for i, m in enumerate(batch.messages()) if any(f.passes(m) for f in filters)]
+        chosen = [i for i, m in enumerate(batch.messages()) if self.passes(m)]
         return batch if len(chosen) == len(batch) else batch.pick(chosen)
 
     def passes(self, message: dict) -> bool:

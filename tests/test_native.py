@@ -1,11 +1,12 @@
 """The native hot path (sidecar._native) against the Python path, its reference.
 
-The native decoder takes a chunk only when every line is valid protocol v1 as it stands, and then
-must give, per source, the same enriched messages as the Python decoder plus `Correlator.enrich`
-plus `orjson.dumps`, the same trace-to-job memory, and the same live index. Anything else it
-must decline (return None), leaving the chunk to the Python path, which explains errors and
-normalises. Compared as JSON values in key order: a line is written as received, so its
-spelling (spaces, escapes, `1E2`) may differ from orjson's.
+The native decoder takes a line when it is valid protocol v1 as it stands or after the rewrites
+it does itself (timestamps, level aliases), and then must give, per source, the same enriched
+messages as the Python decoder plus `Correlator.enrich` plus `orjson.dumps`, the same
+trace-to-job memory, and the same live index. Any other line it must decline (name in
+`Partial.declined`), leaving it to the Python path, which explains errors and normalises.
+Compared as JSON values in key order: a line is written as received, so its spelling (spaces,
+escapes, `1E2`) may differ from orjson's.
 """
 
 import datetime as dt
