@@ -272,6 +272,8 @@ class Sidecar:
             "decoded_by_path": counters.by_label("decoded_messages_total", "path"),
             "routed": counters.get("routed_messages_total"),
             "unrouted": counters.get("unrouted_messages_total"),
+            "correlator_dropped": counters.by_label("correlator_dropped_messages_total", "reason"),
+            "view_errors": counters.get("view_errors_total"),
             "connections_total": counters.get("connections_total"),
             "connections_refused": counters.by_label("connections_refused_total", "reason"),
             "connections_closed": counters.by_label("connections_closed_total", "reason"),

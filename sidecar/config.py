@@ -18,7 +18,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import MarkedYAMLError
 
-from sidecar.message import LEVELS, MESSAGE_TYPES
+from sidecar.message import DEFAULT_MAX_DEPTH, LEVELS, MAX_DEPTH_LIMIT, MESSAGE_TYPES
 
 Duration = Annotated[float, "duration"]
 ByteSize = Annotated[int, "bytesize"]
@@ -89,6 +89,8 @@ class TcpSettings:
     max_connections: int = attrs.field(default=1024, validator=attrs.validators.ge(1))
     max_message_size: ByteSize = attrs.field(default=1024 * 1024, validator=attrs.validators.ge(64))
     read_size: ByteSize = attrs.field(default=256 * 1024, validator=attrs.validators.ge(1024))
+    # Levels of nesting a message may have (itself level 1); deeper ones are rejected as too_deep.
+    max_depth: int = attrs.field(default=DEFAULT_MAX_DEPTH, validator=attrs.validators.and_(attrs.validators.ge(3), attrs.validators.le(MAX_DEPTH_LIMIT)))
 
 
 @attrs.frozen

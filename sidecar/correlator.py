@@ -1,7 +1,10 @@
 """The correlator: enriches each chunk of messages, joins traces to jobs, and routes.
 
 It is the single consumer of the listener's channel and the single producer into every backend
-queue, so a routing table swap between two chunks is atomic without a lock.
+queue, so a routing table swap between two chunks is atomic without a lock. Nothing a chunk
+holds can stop it: a bug met while enriching a chunk costs that chunk (counted as
+`correlator_dropped_messages_total{reason="internal_error"}`), one met while indexing or tapping
+it costs only the view (`view_errors_total`), and the traceback of each is logged once.
 """
 
 import logging
@@ -12,6 +15,7 @@ import trio
 
 from sidecar.batch import Batch
 from sidecar.jobs import LiveIndex
+from sidecar.logs import DistinctErrorLog
 from sidecar.metrics import Counters
 from sidecar.protocol import NativeChunk
 from sidecar.routing import RouteTable
@@ -38,6 +42,7 @@ class Correlator:
         # trace_id -> job_id, oldest first; bounded so a flood of traces cannot grow it.
         self.trace_jobs: dict[str, str] = {}
         self.chunks = 0
+        self._bugs = DistinctErrorLog(log)
 
     async def run(self, receive_channel: trio.MemoryReceiveChannel, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Process chunks until every listener-side sender has closed, then return."""
@@ -99,17 +104,23 @@ class Correlator:
         """One chunk: a native `Chunk` (decoded and validated in Rust, enriched and encoded there
         too) or, from the Python decoder, a list of message dicts."""
         self.chunks += 1
-        if type(messages) is NativeChunk:
-            groups, summaries = messages.enrich(received_at, self.host, self.trace_jobs, self.trace_cache_size)
-            self.index.add_summaries(summaries)
-            batches = [Batch(source, lines, timestamps, urgent) for source, lines, timestamps, urgent in groups]
-        else:
-            by_source, cells = self.enrich(received_at, messages)
-            self.index.add_cells(cells)
-            # Encoded now, while the chunk is in the CPU's cache, once for every backend.
-            batches = list(map(Batch.of, by_source.values()))
+        try:
+            if type(messages) is NativeChunk:
+                groups, summaries = messages.enrich(received_at, self.host, self.trace_jobs, self.trace_cache_size)
+                index_chunk = self.index.add_summaries, summaries
+                batches = [Batch(source, lines, timestamps, urgent) for source, lines, timestamps, urgent in groups]
+            else:
+                by_source, cells = self.enrich(received_at, messages)
+                index_chunk = self.index.add_cells, cells
+                # Encoded now, while the chunk is in the CPU's cache, once for every backend.
+                batches = list(map(Batch.of, by_source.values()))
+        except Exception as exc:
+            self.counters.inc("correlator_dropped_messages_total", len(messages), reason="internal_error")
+            self._bugs.log(exc, "internal error while enriching a chunk of %d messages; they are dropped", len(messages))
+            return
+        self._view(*index_chunk)
         for observer in self.observers:
-            observer(batches)
+            self._view(observer, batches)
         routing = self.routing
         for batch in batches:
             targets = routing.table.targets_for(batch.source)
@@ -117,10 +128,23 @@ class Correlator:
                 self.counters.inc("unrouted_messages_total", len(batch))
                 continue
             for target in targets:
-                selected = target.select(batch)
+                try:
+                    selected = target.select(batch)
+                except Exception as exc:  # a filter's bug: this backend misses the batch, counted
+                    self.counters.inc("correlator_dropped_messages_total", len(batch), reason="internal_error")
+                    self._bugs.log(exc, "internal error while filtering %d messages from %s for %s; they are dropped for it", len(batch), batch.source, target.spec.label)
+                    continue
                 if len(selected):
                     await routing.supervisors[target.spec].put(selected)
             self.counters.inc("routed_messages_total", len(batch))
+
+    def _view(self, update, chunk) -> None:
+        """Feed the live index or a tap: what they show is not worth a message."""
+        try:
+            update(chunk)
+        except Exception as exc:
+            self.counters.inc("view_errors_total")
+            self._bugs.log(exc, "internal error while updating the view (%s); the messages are delivered all the same", getattr(update, "__qualname__", update))
 
     def statistics(self) -> dict:
         return {"chunks": self.chunks, "traces_with_jobs": len(self.trace_jobs), "index": self.index.statistics()}

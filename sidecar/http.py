@@ -65,6 +65,7 @@ class SidecarCollector(Collector):
             ("bytes_received_total", "Bytes read from finished connections"),
             ("reloads_total", "Configuration reloads applied"),
             ("reload_failures_total", "Configuration reloads rejected"),
+            ("view_errors_total", "Live index or tap updates that met a bug (their messages were delivered)"),
         ):
             family = CounterMetricFamily(f"sidecar_{name.removesuffix('_total')}", help_text)
             family.add_metric([], counters.get(name))
@@ -73,6 +74,7 @@ class SidecarCollector(Collector):
             ("decode_errors_total", "reason", "Messages rejected by the decoder, by reason"),
             ("connections_refused_total", "reason", "Connections refused, by reason"),
             ("connections_closed_total", "reason", "Connections closed by the sidecar, by reason"),
+            ("correlator_dropped_messages_total", "reason", "Valid messages the correlator dropped, by reason (internal_error: a bug met while enriching them)"),
             ("decoded_messages_total", "path", "Valid messages by the path that decoded them: native (the Rust hot path) or python"),
         ):
             family = CounterMetricFamily(f"sidecar_{name.removesuffix('_total')}", help_text, labels=[label])

@@ -11,6 +11,8 @@ import operator
 import attrs
 import orjson
 
+from sidecar.message import format_timestamp
+
 KEY_EVENTS_PER_SOURCE = 8
 _timestamp_of = operator.itemgetter("timestamp")
 _event_time = operator.itemgetter(0)  # of an (timestamp, level, message) event
@@ -24,6 +26,15 @@ def parse_time(text: str) -> dt.datetime:
 
 def seconds_between(first: str, last: str) -> float:
     return (parse_time(last) - parse_time(first)).total_seconds()
+
+
+def span_start(end: str, duration_ms: float) -> str | None:
+    """When a span began that is known only by its end and duration; None when that is no
+    time at all (before the year 1: a duration sent in the wrong unit, or a zero-time end)."""
+    try:
+        return format_timestamp(parse_time(end) - dt.timedelta(milliseconds=duration_ms))
+    except (OverflowError, ValueError):
+        return None
 
 
 @attrs.define
@@ -148,7 +159,7 @@ class Activity:
             span.duration_ms = data["duration_ms"]
             span.status = data["status"]
             if span.start is None:
-                span.start = (parse_time(span.end) - dt.timedelta(milliseconds=span.duration_ms)).isoformat().replace("+00:00", "Z")
+                span.start = span_start(span.end, span.duration_ms)
 
     def status(self) -> str:
         if any(a.errors for a in self.sources.values()):

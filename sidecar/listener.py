@@ -9,12 +9,12 @@ import datetime as dt
 import errno
 import itertools
 import logging
-import time
 
 import attrs
 import trio
 
 from sidecar.config import TcpSettings
+from sidecar.logs import DistinctErrorLog, RateLimitedLog
 from sidecar.message import format_timestamp
 from sidecar.metrics import Counters
 from sidecar.protocol import NativeChunk, StreamDecoder, ProtocolViolation
@@ -35,27 +35,6 @@ class Connection:
     read_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
 
 
-class RateLimitedLog:
-    """Log at most once per interval per key, saying how many were held back."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 1.0):
-        self.logger = logger
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warning(self, key: str, message: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -self.interval) < self.interval:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return
-        self._last[key] = now
-        held = self._suppressed.pop(key, 0)
-        if held:
-            message += f" (and {held} more since the last report)"
-        self.logger.warning(message, *args)
-
-
 class Listener:
     def __init__(self, settings: TcpSettings, counters: Counters, *, native: bool = False):
         self.settings = settings
@@ -67,6 +46,7 @@ class Listener:
         self._accept_scope = trio.CancelScope()
         self._read_deadline = float("inf")
         self._errors_log = RateLimitedLog(log)
+        self._bugs = DistinctErrorLog(log)
 
     async def run(self, send_channel: trio.MemorySendChannel, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until `stop_accepting()` and `close_connections()`; closes `send_channel` last,
@@ -124,7 +104,7 @@ class Listener:
         connection = Connection(next(self._ids), peer)
         self.connections[connection.id] = connection
         self.counters.inc("connections_total")
-        decoder = StreamDecoder(self.settings.max_message_size, native=self.native)
+        decoder = StreamDecoder(self.settings.max_message_size, native=self.native, max_depth=self.settings.max_depth)
         read_size = self.settings.read_size
         try:
             async with send_channel, stream:
@@ -175,10 +155,14 @@ class Listener:
             await send_channel.send((received_at, messages))
 
     def _record_errors(self, connection: Connection, errors: list) -> None:
-        connection.errors += len(errors)
         for error in errors:
-            self.counters.inc("decode_errors_total", reason=error.reason)
+            count = getattr(error, "count", 1)
+            connection.errors += count
+            self.counters.inc("decode_errors_total", count, reason=error.reason)
             self._errors_log.warning(error.reason, "rejected from %s (connection %d): %s: %s", connection.peer, connection.id, error.reason, error.detail)
+            exception = getattr(error, "exception", None)
+            if exception is not None:
+                self._bugs.log(exception, "internal error while decoding %d messages from %s (connection %d); they are dropped, the connection goes on", count, connection.peer, connection.id)
 
     def statistics(self) -> dict:
         return {

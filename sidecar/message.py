@@ -15,6 +15,10 @@ LEVEL_ALIASES = {"warn": "warning", "fatal": "critical", "crit": "critical", "er
 # Levels that make the batcher flush at once instead of waiting for its size or time threshold.
 URGENT_LEVELS = frozenset({"error", "critical"})
 MAX_SOURCE_LENGTH = 200
+# Levels of nesting a message may have, itself being level 1 (`tcp.max_depth`). orjson writes at
+# most 254 levels, and every backend encodes JSON: the highest limit an operator can set.
+DEFAULT_MAX_DEPTH = 64
+MAX_DEPTH_LIMIT = 254
 
 _CANONICAL_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 # Epoch numbers at or above this are milliseconds (1e11 s is the year 5138; 1e11 ms is 1973).
@@ -209,7 +213,7 @@ def _checked_timestamp(timestamp) -> str:
     return canonical
 
 
-def validate_message(message: dict) -> None:
+def validate_message(message: dict, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
     """Check one decoded message against protocol v1 and normalise it in place.
 
     Raises MessageError naming the field at fault. Normalises: event level aliases, the
@@ -217,6 +221,9 @@ def validate_message(message: dict) -> None:
     string; null optional keys are removed. This runs for every message: the common case is
     checked inline, and each field's slow path (normalising, or explaining) is a call away.
     """
+    problem = free_form_problem(message, max_depth)
+    if problem is not None:
+        raise problem
     get = message.get
     source = get("source")
     if type(source) is not str or source not in _valid_sources:
@@ -273,6 +280,31 @@ def validate_message(message: dict) -> None:
             context["job_id"] = str(job_id)
     elif "context" in message:
         del message["context"]
+
+
+def free_form_problem(message: dict, max_depth: int = DEFAULT_MAX_DEPTH) -> MessageError | None:
+    """What is wrong with the values anywhere in a message that no field check looks at, or None:
+    nesting deeper than `max_depth` levels (`too_deep`), or a float that is NaN or infinite
+    (`not_finite`, which JSON cannot carry: only MessagePack can send one). Iterative, so no
+    depth of nesting can exhaust the stack."""
+    pending = [(message, 1, ())]
+    while pending:
+        container, depth, path = pending.pop()
+        items = container.items() if type(container) is dict else enumerate(container)
+        for key, value in items:
+            kind = type(value)
+            if kind is float:
+                if value - value != 0.0:  # NaN or an infinity (a finite float gives 0.0)
+                    return MessageError("not_finite", f"{_path(path, key)} must be a finite number, got {value}")
+            elif kind is dict or kind is list:
+                if depth >= max_depth:
+                    return MessageError("too_deep", f"{_path(path, key)} nests deeper than {max_depth} levels")
+                pending.append((value, depth + 1, (*path, key)))
+    return None
+
+
+def _path(path: tuple, key) -> str:
+    return ".".join(map(str, (*path, key)))[:200]
 
 
 def _raise_unknown_type(kind):

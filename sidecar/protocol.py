@@ -13,7 +13,7 @@ import attrs
 import msgpack
 import orjson
 
-from sidecar.message import MessageError, validate_message
+from sidecar.message import DEFAULT_MAX_DEPTH, MessageError, validate_message
 
 try:
     from sidecar._native import Chunk as NativeChunk, decode as native_decode
@@ -40,10 +40,102 @@ def detect_format(first_byte: int) -> StreamFormat | None:
 
 @attrs.frozen
 class DecodeError:
-    """One message was rejected; the stream goes on. `reason` is a short metric label."""
+    """Messages were rejected (one, unless `count` says more); the stream goes on. `reason` is a
+    short metric label. `exception` is set for `internal_error`: a bug met while decoding, which
+    costs the messages it was decoding and nothing else."""
 
     reason: str
     detail: str
+    count: int = 1
+    exception: BaseException | None = attrs.field(default=None, eq=False, repr=False)
+
+
+def _json_error(exc: orjson.JSONDecodeError) -> str:
+    """The reason label for a line orjson refused: most are plain invalid JSON, but two are
+    limits the other paths name the same way."""
+    text = str(exc)
+    if text.startswith("depth limit exceeded"):
+        return "too_deep"
+    if text.startswith("number is infinity"):
+        return "not_finite"
+    return "invalid_json"
+
+
+def _json_incompatible(exc: TypeError) -> str:
+    """The reason label for a decoded MessagePack message that JSON cannot carry."""
+    return "invalid_key" if "key must be str" in str(exc) else "invalid_field"
+
+
+def _msgpack_error(exc: Exception) -> str:
+    """The reason label for a MessagePack message the unpacker could frame but not build."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "invalid_utf8"
+    if isinstance(exc, TypeError):  # an array or a map as a map key: unhashable
+        return "invalid_key"
+    if isinstance(exc, msgpack.StackError):
+        return "too_deep"
+    return "invalid_msgpack"
+
+
+# MessagePack headers by first byte from 0xc4 on: (size of the length or count field, what it
+# counts). "payload": that many bytes follow; "ext": that many plus the type byte; "items" and
+# "pairs": that many values (twice as many for a map) follow; a size of 0 with "fixed" means
+# the byte count in the third place follows the header byte.
+_MSGPACK_HEADERS = {
+    0xC4: (1, "payload", 0), 0xC5: (2, "payload", 0), 0xC6: (4, "payload", 0),
+    0xC7: (1, "ext", 0), 0xC8: (2, "ext", 0), 0xC9: (4, "ext", 0),
+    0xCA: (0, "fixed", 4), 0xCB: (0, "fixed", 8),
+    0xCC: (0, "fixed", 1), 0xCD: (0, "fixed", 2), 0xCE: (0, "fixed", 4), 0xCF: (0, "fixed", 8),
+    0xD0: (0, "fixed", 1), 0xD1: (0, "fixed", 2), 0xD2: (0, "fixed", 4), 0xD3: (0, "fixed", 8),
+    0xD4: (0, "fixed", 2), 0xD5: (0, "fixed", 3), 0xD6: (0, "fixed", 5), 0xD7: (0, "fixed", 9), 0xD8: (0, "fixed", 17),
+    0xD9: (1, "payload", 0), 0xDA: (2, "payload", 0), 0xDB: (4, "payload", 0),
+    0xDC: (2, "items", 0), 0xDD: (4, "items", 0),
+    0xDE: (2, "pairs", 0), 0xDF: (4, "pairs", 0),
+}
+
+
+def msgpack_object_end(buffer: bytes, start: int) -> int | None:
+    """Where the MessagePack object at `start` ends, from its structure alone: no string is
+    decoded, no key hashed, and nesting of any depth takes no stack. None if `buffer` ends
+    before it does; ValueError for a byte that starts no object (0xc1), when framing is lost.
+    This is how the decoder steps over one message the unpacker could not build."""
+    at = start
+    remaining = 1
+    size = len(buffer)
+    while remaining:
+        if at >= size:
+            return None
+        byte = buffer[at]
+        remaining -= 1
+        at += 1
+        if byte <= 0x7F or byte >= 0xE0 or byte in (0xC0, 0xC2, 0xC3):
+            continue
+        if byte <= 0x8F:
+            remaining += 2 * (byte & 0x0F)
+        elif byte <= 0x9F:
+            remaining += byte & 0x0F
+        elif byte <= 0xBF:
+            at += byte & 0x1F
+        elif byte == 0xC1:
+            raise ValueError(f"byte 0xc1 at offset {at - 1} starts no MessagePack object")
+        else:
+            field, kind, fixed = _MSGPACK_HEADERS[byte]
+            if kind == "fixed":
+                at += fixed
+                continue
+            if at + field > size:
+                return None
+            count = int.from_bytes(buffer[at : at + field], "big")
+            at += field
+            if kind == "payload":
+                at += count
+            elif kind == "ext":
+                at += count + 1
+            elif kind == "items":
+                remaining += count
+            else:
+                remaining += 2 * count
+    return at if at <= size else None
 
 
 class ProtocolViolation(Exception):
@@ -60,16 +152,19 @@ class ProtocolViolation(Exception):
         self.errors = list(errors)
 
 
-def _accept(message, number: int, messages: list[dict], errors: list[DecodeError]) -> bool:
+def _accept(message, number: int, messages: list[dict], errors: list[DecodeError], max_depth: int) -> bool:
     """A decoded value: appended to `messages` if it is a valid protocol message, else its
     error to `errors`. Returns whether it was accepted."""
     if type(message) is not dict:
         errors.append(DecodeError("not_an_object", f"message {number}: expected an object, got {type(message).__name__}"))
         return False
     try:
-        validate_message(message)
+        validate_message(message, max_depth)
     except MessageError as exc:
         errors.append(DecodeError(exc.reason, f"message {number}: {exc.detail}"))
+        return False
+    except Exception as exc:  # a bug in validation costs this message, not the stream
+        errors.append(DecodeError("internal_error", f"message {number}: {type(exc).__name__}: {exc}", exception=exc))
         return False
     messages.append(message)
     return True
@@ -83,11 +178,15 @@ class StreamDecoder:
     `NativeChunk` when the native decoder took the chunk (see `_decode_natively`): the same
     messages, validated, still as bytes, for the correlator to enrich and encode in one call.
     It raises ProtocolViolation when the stream cannot be framed any more (unknown format,
-    broken or oversized MessagePack); after that every call raises it again.
+    broken or oversized MessagePack); after that every call raises it again. Anything else is
+    wrong with one message alone, and costs that message alone: a MessagePack message the
+    unpacker cannot build (invalid UTF-8, an array as a key, nesting past its stack) is stepped
+    over by its structure, and the stream goes on after it.
     """
 
-    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, *, native: bool = False):
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, *, native: bool = False, max_depth: int = DEFAULT_MAX_DEPTH):
         self.max_message_size = max_message_size
+        self.max_depth = max_depth
         # JSON lines through the native decoder when it is built (see `_decode_natively`).
         self.native = native and NATIVE_AVAILABLE
         self.format: StreamFormat | None = None
@@ -95,7 +194,12 @@ class StreamDecoder:
         self._tail = bytearray()
         self._skipping_oversize_line = False
         self._unpacker: msgpack.Unpacker | None = None
-        self._msgpack_bytes_fed = 0
+        # MessagePack bytes fed to the unpacker from where its next message starts (at its
+        # position `_message_start`: its tell() is exact only right after it yields a message).
+        self._unconsumed = b""
+        self._message_start = 0
+        # A message the unpacker failed on, still incomplete: skipped once its end arrives.
+        self._bad_message: DecodeError | None = None
         self._violation: ProtocolViolation | None = None
 
     def receive_data(self, data: bytes) -> tuple[list[dict], list[DecodeError]]:
@@ -108,20 +212,28 @@ class StreamDecoder:
             if self.format is None:
                 self._fail("unknown_format", f"first byte 0x{data[0]:02x} is neither '{{' (JSON lines) nor a MessagePack map")
             if self.format is StreamFormat.MSGPACK:
-                # Room for one message at the limit plus the chunk that completes it.
-                self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=2 * self.max_message_size)
+                self._unpacker = self._new_unpacker()
         if self.format is StreamFormat.JSON_LINES:
             return self._receive_json(data)
         return self._receive_msgpack(data)
 
     def receive_eof(self) -> tuple[list[dict], list[DecodeError]]:
-        """The peer closed: a last JSON line without its newline still counts."""
-        if self._violation is not None or self.format is not StreamFormat.JSON_LINES or not self._tail:
-            return [], []
-        line, self._tail = bytes(self._tail), bytearray()
+        """The peer closed: a last JSON line without its newline still counts; a MessagePack
+        message cut off by the end of the stream is counted as `truncated`."""
         messages: list[dict] = []
         errors: list[DecodeError] = []
-        self._parse_lines([line], messages, errors)
+        if self._violation is not None:
+            return messages, errors
+        if self.format is StreamFormat.JSON_LINES and self._tail:
+            line, self._tail = bytes(self._tail), bytearray()
+            self._parse_lines([line], messages, errors)
+        elif self.format is StreamFormat.MSGPACK and (self._unconsumed or self._bad_message):
+            if self._bad_message is not None:
+                errors.append(self._bad_message)
+            else:
+                self.messages_seen += 1
+                errors.append(DecodeError("truncated", f"message {self.messages_seen}: the stream ended {len(self._unconsumed)} bytes into a MessagePack message"))
+            self._unconsumed, self._bad_message = b"", None
         return messages, errors
 
     def _fail(self, reason: str, detail: str):
@@ -147,17 +259,34 @@ class StreamDecoder:
             else:
                 complete = data[:last_newline]
             self._tail = bytearray(data[last_newline + 1 :])
-            chunk = self._decode_natively(bytes(complete), errors) if self.native else None
-            if chunk is not None:
-                messages = chunk
-            elif not self._parse_as_array(complete, messages, errors):
-                self._parse_lines(complete.split(b"\n"), messages, errors)
+            messages = self._decode_lines(bytes(complete), errors)
         if len(self._tail) > self.max_message_size:
             self.messages_seen += 1
             errors.append(DecodeError("too_large", f"message {self.messages_seen}: line longer than {self.max_message_size} bytes, skipped"))
             self._tail = bytearray()
             self._skipping_oversize_line = True
         return messages, errors
+
+    def _decode_lines(self, complete: bytes, errors: list[DecodeError]):
+        """Complete lines as messages (a NativeChunk or a list). A bug met while decoding them
+        costs this chunk's messages, counted as `internal_error`, and nothing else."""
+        seen = self.messages_seen
+        found: list[DecodeError] = []
+        try:
+            chunk = self._decode_natively(complete, found) if self.native else None
+            if chunk is not None:
+                messages = chunk
+            else:
+                messages = []
+                if not self._parse_as_array(complete, messages, found):
+                    self._parse_lines(complete.split(b"\n"), messages, found)
+        except Exception as exc:
+            count = complete.count(b"\n") + 1
+            self.messages_seen = seen + count
+            errors.append(DecodeError("internal_error", f"messages {seen + 1}-{seen + count}: {type(exc).__name__}: {exc}", count=count, exception=exc))
+            return []
+        errors += found
+        return messages
 
     def _parse_as_array(self, complete: bytes, messages: list[dict], errors: list[DecodeError]) -> bool:
         """The fast path: all complete lines parsed by one `orjson.loads` of them as a JSON array
@@ -176,16 +305,17 @@ class StreamDecoder:
         validate = validate_message
         append = messages.append
         first = self.messages_seen + 1
+        max_depth = self.max_depth
         for offset, message in enumerate(parsed):
             if type(message) is dict:
                 try:
-                    validate(message)
-                except MessageError:
+                    validate(message, max_depth)
+                except Exception:
                     pass
                 else:
                     append(message)
                     continue
-            _accept(message, first + offset, messages, errors)  # rejected: says why
+            _accept(message, first + offset, messages, errors, max_depth)  # rejected: says why
         self.messages_seen += len(parsed)
         return True
 
@@ -200,7 +330,7 @@ class StreamDecoder:
         just those lines and merges them in. So a few odd lines do not send a whole chunk the
         slow way.
         """
-        decoded = native_decode(complete, self.max_message_size)
+        decoded = native_decode(complete, self.max_message_size, self.max_depth)
         if type(decoded) is NativeChunk:
             self.messages_seen += len(decoded)
             return decoded
@@ -245,38 +375,88 @@ class StreamDecoder:
         except orjson.JSONDecodeError as exc:
             if not line.strip():
                 return 0
-            errors.append(DecodeError("invalid_json", f"message {number}: {exc}"))
+            errors.append(DecodeError(_json_error(exc), f"message {number}: {exc}"))
             return 1
-        _accept(message, number, messages, errors)
+        _accept(message, number, messages, errors, self.max_depth)
         return 1
+
+    def _new_unpacker(self) -> msgpack.Unpacker:
+        # Room for one message at the limit plus the chunk that completes it.
+        return msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=2 * self.max_message_size)
 
     def _receive_msgpack(self, data: bytes) -> tuple[list[dict], list[DecodeError]]:
         messages: list[dict] = []
         errors: list[DecodeError] = []
+        # `buffer` holds the bytes from where the unpacker's next message starts; a position p
+        # of the unpacker is buffer[p + origin], so a message it fails on can be found here.
+        buffer = self._unconsumed + data if self._unconsumed else data
         unpacker = self._unpacker
+        if self._bad_message is not None:
+            end = self._skip_bad_message(buffer, 0, messages, errors)
+            if end is None:
+                return messages, errors
+            unpacker.feed(buffer[end:])
+            return self._unpack(buffer, end, messages, errors)
+        origin = -self._message_start
         try:
             unpacker.feed(data)
         except msgpack.BufferFull:
             self._fail("too_large", f"MessagePack message larger than {self.max_message_size} bytes")
-        self._msgpack_bytes_fed += len(data)
+        return self._unpack(buffer, origin, messages, errors)
+
+    def _unpack(self, buffer: bytes, origin: int, messages: list[dict], errors: list[DecodeError]):
+        """Every message the unpacker can yield from what it was fed (the bytes of `buffer` from
+        `origin` on), stepping over the ones it cannot build."""
+        unpacker = self._unpacker
+        tell = unpacker.tell
         dumps = orjson.dumps
-        try:
-            for message in unpacker:
+        max_depth = self.max_depth
+        next_start = self._message_start
+        while True:
+            try:
+                for message in unpacker:
+                    next_start = tell()
+                    self.messages_seen += 1
+                    if not _accept(message, self.messages_seen, messages, errors, max_depth):
+                        continue
+                    # MessagePack can carry what JSON cannot (bytes, non-string keys, ext types);
+                    # every backend writes JSON, so refuse those here rather than at delivery.
+                    try:
+                        dumps(message)
+                    except TypeError as exc:
+                        messages.pop()
+                        errors.append(DecodeError(_json_incompatible(exc), f"message {self.messages_seen}: not representable as JSON: {exc}"))
+                break
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
                 self.messages_seen += 1
-                if not _accept(message, self.messages_seen, messages, errors):
-                    continue
-                # MessagePack can carry what JSON cannot (bytes, non-string keys, huge ints);
-                # every backend writes JSON, so refuse those here rather than at delivery.
-                try:
-                    dumps(message)
-                except TypeError as exc:
-                    messages.pop()
-                    errors.append(DecodeError("invalid_field", f"message {self.messages_seen}: not representable as JSON: {exc}"))
-        except (ValueError, msgpack.UnpackException) as exc:
-            self._violation = ProtocolViolation(
-                "invalid_msgpack", f"broken MessagePack framing after message {self.messages_seen} ({type(exc).__name__}: {exc})", messages, errors
-            )
-            raise self._violation from None
-        if self._msgpack_bytes_fed - unpacker.tell() > self.max_message_size:
+                self._bad_message = DecodeError(_msgpack_error(exc), f"message {self.messages_seen}: {type(exc).__name__}: {exc}")
+                bad_start = next_start + origin
+                unpacker = self._unpacker = self._new_unpacker()
+                tell = unpacker.tell
+                self._message_start = next_start = 0
+                origin = self._skip_bad_message(buffer, bad_start, messages, errors)
+                if origin is None:
+                    return messages, errors
+                unpacker.feed(buffer[origin:])
+        self._message_start = next_start
+        self._unconsumed = buffer[next_start + origin :]
+        if len(self._unconsumed) > self.max_message_size:
             self._fail("too_large", f"MessagePack message larger than {self.max_message_size} bytes")
         return messages, errors
+
+    def _skip_bad_message(self, buffer: bytes, start: int, messages: list[dict], errors: list[DecodeError]) -> int | None:
+        """Step over `self._bad_message`, which starts at buffer[start]: where it ends when
+        that is in `buffer` (its error is recorded then), or None when more bytes are needed."""
+        try:
+            end = msgpack_object_end(buffer, start)
+        except ValueError as exc:
+            self._violation = ProtocolViolation("invalid_msgpack", f"broken MessagePack framing after message {self.messages_seen - 1}: {exc}", messages, errors)
+            raise self._violation from None
+        if end is None:
+            self._unconsumed = buffer[start:]
+            if len(self._unconsumed) > self.max_message_size:
+                self._fail("too_large", f"MessagePack message larger than {self.max_message_size} bytes")
+            return None
+        errors.append(self._bad_message)
+        self._bad_message = None
+        return end

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from sidecar.batch import Batch
 from sidecar.correlator import Correlator
 from sidecar.jobs import LiveIndex
-from sidecar.message import MessageError, normalise_timestamp
+from sidecar.message import DEFAULT_MAX_DEPTH, MessageError, normalise_timestamp
 from sidecar.metrics import Counters
 from sidecar.protocol import NATIVE_AVAILABLE, NativeChunk, StreamDecoder, native_decode
 
@@ -215,7 +215,7 @@ DECLINED_BYTES = {
 
 def declined_lines(data: bytes, limit: int = 1 << 20):
     """The line numbers the native decoder declines in `data` (None: it took the chunk)."""
-    decoded = native_decode(data, limit)
+    decoded = native_decode(data, limit, DEFAULT_MAX_DEPTH)
     return None if type(decoded) is NativeChunk else [number for number, _start, _end in decoded.declined]
 
 
@@ -295,7 +295,7 @@ json_fragments = st.sampled_from([b"{", b"}", b"[", b"]", b'"', b":", b",", b"\\
 @settings(max_examples=500, deadline=None)
 @given(st.one_of(st.binary(max_size=300), st.lists(json_fragments, max_size=60).map(b"".join)))
 def test_arbitrary_bytes_are_declined_or_accepted_never_raised(data):
-    chunk = native_decode(data, 1 << 20)
+    chunk = native_decode(data, 1 << 20, DEFAULT_MAX_DEPTH)
     if type(chunk) is NativeChunk:
         chunk.enrich(RECEIVED, HOST, {}, 10)
     else:

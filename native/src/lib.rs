@@ -20,7 +20,6 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 const LEVELS: [&str; 5] = ["debug", "info", "warning", "error", "critical"];
 const MAX_SOURCE_LENGTH: usize = 200;
-const MAX_DEPTH: u32 = 128;
 const KEY_EVENTS_PER_SOURCE: usize = 8;
 
 /// The bytes that end a run of plain string content: a quote, a backslash, or a control byte
@@ -120,14 +119,17 @@ struct Parser<'a> {
     bytes: &'a [u8],
     at: usize,
     depth: u32,
+    // Levels of nesting taken (the message itself is level 1): deeper is Python's to reject.
+    max_depth: u32,
 }
 
 impl<'a> Parser<'a> {
-    fn new(bytes: &'a [u8], at: usize) -> Self {
+    fn new(bytes: &'a [u8], at: usize, max_depth: u32) -> Self {
         Parser {
             bytes,
             at,
             depth: 0,
+            max_depth,
         }
     }
 
@@ -265,7 +267,7 @@ impl<'a> Parser<'a> {
     }
 
     /// JSON's number grammar. A float that parses to infinity is refused by orjson, so it is
-    /// left to the Python path; so is an integer too long to be one orjson reads.
+    /// left to the Python path; so is an integer outside 64 bits, which orjson reads as a float.
     fn number(&mut self) -> Parsed<()> {
         let start = self.at;
         let bytes = self.bytes;
@@ -305,8 +307,11 @@ impl<'a> Parser<'a> {
             if !value.is_finite() {
                 return Err(Decline);
             }
-        } else if integer_digits > 20 {
-            return Err(Decline);
+        } else if integer_digits >= 19 {
+            let text = std::str::from_utf8(&bytes[start..self.at]).map_err(|_| Decline)?;
+            if text.parse::<i64>().is_err() && text.parse::<u64>().is_err() {
+                return Err(Decline);
+            }
         }
         Ok(())
     }
@@ -363,7 +368,7 @@ impl<'a> Parser<'a> {
     /// closed already).
     fn open(&mut self, open: u8, close: u8) -> Parsed<bool> {
         self.depth += 1;
-        if self.depth > MAX_DEPTH {
+        if self.depth > self.max_depth {
             return Err(Decline);
         }
         self.expect(open)?;
@@ -420,7 +425,8 @@ fn check_unique(bytes: &[u8], members: &[Member]) -> Parsed<()> {
 /// The members of the object that starts at `at`, each key once.
 fn members_of(bytes: &[u8], at: usize, found: &mut Vec<Member>) -> Parsed<usize> {
     found.clear();
-    let close = collect_members(&mut Parser::new(bytes, at), found)?;
+    // Only tags are read this way, parsed (and their depth checked) with the message already.
+    let close = collect_members(&mut Parser::new(bytes, at, u32::MAX), found)?;
     check_unique(bytes, found)?;
     Ok(close)
 }
@@ -739,8 +745,8 @@ fn is_canonical_timestamp(text: &[u8]) -> bool {
 }
 
 /// One line, if the Python path would accept it unchanged.
-fn accept(bytes: &[u8], start: usize, members: &mut Members) -> Parsed<Message> {
-    let mut parser = Parser::new(bytes, start);
+fn accept(bytes: &[u8], start: usize, members: &mut Members, max_depth: u32) -> Parsed<Message> {
+    let mut parser = Parser::new(bytes, start, max_depth);
     parser.skip_whitespace();
     let object_start = parser.at;
     let close = members.parse(&mut parser)?;
@@ -1047,6 +1053,7 @@ struct Partial {
     declined: Vec<(usize, usize, usize)>, // (line number, start, end)
     #[pyo3(get)]
     lines: usize,
+    max_depth: u32,
 }
 
 #[pymethods]
@@ -1069,7 +1076,10 @@ impl Partial {
             if line.contains(&b'\n') || std::str::from_utf8(line).is_err() {
                 return None;
             }
-            mended.push((*number, accept(&buffer, start, &mut members).ok()?));
+            mended.push((
+                *number,
+                accept(&buffer, start, &mut members, self.max_depth).ok()?,
+            ));
         }
         // Both lists are in line order: merge them.
         let mut messages = Vec::with_capacity(self.accepted.len() + mended.len());
@@ -1421,19 +1431,21 @@ impl Chunk {
 
 /// The complete lines of a chunk (`data` up to its last newline, without it) as a Chunk when
 /// every line is for the fast path. Otherwise a Partial naming the lines that are not: blank,
-/// longer than `max_message_size`, not UTF-8, or anything the Python decoder would reject or
-/// normalise; the caller decodes those and may `mend` it into a Chunk. None if this code
-/// panicked (a bug): the caller then takes the Python path for the whole chunk.
+/// longer than `max_message_size`, nested deeper than `max_depth`, not UTF-8, or anything the
+/// Python decoder would reject or normalise; the caller decodes those and may `mend` it into a
+/// Chunk. None if this code panicked (a bug): the caller then takes the Python path for the
+/// whole chunk.
 #[pyfunction]
 fn decode(
     py: Python<'_>,
     data: Bound<'_, PyBytes>,
     max_message_size: usize,
+    max_depth: u32,
 ) -> PyResult<Option<Py<PyAny>>> {
     let bytes = data.as_bytes();
     // A bug here must not take the listener down.
     let Ok((accepted, declined, lines)) =
-        std::panic::catch_unwind(|| accept_all(bytes, max_message_size))
+        std::panic::catch_unwind(|| accept_all(bytes, max_message_size, max_depth))
     else {
         return Ok(None);
     };
@@ -1453,6 +1465,7 @@ fn decode(
             accepted,
             declined,
             lines,
+            max_depth,
         }
         .into_pyobject(py)?
         .into_any()
@@ -1463,7 +1476,11 @@ fn decode(
 type Declined = Vec<(usize, usize, usize)>;
 
 /// The accepted messages with their line numbers, the declined lines, and the number of lines.
-fn accept_all(bytes: &[u8], max_message_size: usize) -> (Vec<(usize, Message)>, Declined, usize) {
+fn accept_all(
+    bytes: &[u8],
+    max_message_size: usize,
+    max_depth: u32,
+) -> (Vec<(usize, Message)>, Declined, usize) {
     let mut accepted = Vec::with_capacity(bytes.len() / 256 + 1);
     let mut declined = Vec::new();
     let mut members = Members::new();
@@ -1477,7 +1494,7 @@ fn accept_all(bytes: &[u8], max_message_size: usize) -> (Vec<(usize, Message)>, 
             if end - start > max_message_size || std::str::from_utf8(&line[start..]).is_err() {
                 Err(Decline)
             } else {
-                accept(line, start, &mut members)
+                accept(line, start, &mut members, max_depth)
             };
         match outcome {
             Ok(message) => accepted.push((number, message)),

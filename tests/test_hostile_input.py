@@ -1,0 +1,256 @@
+"""No single input stops the sidecar or costs another message.
+
+Each input here once ended the process, closed its connection, or lost the messages around it.
+Against a real sidecar on each decode path: the input is sent alone, a good message follows on
+the same connection, and the test asserts the sidecar still runs, the good message is
+delivered and the input's reason is counted in /metrics.
+"""
+
+import math
+import re
+import signal
+import socket
+
+import msgpack
+import orjson
+import pytest
+
+from sidecar.protocol import NATIVE_AVAILABLE
+
+from tests.harness import SidecarProcess, read_jsonl, wait_until
+
+CONFIG = """
+tcp: {{host: 127.0.0.1, port: 0}}
+pipeline: {{native: {native}}}
+backends:
+  files: {{type: filesystem, base_path: {base}, create_base_path: true, fsync: never, batch: {{timeout: 0.05}}}}
+routing:
+  all: [{{backend: files}}]
+"""
+
+TRACE = "0123456789abcdef0123456789abcdef"
+NOW = "2026-12-02T07:00:00.000Z"
+
+
+def span_end(source: str, timestamp=NOW, duration=1, **extra) -> dict:
+    message = {
+        "source": source, "type": "span", "timestamp": timestamp, "trace_id": TRACE, "span_id": "0123456789abcdef",
+        "data": {"name": "x", "phase": "end", "status": "ok", "duration_ms": duration},
+    }
+    message.update(extra)
+    return message
+
+
+def good(source: str, seq: int = 0) -> dict:
+    return {"source": source, "type": "event", "timestamp": NOW, "data": {"level": "info", "message": f"good {seq}"}}
+
+
+def nested(depth: int) -> dict:
+    """A valid message `depth` levels deep (the message itself is level 1)."""
+    value: object = "leaf"
+    for _ in range(depth - 2):
+        value = [value]
+    return {"source": "deep", "type": "event", "timestamp": NOW, "data": {"level": "info", "message": "m", "extra": value}}
+
+
+def encode(message: dict, encoding: str) -> bytes:
+    if encoding == "msgpack":
+        return msgpack.packb(message)
+    return orjson.dumps(message) + b"\n"
+
+
+def deep_json(depth: int) -> bytes:
+    """A line nested `depth` levels, beyond what orjson writes (so not built through it)."""
+    inner = b"[" * (depth - 2) + b'"leaf"' + b"]" * (depth - 2)
+    return b'{"source":"deep","type":"event","timestamp":"' + NOW.encode() + b'","data":{"level":"info","message":"m","extra":' + inner + b"}}\n"
+
+
+def deep_msgpack(depth: int) -> bytes:
+    """A MessagePack message nested `depth` levels (the unpacker's own stack stops at 1,024)."""
+    return (
+        b"\x84\xa6source\xa4deep\xa4type\xa5event\xa9timestamp" + msgpack.packb(NOW)
+        + b"\xa4data\x83\xa5level\xa4info\xa7message\xa1m\xa5extra" + b"\x91" * (depth - 2) + b"\xa4leaf"
+    )
+
+
+class Sidecar:
+    """One sidecar of the module, on one decode path; every test uses sources of its own."""
+
+    def __init__(self, process: SidecarProcess, base):
+        self.process = process
+        self.base = base
+
+    def delivered(self, source: str) -> list[dict]:
+        return read_jsonl(self.base / f"{source}.jsonl")
+
+    def send(self, payload: bytes, then: bytes = b"") -> None:
+        """`payload`, then `then` on the same connection, which must stay open for it."""
+        with self.process.connect() as conn:
+            conn.sendall(payload + then)
+            conn.shutdown(socket.SHUT_WR)
+            assert conn.recv(4096) == b"", "the sidecar answered (it does only when it closes a connection for a reason)"
+
+    def wait_delivered(self, source: str, count: int) -> list[dict]:
+        self.assert_running()
+        return wait_until(lambda: len(self.delivered(source)) >= count and self.delivered(source), 10, f"{count} from {source}")
+
+    def assert_running(self) -> None:
+        assert self.process.process.poll() is None, f"the sidecar exited:\n{self.process.log()[-3000:]}"
+
+    def metric(self, name: str, **labels) -> float:
+        status, body = self.process.http("/metrics")
+        assert status == 200
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        pattern = rf"^{re.escape(name)}(?:\{{{re.escape(wanted)}\}})? (\S+)$" if wanted else rf"^{re.escape(name)} (\S+)$"
+        found = re.search(pattern, body.decode(), re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+
+PATHS = [pytest.param(True, id="native"), pytest.param(False, id="python")]
+
+
+@pytest.fixture(scope="module", params=PATHS)
+def sidecar(request, tmp_path_factory):
+    if request.param and not NATIVE_AVAILABLE:
+        pytest.skip("sidecar._native is not built")
+    workdir = tmp_path_factory.mktemp("hostile")
+    base = workdir / "out"
+    process = SidecarProcess(workdir, CONFIG.format(native=str(request.param).lower(), base=base)).start()
+    yield Sidecar(process, base)
+    alive = process.process.poll() is None
+    process.stop(signal.SIGKILL)
+    assert alive, process.log()[-3000:]
+    assert "Traceback" not in process.log(), process.log()[-3000:]
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("go_zero_time", span_end("zero-time", timestamp="0001-01-01T00:00:00.000Z")),
+        ("nanoseconds", span_end("nanoseconds", duration=6.4e13)),
+        ("huge_duration", span_end("huge-duration", duration=1e20)),
+        ("largest_duration", span_end("largest-duration", duration=1.7976931348623157e308)),
+        ("job_only", {**span_end("job-only", duration=1e15, context={"job_id": "job-x"}), "trace_id": None}),
+        ("epoch_year_1", span_end("epoch-year-1", timestamp=-62135596800)),
+        ("year_9999_end", span_end("year-9999", timestamp="9999-12-31T23:59:59.999Z", duration=1e15)),
+    ],
+)
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_a_span_whose_start_falls_before_year_1_is_delivered_with_its_start_unknown(sidecar, name, message, encoding):
+    message = {k: v for k, v in message.items() if v is not None}
+    source = f"{message['source']}-{encoding}"
+    message["source"] = source
+    sidecar.send(encode(message, encoding), encode(good(source), encoding))
+    delivered = sidecar.wait_delivered(source, 2)
+    assert [m["type"] for m in delivered] == ["span", "event"]
+    assert delivered[0]["data"]["duration_ms"] == message["data"]["duration_ms"]
+    key = ("job_id", "job-x") if name == "job_only" else ("trace_id", TRACE)
+    status, body = sidecar.process.http(f"/api/{'jobs' if key[0] == 'job_id' else 'traces'}/{key[1]}")
+    assert status == 200, body
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("field", ["duration_ms", "metric_value", "percent", "free_form"])
+def test_a_non_finite_msgpack_number_is_rejected_as_not_finite(sidecar, field, value):
+    source = f"not-finite-{field}-{value}"
+    message = {
+        "span": span_end(source, duration=value),
+        "metric": {"source": source, "type": "metric", "timestamp": NOW, "data": {"name": "rows", "value": value}},
+        "progress": {"source": source, "type": "progress", "timestamp": NOW, "data": {"job_id": "j", "percent": value, "status": "x"}},
+        "free_form": {**good(source), "context": {"ratio": [1, {"deep": value}]}},
+    }[{"duration_ms": "span", "metric_value": "metric", "percent": "progress", "free_form": "free_form"}[field]]
+    before = sidecar.metric("sidecar_decode_errors_total", reason="not_finite")
+    sidecar.send(msgpack.packb(message), msgpack.packb(good(source)))
+    assert [m["data"]["message"] for m in sidecar.wait_delivered(source, 1)] == ["good 0"]
+    assert sidecar.metric("sidecar_decode_errors_total", reason="not_finite") == before + 1
+
+
+@pytest.mark.parametrize("depth", [65, 255, 1024, 1025, 2000])
+def test_nesting_past_the_limit_is_rejected_as_too_deep_alone_or_among_others(sidecar, depth):
+    source = f"deep-{depth}"
+    line = deep_json(depth).replace(b'"deep"', f'"{source}"'.encode())
+    before = sidecar.metric("sidecar_decode_errors_total", reason="too_deep")
+    # Alone in its chunk, then in the majority of one, then among 30 good messages.
+    sidecar.send(line, encode(good(source, 0), "json"))
+    sidecar.send(line * 3 + encode(good(source, 1), "json"))
+    sidecar.send(b"".join(encode(good(source, 2 + i), "json") for i in range(15)) + line + b"".join(encode(good(source, 17 + i), "json") for i in range(15)))
+    delivered = sidecar.wait_delivered(source, 32)
+    assert sorted(int(m["data"]["message"].split()[1]) for m in delivered) == list(range(32))
+    assert sidecar.metric("sidecar_decode_errors_total", reason="too_deep") == before + 5
+
+
+@pytest.mark.parametrize("depth", [64, 65, 255, 1025, 2000])
+def test_msgpack_nesting_past_the_limit_is_rejected_as_too_deep(sidecar, depth):
+    source = f"deep-msgpack-{depth}"
+    message = deep_msgpack(depth).replace(b"\xa4deep", msgpack.packb(source))
+    before = sidecar.metric("sidecar_decode_errors_total", reason="too_deep")
+    sidecar.send(message, msgpack.packb(good(source)))
+    delivered = sidecar.wait_delivered(source, 2 if depth <= 64 else 1)
+    assert delivered[-1]["data"]["message"] == "good 0"
+    assert sidecar.metric("sidecar_decode_errors_total", reason="too_deep") == before + (0 if depth <= 64 else 1)
+
+
+def test_the_deepest_message_allowed_is_delivered_as_sent(sidecar):
+    message = {**nested(64), "source": "deepest"}
+    sidecar.send(encode(message, "json") + encode(message, "json"))
+    delivered = sidecar.wait_delivered("deepest", 2)
+    assert [m["data"]["extra"] for m in delivered] == [message["data"]["extra"]] * 2
+
+
+MSGPACK_CASES = {
+    # name: (bytes of one message, reason)
+    "invalid_utf8_value": (b"\x83\xa6source\xa4bad1\xa4type\xa5event\xa4data\x81\xa7message\xa2\xff\xfe", "invalid_utf8"),
+    "invalid_utf8_key": (b"\x82\xa6source\xa4bad2\xa2\xc3\x28\x01", "invalid_utf8"),
+    "array_key": (b"\x82\xa6source\xa4bad3\x91\x01\x01", "invalid_key"),
+    "map_key": (b"\x82\xa6source\xa4bad4\x81\xa1k\xa1v\x01", "invalid_key"),
+    "integer_key": (msgpack.packb({**good("bad5"), "context": {1: "x"}}), "invalid_key"),
+    "bytes_value": (msgpack.packb({**good("bad6"), "context": {"blob": b"\x00\x01"}}), "invalid_field"),
+    "bad_timestamp_ext": (b"\x81\xa6source\xd4\xff\x00", "invalid_msgpack"),
+    "not_a_map_inside": (msgpack.packb({**good("bad8"), "data": [1, 2, 3]}), "invalid_field"),
+}
+
+
+@pytest.mark.parametrize("name", MSGPACK_CASES)
+def test_a_msgpack_message_that_cannot_be_built_costs_itself_alone(sidecar, name):
+    payload, reason = MSGPACK_CASES[name]
+    source = f"msgpack-{name}"
+    before = sidecar.metric("sidecar_decode_errors_total", reason=reason)
+    closed_before = sidecar.metric("sidecar_connections_closed_total", reason="invalid_msgpack")
+    sidecar.send(msgpack.packb(good(source, 0)) + payload, msgpack.packb(good(source, 1)))
+    assert [m["data"]["message"] for m in sidecar.wait_delivered(source, 2)] == ["good 0", "good 1"]
+    assert sidecar.metric("sidecar_decode_errors_total", reason=reason) == before + 1
+    assert sidecar.metric("sidecar_connections_closed_total", reason="invalid_msgpack") == closed_before
+
+
+def test_a_msgpack_message_cut_off_by_the_end_of_the_stream_is_counted(sidecar):
+    before = sidecar.metric("sidecar_decode_errors_total", reason="truncated")
+    whole = msgpack.packb(good("cut-off"))
+    sidecar.send(whole + whole[:-3])
+    sidecar.send(msgpack.packb(good("cut-off", 1)))
+    assert [m["data"]["message"] for m in sidecar.wait_delivered("cut-off", 2)] == ["good 0", "good 1"]
+    assert sidecar.metric("sidecar_decode_errors_total", reason="truncated") == before + 1
+
+
+def test_broken_msgpack_framing_closes_that_connection_alone_with_its_reason(sidecar):
+    before = sidecar.metric("sidecar_connections_closed_total", reason="invalid_msgpack")
+    with sidecar.process.connect() as conn:
+        conn.sendall(msgpack.packb(good("framing")) + b"\x81\xa6source\xc1")
+        assert conn.recv(4096).startswith(b"error: broken MessagePack framing")
+    sidecar.send(msgpack.packb(good("framing", 1)))
+    assert [m["data"]["message"] for m in sidecar.wait_delivered("framing", 2)] == ["good 0", "good 1"]
+    assert sidecar.metric("sidecar_connections_closed_total", reason="invalid_msgpack") == before + 1
+    assert "Traceback" not in sidecar.process.log()
+
+
+@pytest.mark.parametrize("text", ["99999999999999999999", "18446744073709551616", "-9223372036854775809", "1" + "0" * 30])
+def test_an_integer_beyond_64_bits_is_stored_the_same_way_on_both_paths(sidecar, text):
+    source = f"big-int-{len(text)}-{text[0]}"
+    line = b'{"source":"%s","type":"metric","timestamp":"%s","data":{"name":"n","value":%s,"tags":{"k":"v"}},"context":{"n":%s}}\n' % (
+        source.encode(), NOW.encode(), text.encode(), text.encode()
+    )
+    sidecar.send(line + line)
+    delivered = sidecar.wait_delivered(source, 2)
+    written = (sidecar.base / f"{source}.jsonl").read_bytes().splitlines()
+    # As orjson reads it: a float; and the same bytes whichever path decoded the line.
+    assert delivered[0]["data"]["value"] == float(text) and delivered[0]["context"]["n"] == float(text)
+    assert all(b'"value":' + orjson.dumps(float(text)) in line for line in written)
