@@ -23,7 +23,12 @@ from sidecar.backends.filesystem import safe_component
 from sidecar.backends.base import PartialDelivery, PermanentError, RetryableError
 from sidecar.config import BackendSpec, CircuitBreakerSettings, QueueSettings
 from sidecar.batch import Batch
+from sidecar.logs import RateLimitedLog
 from sidecar.spill import SpillLog
+
+# Sources named in `rejected_by_source`: past that, the rest are counted under OTHER_SOURCES.
+MAX_REJECTED_SOURCES = 1000
+OTHER_SOURCES = "(other sources)"
 
 
 def spill_directory_name(spec: BackendSpec) -> str:
@@ -316,6 +321,10 @@ class BackendSupervisor:
         self.routed = self.queue.spilled
         self.delivered = 0
         self.dropped: collections.Counter = collections.Counter()
+        # What the destination refused for good, per source and reason: an operator's answer
+        # to "whose messages were dropped, and why", beside the totals in `dropped`.
+        self.rejected_by_source: dict[str, collections.Counter] = {}
+        self._rejections_log = RateLimitedLog(log, interval=10.0)
         self.retries = 0
         self.batches = 0
         self.restarts = 0
@@ -362,6 +371,7 @@ class BackendSupervisor:
             "routed": self.routed,
             "delivered": self.delivered,
             "dropped": dict(self.dropped),
+            "rejected_by_source": {source: dict(reasons) for source, reasons in self.rejected_by_source.items()},
             "queued": self.queued,
             "queue": self.queue.statistics(),
             "retries": self.retries,
@@ -497,17 +507,19 @@ class BackendSupervisor:
                         self._opened = True
                     await self.backend.write_batch(source, batch)
             except PartialDelivery as exc:
+                # The destination answered: the circuit stays closed, whoever else is refused.
                 self._record_success()
                 self.delivered += len(batch) - len(exc.rejected)
-                for reason in exc.rejected.values():
-                    self.dropped[reason] += 1
-                log.warning("backend %s: %d of %d messages from %s rejected: %s", self.label, len(exc.rejected), len(batch), source, exc)
+                self._reject(source, collections.Counter(exc.rejected.values()))
+                self._rejections_log.warning(
+                    (source, "partial"), "backend %s: %d of %d messages from %s rejected: %s", self.label, len(exc.rejected), len(batch), source, exc
+                )
                 return
             except PermanentError as exc:
                 self._record_success()
-                self.dropped[exc.reason] += len(batch)
+                self._reject(source, collections.Counter({exc.reason: len(batch)}))
                 self.last_error = str(exc)
-                log.error("backend %s: dropped a batch of %d from %s: %s", self.label, len(batch), source, exc)
+                self._rejections_log.warning((source, "batch"), "backend %s: dropped a batch of %d from %s: %s", self.label, len(batch), source, exc)
                 return
             except (RetryableError, trio.TooSlowError, OSError) as exc:
                 self._record_failure(exc, trip=getattr(exc, "trip_circuit", False))
@@ -524,6 +536,12 @@ class BackendSupervisor:
             attempt += 1
             if self.breaker.state == "closed":
                 await trio.sleep(backoff_delay(attempt, retry.initial_backoff, retry.max_backoff))
+
+    def _reject(self, source: str, reasons: collections.Counter) -> None:
+        self.dropped.update(reasons)
+        if source not in self.rejected_by_source and len(self.rejected_by_source) >= MAX_REJECTED_SOURCES:
+            source = OTHER_SOURCES
+        self.rejected_by_source.setdefault(source, collections.Counter()).update(reasons)
 
     def _record_success(self) -> None:
         self.batches += 1

@@ -34,8 +34,11 @@ class RateLimitedLog:
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
-    def warning(self, key: str, message: str, *args) -> None:
+    def warning(self, key, message: str, *args) -> None:
         now = time.monotonic()
+        if len(self._last) > 10_000:  # keys may come from the wire (sources): stay bounded
+            self._last.clear()
+            self._suppressed.clear()
         if now - self._last.get(key, -self.interval) < self.interval:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return

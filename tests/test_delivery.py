@@ -1,7 +1,5 @@
 """The delivery machinery around a backend: queue policies, circuit breaker, batching, accounting."""
 
-import os
-
 import attrs
 import orjson
 import pytest
@@ -211,8 +209,8 @@ async def test_a_failing_backend_retries_opens_its_circuit_and_recovers(tmp_path
         retry=RetrySettings(initial_backoff=0.02, max_backoff=0.1),
         circuit_breaker=CircuitBreakerSettings(failure_threshold=3, reset_timeout=0.5, max_reset_timeout=0.5),
     )
-    blocker = tmp_path / "svc.jsonl"
-    blocker.mkdir()  # a directory where the file should be: every open fails with EISDIR
+    spec = attrs.evolve(spec, settings=attrs.evolve(spec.settings, base_path=str(tmp_path / "unmounted")))
+    target = tmp_path / "unmounted" / "svc.jsonl"  # every write fails until its directory exists
     supervisor = BackendSupervisor(spec)
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)
@@ -220,23 +218,22 @@ async def test_a_failing_backend_retries_opens_its_circuit_and_recovers(tmp_path
         await wait_until(lambda: supervisor.breaker.times_opened >= 1, what="the circuit to open")
         stats = supervisor.statistics()
         assert stats["retries"] >= 3
-        assert "Is a directory" in stats["last_error"]
+        assert "does not exist (not mounted?)" in stats["last_error"]
         assert stats["delivered"] == 0 and stats["queued"] == 12
         assert_accounting(supervisor)
         attempts = supervisor.retries
         await trio.sleep(0.3)
         assert supervisor.retries == attempts  # open circuit: no writes, no spinning
-        os.rmdir(blocker)
+        target.parent.mkdir()
         await wait_until(lambda: supervisor.delivered == 12, what="delivery after recovery")
         assert supervisor.statistics()["circuit"] == "closed"
         supervisor.close()
-    assert [m["data"]["message"] for m in lines(blocker)] == [f"m{i}" for i in range(12)]
+    assert [m["data"]["message"] for m in lines(target)] == [f"m{i}" for i in range(12)]
     assert_accounting(supervisor)
 
 
 async def test_overflow_is_counted_as_dropped_with_its_reason(tmp_path):
-    spec = file_spec(tmp_path, queue=QueueSettings(max_messages=10, when_full="drop_newest"), batch=BatchSettings(max_messages=5, timeout=0.01))
-    (tmp_path / "svc.jsonl").mkdir()
+    spec = file_spec(tmp_path / "unmounted", queue=QueueSettings(max_messages=10, when_full="drop_newest"), batch=BatchSettings(max_messages=5, timeout=0.01))
     supervisor = BackendSupervisor(spec)
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)

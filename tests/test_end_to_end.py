@@ -1,7 +1,6 @@
 """The sidecar as a subprocess, fed over real TCP sockets, writing real files."""
 
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -35,7 +34,6 @@ backends:
   broken:
     type: filesystem
     base_path: {base}/broken
-    create_base_path: true
     batch: {{max_messages: 100, timeout: 0.05}}
     retry: {{initial_backoff: 0.05, max_backoff: 0.2}}
     circuit_breaker: {{failure_threshold: 3, reset_timeout: 0.3, max_reset_timeout: 0.5}}
@@ -256,20 +254,19 @@ def test_sighup_reloads_now(start_sidecar):
 
 def test_a_failing_backend_retries_and_opens_its_circuit_while_others_deliver(start_sidecar, tmp_path):
     sidecar = start_sidecar(routes={"50-broken.yaml": "svc:\n  - backend: files\n  - backend: broken\n"})
-    blocker = tmp_path / "out" / "broken" / "svc.jsonl"
-    blocker.mkdir(parents=True)  # a directory where its file should be: every write fails
+    mount_point = tmp_path / "out" / "broken"  # every write fails until it exists
     sidecar.send([event("svc", i) for i in range(300)])
     stats = sidecar.wait_for(lambda s: sidecar.backend("broken").get("circuit_opened", 0) >= 1 and sidecar.backend("files").get("delivered") == 300, what="circuit open, files delivered")
     broken = sidecar.backend("broken")
     assert broken["retries"] >= 3 and broken["delivered"] == 0 and broken["queued"] == 300
-    assert "Is a directory" in broken["last_error"]
+    assert "does not exist (not mounted?)" in broken["last_error"]
     assert "circuit open" in sidecar.log()
     retries = sidecar.backend("broken")["retries"]
     time.sleep(0.25)
     assert sidecar.backend("broken")["retries"] <= retries + 1, "an open circuit must not retry in a loop"
-    shutil.rmtree(blocker)
+    mount_point.mkdir(parents=True)
     sidecar.wait_for(lambda s: sidecar.backend("broken").get("delivered") == 300, what="recovery")
-    assert seqs(read_jsonl(blocker)) == list(range(300))
+    assert seqs(read_jsonl(mount_point / "svc.jsonl")) == list(range(300))
     assert sidecar.backend("broken")["circuit"] == "closed"
     assert stats["received"] == 300
     assert sidecar.stop() == 0
@@ -289,7 +286,6 @@ def test_sigterm_drains_every_queued_message_then_exits_zero(start_sidecar, tmp_
 
 def test_sigterm_with_a_dead_backend_exits_by_the_deadline_and_reports_what_was_lost(start_sidecar, tmp_path):
     sidecar = start_sidecar(routes={"50-broken.yaml": "svc:\n  - backend: files\n  - backend: broken\n"}, drain_timeout=1)
-    (tmp_path / "out" / "broken" / "svc.jsonl").mkdir(parents=True)
     sidecar.send([event("svc", i) for i in range(77)])
     sidecar.wait_for(lambda s: sidecar.backend("files").get("delivered") == 77, what="the good backend to deliver")
     started = time.monotonic()

@@ -254,3 +254,53 @@ def test_an_integer_beyond_64_bits_is_stored_the_same_way_on_both_paths(sidecar,
     # As orjson reads it: a float; and the same bytes whichever path decoded the line.
     assert delivered[0]["data"]["value"] == float(text) and delivered[0]["context"]["n"] == float(text)
     assert all(b'"value":' + orjson.dumps(float(text)) in line for line in written)
+
+
+ISOLATION_CONFIG = """
+tcp: {{host: 127.0.0.1, port: 0}}
+backends:
+  files:
+    type: filesystem
+    base_path: {base}
+    path: "{{source}}/events.jsonl"
+    fsync: never
+    batch: {{timeout: 0.05, max_messages: 50}}
+    retry: {{initial_backoff: 0.05, max_backoff: 0.2}}
+    circuit_breaker: {{failure_threshold: 3, reset_timeout: 0.3}}
+routing:
+  all: [{{backend: files}}]
+"""
+
+
+def test_a_path_that_can_never_be_written_costs_its_own_messages_alone(tmp_path):
+    base = tmp_path / "out"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (base / "directory" / "events.jsonl").mkdir(parents=True)  # a directory where the file goes
+    (base / "symlink").mkdir()
+    (base / "symlink" / "events.jsonl").symlink_to(outside / "stolen.jsonl")
+    (base / "file").write_text("a file where the source's directory goes\n")
+    (base / "escape").symlink_to(outside, target_is_directory=True)  # a directory leading out
+    sidecar = SidecarProcess(tmp_path, ISOLATION_CONFIG.format(base=base)).start()
+    try:
+        bad = ["directory", "symlink", "file", "escape"]
+        with sidecar.connect() as conn:
+            for seq in range(2000):
+                source = bad[seq // 2 % 4] if seq % 2 else "innocent"
+                conn.sendall(orjson.dumps(good(source, seq)) + b"\n")
+        stats = sidecar.wait_for(lambda s: s["backends"][0]["delivered"] == 1000 and sum(s["backends"][0]["dropped"].values()) == 1000, what="1,000 delivered and 1,000 rejected")
+        files = stats["backends"][0]
+        assert files["circuit"] == "closed" and files["circuit_opened"] == 0 and files["retries"] == 0
+        assert files["dropped"] == {"path_is_directory": 250, "path_is_symlink": 250, "path_not_directory": 250, "path_escape": 250}
+        assert files["rejected_by_source"] == {
+            "directory": {"path_is_directory": 250}, "symlink": {"path_is_symlink": 250},
+            "file": {"path_not_directory": 250}, "escape": {"path_escape": 250},
+        }
+        innocent = read_jsonl(base / "innocent" / "events.jsonl")
+        assert [int(m["data"]["message"].split()[1]) for m in innocent] == list(range(0, 2000, 2))
+        assert list(outside.iterdir()) == []
+        assert "Traceback" not in sidecar.log()
+        status, body = sidecar.http("/metrics")
+        assert 'sidecar_backend_dropped_total{backend="files",reason="path_is_symlink",type="filesystem"} 250.0' in body.decode()
+    finally:
+        sidecar.stop(signal.SIGKILL)

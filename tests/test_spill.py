@@ -114,7 +114,6 @@ backends:
   files:
     type: filesystem
     base_path: {base}
-    create_base_path: true
     batch: {{max_messages: 10, timeout: 0.05}}
     queue: {{max_messages: 20, when_full: spill}}
     retry: {{initial_backoff: 0.05, max_backoff: 0.2}}
@@ -132,8 +131,7 @@ def start_spilling_sidecar(tmp_path):
 
 
 def test_spilled_records_survive_sigkill_and_a_damaged_segment(tmp_path):
-    blocker = tmp_path / "out" / "svc.jsonl"
-    blocker.mkdir(parents=True)  # the backend fails until this directory is gone
+    target = tmp_path / "out" / "svc.jsonl"  # the backend fails until its directory is there
     sidecar = start_spilling_sidecar(tmp_path)
     for start in range(0, 500, 20):  # 25 chunks, so the disk buffer holds many records
         sidecar.send(chunk(start, 20))
@@ -143,11 +141,11 @@ def test_spilled_records_survive_sigkill_and_a_damaged_segment(tmp_path):
     # cut the newest segment in the middle of its last record, as a crash mid-write would
     newest = sorted((tmp_path / "spool").rglob("segment-*.log"))[-1]
     newest.write_bytes(newest.read_bytes()[:-30])
-    blocker.rmdir()
+    target.parent.mkdir()
     again = start_spilling_sidecar(tmp_path)
     final = again.wait_for(lambda s: s["backends"][0]["queued"] == 0 and s["backends"][0]["delivered"] > 0, what="the disk buffer delivered")
     assert again.stop() == 0
-    delivered = seqs(read_jsonl(blocker))
+    delivered = seqs(read_jsonl(target))
     # every record that reached the disk before the kill is delivered, except the damaged last one
     lost_to_damage = 500 - max(delivered) - 1
     assert 0 < lost_to_damage <= 20  # at most one chunk record
@@ -158,15 +156,14 @@ def test_spilled_records_survive_sigkill_and_a_damaged_segment(tmp_path):
 
 
 def test_sigterm_saves_what_memory_holds_and_the_next_start_delivers_everything(tmp_path):
-    blocker = tmp_path / "out" / "svc.jsonl"
-    blocker.mkdir(parents=True)
+    target = tmp_path / "out" / "svc.jsonl"  # the backend fails until its directory is there
     sidecar = start_spilling_sidecar(tmp_path)
     sidecar.send(chunk(0, 300))
     sidecar.wait_for(lambda s: s["received"] == 300, what="all received")
     assert sidecar.stop(signal.SIGTERM) == 0
     assert "undelivered messages saved to the disk buffer" in sidecar.log()
-    blocker.rmdir()
+    target.parent.mkdir()
     again = start_spilling_sidecar(tmp_path)
     again.wait_for(lambda s: s["backends"][0]["delivered"] >= 300 and s["backends"][0]["queued"] == 0, what="everything delivered after restart")
     assert again.stop() == 0
-    assert sorted(set(seqs(read_jsonl(blocker)))) == list(range(300))
+    assert sorted(set(seqs(read_jsonl(target)))) == list(range(300))

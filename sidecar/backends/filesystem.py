@@ -1,7 +1,10 @@
 """JSONL files, safe on NFS: one write() per batch on an O_APPEND descriptor.
 
 Paths come from a template such as `{source}.jsonl`; the values put into it come from the wire,
-so each is reduced to `[A-Za-z0-9._-]` and the resolved path must stay inside `base_path`.
+so each is reduced to `[A-Za-z0-9._-]` and the resolved path must stay inside `base_path`, also
+through symlinked directories. A path that can never be written (a directory or a symlink where
+the file should be, a file where a directory should be) costs the messages bound for it alone,
+counted by reason; every other path of the batch, and every other source, keeps flowing.
 """
 
 import errno
@@ -14,12 +17,29 @@ import attrs
 import trio
 
 from sidecar.batch import Batch
-from sidecar.backends.base import Backend, PermanentError, RetryableError
+from sidecar.backends.base import Backend, PartialDelivery, PermanentError, RetryableError
 from sidecar.config import ByteSize, Duration
 
 PLACEHOLDERS = ("source", "type", "date", "host")
 _UNSAFE = str.maketrans({c: "_" for c in map(chr, range(256)) if not (c.isascii() and (c.isalnum() or c in "._-"))})
 _HOST = os.uname().nodename
+# Errors that say this path can never be written as it stands, whatever the retries: the
+# messages bound for it are dropped with this reason, and the other paths are written.
+_UNUSABLE_PATH = {
+    errno.EISDIR: "path_is_directory",
+    errno.ELOOP: "path_is_symlink",  # O_NOFOLLOW: a symlink in place of the file
+    errno.ENOTDIR: "path_not_directory",  # a file where a directory of the path should be
+    errno.EEXIST: "path_not_directory",  # makedirs: the directory's name is taken by a file
+    errno.ENAMETOOLONG: "name_too_long",
+}
+
+
+class UnusablePath(Exception):
+    """This path cannot be written: `reason` is the drop reason."""
+
+    def __init__(self, path: str, reason: str, detail: str):
+        super().__init__(f"{path}: {detail}")
+        self.reason = reason
 
 
 def safe_component(value: str) -> str:
@@ -127,25 +147,38 @@ class FilesystemBackend(Backend):
     async def write_batch(self, source: str, batch: Batch) -> None:
         lines = batch.lines
         if not self._per_message:
-            writes = {self.path_for(source): lines}
+            writes = {self.path_for(source): range(len(lines))}
         else:
             writes = {}
-            for message, line in zip(batch.messages(), lines):
+            for index, message in enumerate(batch.messages()):
                 path = self.path_for(source, message["type"], message["timestamp"][:10])
-                writes.setdefault(path, []).append(line)
-        payloads = [(path, b"\n".join(chosen) + b"\n") for path, chosen in writes.items()]
+                writes.setdefault(path, []).append(index)
+        payloads = [(path, indices, b"\n".join([lines[i] for i in indices]) + b"\n") for path, indices in writes.items()]
         if self._in_thread:
             # Not abandoned on cancel: a hung NFS write blocks this backend only, and is never
             # written twice by a retry racing it.
-            await trio.to_thread.run_sync(self._write_all, payloads)
+            unusable = await trio.to_thread.run_sync(self._write_all, payloads)
         else:
             # A local disk answers in microseconds: a thread hop would cost more than the write.
-            self._write_all(payloads)
+            unusable = self._write_all(payloads)
+        if unusable:
+            rejected = {index: problem.reason for indices, problem in unusable for index in indices}
+            raise PartialDelivery("; ".join(str(problem) for _indices, problem in unusable), rejected)
 
-    def _write_all(self, payloads: list[tuple[str, bytes]]) -> None:
+    def _write_all(self, payloads: list[tuple[str, list[int], bytes]]) -> list[tuple[list[int], UnusablePath]]:
+        """Write every payload; returns those whose path cannot be written, with the reason."""
+        unusable = []
         try:
-            for path, payload in payloads:
-                self._append(path, payload)
+            for path, indices, payload in payloads:
+                try:
+                    self._append(path, payload)
+                except UnusablePath as problem:
+                    unusable.append((indices, problem))
+                except OSError as exc:
+                    if exc.errno not in _UNUSABLE_PATH:
+                        raise
+                    self._forget(path)
+                    unusable.append((indices, UnusablePath(path, _UNUSABLE_PATH[exc.errno], exc.strerror or str(exc))))
             if self.settings.fsync == "batch" or (
                 self.settings.fsync == "interval" and time.monotonic() - self._last_fsync >= self.settings.fsync_interval
             ):
@@ -155,6 +188,16 @@ class FilesystemBackend(Backend):
         except OSError as exc:
             self._close_all()
             raise RetryableError(f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno, exc.errno)}): {exc.filename or ''}") from exc
+        return unusable
+
+    def _forget(self, path: str) -> None:
+        """A path that failed: its descriptor, if it had one, is closed (rotation may have
+        moved it away half-way)."""
+        if path in self._files:
+            try:
+                self._close(path)
+            except OSError:
+                pass  # closed either way; the write's own error is what is reported
 
     def _append(self, path: str, payload: bytes) -> None:
         fd = self._files.get(path)
@@ -175,6 +218,10 @@ class FilesystemBackend(Backend):
         directory = os.path.dirname(path)
         if directory != self.base:
             os.makedirs(directory, exist_ok=True)
+            # O_NOFOLLOW guards the file's own name; a symlinked directory on the way is checked
+            # here, once per open, so no template value leads a write out of base_path.
+            if not _within(os.path.realpath(self.base), os.path.realpath(directory)):
+                raise UnusablePath(path, "path_escape", f"a symlinked directory leads out of {self.base}")
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         if len(self._files) >= self.settings.max_open_files:
             self._close(next(iter(self._files)))
