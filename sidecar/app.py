@@ -247,6 +247,11 @@ class Sidecar:
                 log.error("reload rejected (%s): %s", reason, problem)
             log.error("reload rejected: keeping the running configuration (%d rules)", len(self.config.rules))
             return False
+        except Exception as exc:  # a bug the files found in the loader: a rejected reload, not an exit
+            self.counters.inc("reload_failures_total")
+            self.last_reload_error = f"internal error while loading the configuration: {type(exc).__name__}: {exc}"
+            log.exception("reload rejected (%s): internal error while loading the configuration; keeping the running one (%d rules)", reason, len(self.config.rules))
+            return False
         if (config.tcp, config.http, config.pipeline, config.index) != (self.config.tcp, self.config.http, self.config.pipeline, self.config.index):
             log.warning("reload: tcp, http, pipeline and index settings change only on restart; routes and backends are applied now")
         table = RouteTable(config.rules)

@@ -17,6 +17,7 @@ import attrs
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.events import CollectionEndEvent, CollectionStartEvent
 
 from sidecar.message import DEFAULT_MAX_DEPTH, LEVELS, MAX_DEPTH_LIMIT, MESSAGE_TYPES
 
@@ -135,6 +136,10 @@ class ReloadSettings:
     poll_interval: Duration = attrs.field(default=1.0, validator=attrs.validators.gt(0))
     # Editors and ConfigMap updates write in several steps: wait until the files stop changing.
     settle_delay: Duration = attrs.field(default=0.25, validator=attrs.validators.ge(0))
+    # Limits on one config file (the main file is held to the defaults), checked before it is
+    # parsed: a file is a few kilobytes of rules, and parsing YAML costs about 10 s per MiB.
+    max_file_size: ByteSize = attrs.field(default=1024 * 1024, validator=attrs.validators.ge(1024))
+    max_file_depth: int = attrs.field(default=32, validator=attrs.validators.and_(attrs.validators.ge(4), attrs.validators.le(200)))
 
 
 @attrs.frozen
@@ -522,19 +527,40 @@ def _plain(value, interpolate=None):
     return value
 
 
-def _read_yaml(path: Path, problems: list[ConfigProblem]):
+def _read_yaml(path: Path, problems: list[ConfigProblem], limits: "ReloadSettings | None" = None):
+    """One YAML file's document, or None with its problem recorded. Its size and nesting are
+    checked first, from its bytes and its event stream (which takes no stack), so no file can
+    exhaust memory, time or the composer's recursion."""
+    limits = limits or ReloadSettings()
     yaml = YAML(typ="rt")
     try:
+        size = path.stat().st_size
+        if size > limits.max_file_size:
+            problems.append(ConfigProblem(Where(str(path), 1), f"the file is {size:,} bytes, more than reload.max_file_size ({limits.max_file_size:,})"))
+            return None
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(ConfigProblem(Where(str(path), 1), f"cannot read: {exc}"))
         return None
     try:
+        depth = 0
+        for event in yaml.parse(text):
+            if isinstance(event, CollectionStartEvent):
+                depth += 1
+                if depth > limits.max_file_depth:
+                    line = event.start_mark.line + 1 if event.start_mark is not None else 1
+                    problems.append(ConfigProblem(Where(str(path), line), f"nested deeper than reload.max_file_depth ({limits.max_file_depth} levels)"))
+                    return None
+            elif isinstance(event, CollectionEndEvent):
+                depth -= 1
         return yaml.load(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
         problems.append(ConfigProblem(Where(str(path), line), f"invalid YAML: {exc.problem or exc.context}"))
+        return None
+    except (ValueError, RecursionError, MemoryError) as exc:  # ruamel's own errors besides marked ones
+        problems.append(ConfigProblem(Where(str(path), 1), f"cannot read as YAML: {type(exc).__name__}: {exc}"))
         return None
 
 
@@ -637,7 +663,7 @@ def load_config(config_path: Path | None, routes_dir: Path | None, environ=os.en
     files = [main_file]
     for path in route_files(routes_dir):
         files.append(str(path))
-        document = _read_yaml(path, problems)
+        document = _read_yaml(path, problems, sections["reload"])
         if document is None:
             continue
         rule_nodes.append((DocumentReader(str(path), problems, environ), document, Where(str(path), 1)))

@@ -10,6 +10,7 @@ import math
 import re
 import signal
 import socket
+import time
 
 import msgpack
 import orjson
@@ -17,7 +18,7 @@ import pytest
 
 from sidecar.protocol import NATIVE_AVAILABLE
 
-from tests.harness import SidecarProcess, read_jsonl, wait_until
+from tests.harness import SidecarProcess, SteadySender, read_jsonl, wait_until
 
 CONFIG = """
 tcp: {{host: 127.0.0.1, port: 0}}
@@ -304,3 +305,98 @@ def test_a_path_that_can_never_be_written_costs_its_own_messages_alone(tmp_path)
         assert 'sidecar_backend_dropped_total{backend="files",reason="path_is_symlink",type="filesystem"} 250.0' in body.decode()
     finally:
         sidecar.stop(signal.SIGKILL)
+
+
+RELOAD_CONFIG = """
+tcp: {{host: 127.0.0.1, port: 0}}
+reload: {{poll_interval: 0.05, settle_delay: 0.2}}
+backends:
+  files: {{type: filesystem, base_path: {base}, create_base_path: true, fsync: never, batch: {{timeout: 0.05}}}}
+routing:
+  other: [{{backend: files}}]
+"""
+
+ALPHA_ROUTE = """\
+alpha:
+  - backend: files
+    config:
+      path: archive/alpha-{source}.jsonl
+"""
+
+
+@pytest.fixture
+def reloading(tmp_path):
+    base = tmp_path / "out"
+    sidecar = SidecarProcess(tmp_path, RELOAD_CONFIG.format(base=base), routes={"50-alpha.yaml": ALPHA_ROUTE}).start()
+    yield sidecar, base
+    alive = sidecar.process.poll() is None
+    sidecar.stop(signal.SIGKILL)
+    assert alive, sidecar.log()[-3000:]
+
+
+def deep_yaml(depth: int) -> str:
+    return "beta:\n  - backend: files\n    config: {path: " + "[" * depth + "x" + "]" * depth + "}\n"
+
+
+def test_a_drop_in_nested_too_deep_is_a_rejected_reload_with_its_line(reloading):
+    sidecar, _base = reloading
+    path = sidecar.write_route("60-deep.yaml", deep_yaml(300))
+    sidecar.wait_for(lambda s: s["reload_failures"] == 1, what="the reload rejected")
+    assert f"{path}:3: nested deeper than reload.max_file_depth (32 levels)" in sidecar.stats()["last_reload_error"]
+    path.unlink()
+    sidecar.process.send_signal(signal.SIGHUP)
+    sidecar.wait_for(lambda s: s["reloads"] >= 1, what="the next reload applied")
+    assert "Traceback" not in sidecar.log()
+
+
+def test_check_names_the_line_of_a_drop_in_nested_too_deep(tmp_path):
+    import subprocess
+    import sys
+
+    routes = tmp_path / "routes.d"
+    routes.mkdir()
+    (tmp_path / "sidecar.yaml").write_text("backends:\n  files: {type: filesystem, base_path: /tmp}\n")
+    (routes / "60-deep.yaml").write_text(deep_yaml(2000))
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "check", "--config", str(tmp_path / "sidecar.yaml"), "--routes", str(routes)],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2
+    assert f"error: {routes / '60-deep.yaml'}:3: nested deeper than reload.max_file_depth" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_drop_in_larger_than_the_cap_is_rejected_without_being_parsed(reloading):
+    sidecar, _base = reloading
+    rules = "".join(f"svc-{i}:\n  - backend: files\n" for i in range(120_000))  # about 3 MiB
+    started = time.monotonic()
+    path = sidecar.write_route("70-huge.yaml", rules)
+    sidecar.wait_for(lambda s: s["reload_failures"] == 1, what="the reload rejected")
+    assert time.monotonic() - started < 10
+    assert f"{path}:1: the file is {len(rules):,} bytes, more than reload.max_file_size (1,048,576)" in sidecar.stats()["last_reload_error"]
+
+
+def test_a_drop_in_rewritten_in_place_in_two_steps_is_applied_only_whole(reloading):
+    sidecar, base = reloading
+    path = sidecar.routes_dir / "50-alpha.yaml"
+    rewritten = ALPHA_ROUTE.replace("archive/alpha-", "archive/alphabet-")
+    cut = rewritten.index("alphabet-") + 3
+    sender = SteadySender(sidecar, "alpha", per_second=400)
+    sender.start()
+    try:
+        wait_until(lambda: read_jsonl(base / "archive" / "alpha-alpha.jsonl"), what="alpha's messages in its file")
+        with path.open("w") as handle:  # in place, as `cat > file` or a naive script writes
+            handle.write(rewritten[:cut])  # "...path: archive/alp": valid YAML, a wrong path
+            handle.flush()
+            time.sleep(1.5)  # a writer's pause: well past the settle delay
+            assert sidecar.stats()["reloads"] == 0, "a file without its final newline was applied"
+            handle.write(rewritten[cut:])
+        sidecar.wait_for(lambda s: s["reloads"] == 1, what="the whole file applied")
+        wait_until(lambda: read_jsonl(base / "archive" / "alphabet-alpha.jsonl"), what="alpha's messages in its new file")
+    finally:
+        sent = sender.stop()
+    archive = base / "archive"
+    wait_until(lambda: len(read_jsonl(archive / "alpha-alpha.jsonl")) + len(read_jsonl(archive / "alphabet-alpha.jsonl")) == sent, what="every message in one file or the other")
+    stats = sidecar.stats()
+    assert stats["received"] == sent and stats["unrouted"] == 0 and stats["reload_failures"] == 0
+    assert sorted(p.name for p in (base / "archive").iterdir()) == ["alpha-alpha.jsonl", "alphabet-alpha.jsonl"]
