@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEBIAN_PACKAGES := $(sort $(shell cat sdk_clients/*/debian-packages.txt tests/debian-packages.txt 2>/dev/null))
 
-.PHONY: run test test-python test-python-sdk test-perl test-c test-java test-r check bench debian-packages clean
+.PHONY: run test test-python test-python-sdk test-perl test-c test-java test-r check bench fuzz debian-packages clean
 
 $(STAMP): pyproject.toml sdk_clients/python/pyproject.toml native/Cargo.toml native/Cargo.lock native/src/lib.rs
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is needed (found $$($(PYTHON) --version))"; exit 1; }
@@ -59,6 +59,15 @@ test-python: $(STAMP) debian-packages
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
+
+# A coverage-guided run (atheris) over the whole path, both decode paths, and the config loader;
+# the corpus grows under var/fuzz-corpus, a crash is written as crash-* here.
+FUZZ_SECONDS ?= 300
+fuzz: $(STAMP)
+	$(BIN)/python -m pip install --quiet 'atheris>=2.3'
+	mkdir -p var/fuzz-corpus
+	@echo "fuzzing the whole path and the config loader for $(FUZZ_SECONDS) s"
+	$(BIN)/python -m tests.fuzz.whole_path -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 var/fuzz-corpus
 
 clean:
 	rm -rf $(VENV) var build dist *.egg-info

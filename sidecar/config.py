@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 import attrs
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.reader import ReaderError
 from ruamel.yaml.events import CollectionEndEvent, CollectionStartEvent
 
 from sidecar.message import DEFAULT_MAX_DEPTH, LEVELS, MAX_DEPTH_LIMIT, MESSAGE_TYPES
@@ -559,7 +560,11 @@ def _read_yaml(path: Path, problems: list[ConfigProblem], limits: "ReloadSetting
         line = mark.line + 1 if mark is not None else 1
         problems.append(ConfigProblem(Where(str(path), line), f"invalid YAML: {exc.problem or exc.context}"))
         return None
-    except (ValueError, RecursionError, MemoryError) as exc:  # ruamel's own errors besides marked ones
+    except ReaderError as exc:  # a character YAML does not allow, found before any token
+        line = text.count("\n", 0, exc.position) + 1 if isinstance(exc.position, int) else 1
+        problems.append(ConfigProblem(Where(str(path), line), f"invalid YAML: {exc.reason} (character {exc.character!r})"))
+        return None
+    except (YAMLError, ValueError, RecursionError, MemoryError) as exc:  # ruamel's errors besides marked ones
         problems.append(ConfigProblem(Where(str(path), 1), f"cannot read as YAML: {type(exc).__name__}: {exc}"))
         return None
 

@@ -134,11 +134,12 @@ class Listener:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.counters.inc("connections_closed_total", reason="reset")
             log.debug("connection %d from %s reset: %s", connection.id, peer, exc)
-        except Exception:
-            # A bug met by one connection's bytes ends that connection, loudly, not the sidecar
-            # and every other client with it.
+        except Exception as exc:
+            # A bug met by one connection's bytes outside the decoder's own guard ends that
+            # connection, loudly (once per place in the code), not the sidecar and every other
+            # client with it.
             self.counters.inc("connections_closed_total", reason="internal_error")
-            log.exception("connection %d from %s: internal error while decoding; connection closed", connection.id, peer)
+            self._bugs.log(exc, "connection %d from %s: internal error; connection closed", connection.id, peer)
         finally:
             self.counters.inc("bytes_received_total", connection.bytes)
             del self.connections[connection.id]

@@ -38,4 +38,4 @@ async def test_a_bug_met_by_one_connection_closes_it_and_the_others_go_on(monkey
         listener.stop_accepting()
         listener.close_connections(0)
     assert counters.get("connections_closed_total", reason="internal_error") == 1
-    assert "internal error while decoding" in caplog.text and "a decoder bug" in caplog.text
+    assert "internal error; connection closed" in caplog.text and "a decoder bug" in caplog.text
