@@ -229,13 +229,16 @@ def validate_message(message: dict, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
     if type(source) is not str or source not in _valid_sources:
         _check_source(source)
     kind = get("type")
+    if type(kind) is not str:  # before any lookup: an object or array as type is unhashable
+        _raise_unknown_type(kind)
     data = get("data")
     if type(data) is not dict:
         if kind not in _DATA_CHECKS:
             _raise_unknown_type(kind)
         raise MessageError("missing_field" if data is None else "invalid_field", f"data must be an object, got {_kind(data)}")
     if kind == "event":
-        if data.get("level") not in _LEVEL_SET or type(data.get("message")) is not str:
+        level = data.get("level")
+        if type(level) is not str or level not in _LEVEL_SET or type(data.get("message")) is not str:
             _check_event(data)
     else:
         check = _DATA_CHECKS.get(kind)

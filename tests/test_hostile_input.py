@@ -166,6 +166,25 @@ def test_a_non_finite_msgpack_number_is_rejected_as_not_finite(sidecar, field, v
     assert sidecar.metric("sidecar_decode_errors_total", reason="not_finite") == before + 1
 
 
+@pytest.mark.parametrize("field", ["type", "level"])
+@pytest.mark.parametrize("value", [{"job_id": 6}, ["event"]], ids=["object", "array"])
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_an_object_or_array_where_a_name_goes_is_rejected_with_its_reason(sidecar, field, value, encoding):
+    # Found by make fuzz: an unhashable type or level reached a set lookup (internal_error).
+    source = f"unhashable-{field}-{type(value).__name__}-{encoding}"
+    message = good(source)
+    if field == "type":
+        message["type"] = value
+    else:
+        message["data"]["level"] = value
+    reason = "unknown_type" if field == "type" else "invalid_field"
+    before = sidecar.metric("sidecar_decode_errors_total", reason=reason)
+    sidecar.send(encode(message, encoding), encode(good(source), encoding))
+    assert [m["data"]["message"] for m in sidecar.wait_delivered(source, 1)] == ["good 0"]
+    assert sidecar.metric("sidecar_decode_errors_total", reason=reason) == before + 1
+    assert sidecar.metric("sidecar_decode_errors_total", reason="internal_error") == 0
+
+
 @pytest.mark.parametrize("depth", [65, 255, 1024, 1025, 2000])
 def test_nesting_past_the_limit_is_rejected_as_too_deep_alone_or_among_others(sidecar, depth):
     source = f"deep-{depth}"

@@ -1,6 +1,6 @@
 """Hypothesis over the whole path, bytes in to routed lines out, on both decode paths.
 
-Values at their extremes (years 1 and 9999, durations up to 1e308, integers of any size, NaN
+Values at their extremes (any field as any JSON value, years 1 and 9999, durations up to 1e308, integers of any size, NaN
 and infinities in MessagePack, nesting from 1 to 2,000 levels, every MessagePack type as a key
 and as a value), in any chunking. Whatever comes in: nothing raises, every message is either
 accepted or rejected with a reason (never `internal_error`), every routed line is JSON within
@@ -64,6 +64,11 @@ def messages(draw) -> dict:
         message["context"] = {"job_id": draw(st.sampled_from(["job-1", "job-2", 3]))}
     if draw(st.booleans()):
         data["extra"] = draw(JSON_VALUES)
+    if draw(st.integers(0, 3)) == 0:
+        # Any field, the type and the level too, as any JSON value: an object where a string goes
+        # is unhashable, and must be a reason, not an internal_error.
+        where = draw(st.sampled_from([message, data]))
+        where[draw(st.sampled_from(sorted(where)))] = draw(JSON_VALUES)
     return message
 
 

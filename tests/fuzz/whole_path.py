@@ -70,7 +70,7 @@ def one_input(data: bytes) -> None:
 
 def main() -> None:
     corpus = Path(sys.argv[-1]) if len(sys.argv) > 1 and not sys.argv[-1].startswith("-") else None
-    if corpus is not None and not any(corpus.iterdir()):
+    if corpus is not None and corpus.is_dir() and not any(corpus.iterdir()):
         for number, seed in enumerate(SEEDS):
             mode = {ord("j"): 0, ord("m"): 1, ord("c"): 2}[seed[0]]
             (corpus / f"seed-{number}").write_bytes(bytes([mode, 200]) + seed[1:])
