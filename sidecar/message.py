@@ -47,12 +47,12 @@ def format_timestamp(moment: dt.datetime) -> str:
 def normalise_timestamp(value) -> str:
     """RFC 3339 with any offset, epoch seconds or milliseconds -> RFC 3339 UTC with ms."""
     if type(value) is str:
-        if _CANONICAL_TIMESTAMP.fullmatch(value):
-            return value
-        try:
+        try:  # even in the canonical shape: year 0 or month 13 is no time a backend can store
             moment = dt.datetime.fromisoformat(value)
         except ValueError:
             raise MessageError("invalid_timestamp", f"timestamp {value[:40]!r} is not RFC 3339") from None
+        if _CANONICAL_TIMESTAMP.fullmatch(value):
+            return value
         if moment.tzinfo is None:
             raise MessageError("invalid_timestamp", f"timestamp {value[:40]!r} has no UTC offset")
         try:

@@ -185,6 +185,21 @@ def test_an_object_or_array_where_a_name_goes_is_rejected_with_its_reason(sideca
     assert sidecar.metric("sidecar_decode_errors_total", reason="internal_error") == 0
 
 
+@pytest.mark.parametrize(
+    "timestamp",
+    ["0000-01-01T00:00:00.000Z", "2026-13-01T00:00:00.000Z", "2026-02-29T00:00:00.000Z", "2026-12-02T24:00:00.000Z", "2026-12-31T23:59:60.000Z"],
+)
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_a_timestamp_of_the_canonical_shape_but_no_real_time_is_rejected(sidecar, timestamp, encoding):
+    # Found by make fuzz: year 0 passed the shape check and broke the view; month 13 would
+    # have been refused by PostgreSQL with the whole batch around it.
+    source = f"no-such-time-{timestamp[:13]}-{timestamp[17:19]}-{encoding}"
+    before = sidecar.metric("sidecar_decode_errors_total", reason="invalid_timestamp")
+    sidecar.send(encode({**good(source), "timestamp": timestamp}, encoding), encode(good(source), encoding))
+    assert [m["data"]["message"] for m in sidecar.wait_delivered(source, 1)] == ["good 0"]
+    assert sidecar.metric("sidecar_decode_errors_total", reason="invalid_timestamp") == before + 1
+
+
 @pytest.mark.parametrize("depth", [65, 255, 1024, 1025, 2000])
 def test_nesting_past_the_limit_is_rejected_as_too_deep_alone_or_among_others(sidecar, depth):
     source = f"deep-{depth}"

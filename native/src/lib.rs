@@ -812,6 +812,8 @@ fn accept(bytes: &[u8], start: usize, members: &mut Members, max_depth: u32) -> 
                     let span = plain_text(value)?;
                     let text = &bytes[span.start..span.end];
                     if is_canonical_timestamp(text) {
+                        // The shape alone admits year 0 and month 13, which no backend stores.
+                        normalise_rfc3339(text).ok_or(Decline)?;
                         message.timestamp = text.try_into().ok();
                     } else {
                         message.timestamp = Some(normalise_rfc3339(text).ok_or(Decline)?);
