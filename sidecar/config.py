@@ -178,6 +178,11 @@ class RetrySettings:
 @attrs.frozen
 class CircuitBreakerSettings:
     failure_threshold: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    # While open, the backend's probe (connect, or its health call) runs this often; the first
+    # that passes lets a trial write go.
+    probe_interval: Duration = attrs.field(default=0.5, validator=attrs.validators.gt(0))
+    # After a trial write fails although the probe passed: no probes for this long, doubled per
+    # such failure up to the maximum.
     reset_timeout: Duration = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     max_reset_timeout: Duration = attrs.field(default=60.0, validator=attrs.validators.gt(0))
 

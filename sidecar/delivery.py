@@ -20,10 +20,10 @@ import trio
 
 from sidecar.backends import backend_class
 from sidecar.backends.filesystem import safe_component
-from sidecar.backends.base import PartialDelivery, PermanentError, RetryableError
+from sidecar.backends.base import DeliveryError, PartialDelivery, PermanentError, RetryableError
 from sidecar.config import BackendSpec, CircuitBreakerSettings, QueueSettings
 from sidecar.batch import Batch
-from sidecar.logs import RateLimitedLog
+from sidecar.logs import DistinctErrorLog, RateLimitedLog
 from sidecar.spill import SpillLog
 
 # Sources named in `rejected_by_source`: past that, the rest are counted under OTHER_SOURCES.
@@ -206,22 +206,38 @@ class DeliveryQueue:
 
 @attrs.define
 class CircuitBreaker:
-    """closed: writes go ahead. open: no writes until the reset timeout passes. half-open: one
-    trial write; success closes, failure opens again with the timeout doubled (capped)."""
+    """closed: writes go ahead. open: no writes; the backend's cheap probe runs every
+    `probe_interval`, and the first that passes lets one trial write go (half-open): so a
+    destination that is back is used again within a probe interval, however long it was away.
+    A trial write that fails opens the circuit again and holds the probes off for the reset
+    timeout, doubled on each such failure (capped); so does an error that says a person must
+    act (`trip`: a bad password, access denied), from a write or a probe. The doubling is for a
+    destination that answers but refuses, never for one that is simply down."""
 
     settings: CircuitBreakerSettings
     state: str = "closed"
     consecutive_failures: int = 0
-    opened_at: float = 0.0
-    reset_timeout: float = 0.0
+    next_probe_at: float = 0.0
+    reset_timeout: float = 0.0  # the hold-off after the last failed trial write
     times_opened: int = 0
 
     def ready_at(self) -> float:
-        """When the next write may be tried (trio clock); -inf when now."""
-        return self.opened_at + self.reset_timeout if self.state == "open" else -math.inf
+        """When the next probe may run (trio clock); -inf when writes may go now."""
+        return self.next_probe_at if self.state == "open" else -math.inf
 
-    def before_attempt(self, now: float) -> None:
-        if self.state == "open" and now >= self.ready_at():
+    def probe_failed(self, now: float, *, trip: bool = False) -> None:
+        if trip:
+            self._hold_off(now)
+        else:
+            self.next_probe_at = now + self.settings.probe_interval
+
+    def _hold_off(self, now: float) -> None:
+        self.reset_timeout = min(max(self.reset_timeout * 2, self.settings.reset_timeout), self.settings.max_reset_timeout)
+        self.next_probe_at = now + self.reset_timeout
+
+    def probe_passed(self) -> None:
+        """The destination answers: one trial write may go."""
+        if self.state == "open":
             self.state = "half_open"
 
     def record_success(self) -> None:
@@ -232,15 +248,14 @@ class CircuitBreaker:
     def record_failure(self, now: float, *, trip: bool = False) -> bool:
         """Count a failed write; returns True when this failure opened the circuit."""
         self.consecutive_failures += 1
-        if self.state == "half_open":
-            self.reset_timeout = min(self.reset_timeout * 2, self.settings.max_reset_timeout)
-        elif trip or self.consecutive_failures >= self.settings.failure_threshold:
-            self.reset_timeout = self.settings.reset_timeout
+        if self.state == "half_open" or trip:
+            self._hold_off(now)
+        elif self.consecutive_failures >= self.settings.failure_threshold:
+            self.next_probe_at = now + self.settings.probe_interval
         else:
             return False
         was_open = self.state != "closed"
         self.state = "open"
-        self.opened_at = now
         if not was_open:
             self.times_opened += 1
         return True
@@ -326,6 +341,8 @@ class BackendSupervisor:
         self.rejected_by_source: dict[str, collections.Counter] = {}
         self._rejections_log = RateLimitedLog(log, interval=10.0)
         self.retries = 0
+        self.probes = 0  # health probes while the circuit was open
+        self._bugs = DistinctErrorLog(log)
         self.batches = 0
         self.restarts = 0
         self.last_error: str | None = None
@@ -375,6 +392,7 @@ class BackendSupervisor:
             "queued": self.queued,
             "queue": self.queue.statistics(),
             "retries": self.retries,
+            "probes": self.probes,
             "batches": self.batches,
             "restarts": self.restarts,
             "circuit": self.breaker.state,
@@ -463,7 +481,9 @@ class BackendSupervisor:
         """Sources to flush now, and whether wholly (timer or urgent) or only full batches."""
         due = []
         for source, buffered in self._buffers.items():
-            if source in self._urgent or now - self._buffer_started[source] >= timeout:
+            # The same sum as the deadline in _deliver_until_closed: `now - started >= timeout`
+            # can be false by a rounding at that very deadline, which would spin the loop.
+            if source in self._urgent or now >= self._buffer_started[source] + timeout:
                 due.append((source, True))
             elif len(buffered) >= max_messages or self._full_by_bytes(source):
                 due.append((source, False))
@@ -496,10 +516,7 @@ class BackendSupervisor:
         retry = self.spec.delivery.retry
         attempt = 0
         while True:
-            wait_until = self.breaker.ready_at()
-            if wait_until > trio.current_time():
-                await trio.sleep_until(wait_until)
-            self.breaker.before_attempt(trio.current_time())
+            await self._until_circuit_lets_through()
             try:
                 with trio.fail_after(retry.attempt_timeout):
                     if not self._opened:
@@ -537,6 +554,29 @@ class BackendSupervisor:
             if self.breaker.state == "closed":
                 await trio.sleep(backoff_delay(attempt, retry.initial_backoff, retry.max_backoff))
 
+    async def _until_circuit_lets_through(self) -> None:
+        """While the circuit is open, probe the backend on the breaker's schedule; return when
+        a probe has passed (a trial write may go) or the circuit is not open."""
+        while self.breaker.ready_at() != -math.inf:
+            await trio.sleep_until(self.breaker.ready_at())
+            self.probes += 1
+            try:
+                with trio.fail_after(self.spec.delivery.retry.attempt_timeout):
+                    await self.backend.probe()
+            except (DeliveryError, trio.TooSlowError, OSError) as exc:
+                self.last_error = str(exc) or type(exc).__name__
+                # A refusal (not an outage) is for a person to fix: the probes are held off.
+                refused = getattr(exc, "trip_circuit", False) or isinstance(exc, PermanentError)
+                self.breaker.probe_failed(trio.current_time(), trip=refused)
+            except Exception as exc:
+                self._bugs.log(exc, "backend %s: unexpected error in its probe; taken as failed", self.label)
+                self.last_error = str(exc) or type(exc).__name__
+                self.breaker.probe_failed(trio.current_time())
+            else:
+                self._opened = False  # the trial write opens the backend afresh
+                self.breaker.probe_passed()
+                log.info("backend %s: probe passed; trying a write", self.label)
+
     def _reject(self, source: str, reasons: collections.Counter) -> None:
         self.dropped.update(reasons)
         if source not in self.rejected_by_source and len(self.rejected_by_source) >= MAX_REJECTED_SOURCES:
@@ -559,8 +599,8 @@ class BackendSupervisor:
             # The first opening is news; a failed trial that re-opens it is not, until it closes.
             log.log(
                 logging.WARNING if was_closed else logging.DEBUG,
-                "backend %s: circuit open for %.1fs after %d failures: %s",
-                self.label, self.breaker.reset_timeout, self.breaker.consecutive_failures, message,
+                "backend %s: circuit open after %d failures, next probe in %.1fs: %s",
+                self.label, self.breaker.consecutive_failures, self.breaker.next_probe_at - trio.current_time(), message,
             )
         elif first:
             log.warning("backend %s: write failed, retrying: %s", self.label, message)

@@ -1,5 +1,6 @@
 """The delivery machinery around a backend: queue policies, circuit breaker, batching, accounting."""
 
+import math
 import attrs
 import orjson
 import pytest
@@ -95,25 +96,39 @@ async def test_closed_queue_drains_then_ends():
         await queue.get(10)
 
 
-def test_circuit_breaker_opens_half_opens_and_closes():
-    breaker = CircuitBreaker(CircuitBreakerSettings(failure_threshold=3, reset_timeout=1.0, max_reset_timeout=3.0))
+def test_circuit_breaker_opens_probes_half_opens_and_closes():
+    breaker = CircuitBreaker(CircuitBreakerSettings(failure_threshold=3, probe_interval=0.5, reset_timeout=1.0, max_reset_timeout=3.0))
     assert not breaker.record_failure(0.0)
     assert not breaker.record_failure(0.1)
     assert breaker.record_failure(0.2)
-    assert breaker.state == "open" and breaker.ready_at() == pytest.approx(1.2)
-    breaker.before_attempt(1.0)
-    assert breaker.state == "open"
-    breaker.before_attempt(1.3)
-    assert breaker.state == "half_open"
-    breaker.record_failure(1.3)
-    assert breaker.state == "open" and breaker.reset_timeout == 2.0
-    breaker.before_attempt(3.3)
-    breaker.record_failure(3.3)
+    assert breaker.state == "open" and breaker.ready_at() == pytest.approx(0.7)
+    for now in (0.7, 1.2, 1.7, 30.0):  # an outage: probes fail at the fixed interval, nothing doubles
+        breaker.probe_failed(now)
+        assert breaker.ready_at() == pytest.approx(now + 0.5) and breaker.reset_timeout == 0.0
+    breaker.probe_passed()
+    assert breaker.state == "half_open" and breaker.ready_at() == -math.inf
+    breaker.record_failure(30.6)  # answers probes, refuses writes: held off, doubling
+    assert breaker.state == "open" and breaker.reset_timeout == 1.0 and breaker.ready_at() == pytest.approx(31.6)
+    breaker.probe_passed()
+    breaker.record_failure(31.6)
+    assert breaker.reset_timeout == 2.0
+    breaker.probe_passed()
+    breaker.record_failure(33.6)
     assert breaker.reset_timeout == 3.0  # capped
-    breaker.before_attempt(6.3)
+    breaker.probe_passed()
     breaker.record_success()
-    assert breaker.state == "closed" and breaker.consecutive_failures == 0
+    assert breaker.state == "closed" and breaker.consecutive_failures == 0 and breaker.reset_timeout == 0.0
     assert breaker.times_opened == 1
+
+
+def test_an_error_a_person_must_fix_holds_the_probes_off_doubling():
+    breaker = CircuitBreaker(CircuitBreakerSettings(probe_interval=0.5, reset_timeout=1.0, max_reset_timeout=8.0))
+    assert breaker.record_failure(0.0, trip=True)
+    assert breaker.ready_at() == pytest.approx(1.0)
+    breaker.probe_failed(1.0, trip=True)
+    assert breaker.ready_at() == pytest.approx(3.0)
+    breaker.probe_failed(3.0)  # the password was fixed; the server is restarting
+    assert breaker.ready_at() == pytest.approx(3.5)
 
 
 def test_a_tripping_error_opens_the_circuit_at_once():
@@ -229,6 +244,30 @@ async def test_a_failing_backend_retries_opens_its_circuit_and_recovers(tmp_path
         assert supervisor.statistics()["circuit"] == "closed"
         supervisor.close()
     assert [m["data"]["message"] for m in lines(target)] == [f"m{i}" for i in range(12)]
+    assert_accounting(supervisor)
+
+
+async def test_delivery_resumes_within_a_probe_interval_of_the_destination_coming_back(tmp_path, autojump_clock):
+    spec = file_spec(
+        tmp_path / "unmounted",
+        batch=BatchSettings(max_messages=5, timeout=0.05),
+        retry=RetrySettings(initial_backoff=0.02, max_backoff=0.1),
+        circuit_breaker=CircuitBreakerSettings(failure_threshold=3, probe_interval=0.5, reset_timeout=5.0),
+    )
+    spec = attrs.evolve(spec, settings=attrs.evolve(spec.settings, io="inline"))  # no thread: the mock clock sees every wait
+    supervisor = BackendSupervisor(spec)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        await supervisor.put(msgs(12))
+        await trio.sleep(120)  # a two-minute outage: probes, no writes
+        assert supervisor.breaker.state == "open" and supervisor.retries == 3
+        assert 200 <= supervisor.probes <= 240 and supervisor.breaker.reset_timeout == 0.0
+        (tmp_path / "unmounted").mkdir()
+        back = trio.current_time()
+        await wait_until(lambda: supervisor.delivered == 12, what="delivery after recovery")
+        assert trio.current_time() - back <= 0.5 + 0.1
+        assert supervisor.statistics()["circuit"] == "closed"
+        supervisor.close()
     assert_accounting(supervisor)
 
 

@@ -36,7 +36,7 @@ backends:
     base_path: {base}/broken
     batch: {{max_messages: 100, timeout: 0.05}}
     retry: {{initial_backoff: 0.05, max_backoff: 0.2}}
-    circuit_breaker: {{failure_threshold: 3, reset_timeout: 0.3, max_reset_timeout: 0.5}}
+    circuit_breaker: {{failure_threshold: 3, probe_interval: 0.05, reset_timeout: 0.3, max_reset_timeout: 0.5}}
 routing:
   all:
     - backend: files
@@ -261,9 +261,10 @@ def test_a_failing_backend_retries_and_opens_its_circuit_while_others_deliver(st
     assert broken["retries"] >= 3 and broken["delivered"] == 0 and broken["queued"] == 300
     assert "does not exist (not mounted?)" in broken["last_error"]
     assert "circuit open" in sidecar.log()
-    retries = sidecar.backend("broken")["retries"]
+    retries, probes = broken["retries"], broken["probes"]
     time.sleep(0.25)
-    assert sidecar.backend("broken")["retries"] <= retries + 1, "an open circuit must not retry in a loop"
+    assert sidecar.backend("broken")["retries"] == retries, "an open circuit writes only after a probe passes"
+    assert probes < sidecar.backend("broken")["probes"] <= probes + 6, "an open circuit probes every probe_interval"
     mount_point.mkdir(parents=True)
     sidecar.wait_for(lambda s: sidecar.backend("broken").get("delivered") == 300, what="recovery")
     assert seqs(read_jsonl(mount_point / "svc.jsonl")) == list(range(300))

@@ -265,13 +265,15 @@ def test_bad_password_end_to_end_circuit_opens_and_the_password_stays_hidden(pos
     sidecar = SidecarProcess(tmp_path, config, env={"PG_URL": postgres_server.url(password=secret)})
     sidecars.append(sidecar.start())
     sidecar.send([event("queue-service", i) for i in range(10)])
-    stats = sidecar.wait_for(lambda s: sidecar.backend("timescaledb").get("retries", 0) >= 3, what="three retries")
+    # Tripped at once; then the probes (a connection and SELECT 1) are held off 0.3 s, 0.6 s, 1 s.
+    stats = sidecar.wait_for(lambda s: sidecar.backend("timescaledb").get("probes", 0) >= 2, what="two probes")
     pg = sidecar.backend("timescaledb")
     assert pg["delivered"] == 0 and pg["queued"] == 10 and "password authentication failed" in pg["last_error"]
-    assert pg["circuit_opened"] == 1 and "circuit open for 0.3s after 1 failures" in sidecar.log()  # tripped at once
-    retries = pg["retries"]
-    time.sleep(0.3)
-    assert sidecar.backend("timescaledb")["retries"] <= retries + 2, "a tripped circuit must not retry in a loop"
+    assert pg["circuit_opened"] == 1 and pg["retries"] == 1 and "circuit open after 1 failures, next probe in 0.3s" in sidecar.log()
+    probes = pg["probes"]
+    time.sleep(0.5)
+    assert sidecar.backend("timescaledb")["probes"] <= probes + 1, "a tripped circuit must hold its probes off"
+    assert sidecar.backend("timescaledb")["retries"] == 1, "no write goes until a probe passes"
     assert sidecar.backend("files")["delivered"] == 10
     sidecar.stop()
     assert secret not in sidecar.log() and secret not in str(stats) and secret not in sidecar.status_path.read_text()

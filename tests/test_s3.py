@@ -137,6 +137,9 @@ def test_a_stopped_server_loses_nothing_and_a_missing_bucket_opens_the_circuit(s
     sidecar.send([event("svc", i) for i in range(100)])
     stats = sidecar.wait_for(lambda s: s["backends"][0]["circuit_opened"] >= 1, timeout=20, what="the circuit to open on a missing bucket")
     assert "NoSuchBucket" in stats["backends"][0]["last_error"] and stats["backends"][0]["delivered"] == 0
+    # Open, the backend asks HeadBucket (held off, doubling: the bucket is for a person to make).
+    stats = sidecar.wait_for(lambda s: s["backends"][0]["probes"] >= 1, timeout=20, what="a probe of the missing bucket")
+    assert "HeadBucket" in stats["backends"][0]["last_error"] and stats["backends"][0]["retries"] == 1
     s3_server.create_bucket(bucket)
     sidecar.wait_for(lambda s: s["backends"][0]["delivered"] == 100, timeout=20, what="delivery once the bucket exists")
 
@@ -144,6 +147,8 @@ def test_a_stopped_server_loses_nothing_and_a_missing_bucket_opens_the_circuit(s
     try:
         sidecar.send([event("svc", i) for i in range(100, 300)])
         sidecar.wait_for(lambda s: s["backends"][0]["retries"] >= 3 and s["backends"][0]["queued"] == 200, timeout=20, what="retries while the server is down")
+        probes = sidecar.backend("s3")["probes"]
+        sidecar.wait_for(lambda s: s["backends"][0]["probes"] >= probes + 2, timeout=20, what="probes while the server is down")
     finally:
         s3_server.start()
     sidecar.wait_for(lambda s: s["backends"][0]["delivered"] == 300, timeout=30, what="delivery after the server is back")

@@ -57,6 +57,12 @@ class Backend:
     async def open(self) -> None:
         """Connect or prepare. Called before the first write and again after a failed one."""
 
+    async def probe(self) -> None:
+        """Whether the destination takes writes now, asked cheaply while the circuit is open:
+        return if it does, raise a DeliveryError (or OSError) if not. The default connects
+        (`open`); a backend with a health call of its own uses it."""
+        await self.open()
+
     async def write_batch(self, source: str, batch: Batch) -> None:
         """Write messages of one source, in order: `batch.lines` are their JSON lines (no
         newline), `batch.messages()` the same as dicts (parsed on first use, the same list on

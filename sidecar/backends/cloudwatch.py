@@ -270,6 +270,20 @@ class CloudWatchBackend(Backend):
         if self._client is None:
             self._client = await trio.to_thread.run_sync(self._make_client)
 
+    async def probe(self) -> None:
+        """DescribeLogGroups for one group: the service answers and the credentials are good."""
+        await self.open()
+        await trio.to_thread.run_sync(self._describe_one_group)
+
+    def _describe_one_group(self) -> None:
+        try:
+            self._client.describe_log_groups(limit=1)
+        except Exception as exc:
+            classified = _classify(exc, "DescribeLogGroups")
+            if classified is None:
+                raise
+            raise classified from exc
+
     def _make_client(self):
         return aws.make_client("logs", self.settings, _logs_error)
 

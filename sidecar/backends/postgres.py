@@ -312,6 +312,19 @@ class PostgresBackend(Backend):
     async def open(self) -> None:
         await self._in_thread(self._open)
 
+    async def probe(self) -> None:
+        await self._in_thread(self._probe)
+
+    def _probe(self) -> None:
+        """Connected and answering: `SELECT 1` on the connection the writes use."""
+        self._open()
+        try:
+            self._conn.execute("SELECT 1")
+            self._conn.rollback()
+        except Exception as exc:
+            self._close()
+            raise self._classified(exc, "probe") from None
+
     async def write_batch(self, source: str, batch: Batch) -> None:
         # The same list on every retry of a batch: `_write` knows a retry by its identity.
         rejected = await self._in_thread(self._write, batch.messages())

@@ -127,6 +127,21 @@ class S3Backend(Backend):
             # Building a client reads botocore's service models: seconds of CPU, off the loop.
             self._client = await trio.to_thread.run_sync(self._make_client)
 
+    async def probe(self) -> None:
+        """HeadBucket on the backend's bucket: the service answers and the bucket is there."""
+        await self.open()
+        if self.settings.bucket:
+            await trio.to_thread.run_sync(self._head_bucket)
+
+    def _head_bucket(self) -> None:
+        try:
+            self._client.head_bucket(Bucket=self.settings.bucket)
+        except Exception as exc:
+            classified = _classify(exc, f"HeadBucket s3://{self.settings.bucket}")
+            if classified is None:
+                raise
+            raise classified from exc
+
     def _make_client(self):
         return aws.make_client("s3", self.settings, _s3_error, s3={"addressing_style": self.settings.addressing_style})
 
