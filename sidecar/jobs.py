@@ -81,8 +81,8 @@ class SourceActivity:
                 elif kind == "metric":
                     data = m["data"]
                     self.metrics[data["name"]] = (data["value"], data.get("unit"))
-                elif kind == "progress":
-                    data = m["data"]
+                elif kind == "progress" and (self.progress is None or m["timestamp"] >= self.progress["at"]):
+                    data = m["data"]  # the latest by time, as `merge` keeps it across chunks
                     self.progress = {"percent": data["percent"], "status": data["status"], "at": m["timestamp"]}
         return spans
 
@@ -128,6 +128,9 @@ class Activity:
     spans: dict = attrs.field(factory=dict)  # span_id -> SpanRecord
     links: set = attrs.field(factory=set)  # trace ids of a job, job ids of a trace
     updated: float = 0.0  # monotonic time of the last message, for eviction by age
+    # Of a trace: its messages that named no job, for each job the trace is linked to later
+    # (a root span's start, sent before its job's first set_context, is one).
+    unlinked: "Activity | None" = None
 
     def add_cell(self, piece: SourceActivity, spans: list[dict], link) -> None:
         """One source's messages of one chunk, summarised in `piece`; `link` is the trace of a
@@ -144,6 +147,22 @@ class Activity:
             self.links.add(link)
         for message in spans:
             self._add_span(message)
+
+    def absorb(self, other: "Activity") -> None:
+        """Fold in another activity's messages: a trace's that named no job, when the trace is
+        linked to this job."""
+        for piece in other.sources.values():
+            self.add_cell(piece, [], None)
+        for record in other.spans.values():
+            span = self.spans.get(record.span_id)
+            if span is None:
+                self.spans[record.span_id] = attrs.evolve(record)
+                continue
+            if record.start is not None and (span.start is None or record.end is None):
+                span.start = record.start  # sent, where this one's may be worked out from its end
+            if span.end is None and record.end is not None:
+                span.end, span.duration_ms, span.status = record.end, record.duration_ms, record.status
+            span.parent_span_id = span.parent_span_id or record.parent_span_id
 
     def _add_span(self, message: dict) -> None:
         data = message["data"]
@@ -290,13 +309,26 @@ class LiveIndex:
             self.add_piece(job_id, trace_id, piece, list(map(orjson.loads, span_lines)), now)
 
     def add_piece(self, job_id: str | None, trace_id: str | None, piece: SourceActivity, spans: list[dict], now: float) -> None:
-        """One cell's summary (`SourceActivity.of_cell`), to its job and to its trace."""
+        """One cell's summary (`SourceActivity.of_cell`), to its job and to its trace. A job's
+        view holds every message of the traces linked to it: those of a trace that named no job
+        are folded into each job the trace is linked to, before the link or after."""
         if job_id is not None:
-            self._record(self.jobs, job_id, piece, spans, trace_id, now, self.max_jobs, "jobs")
+            job = self._record(self.jobs, job_id, piece, spans, trace_id, now, self.max_jobs, "jobs")
+            trace = self.traces.get(trace_id) if trace_id is not None else None
+            if trace is not None and trace.unlinked is not None and job_id not in trace.links:
+                job.absorb(trace.unlinked)
         if trace_id is not None:
-            self._record(self.traces, trace_id, piece, spans, job_id, now, self.max_traces, "traces")
+            trace = self._record(self.traces, trace_id, piece, spans, job_id, now, self.max_traces, "traces")
+            if job_id is None:
+                if trace.unlinked is None:
+                    trace.unlinked = Activity(trace_id, piece.first, piece.last)
+                trace.unlinked.add_cell(piece, spans, None)
+                for linked in trace.links:
+                    job = self.jobs.get(linked)
+                    if job is not None:
+                        job.add_cell(piece, spans, trace_id)
 
-    def _record(self, table: dict, key: str, piece: SourceActivity, spans: list[dict], link, now: float, limit: int, kind: str) -> None:
+    def _record(self, table: dict, key: str, piece: SourceActivity, spans: list[dict], link, now: float, limit: int, kind: str) -> Activity:
         activity = table.pop(key, None)  # re-inserted last: least recently updated first
         if activity is None:
             activity = Activity(key, piece.first, piece.last)
@@ -306,6 +338,7 @@ class LiveIndex:
         table[key] = activity
         activity.updated = now
         activity.add_cell(piece, spans, link)
+        return activity
 
     def expire(self) -> None:
         """Drop what has not been updated for max_age; called now and then, not per message."""

@@ -6,7 +6,7 @@ import json
 from tests.harness import SidecarProcess
 from tests.services.postgres import postgres_server  # noqa: F401
 from tests.test_postgres import unique_table
-from tests.test_view import EXPECTED_TREE, TRACE, seed_job
+from tests.test_view import EXPECTED_TREE, TRACE, assert_each_job_has_its_own_process_job, queue_service_jobs, seed_job
 
 CONFIG = """
 tcp: {{host: 127.0.0.1, port: 0}}
@@ -55,3 +55,20 @@ def test_a_job_across_two_sidecars_and_out_of_the_live_index_is_answered_from_th
     finally:
         for sidecar in hosts:
             assert sidecar.stop() == 0
+
+
+def test_a_job_read_back_from_the_database_holds_its_traces_messages_that_named_no_job(postgres_server, tmp_path):
+    table = unique_table()
+    sidecar = SidecarProcess(tmp_path, CONFIG.format(table=table), env={"PG_URL": postgres_server.url()}).start()
+    try:
+        messages = queue_service_jobs(3)
+        sidecar.send(messages)
+        sidecar.wait_for(lambda s: s["backends"] and s["backends"][0]["delivered"] == len(messages), what="every row written")
+        # The live index keeps two jobs: job-1 is answered by the database alone.
+        for n in (1, 2, 3):
+            status, body = sidecar.http(f"/api/jobs/job-{n}")
+            view = json.loads(body)
+            assert status == 200 and view["origin"].startswith("database"), view.get("origin")
+            assert_each_job_has_its_own_process_job(view, n)
+    finally:
+        assert sidecar.stop() == 0

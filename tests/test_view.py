@@ -81,6 +81,79 @@ def test_the_live_index_gives_the_seeds_tree():
     assert index.trace(TRACE)["job_ids"] == ["job-12345"]
 
 
+def queue_service_jobs(count=2, hour="2025-10-20T11"):
+    """The seed's queue-service loop with a queue that carries only {id, file}, as the SDKs send
+    it (docs/protocol.md, context and spans): each job's process_job start names no job (the
+    previous job's context ended with its span) and opens a trace of its own; jobs_processed,
+    after the span, names none either."""
+    messages = []
+    for n in range(1, count + 1):
+        job, trace, root, child = f"job-{n}", f"{n:032x}", f"{n:016x}", f"{n + 100:016x}"
+
+        def m(source, seconds, kind, data, span=root, parent=None, named=True):
+            message = timeline_message(job, trace, source, 60 * n + seconds, kind, data, span, parent, hour=hour)
+            if not named:
+                del message["context"]
+            return message
+
+        messages += [
+            m("queue-service", 0.0, "span", {"name": "process_job", "phase": "start"}, named=False),
+            m("queue-service", 0.1, "progress", {"job_id": job, "percent": 0, "status": "started"}),
+            m("db-loader", 0.2, "span", {"name": "load_data", "phase": "start"}, span=child, parent=root),
+            m("db-loader", 0.3, "event", {"level": "info", "message": "Starting DB load"}, span=child),
+            m("db-loader", 5.0, "span", {"name": "load_data", "phase": "end", "status": "success", "duration_ms": 4800.0}, span=child, parent=root),
+            m("queue-service", 5.1, "progress", {"job_id": job, "percent": 100, "status": "completed"}),
+            m("queue-service", 5.2, "span", {"name": "process_job", "phase": "end", "status": "success", "duration_ms": 5200.0}),
+        ]
+        jobs_processed = m("queue-service", 5.3, "metric", {"name": "jobs_processed", "value": 1, "unit": "count"}, named=False)
+        del jobs_processed["trace_id"], jobs_processed["span_id"]
+        messages.append(jobs_processed)
+    return messages
+
+
+def assert_each_job_has_its_own_process_job(view, n):
+    (root,) = view["spans"]
+    assert (root["name"], root["span_id"], root["trace_id"]) == ("process_job", f"{n:016x}", f"{n:032x}")
+    assert root["start"] is not None and root["start"].endswith(f"{n:02d}:00.000Z") and root["status"] == "success"
+    assert [c["name"] for c in root["children"]] == ["load_data"]
+    assert view["trace_ids"] == [f"{n:032x}"]
+    queue_service = next(s for s in view["sources"] if s["source"] == "queue-service")
+    assert queue_service["messages"] == 4, "the job-less start is the job's; the job-less, trace-less metric is no job's"
+
+
+def test_a_job_holds_the_messages_of_its_trace_sent_before_the_job_was_named():
+    index = LiveIndex(100, 100, 3600, clock=lambda: 0.0)
+    index.add(queue_service_jobs())
+    for n in (1, 2):
+        assert_each_job_has_its_own_process_job(index.job(f"job-{n}"), n)
+
+
+@given(st.permutations(range(16)), st.lists(st.integers(1, 16), max_size=6))
+def test_a_job_view_is_the_same_whatever_order_and_chunks_its_messages_arrive_in(order, cuts):
+    messages = queue_service_jobs()
+    in_order = LiveIndex(100, 100, 3600, clock=lambda: 0.0)
+    in_order.add(messages)
+    shuffled = [messages[i] for i in order]
+    chunked = LiveIndex(100, 100, 3600, clock=lambda: 0.0)
+    bounds = sorted({0, len(shuffled), *cuts})
+    for start, end in zip(bounds, bounds[1:]):
+        chunked.add(shuffled[start:end])
+    for n in (1, 2):
+        assert chunked.job(f"job-{n}") == in_order.job(f"job-{n}")
+        assert chunked.trace(f"{n:032x}") == in_order.trace(f"{n:032x}")
+
+
+def test_a_trace_shared_by_two_jobs_lends_each_only_its_job_less_messages():
+    job_a = [timeline_message("job-a", TRACE, "batch", s, "event", {"level": "info", "message": f"a{s}"}) for s in (1, 2)]
+    job_b = [timeline_message("job-b", TRACE, "batch", s, "event", {"level": "info", "message": f"b{s}"}) for s in (3, 4)]
+    shared = timeline_message(None, TRACE, "batch", 0, "event", {"level": "info", "message": "batch started"})
+    del shared["context"]
+    index = LiveIndex(100, 100, 3600, clock=lambda: 0.0)
+    index.add([shared, *job_a, *job_b])
+    for job, mine in (("job-a", ["a1", "a2"]), ("job-b", ["b3", "b4"])):
+        assert [e["message"] for e in index.job(job)["sources"][0]["events"]] == ["batch started", *mine]
+
+
 def test_a_chunk_indexes_as_its_messages_one_by_one():
     # Two jobs, their traces and a trace without a job, interleaved in one chunk.
     messages = [m for pair in zip(seed_job("job-a", "a" * 32), seed_job("job-b", "b" * 32)) for m in pair]

@@ -1111,7 +1111,7 @@ struct Cell {
     errors: usize,
     events: Vec<usize>, // message numbers, the latest few
     metrics: Vec<(String, Range, Option<Text>)>,
-    progress: Option<usize>,
+    progress: Option<(usize, [u8; 24])>, // the latest by timestamp (a tie: the later arrival)
     spans: Vec<Py<PyBytes>>,
 }
 
@@ -1354,7 +1354,11 @@ impl Chunk {
                         }
                     }
                 }
-                MessageType::Progress => cell.progress = Some(number),
+                MessageType::Progress => {
+                    if cell.progress.is_none_or(|(_, at)| timestamp >= at) {
+                        cell.progress = Some((number, timestamp));
+                    }
+                }
                 MessageType::Span => cell.spans.push(line_object.clone().unbind()),
                 MessageType::Resource => {}
             }
@@ -1396,7 +1400,7 @@ impl Chunk {
             }
             let progress = match cell
                 .progress
-                .and_then(|n| self.messages[n].progress.map(|p| (n, p)))
+                .and_then(|(n, _)| self.messages[n].progress.map(|p| (n, p)))
             {
                 Some((number, (_job, percent, status))) => Some((
                     number_object(py, bytes, percent)?,
