@@ -29,6 +29,7 @@ from sidecar.jobs import LiveIndex
 from sidecar.listener import Listener
 from sidecar.metrics import Counters
 from sidecar.routing import RouteTable
+from sidecar.spill import buffered_in
 from sidecar.watcher import ConfigWatcher
 
 log = logging.getLogger("sidecar")
@@ -44,6 +45,7 @@ class Topology:
     def __init__(self):
         self.supervisors: dict[BackendSpec, BackendSupervisor] = {}
         self.retiring: set[BackendSupervisor] = set()
+        self.orphaned_buffers: dict[str, dict] = {}  # directory -> what it holds
         self.scope = trio.CancelScope()  # its deadline bounds the drain at shutdown
         self.stopped = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -66,6 +68,15 @@ class Topology:
         for spec in dict.fromkeys(rule.spec for rule in table.rules if rule.enabled):
             if spec in self.supervisors:
                 continue
+            # New settings for a destination that runs (a rotated password, a batch size):
+            # its instance takes them, and keeps its queue and disk buffer.
+            same = next((old for old, s in self.supervisors.items() if old not in wanted and s.can_take(spec)), None)
+            if same is not None:
+                supervisor = self.supervisors.pop(same)
+                supervisor.reconfigure(spec)
+                self.supervisors[spec] = supervisor
+                log.info("backend %s: settings changed; its %d queued messages are delivered with the new ones", spec.label, supervisor.queued)
+                continue
             supervisor = BackendSupervisor(spec, data_dir)
             self.supervisors[spec] = supervisor
             self._nursery.start_soon(supervisor.run, name=f"backend {spec.label}")
@@ -75,7 +86,29 @@ class Topology:
             supervisor.close()
             self.retiring.add(supervisor)
             self._nursery.start_soon(self._retire, supervisor)
+        self._find_orphaned_buffers(data_dir)
         return dict(self.supervisors)
+
+    def _find_orphaned_buffers(self, data_dir: Path) -> None:
+        """Disk buffers under data_dir that no running instance owns (a backend renamed or
+        removed, or its queue no longer spill): reported, kept, and delivered when a backend of
+        that name with `queue.when_full: spill` comes back."""
+        owned = {s.queue.spill.directory.resolve() for s in self.all_supervisors() if s.queue.spill is not None}
+        found = {}
+        try:
+            directories = sorted(p for p in data_dir.iterdir() if p.is_dir() and p.resolve() not in owned)
+        except OSError:
+            directories = []
+        for directory in directories:
+            messages, size = buffered_in(directory)
+            if messages:
+                found[str(directory)] = {"directory": str(directory), "messages": messages, "bytes": size}
+                if str(directory) not in self.orphaned_buffers:
+                    log.warning(
+                        "disk buffer %s holds %d messages that no configured backend owns; kept, and delivered when a backend named %r with queue.when_full: spill is configured",
+                        directory, messages, directory.name,
+                    )
+        self.orphaned_buffers = found
 
     async def _retire(self, supervisor: BackendSupervisor) -> None:
         await supervisor.wait_stopped()
@@ -290,6 +323,7 @@ class Sidecar:
             "last_reload_error": self.last_reload_error,
             "config_files": list(self.config.files),
             "backends": [s.statistics() for s in self.topology.all_supervisors()],
+            "orphaned_buffers": list(self.topology.orphaned_buffers.values()),
         }
 
     def _write_status(self, stats: dict) -> None:

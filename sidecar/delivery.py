@@ -31,10 +31,21 @@ MAX_REJECTED_SOURCES = 1000
 OTHER_SOURCES = "(other sources)"
 
 
+def buffer_key(spec: BackendSpec) -> tuple:
+    """What a backend instance's buffer belongs to: the destination (the backend's name and a
+    rule's overrides), never its settings, so that a rotated password, a new connection string
+    or a batch size keeps and delivers what is buffered."""
+    return (spec.name, spec.overrides)
+
+
 def spill_directory_name(spec: BackendSpec) -> str:
-    """A stable directory per backend instance, so a restart finds its own disk buffer."""
-    digest = hashlib.sha256(repr((spec.name, spec.type, spec.settings, spec.overrides)).encode()).hexdigest()[:12]
-    return f"{safe_component(spec.name)}-{digest}"
+    """The disk buffer's directory under data_dir: the backend's name, with a digest only where
+    the name is not a safe file name as it is or a rule's overrides make another instance."""
+    name = safe_component(spec.name)
+    if name == spec.name and not spec.overrides:
+        return name
+    digest = hashlib.sha256(repr(buffer_key(spec)).encode()).hexdigest()[:12]
+    return f"{name}-{digest}"
 
 log = logging.getLogger("sidecar.delivery")
 
@@ -53,6 +64,7 @@ class DeliveryQueue:
     def __init__(self, settings: QueueSettings, spill: SpillLog | None = None):
         self.capacity = settings.max_messages
         self.when_full = settings.when_full
+        self.settings = settings
         self.depth = 0  # messages in memory
         self.spill = spill
         self._batches: collections.deque[Batch] = collections.deque()
@@ -65,6 +77,18 @@ class DeliveryQueue:
     @property
     def spilled(self) -> int:
         return self.spill.unread if self.spill is not None else 0
+
+    def can_take(self, settings: QueueSettings) -> bool:
+        """Whether new settings can apply in place: all but a change to or from spill."""
+        return (settings.when_full == "spill") == (self.spill is not None)
+
+    def reconfigure(self, settings: QueueSettings) -> None:
+        self.settings = settings
+        self.capacity = settings.max_messages
+        self.when_full = settings.when_full
+        if self.spill is not None:
+            self.spill.max_bytes = settings.spill_max_bytes
+        self._putters.unpark_all()  # a larger capacity may let waiting puts in
 
     async def _on_disk(self, operation, *args):
         async with self._spill_lock:
@@ -355,6 +379,53 @@ class BackendSupervisor:
         self._in_flight: Batch = Batch.empty()
         self._stopped = trio.Event()
         self.latency = LatencyHistogram()
+        self._next_spec: BackendSpec | None = None  # new settings, taken at the next attempt
+        self._wake = trio.Event()  # set to cut a probe hold-off or a backoff short
+        self.reconfigured = 0
+
+    # ---------------------------------------------------------------- new settings
+
+    def can_take(self, spec: BackendSpec) -> bool:
+        """Whether `spec` is new settings for this instance's destination that apply in place."""
+        return (
+            buffer_key(spec) == buffer_key(self.spec)
+            and self.backend is not None
+            and backend_class(spec.type) is not None
+            and self.queue.can_take(spec.delivery.queue)
+            and not self.queue.closed
+        )
+
+    def reconfigure(self, spec: BackendSpec) -> None:
+        """Deliver what this instance holds, and all that follows, with new settings: the
+        queue, its disk buffer, the batches and the accounting stay; the next attempt opens a
+        new backend (a batch being written finishes with the old one)."""
+        self._next_spec = spec
+        self.queue.reconfigure(spec.delivery.queue)
+        self._wake.set()
+
+    async def _sleep_until(self, deadline: float) -> None:
+        """Sleep, but wake for new settings."""
+        with trio.move_on_at(deadline):
+            await self._wake.wait()
+        if self._wake.is_set():
+            self._wake = trio.Event()
+        if self._next_spec is not None:
+            await self._take_new_settings()
+
+    async def _take_new_settings(self) -> None:
+        spec, self._next_spec = self._next_spec, None
+        self._wake = trio.Event()
+        await self._close_backend()
+        self.spec = spec
+        self.label = spec.label
+        self.backend = backend_class(spec.type)(spec.settings, label=self.label)
+        self.breaker = CircuitBreaker(spec.delivery.circuit_breaker)  # the new settings deserve a try
+        self.last_error = None
+        if spec.delivery.batch.max_bytes != self._max_bytes:
+            self._max_bytes = spec.delivery.batch.max_bytes
+            self._buffer_bytes = {source: encoded_size(batch) for source, batch in self._buffers.items()} if self._max_bytes else {}
+        self.reconfigured += 1
+        log.debug("backend %s: new settings applied", self.label)
 
     # ---------------------------------------------------------------- producer side
 
@@ -395,6 +466,7 @@ class BackendSupervisor:
             "probes": self.probes,
             "batches": self.batches,
             "restarts": self.restarts,
+            "reconfigured": self.reconfigured,
             "circuit": self.breaker.state,
             "circuit_opened": self.breaker.times_opened,
             "last_error": self.last_error,
@@ -447,9 +519,9 @@ class BackendSupervisor:
                 log.exception("backend %s: error while closing", self.label)
 
     async def _deliver_until_closed(self) -> None:
-        batch_settings = self.spec.delivery.batch
-        max_messages = batch_settings.max_messages
         while True:
+            batch_settings = self.spec.delivery.batch  # new settings apply from the next round
+            max_messages = batch_settings.max_messages
             now = trio.current_time()
             for source, whole in self._due(now, batch_settings.timeout, max_messages):
                 await self._flush(source, max_messages, whole=whole)
@@ -513,9 +585,11 @@ class BackendSupervisor:
             self._urgent.discard(source)
 
     async def _deliver(self, source: str, batch: Batch) -> None:
-        retry = self.spec.delivery.retry
         attempt = 0
         while True:
+            if self._next_spec is not None:
+                await self._take_new_settings()
+            retry = self.spec.delivery.retry
             await self._until_circuit_lets_through()
             try:
                 with trio.fail_after(retry.attempt_timeout):
@@ -552,13 +626,15 @@ class BackendSupervisor:
             self.retries += 1
             attempt += 1
             if self.breaker.state == "closed":
-                await trio.sleep(backoff_delay(attempt, retry.initial_backoff, retry.max_backoff))
+                await self._sleep_until(trio.current_time() + backoff_delay(attempt, retry.initial_backoff, retry.max_backoff))
 
     async def _until_circuit_lets_through(self) -> None:
         """While the circuit is open, probe the backend on the breaker's schedule; return when
         a probe has passed (a trial write may go) or the circuit is not open."""
         while self.breaker.ready_at() != -math.inf:
-            await trio.sleep_until(self.breaker.ready_at())
+            await self._sleep_until(self.breaker.ready_at())
+            if self.breaker.ready_at() == -math.inf:
+                return  # new settings, and a closed circuit with them
             self.probes += 1
             try:
                 with trio.fail_after(self.spec.delivery.retry.attempt_timeout):

@@ -250,7 +250,8 @@ class ViewServer:
         await _respond(send, 200, {"files": list(self.sidecar.config.files), "rules": rules, "last_reload_error": self.sidecar.last_reload_error})
 
     async def backends(self, send, query):
-        await _respond(send, 200, {"backends": [s.statistics() for s in self.sidecar.topology.all_supervisors()]})
+        topology = self.sidecar.topology
+        await _respond(send, 200, {"backends": [s.statistics() for s in topology.all_supervisors()], "orphaned_buffers": list(topology.orphaned_buffers.values())})
 
     async def statistics(self, send, query):
         await _respond(send, 200, self.sidecar.statistics())

@@ -25,6 +25,28 @@ HEADER = struct.Struct(">2sIII")  # magic, payload length, message count, crc32(
 SEGMENT_BYTES = 16 * 1024 * 1024
 
 
+def buffered_in(directory: Path) -> tuple[int, int]:
+    """Messages and bytes of whole records in a disk buffer's segments, read without taking
+    the buffer (headers only, nothing changed): for a buffer that no backend owns."""
+    messages = size = 0
+    for path in sorted(directory.glob("segment-*.log")):
+        try:
+            with open(path, "rb") as segment:
+                end = os.fstat(segment.fileno()).st_size
+                position = 0
+                while position + HEADER.size <= end:
+                    segment.seek(position)
+                    magic, length, count, _crc = HEADER.unpack(segment.read(HEADER.size))
+                    if magic != MAGIC or position + HEADER.size + length > end:
+                        break
+                    position += HEADER.size + length
+                    messages += count
+                size += position
+        except OSError:
+            continue
+    return messages, size
+
+
 class Segment:
     def __init__(self, number: int, path: Path):
         self.number = number

@@ -10,7 +10,7 @@ import trio.testing
 from sidecar.batch import Batch
 from sidecar.backends.filesystem import FilesystemSettings
 from sidecar.config import BackendSpec, BatchSettings, CircuitBreakerSettings, DeliverySettings, QueueSettings, RetrySettings
-from sidecar.delivery import BackendSupervisor, CircuitBreaker, DeliveryQueue, backoff_delay, count_within
+from sidecar.delivery import BackendSupervisor, CircuitBreaker, DeliveryQueue, backoff_delay, count_within, spill_directory_name
 
 
 def msgs(n, source="svc", level="info", start=0):
@@ -269,6 +269,44 @@ async def test_delivery_resumes_within_a_probe_interval_of_the_destination_comin
         assert supervisor.statistics()["circuit"] == "closed"
         supervisor.close()
     assert_accounting(supervisor)
+
+
+async def test_new_settings_cut_a_long_hold_off_short_and_take_the_queue_with_them(tmp_path, autojump_clock):
+    # A refusal a person must fix holds the probes off for a minute; the fix arrives as new
+    # settings for the same backend, and the queue is delivered with them at once.
+    broken = file_spec(
+        tmp_path / "unmounted",
+        batch=BatchSettings(max_messages=5, timeout=0.05),
+        circuit_breaker=CircuitBreakerSettings(failure_threshold=1, reset_timeout=60.0, max_reset_timeout=60.0),
+    )
+    broken = attrs.evolve(broken, settings=attrs.evolve(broken.settings, io="inline"))
+    supervisor = BackendSupervisor(broken)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        await supervisor.put(msgs(12))
+        await trio.sleep(1)
+        supervisor.breaker.probe_failed(trio.current_time(), trip=True)  # as a bad password would
+        assert supervisor.breaker.ready_at() - trio.current_time() == 60.0
+        (tmp_path / "mounted").mkdir()
+        fixed = attrs.evolve(broken, settings=attrs.evolve(broken.settings, base_path=str(tmp_path / "mounted")))
+        assert supervisor.can_take(fixed)
+        assert_accounting(supervisor)
+        supervisor.reconfigure(fixed)
+        told = trio.current_time()
+        await wait_until(lambda: supervisor.delivered == 12, what="delivery with the new settings")
+        assert trio.current_time() - told < 0.2 and supervisor.reconfigured == 1 and supervisor.spec == fixed
+        assert [m["data"]["message"] for m in lines(tmp_path / "mounted" / "svc.jsonl")] == [f"m{i}" for i in range(12)]
+        supervisor.close()
+    assert_accounting(supervisor)
+
+
+def test_a_buffer_is_named_by_its_backend_not_by_its_settings(tmp_path):
+    spec = file_spec(tmp_path)
+    changed = attrs.evolve(spec, settings=attrs.evolve(spec.settings, base_path="/elsewhere"), delivery=attrs.evolve(spec.delivery, batch=BatchSettings(max_messages=7)))
+    assert spill_directory_name(spec) == spill_directory_name(changed) == "files"
+    with_overrides = attrs.evolve(spec, overrides=(("path", "{type}.jsonl"),))
+    assert spill_directory_name(with_overrides).startswith("files-") and spill_directory_name(with_overrides) != spill_directory_name(attrs.evolve(spec, overrides=(("path", "x"),)))
+    assert "/" not in spill_directory_name(attrs.evolve(spec, name="../up"))
 
 
 async def test_overflow_is_counted_as_dropped_with_its_reason(tmp_path):

@@ -259,6 +259,26 @@ def sidecars():
             sidecar.stop(signal.SIGKILL)
 
 
+def test_a_rotated_password_delivers_what_was_queued_under_the_old_one(postgres_server, tmp_path, sidecars):
+    # The operator rotates the password: the same backend, new settings. What was queued while
+    # the old one was refused goes with the new one; nothing is orphaned or dropped.
+    table = unique_table()
+    bad = SIDECAR_CONFIG.format(table=table, base=tmp_path / "out").replace('"${PG_URL}"', '"${PG_URL_BAD}"')
+    sidecar = SidecarProcess(tmp_path, bad, env={"PG_URL_BAD": postgres_server.url(password="Wrong-Pa55"), "PG_URL": postgres_server.url()})
+    sidecars.append(sidecar.start())
+    sidecar.send([event("queue-service", i) for i in range(500)])
+    sidecar.wait_for(lambda s: sidecar.backend("timescaledb").get("circuit") == "open" and sidecar.backend("timescaledb")["queued"] == 500, what="500 queued behind the refusal")
+    sidecar.config_path.write_text(SIDECAR_CONFIG.format(table=table, base=tmp_path / "out"))
+    status, body = sidecar.http("/api/reload", method="POST")
+    assert status == 200, body
+    stats = sidecar.wait_for(lambda s: sidecar.backend("timescaledb").get("delivered") == 500, what="delivery with the new password")
+    (pg,) = [b for b in stats["backends"] if b["type"] == "postgres"]
+    assert pg["reconfigured"] == 1 and pg["dropped"] == {} and pg["queued"] == 0 and pg["circuit"] == "closed"
+    assert len(stats["backends"]) == 2, "the instance took the new settings; none was retired"
+    assert sorted(r[0] for r in rows(postgres_server, f"SELECT (context->>'seq')::int FROM {table}")) == list(range(500))
+    assert sidecar.stop() == 0
+
+
 def test_bad_password_end_to_end_circuit_opens_and_the_password_stays_hidden(postgres_server, tmp_path, sidecars):
     secret = "Bad-Pa55-Never-Shown-77"
     config = SIDECAR_CONFIG.format(table=unique_table(), base=tmp_path / "out")

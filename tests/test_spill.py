@@ -167,3 +167,53 @@ def test_sigterm_saves_what_memory_holds_and_the_next_start_delivers_everything(
     again.wait_for(lambda s: s["backends"][0]["delivered"] >= 300 and s["backends"][0]["queued"] == 0, what="everything delivered after restart")
     assert again.stop() == 0
     assert sorted(set(seqs(read_jsonl(target)))) == list(range(300))
+
+
+def rewrite_config(sidecar: SidecarProcess, tmp_path, *, base, name="files", batch=10) -> None:
+    text = SPILL_CONFIG.format(data=tmp_path / "spool", base=base)
+    text = text.replace("  files:\n", f"  {name}:\n").replace("{backend: files}", f"{{backend: {name}}}").replace("max_messages: 10,", f"max_messages: {batch},")
+    temporary = sidecar.config_path.with_suffix(".tmp")
+    temporary.write_text(text)
+    temporary.replace(sidecar.config_path)
+    status, body = sidecar.http("/api/reload", method="POST")
+    assert status == 200, body
+
+
+def test_new_settings_for_a_backend_deliver_what_its_disk_buffer_holds(tmp_path):
+    # base_path is not mounted, so the messages spill; the operator then points the backend at
+    # another path and a larger batch: the same destination by name, with new settings.
+    sidecar = start_spilling_sidecar(tmp_path)
+    sidecar.send(chunk(0, 300))
+    sidecar.wait_for(lambda s: s["received"] == 300 and s["backends"][0]["queue"]["spilled_messages"] > 200, what="most messages spilled")
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    rewrite_config(sidecar, tmp_path, base=mounted, batch=50)
+    stats = sidecar.wait_for(lambda s: s["backends"][0]["delivered"] == 300 and s["backends"][0]["queued"] == 0, what="the buffer delivered with the new settings")
+    (backend,) = stats["backends"]
+    assert backend["reconfigured"] == 1 and backend["dropped"] == {} and backend["routed"] == 300
+    assert sorted(seqs(read_jsonl(mounted / "svc.jsonl"))) == list(range(300))
+    assert sidecar.stop() == 0
+
+
+def test_a_removed_backends_disk_buffer_is_reported_kept_and_delivered_when_it_returns(tmp_path):
+    sidecar = start_spilling_sidecar(tmp_path)
+    sidecar.send(chunk(0, 300))
+    sidecar.wait_for(lambda s: s["received"] == 300, what="all received")
+    assert sidecar.stop(signal.SIGTERM) == 0
+    # Restarted with the backend renamed: its buffer is no one's, and says so.
+    rewrite = SPILL_CONFIG.format(data=tmp_path / "spool", base=tmp_path / "out").replace("  files:\n", "  archive:\n").replace("{backend: files}", "{backend: archive}")
+    again = SidecarProcess(tmp_path / "run", rewrite).start()
+    try:
+        status, body = again.http("/api/backends")
+        (orphan,) = orjson.loads(body)["orphaned_buffers"]
+        assert orphan["directory"] == str(tmp_path / "spool" / "files") and orphan["messages"] == 300
+        assert "holds 300 messages that no configured backend owns" in again.log()
+        assert (tmp_path / "spool" / "files").is_dir()
+        # The backend comes back under its name: it delivers the buffer, and nothing is orphaned.
+        (tmp_path / "out").mkdir()
+        rewrite_config(again, tmp_path, base=tmp_path / "out")
+        stats = again.wait_for(lambda s: any(b["backend"] == "files" and b["delivered"] == 300 and b["queued"] == 0 for b in s["backends"]), what="the buffer delivered")
+        assert stats["orphaned_buffers"] == []
+        assert sorted(seqs(read_jsonl(tmp_path / "out" / "svc.jsonl"))) == list(range(300))
+    finally:
+        assert again.stop() == 0
