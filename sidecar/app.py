@@ -34,6 +34,10 @@ from sidecar.watcher import ConfigWatcher
 
 log = logging.getLogger("sidecar")
 
+# Of shutdown.budget: kept for saving what is left to the disk buffers (at most), and for exit.
+SAVE_RESERVE = 2.0
+EXIT_MARGIN = 0.25
+
 
 class Topology:
     """The running backend instances, keyed by their effective settings.
@@ -142,7 +146,8 @@ class Sidecar:
         self.view: ViewServer | None = None
         self.started_at = dt.datetime.now(dt.timezone.utc)
         self._stop = trio.Event()
-        self._undelivered: dict[str, int] = {}
+        self._undelivered: dict[str, dict] = {}  # label -> exit account, of backends that held messages
+        self._shutdown_seconds = 0.0
 
     def listen_on(self, host: str, port: int) -> None:
         """Override the configured address (the command line's --listen)."""
@@ -231,25 +236,41 @@ class Sidecar:
         self.topology.close_all()
 
     async def _shutdown(self) -> None:
+        """Every phase inside `shutdown.budget`, from SIGTERM to exit: the clients' grace, the
+        drain (a backend whose circuit is open is not waited for), then saving what is left to
+        the disk buffers, which keeps a reserve of the budget for itself."""
         settings = self.config.shutdown
-        log.info("shutting down: no new connections; clients have %.1fs to finish", settings.connection_grace)
+        began = trio.current_time()
+        exit_at = began + settings.budget - EXIT_MARGIN
+        drain_until = min(began + settings.connection_grace + settings.drain_timeout, exit_at - min(SAVE_RESERVE, settings.budget / 5))
+        grace = max(0.0, min(settings.connection_grace, drain_until - began))
+        log.info("shutting down within %.1fs: no new connections; clients have %.1fs to finish", settings.budget, grace)
         self.listener.stop_accepting()
-        self.listener.close_connections(settings.connection_grace)
+        self.listener.close_connections(grace)
+        for supervisor in self.topology.all_supervisors():
+            supervisor.stop_soon(exit_at)
         # The correlator ends when the listener's channel is drained, and then closes the
-        # backend queues; backends get drain_timeout from here to deliver what they hold.
-        self.topology.scope.deadline = trio.current_time() + settings.connection_grace + settings.drain_timeout
+        # backend queues; backends deliver what they hold until drain_until.
+        self.topology.scope.deadline = drain_until
         await self.topology.stopped.wait()
-        self._undelivered = {s.label: s.queued for s in self.topology.all_supervisors() if s.queued}
+        self._shutdown_seconds = trio.current_time() - began
+        self._undelivered = {s.label: s.exit_account for s in self.topology.all_supervisors() if s.exit_account and s.exit_account["held"]}
 
     def _report_shutdown(self) -> None:
         stats = self.statistics()
         delivered = sum(b["delivered"] for b in stats["backends"])
+        accounts = self._undelivered.values()
         if self._undelivered:
             log.warning(
-                "shutdown: drain deadline passed; undelivered messages: %s",
-                ", ".join(f"{label}={count}" for label, count in sorted(self._undelivered.items())),
+                "shutdown: undelivered messages: %s",
+                ", ".join(
+                    f"{label}={a['held']} ({a['on_disk']} on disk for the next start, {a['lost']} lost)" for label, a in sorted(self._undelivered.items())
+                ),
             )
-        log.info("shutdown complete: received %d, delivered %d (all backends), undelivered %d", stats["received"], delivered, sum(self._undelivered.values()))
+        log.info(
+            "shutdown complete in %.1fs: received %d, delivered %d (all backends), undelivered %d (on disk %d, lost %d)",
+            self._shutdown_seconds, stats["received"], delivered, sum(a["held"] for a in accounts), sum(a["on_disk"] for a in accounts), sum(a["lost"] for a in accounts),
+        )
         if self.status_file is not None:
             self._write_status(stats)
 

@@ -149,6 +149,8 @@ class ShutdownSettings:
     connection_grace: Duration = attrs.field(default=0.5, validator=attrs.validators.ge(0))
     # Then backends get this long to deliver what is queued; the rest is reported by count.
     drain_timeout: Duration = attrs.field(default=10.0, validator=attrs.validators.ge(0))
+    # SIGTERM to exit, all phases included: within Kubernetes' default grace of 30 s, with margin.
+    budget: Duration = attrs.field(default=10.0, validator=attrs.validators.gt(0))
 
 
 @attrs.frozen

@@ -201,7 +201,8 @@ class DeliveryQueue:
 
     async def save_to_disk(self, leftovers: list[bytes]) -> int:
         """At shutdown: write the lines memory still holds to the disk buffer for the next run,
-        except those that came from it (their records are still there). Returns how many."""
+        except those that came from it (their records are still there). Returns (how many were
+        not on disk, how many of them were saved)."""
         pending = [line for line in leftovers if id(line) not in self._spill_origin]
         for batch in self._batches:
             pending.extend(line for line in batch.lines if id(line) not in self._spill_origin)
@@ -209,7 +210,7 @@ class DeliveryQueue:
         if pending and await self._on_disk(self.spill.append, pending):
             saved = len(pending)
         await self._on_disk(self.spill.close)
-        return saved
+        return len(pending), saved
 
     def close(self) -> None:
         """No more puts will come; the consumer drains what is left, then gets EndOfChannel."""
@@ -340,6 +341,10 @@ def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
+class _GiveUp(Exception):
+    """Shutting down with the circuit open: what is held is saved or counted, not waited on."""
+
+
 class BackendSupervisor:
     """Runs one backend instance: owns its queue, batches per source, delivers with retries
     behind a circuit breaker, and keeps the accounting."""
@@ -379,6 +384,9 @@ class BackendSupervisor:
         self._in_flight: Batch = Batch.empty()
         self._stopped = trio.Event()
         self.latency = LatencyHistogram()
+        self.stopping = False  # shutting down: an open circuit is not waited for
+        self.exit_deadline = math.inf  # at shutdown, when the leftovers must be saved by
+        self.exit_account: dict | None = None  # what was held at exit: saved to disk, lost
         self._next_spec: BackendSpec | None = None  # new settings, taken at the next attempt
         self._wake = trio.Event()  # set to cut a probe hold-off or a backoff short
         self.reconfigured = 0
@@ -401,6 +409,13 @@ class BackendSupervisor:
         new backend (a batch being written finishes with the old one)."""
         self._next_spec = spec
         self.queue.reconfigure(spec.delivery.queue)
+        self._wake.set()
+
+    def stop_soon(self, exit_deadline: float) -> None:
+        """At shutdown: deliver what can be until the topology's deadline, give up at once while
+        the circuit is open, and have the leftovers saved by `exit_deadline`."""
+        self.stopping = True
+        self.exit_deadline = exit_deadline
         self._wake.set()
 
     async def _sleep_until(self, deadline: float) -> None:
@@ -444,6 +459,7 @@ class BackendSupervisor:
 
     def close(self) -> None:
         self.queue.close()
+        self._wake.set()  # a supervisor stopping with its circuit open gives up now
 
     # ---------------------------------------------------------------- accounting
 
@@ -489,21 +505,32 @@ class BackendSupervisor:
                 try:
                     await self._deliver_until_closed()
                     return
+                except _GiveUp:
+                    log.warning("backend %s: circuit open at shutdown; not waiting for it (%d messages held)", self.label, self.queued)
+                    return
                 except Exception:
                     self.restarts += 1
                     log.exception("backend %s: delivery task crashed; restarting", self.label)
                     await trio.sleep(backoff_delay(self.restarts, 0.5, 30.0))
         finally:
             with trio.CancelScope(shield=True):
-                with trio.move_on_after(5):
+                with trio.move_on_at(min(self.exit_deadline, trio.current_time() + 5)):
                     await self._close_backend()
-                    if self.queue.spill is not None:
-                        await self._save_leftovers()
+                with trio.move_on_at(min(self.exit_deadline, trio.current_time() + 5)):
+                    await self._save_leftovers()
             self._stopped.set()
 
     async def _save_leftovers(self) -> None:
+        """Account for what is held at exit: lines in memory go to the disk buffer where there is
+        one; lines read back from it are on disk already; the rest is lost, and counted."""
+        in_memory = self.queue.depth + sum(map(len, self._buffers.values())) + len(self._in_flight)
+        on_disk = self.queue.spill.held if self.queue.spill is not None else 0
+        self.exit_account = {"held": self.queued, "saved": 0, "on_disk": on_disk, "lost": in_memory}
+        if self.queue.spill is None or not in_memory:
+            return
         leftovers = [line for batch in self._buffers.values() for line in batch.lines] + self._in_flight.lines
-        saved = await self.queue.save_to_disk(leftovers)
+        pending, saved = await self.queue.save_to_disk(leftovers)
+        self.exit_account.update(saved=saved, on_disk=self.queue.spill.held, lost=pending - saved)
         if saved:
             log.warning("backend %s: %d undelivered messages saved to the disk buffer for the next start", self.label, saved)
 
@@ -632,6 +659,8 @@ class BackendSupervisor:
         """While the circuit is open, probe the backend on the breaker's schedule; return when
         a probe has passed (a trial write may go) or the circuit is not open."""
         while self.breaker.ready_at() != -math.inf:
+            if self.stopping and self.queue.closed:
+                raise _GiveUp  # nothing more will come: what is held is saved or counted
             await self._sleep_until(self.breaker.ready_at())
             if self.breaker.ready_at() == -math.inf:
                 return  # new settings, and a closed circuit with them

@@ -77,6 +77,11 @@ class SpillLog:
         return sum(s.unread for s in self.segments)
 
     @property
+    def held(self) -> int:
+        """Messages a restart would find: not yet read, or read and not acknowledged."""
+        return sum(s.unread + s.outstanding for s in self.segments)
+
+    @property
     def bytes_on_disk(self) -> int:
         return sum(s.end for s in self.segments)
 

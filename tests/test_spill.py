@@ -162,6 +162,7 @@ def test_sigterm_saves_what_memory_holds_and_the_next_start_delivers_everything(
     sidecar.wait_for(lambda s: s["received"] == 300, what="all received")
     assert sidecar.stop(signal.SIGTERM) == 0
     assert "undelivered messages saved to the disk buffer" in sidecar.log()
+    assert "undelivered messages: files=300 (300 on disk for the next start, 0 lost)" in sidecar.log()
     target.parent.mkdir()
     again = start_spilling_sidecar(tmp_path)
     again.wait_for(lambda s: s["backends"][0]["delivered"] >= 300 and s["backends"][0]["queued"] == 0, what="everything delivered after restart")
