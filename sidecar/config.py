@@ -18,7 +18,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.reader import ReaderError
-from ruamel.yaml.events import CollectionEndEvent, CollectionStartEvent
+from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, MappingStartEvent, ScalarEvent
 
 from sidecar.message import DEFAULT_MAX_DEPTH, LEVELS, MAX_DEPTH_LIMIT, MESSAGE_TYPES
 
@@ -551,16 +551,28 @@ def _read_yaml(path: Path, problems: list[ConfigProblem], limits: "ReloadSetting
         problems.append(ConfigProblem(Where(str(path), 1), f"cannot read: {exc}"))
         return None
     try:
-        depth = 0
+        # Per open collection: for a mapping, how many nodes it has had (an even count means
+        # the next is a key); None for a sequence.
+        open_nodes: list[int | None] = []
+        collection_anchors = set()
         for event in yaml.parse(text):
+            is_node = isinstance(event, (CollectionStartEvent, ScalarEvent, AliasEvent))
+            if is_node and open_nodes and open_nodes[-1] is not None:
+                collection_key = isinstance(event, CollectionStartEvent) or (isinstance(event, AliasEvent) and event.anchor in collection_anchors)
+                if open_nodes[-1] % 2 == 0 and collection_key:
+                    # ruamel would raise TypeError (unhashable) while composing it
+                    problems.append(ConfigProblem(Where(str(path), _line_of(event)), "invalid YAML: a key must be a string or a number, not a mapping or a list"))
+                    return None
+                open_nodes[-1] += 1
             if isinstance(event, CollectionStartEvent):
-                depth += 1
-                if depth > limits.max_file_depth:
-                    line = event.start_mark.line + 1 if event.start_mark is not None else 1
-                    problems.append(ConfigProblem(Where(str(path), line), f"nested deeper than reload.max_file_depth ({limits.max_file_depth} levels)"))
+                if event.anchor is not None:
+                    collection_anchors.add(event.anchor)
+                open_nodes.append(0 if isinstance(event, MappingStartEvent) else None)
+                if len(open_nodes) > limits.max_file_depth:
+                    problems.append(ConfigProblem(Where(str(path), _line_of(event)), f"nested deeper than reload.max_file_depth ({limits.max_file_depth} levels)"))
                     return None
             elif isinstance(event, CollectionEndEvent):
-                depth -= 1
+                open_nodes.pop()
         return yaml.load(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -574,6 +586,10 @@ def _read_yaml(path: Path, problems: list[ConfigProblem], limits: "ReloadSetting
     except (YAMLError, ValueError, RecursionError, MemoryError) as exc:  # ruamel's errors besides marked ones
         problems.append(ConfigProblem(Where(str(path), 1), f"cannot read as YAML: {type(exc).__name__}: {exc}"))
         return None
+
+
+def _line_of(event) -> int:
+    return event.start_mark.line + 1 if event.start_mark is not None else 1
 
 
 # ---------------------------------------------------------------- the whole configuration

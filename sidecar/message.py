@@ -20,7 +20,9 @@ MAX_SOURCE_LENGTH = 200
 DEFAULT_MAX_DEPTH = 64
 MAX_DEPTH_LIMIT = 254
 
-_CANONICAL_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+# The form the sidecar writes, with each field in its range (not year 0, month 13, hour 24);
+# a day past the 28th is checked against its month by datetime.
+_CANONICAL_TIMESTAMP = re.compile(r"(?!0000)\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z")
 # Epoch numbers at or above this are milliseconds (1e11 s is the year 5138; 1e11 ms is 1973).
 _EPOCH_MS_THRESHOLD = 1e11
 
@@ -47,12 +49,12 @@ def format_timestamp(moment: dt.datetime) -> str:
 def normalise_timestamp(value) -> str:
     """RFC 3339 with any offset, epoch seconds or milliseconds -> RFC 3339 UTC with ms."""
     if type(value) is str:
-        try:  # even in the canonical shape: year 0 or month 13 is no time a backend can store
+        if value[8:10] <= "28" and _CANONICAL_TIMESTAMP.fullmatch(value):
+            return value
+        try:
             moment = dt.datetime.fromisoformat(value)
         except ValueError:
             raise MessageError("invalid_timestamp", f"timestamp {value[:40]!r} is not RFC 3339") from None
-        if _CANONICAL_TIMESTAMP.fullmatch(value):
-            return value
         if moment.tzinfo is None:
             raise MessageError("invalid_timestamp", f"timestamp {value[:40]!r} has no UTC offset")
         try:
@@ -290,6 +292,27 @@ def free_form_problem(message: dict, max_depth: int = DEFAULT_MAX_DEPTH) -> Mess
     nesting deeper than `max_depth` levels (`too_deep`), or a float that is NaN or infinite
     (`not_finite`, which JSON cannot carry: only MessagePack can send one). Iterative, so no
     depth of nesting can exhaust the stack."""
+    # The common shape first, inline: objects of scalars under the top level (data, context).
+    # Anything nested deeper, or a float that is not finite, takes the full walk below.
+    for value in message.values():
+        kind = type(value)
+        if kind is dict:
+            for inner in value.values():
+                inner_kind = type(inner)
+                if inner_kind is float:
+                    if inner - inner != 0.0:  # NaN or an infinity (a finite float gives 0.0)
+                        return _free_form_walk(message, max_depth)
+                elif inner_kind is dict or inner_kind is list:
+                    return _free_form_walk(message, max_depth)
+        elif kind is float:
+            if value - value != 0.0:
+                return _free_form_walk(message, max_depth)
+        elif kind is list:
+            return _free_form_walk(message, max_depth)
+    return None
+
+
+def _free_form_walk(message: dict, max_depth: int) -> MessageError | None:
     pending = [(message, 1, ())]
     while pending:
         container, depth, path = pending.pop()

@@ -250,6 +250,22 @@ def test_no_drop_in_makes_the_loader_raise_anything_but_a_config_error(tmp_path_
         assert all(str(problem).startswith(str(routes / "50-fuzz.yaml") + ":") for problem in exc.problems), exc.problems
 
 
+@pytest.mark.parametrize(
+    "text, line",
+    [("? \n  - backend: files\n", 2), ("? - backend: files\n", 1), ("a: &x [1]\n? *x\n: 2\n", 2), ("{[1]: 2}\n", 1), ("svc:\n  {a: 1}: x\n", 2)],
+)
+def test_a_mapping_or_list_as_a_key_is_invalid_yaml_at_its_line(tmp_path, text, line):
+    # Found by the test above: ruamel raises TypeError (unhashable) composing such a key.
+    from sidecar.config import ConfigError, load_config
+
+    (tmp_path / "routes.d").mkdir()
+    (tmp_path / "sidecar.yaml").write_text("backends:\n  files: {type: filesystem, base_path: /tmp}\n")
+    (tmp_path / "routes.d" / "50-key.yaml").write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "sidecar.yaml", tmp_path / "routes.d", {})
+    assert [str(p) for p in caught.value.problems] == [f"{tmp_path / 'routes.d' / '50-key.yaml'}:{line}: invalid YAML: a key must be a string or a number, not a mapping or a list"]
+
+
 # ---------------------------------------------------------------- the second guard: a bug costs its chunk
 
 GOOD = b'{"source":"a","type":"event","timestamp":"2026-12-02T07:00:00.000Z","trace_id":"%s","data":{"level":"info","message":"m"}}\n' % TRACES[0].encode()

@@ -731,17 +731,33 @@ fn level_of(text: &[u8]) -> Option<usize> {
     LEVELS.iter().position(|l| l.as_bytes() == canonical)
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, the one form the sidecar writes.
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, the one form the sidecar writes, and a real time: the shape
+/// alone admits year 0 and month 13, which no backend stores.
 fn is_canonical_timestamp(text: &[u8]) -> bool {
     const PATTERN: &[u8; 24] = b"0000-00-00T00:00:00.000Z";
-    text.len() == 24
-        && text.iter().zip(PATTERN.iter()).all(|(b, p)| {
+    if text.len() != 24
+        || !text.iter().zip(PATTERN.iter()).all(|(b, p)| {
             if *p == b'0' {
                 b.is_ascii_digit()
             } else {
                 b == p
             }
         })
+    {
+        return false;
+    }
+    let number = |start: usize, end: usize| {
+        text[start..end]
+            .iter()
+            .fold(0i64, |n, c| n * 10 + i64::from(c - b'0'))
+    };
+    let (year, month, day) = (number(0, 4), number(5, 7), number(8, 10));
+    year >= 1
+        && (1..=12).contains(&month)
+        && (1..=days_in_month(year, month)).contains(&day)
+        && number(11, 13) <= 23
+        && number(14, 16) <= 59
+        && number(17, 19) <= 59
 }
 
 /// One line, if the Python path would accept it unchanged.
@@ -812,8 +828,6 @@ fn accept(bytes: &[u8], start: usize, members: &mut Members, max_depth: u32) -> 
                     let span = plain_text(value)?;
                     let text = &bytes[span.start..span.end];
                     if is_canonical_timestamp(text) {
-                        // The shape alone admits year 0 and month 13, which no backend stores.
-                        normalise_rfc3339(text).ok_or(Decline)?;
                         message.timestamp = text.try_into().ok();
                     } else {
                         message.timestamp = Some(normalise_rfc3339(text).ok_or(Decline)?);
