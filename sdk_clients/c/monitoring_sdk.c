@@ -48,7 +48,8 @@
 
 typedef struct { char *p; size_t len, cap; int oom, big, stack; } buf_t; /* stack: p is not ours */
 typedef struct { char *key; size_t klen; char *val; } ctx_t; /* val: encoded JSON text */
-typedef struct { char id[17], trace[33], parent[17]; char *name; int64_t t0; pthread_t thread; } span_t;
+/* root: started while no span of the client was open; context set until it ends is undone then */
+typedef struct { char id[17], trace[33], parent[17]; char *name; int64_t t0; pthread_t thread; int root; } span_t;
 
 /* The queue. Byte positions (qh, wr, fpos) and message positions (lq, lw, fl) only grow (until
  * the queue is empty and nothing is pinned: then they restart at 0); a position's place in
@@ -70,6 +71,10 @@ struct mon_client {
     size_t nctx;
     char *ctx_obj; /* the context as one JSON object ({...}), or NULL: not built (out of memory) */
     size_t ctx_obj_len;
+    ctx_t *saved;  /* while a root span is open (in_root) and the context was changed in it
+                      (has_saved): the context as the span started, put back when it ends */
+    size_t nsaved;
+    int in_root, has_saved;
     span_t *spans;
     size_t nspans, capspans;
     char remote_trace[33], remote_span[17];
@@ -467,6 +472,38 @@ static int ctx_put(mon_client *m, const char *key, size_t klen, char *val) { /* 
     return 0;
 }
 
+static void ctx_free(ctx_t *c, size_t n) {
+    for (size_t i = 0; i < n; i++) { free(c[i].key); free(c[i].val); }
+    free(c);
+}
+
+static char *dup_bytes(const char *s, size_t n) { /* keys may hold NUL bytes: klen counts */
+    char *p = malloc(n + 1);
+    if (p) { memcpy(p, s, n); p[n] = '\0'; }
+    return p;
+}
+
+/* Called before each change of the context: inside a root span, the first change copies the
+ * context the span started with, so that its end can put it back. Copying only then keeps
+ * spans that set nothing free of allocation. -1 when memory is short: the caller then leaves
+ * the context as it is, so nothing set inside the span can outlive it. */
+static int ctx_save(mon_client *m) {
+    size_t n;
+    if (!m->in_root || m->has_saved) return 0;
+    ctx_t *c = m->nctx ? malloc(m->nctx * sizeof *c) : NULL;
+    if (m->nctx && !c) return -1;
+    for (n = 0; n < m->nctx; n++) {
+        c[n].klen = m->ctx[n].klen;
+        c[n].key = dup_bytes(m->ctx[n].key, m->ctx[n].klen);
+        c[n].val = c[n].key ? dup_bytes(m->ctx[n].val, strlen(m->ctx[n].val)) : NULL;
+        if (!c[n].val) { free(c[n].key); ctx_free(c, n); return -1; }
+    }
+    m->saved = c;
+    m->nsaved = n;
+    m->has_saved = 1;
+    return 0;
+}
+
 static void put_ctx_object(buf_t *b, const ctx_t *c, size_t n) {
     put(b, "{", 1);
     for (size_t i = 0; i < n; i++) {
@@ -494,6 +531,21 @@ static void ctx_cache(mon_client *m) {
 static void export_context(mon_client *m) { /* setenv is process-wide: a child joins the job */
     if (!m->nctx) unsetenv("MONITORING_CONTEXT");
     else if (m->ctx_obj) setenv("MONITORING_CONTEXT", m->ctx_obj, 1);
+}
+
+/* The root span ended (after its end message took the context as it is): the context it
+ * started with comes back, by swapping the arrays, so this cannot fail for want of memory. */
+static void ctx_restore(mon_client *m) {
+    if (m->has_saved) {
+        ctx_free(m->ctx, m->nctx);
+        m->ctx = m->saved;
+        m->nctx = m->nsaved;
+        m->saved = NULL;
+        m->nsaved = 0;
+        ctx_cache(m);
+        export_context(m);
+    }
+    m->in_root = m->has_saved = 0;
 }
 
 static span_t *current_span(mon_client *m) { /* the calling thread's innermost active span */
@@ -1056,7 +1108,8 @@ static void install_atfork(void) { pthread_atfork(fork_prepare, fork_parent, for
 /* ---- public API ------------------------------------------------------------------------------ */
 
 static void destroy(mon_client *m) {
-    for (size_t i = 0; i < m->nctx; i++) { free(m->ctx[i].key); free(m->ctx[i].val); }
+    ctx_free(m->ctx, m->nctx);
+    ctx_free(m->saved, m->nsaved);
     for (size_t i = 0; i < m->nspans; i++) free(m->spans[i].name);
     pthread_mutex_destroy(&m->lock);
     pthread_cond_destroy(&m->wake);
@@ -1064,7 +1117,7 @@ static void destroy(mon_client *m) {
     pthread_cond_destroy(&m->done_cv);
     buf_free(&m->rest);
     buf_free(&m->rep);
-    free(m->ctx); free(m->ctx_obj); free(m->spans); free(m->ring); free(m->lens);
+    free(m->ctx_obj); free(m->spans); free(m->ring); free(m->lens);
     free(m->source); free(m->source_json); free(m->host); free(m);
 }
 
@@ -1252,6 +1305,7 @@ int mon_start_span(mon_client *m, const char *name, char out[17]) {
     else random_hex(m, s.trace, 16);
     s.t0 = now_ns(CLOCK_MONOTONIC);
     s.thread = pthread_self();
+    s.root = m->nspans == 0; /* of the client, not the thread: the context is the client's */
     if (m->nspans == m->capspans) {
         size_t cap = m->capspans ? m->capspans * 2 : 8;
         span_t *p = realloc(m->spans, cap * sizeof *p);
@@ -1264,6 +1318,7 @@ int mon_start_span(mon_client *m, const char *name, char out[17]) {
         return refuse(m, "start_span: out of memory");
     }
     m->spans[m->nspans++] = s;
+    if (s.root) m->in_root = 1;
     export_traceparent(m);
     head(m, &c, &s);
     unlock(m);
@@ -1292,6 +1347,7 @@ int mon_end_span(mon_client *m, const char *span_id, const char *status) {
     m->nspans--;
     export_traceparent(m);
     head(m, &c, &s);
+    if (s.root) ctx_restore(m); /* after head(): the end message carries the span's context */
     unlock(m);
     int64_t us = (now_ns(CLOCK_MONOTONIC) - s.t0 + 500) / 1000;
     puts_(&c.d, "{\"name\":");
@@ -1304,6 +1360,20 @@ int mon_end_span(mon_client *m, const char *span_id, const char *status) {
     return commit(m, &c, 1);
 }
 
+/* Sets key to the encoded val (taken), or removes it (val NULL). */
+static int ctx_set(mon_client *m, const char *key, char *val) {
+    lock(m);
+    int rc = ctx_save(m);
+    if (rc) free(val); /* no copy to restore from: the context stays as it is */
+    else {
+        rc = ctx_put(m, key, strlen(key), val);
+        ctx_cache(m);
+        export_context(m);
+    }
+    unlock(m);
+    return rc ? refuse(m, "set_context: out of memory") : 0;
+}
+
 int mon_set_context_json(mon_client *m, const char *key, const char *json) {
     buf_t val = {0};
     if (!m || !key) return -1;
@@ -1314,12 +1384,7 @@ int mon_set_context_json(mon_client *m, const char *key, const char *json) {
         put(&val, "", 1);
         if (bad || r.s != r.e || val.oom || val.big) { free(val.p); return refuse(m, "set_context: not a JSON value"); }
     }
-    lock(m);
-    int rc = ctx_put(m, key, strlen(key), val.p);
-    ctx_cache(m);
-    export_context(m);
-    unlock(m);
-    return rc ? refuse(m, "set_context: out of memory") : 0;
+    return ctx_set(m, key, val.p);
 }
 
 int mon_set_context(mon_client *m, const char *key, const char *value) {
@@ -1329,12 +1394,7 @@ int mon_set_context(mon_client *m, const char *key, const char *value) {
     put_str(&val, value);
     put(&val, "", 1);
     if (val.oom || val.big) { free(val.p); return refuse(m, "set_context: value too large or out of memory"); }
-    lock(m);
-    int rc = ctx_put(m, key, strlen(key), val.p);
-    ctx_cache(m);
-    export_context(m);
-    unlock(m);
-    return rc ? refuse(m, "set_context: out of memory") : 0;
+    return ctx_set(m, key, val.p);
 }
 
 int mon_flush(mon_client *m, int timeout_ms) {

@@ -68,13 +68,19 @@ int mon_log_resource(mon_client *mon, double cpu_percent, double memory_mb, doub
 
 /* Starts a span inside the calling thread's innermost active span (or under TRACEPARENT, or as
  * the root of a new trace) and writes its id (16 hex digits and a NUL) to out_span_id, which
- * is always filled. While it is active, TRACEPARENT names it. */
+ * is always filled. While it is active, TRACEPARENT names it. A span started while no span of
+ * the client is open, in any thread, is a root span: it scopes the context (mon_set_context). */
 int mon_start_span(mon_client *mon, const char *name, char out_span_id[17]);
-/* status NULL means "success". -1 if no active span has this id. */
+/* status NULL means "success". -1 if no active span has this id. Ending a root span sends its
+ * end message with the context as it is, then restores the context as the span started, also
+ * while spans started inside it are still open. */
 int mon_end_span(mon_client *mon, const char *span_id, const char *status);
 
 /* Sets a string context value sent with every later message and exported in
- * MONITORING_CONTEXT; value NULL removes the key. */
+ * MONITORING_CONTEXT; value NULL removes the key. Set while no span is open, it lasts. Set
+ * while a root span is open (also inside a nested span), it lasts until that root span ends:
+ * then the context and MONITORING_CONTEXT return to what they were when it started (unset if
+ * empty). -1, the context unchanged, when memory is short. */
 int mon_set_context(mon_client *mon, const char *key, const char *value);
 /* The same with any JSON value given as text (e.g. "42", "{\"a\":[1]}"); -1 if not valid JSON. */
 int mon_set_context_json(mon_client *mon, const char *key, const char *json);

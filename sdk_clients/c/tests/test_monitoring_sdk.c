@@ -4,7 +4,15 @@
  * The SDK's source is included, not linked: the ring tests make clients with small queues
  * (create()) and drive the queue's functions directly. The other tests use only the API. */
 #define _DEFAULT_SOURCE /* usleep */
+#include <stdlib.h>
+
+/* The SDK's own malloc() calls go through this: set malloc_fail_in to n and the n-th of them
+ * from now fails (the out-of-memory paths). Only the main thread arms it. */
+static int malloc_fail_in;
+static void *test_malloc(size_t n) { return malloc_fail_in > 0 && --malloc_fail_in == 0 ? NULL : malloc(n); }
+#define malloc test_malloc
 #include "monitoring_sdk.c"
+#undef malloc
 
 #include <errno.h>
 #include <json-c/json.h>
@@ -784,6 +792,170 @@ static void test_null_safety(void) {
     mon_close(m, 0);
 }
 
+/* ---- context and spans ---------------------------------------------------------------------- */
+
+static int env_is(const char *want) { /* MONITORING_CONTEXT as a child would see it; NULL: unset */
+    const char *v = getenv("MONITORING_CONTEXT");
+    return want ? v && !strcmp(v, want) : !v;
+}
+
+static const char *env_text(void) {
+    const char *v = getenv("MONITORING_CONTEXT");
+    return v ? v : "(unset)";
+}
+
+static void *scoped_worker(void *arg) { /* a span in another thread while the root span is open */
+    char id[17];
+    mon_start_span(arg, "worker", id);
+    mon_set_context(arg, "worker", "1");
+    mon_end_span(arg, id, NULL);
+    return NULL;
+}
+
+/* Context set while a root span (one started with no span of the client open) is open is
+ * undone when it ends, after its end message; nested spans do not scope it. */
+static void test_context_scope(void) {
+    server_t s = {0};
+    server_start(&s, 0, CAPTURE);
+    mon_client *m = client("svc", s.port);
+    char span[17], outer[17], inner[17], child[17];
+    mon_stats before, after;
+
+    /* the seed's queue-service loop over two jobs */
+    mon_set_context(m, "service", "qs");
+    for (int j = 1; j <= 2; j++) {
+        char job[16];
+        snprintf(job, sizeof job, "job-%d", j);
+        mon_start_span(m, "process_job", span);
+        mon_set_context(m, "job_id", job);
+        mon_log_progress(m, job, 100, "completed");
+        mon_end_span(m, span, NULL);
+        CHECK(env_is("{\"service\":\"qs\"}"), "job %d: MONITORING_CONTEXT after its span: %s", j, env_text());
+        mon_log_metric(m, "jobs_processed", 1, "count", NULL);
+    }
+
+    /* keys added, changed and removed inside, also inside a nested span, come back at the root's end */
+    mon_start_span(m, "outer", outer);
+    mon_set_context(m, "tenant", "acme");
+    mon_set_context(m, "service", NULL);
+    mon_set_context_json(m, "n", "1");
+    mon_start_span(m, "load", inner);
+    mon_set_context(m, "stage", "load");
+    mon_end_span(m, inner, NULL);
+    CHECK(env_is("{\"tenant\":\"acme\",\"n\":1,\"stage\":\"load\"}"), "a nested span does not scope context: %s", env_text());
+    mon_log_event(m, "info", "after the nested span", NULL);
+    mon_end_span(m, outer, NULL);
+    CHECK(env_is("{\"service\":\"qs\"}"), "after the root span: %s", env_text());
+    mon_log_event(m, "info", "after the root span", NULL);
+
+    /* out of order: the restore happens when the root ends; then, with no root open, context lasts */
+    mon_start_span(m, "root", outer);
+    mon_start_span(m, "child", child);
+    mon_set_context(m, "job_id", "job-3");
+    mon_end_span(m, outer, NULL);
+    CHECK(env_is("{\"service\":\"qs\"}"), "restored when the root ends before its child: %s", env_text());
+    mon_log_event(m, "info", "child still open", NULL);
+    mon_set_context(m, "step", "x");
+    mon_end_span(m, child, NULL);
+    CHECK(env_is("{\"service\":\"qs\",\"step\":\"x\"}"), "set after the root ended: lasts: %s", env_text());
+    mon_log_event(m, "info", "step stays", NULL);
+    mon_set_context(m, "step", NULL);
+
+    /* from an empty context, with a span of another thread inside: MONITORING_CONTEXT unset again */
+    mon_set_context(m, "service", NULL);
+    CHECK(env_is(NULL), "empty context: unset: %s", env_text());
+    mon_start_span(m, "root", outer);
+    pthread_t t;
+    pthread_create(&t, NULL, scoped_worker, m);
+    pthread_join(t, NULL);
+    CHECK(env_is("{\"worker\":\"1\"}"), "another thread's span is not a root: %s", env_text());
+    mon_end_span(m, outer, NULL);
+    CHECK(env_is(NULL), "back to empty: %s", env_text());
+    mon_log_event(m, "info", "empty again", NULL);
+
+    /* no memory to keep the start's context: set_context is refused and nothing changes */
+    mon_set_context(m, "k", "v");
+    mon_set_context(m, "l", "w");
+    mon_start_span(m, "root", outer);
+    mon_statistics(m, &before);
+    for (int fail = 1; fail <= 5; fail++) { /* the copy's array, then each entry's key and value */
+        malloc_fail_in = fail;
+        CHECK(mon_set_context(m, "job_id", "job-5") == -1 && malloc_fail_in == 0, "out of memory at allocation %d: refused", fail);
+        malloc_fail_in = 0;
+        CHECK(env_is("{\"k\":\"v\",\"l\":\"w\"}"), "out of memory at allocation %d: context kept: %s", fail, env_text());
+    }
+    mon_statistics(m, &after);
+    CHECK(after.errors == before.errors + 5, "refusals counted: %llu -> %llu", (unsigned long long)before.errors, (unsigned long long)after.errors);
+    mon_log_event(m, "info", "after failed sets", NULL);
+    CHECK(mon_set_context(m, "job_id", "job-5") == 0, "set_context with memory again");
+    mon_end_span(m, outer, NULL);
+    CHECK(env_is("{\"k\":\"v\",\"l\":\"w\"}"), "restored after the failures: %s", env_text());
+    mon_log_event(m, "info", "no job", NULL);
+    mon_set_context(m, "k", NULL);
+    mon_set_context(m, "l", NULL);
+    CHECK(mon_flush(m, 5000) == 0, "flush");
+
+    static const struct { const char *what, *ctx; } want[] = { /* what: span name:phase, event message, progress job */
+        {"process_job:start", "{\"service\":\"qs\"}"},
+        {"job-1", "{\"service\":\"qs\",\"job_id\":\"job-1\"}"},
+        {"process_job:end", "{\"service\":\"qs\",\"job_id\":\"job-1\"}"},
+        {"jobs_processed", "{\"service\":\"qs\"}"},
+        {"process_job:start", "{\"service\":\"qs\"}"},
+        {"job-2", "{\"service\":\"qs\",\"job_id\":\"job-2\"}"},
+        {"process_job:end", "{\"service\":\"qs\",\"job_id\":\"job-2\"}"},
+        {"jobs_processed", "{\"service\":\"qs\"}"},
+        {"outer:start", "{\"service\":\"qs\"}"},
+        {"load:start", "{\"tenant\":\"acme\",\"n\":1}"},
+        {"load:end", "{\"tenant\":\"acme\",\"n\":1,\"stage\":\"load\"}"},
+        {"after the nested span", "{\"tenant\":\"acme\",\"n\":1,\"stage\":\"load\"}"},
+        {"outer:end", "{\"tenant\":\"acme\",\"n\":1,\"stage\":\"load\"}"},
+        {"after the root span", "{\"service\":\"qs\"}"},
+        {"root:start", "{\"service\":\"qs\"}"},
+        {"child:start", "{\"service\":\"qs\"}"},
+        {"root:end", "{\"service\":\"qs\",\"job_id\":\"job-3\"}"},
+        {"child still open", "{\"service\":\"qs\"}"},
+        {"child:end", "{\"service\":\"qs\",\"step\":\"x\"}"},
+        {"step stays", "{\"service\":\"qs\",\"step\":\"x\"}"},
+        {"root:start", ""},
+        {"worker:start", ""},
+        {"worker:end", "{\"worker\":\"1\"}"},
+        {"root:end", "{\"worker\":\"1\"}"},
+        {"empty again", ""},
+        {"root:start", "{\"k\":\"v\",\"l\":\"w\"}"},
+        {"after failed sets", "{\"k\":\"v\",\"l\":\"w\"}"},
+        {"root:end", "{\"k\":\"v\",\"l\":\"w\",\"job_id\":\"job-5\"}"},
+        {"no job", "{\"k\":\"v\",\"l\":\"w\"}"},
+    };
+    const int nwant = (int)(sizeof want / sizeof want[0]);
+    int n;
+    wait_lines(&s, nwant, 5);
+    char **got = lines_of(&s, &n);
+    json_object *o[sizeof want / sizeof want[0]] = {0};
+    CHECK(n == nwant, "context scope: %d lines, expected %d", n, nwant);
+    for (int i = 0; i < n && i < nwant; i++) {
+        char what[64];
+        json_object *c = NULL;
+        o[i] = parse(got[i]);
+        const char *type = o[i] ? get(o[i], "type") : "", *name = o[i] ? get(o[i], "data.name") : NULL;
+        if (!strcmp(type, "span")) snprintf(what, sizeof what, "%s:%s", name, get(o[i], "data.phase"));
+        else snprintf(what, sizeof what, "%s", !strcmp(type, "event") ? get(o[i], "data.message") : !strcmp(type, "progress") ? get(o[i], "data.job_id") : name ? name : "");
+        const char *ctx = o[i] && json_object_object_get_ex(o[i], "context", &c) ? json_object_to_json_string_ext(c, JSON_C_TO_STRING_PLAIN) : "";
+        CHECK(!strcmp(what, want[i].what) && !strcmp(ctx, want[i].ctx), "context scope: line %d\n  got  %s %s\n  want %s %s",
+              i, what, ctx, want[i].what, want[i].ctx);
+    }
+    if (n == nwant) { /* each job its own trace; nothing after a span in one; the child's event in the child */
+        const char *t1 = get(o[0], "trace_id"), *t2 = get(o[4], "trace_id");
+        CHECK(t1 && t2 && strcmp(t1, t2) && !strcmp(get(o[2], "trace_id"), t1) && !strcmp(get(o[5], "trace_id"), t2) &&
+              !get(o[3], "trace_id") && !get(o[7], "trace_id"), "two jobs, two traces: %s / %s", got[0], got[4]);
+        CHECK(!strcmp(get(o[17], "span_id"), child), "the child's event: %s", got[17]);
+    }
+    for (int i = 0; i < nwant; i++) json_object_put(o[i]);
+    free_lines(got, n);
+    mon_close(m, 2000);
+    server_stop(&s);
+    server_free(&s);
+}
+
 /* ---- the ring ------------------------------------------------------------------------------- */
 
 /* The queued messages as one string, straight from the ring (no sender running). */
@@ -1129,6 +1301,7 @@ int main(int argc, char **argv) { /* argv[1]: run only the tests whose name hold
         {"exact messages", test_exact_messages}, {"escaping", test_escaping}, {"sidecar down, up, restarted", test_down_then_up},
         {"overflow", test_overflow}, {"8 threads", test_threads}, {"spans", test_spans},
         {"environment", test_environment}, {"fork", test_fork}, {"bad servers", test_bad_servers}, {"NULL safety", test_null_safety},
+        {"context and spans", test_context_scope},
         {"ring: wraparound, drop oldest", test_ring_wrap_and_drop}, {"ring: pinned batch", test_ring_pinned},
         {"ring: delivery after a wrap", test_ring_delivery}, {"ring: message larger than the ring", test_ring_too_large},
         {"ring: threads into a small ring", test_ring_threads}, {"ring: write cut by a full socket", test_ring_stalled},
