@@ -66,6 +66,7 @@ class DeliveryQueue:
         self.when_full = settings.when_full
         self.settings = settings
         self.depth = 0  # messages in memory
+        self.entering = 0  # messages of puts still waiting for room or for the disk
         self.spill = spill
         self._batches: collections.deque[Batch] = collections.deque()
         self._closed = False
@@ -95,7 +96,17 @@ class DeliveryQueue:
             return await trio.to_thread.run_sync(operation, *args)
 
     async def put(self, batch: Batch) -> int:
-        """Enqueue; returns how many messages the overflow policy dropped (0 under `block`)."""
+        """Enqueue; returns how many messages the overflow policy dropped (0 under `block`).
+        While a put waits (for room, or for the disk), its messages count as `entering`, so
+        the accounting holds at every instant."""
+        waiting = [len(batch)]  # of this put's messages, those not yet in memory or on disk
+        self.entering += len(batch)
+        try:
+            return await self._put(batch, waiting)
+        finally:
+            self.entering -= waiting[0]
+
+    async def _put(self, batch: Batch, waiting: list[int]) -> int:
         if self.spill is not None:
             # Once anything is on disk, newer messages queue behind it there: order is kept.
             room = self.capacity - self.depth
@@ -104,6 +115,8 @@ class DeliveryQueue:
                     return self._append(batch)
                 self._append(batch.head(room))
                 batch = batch.tail(room)
+                self.entering -= room  # in memory now; the rest waits for the disk
+                waiting[0] -= room
             written = await self._on_disk(self.spill.append, batch.lines)
             self._getters.unpark_all()
             return 0 if written else len(batch)
@@ -223,7 +236,7 @@ class DeliveryQueue:
         return self._closed
 
     def statistics(self) -> dict:
-        stats = {"depth": self.depth, "capacity": self.capacity, "when_full": self.when_full}
+        stats = {"depth": self.depth, "entering": self.entering, "capacity": self.capacity, "when_full": self.when_full}
         if self.spill is not None:
             stats.update(self.spill.statistics())
         return stats
@@ -465,7 +478,8 @@ class BackendSupervisor:
 
     @property
     def queued(self) -> int:
-        return self.queue.depth + self.queue.spilled + sum(map(len, self._buffers.values())) + len(self._in_flight)
+        queue = self.queue
+        return queue.entering + queue.depth + queue.spilled + sum(map(len, self._buffers.values())) + len(self._in_flight)
 
     def statistics(self) -> dict:
         return {

@@ -47,6 +47,23 @@ async def test_block_policy_waits_for_room():
     assert queue.depth == 3
 
 
+async def test_the_accounting_holds_while_a_put_waits_for_room(tmp_path):
+    # block: the correlator's put waits while the backend cannot write; the messages it holds
+    # are queued (entering), never missing from routed = delivered + dropped + queued.
+    spec = file_spec(tmp_path / "unmounted", queue=QueueSettings(max_messages=10, when_full="block"), batch=BatchSettings(max_messages=5, timeout=0.01))
+    supervisor = BackendSupervisor(spec)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        for start in (0, 10, 20):  # more than the queue and the supervisor's batches hold
+            nursery.start_soon(supervisor.put, msgs(10, start=start))
+            await trio.sleep(0.1)
+        stats = supervisor.statistics()
+        assert stats["queue"]["entering"] == 10 and stats["queue"]["depth"] >= 10, stats["queue"]
+        assert stats["routed"] == 30 and stats["queued"] == 30 and stats["delivered"] == 0
+        assert_accounting(supervisor)
+        nursery.cancel_scope.cancel()
+
+
 async def test_drop_newest_keeps_what_was_there():
     queue = DeliveryQueue(QueueSettings(max_messages=3, when_full="drop_newest"))
     assert await queue.put(msgs(2)) == 0
