@@ -42,6 +42,14 @@ import java.util.regex.Pattern;
  * environment win over the constructor's arguments. {@code TRACEPARENT} and
  * {@code MONITORING_CONTEXT} are read at construction, so a child process joins its parent's
  * trace and context; {@link #childEnvironment()} gives the values to pass on to a child.
+ *
+ * <p>Context and spans scope each other: context set while no span of this client is open lasts
+ * (the inherited {@code MONITORING_CONTEXT} is such context); context set while a root span (one
+ * started when no span of this client was open, in any thread) is open belongs to that span. When
+ * the root span ends, its end message carries the context as it is, then the context returns to
+ * what it was when the span started, and {@link #childEnvironment()} with it. Nested spans do not
+ * scope context; ending spans out of order is allowed, and the restore happens when the root span
+ * ends.
  */
 public final class MonitoringClient implements AutoCloseable {
     public static final String DEFAULT_HOST = "localhost";
@@ -95,9 +103,13 @@ public final class MonitoringClient implements AutoCloseable {
     private final String[] remote; // {trace_id, span_id} from TRACEPARENT, or null
     private final Set<String> warned = ConcurrentHashMap.newKeySet();
 
+    // contextLock serialises writes of context with spans starting and ending: a span that starts
+    // while the root span ends must not snapshot the context that is about to be undone.
     private final Object contextLock = new Object();
     private volatile Context context;
     private final ConcurrentHashMap<String, SpanState> spans = new ConcurrentHashMap<>();
+    private String rootSpan; // the open root span, or null (contextLock)
+    private Context rootContext; // the context when rootSpan started (contextLock)
     private final ThreadLocal<ArrayList<String>> active = ThreadLocal.withInitial(ArrayList::new);
 
     // Queue and counters, guarded by lock.
@@ -406,6 +418,9 @@ public final class MonitoringClient implements AutoCloseable {
      * active span: later messages from this thread carry its ids, and {@link #childEnvironment()}
      * names it, until it ends. Outside any span it starts a new trace, or joins the trace of
      * {@code TRACEPARENT} as a child of the remote span.
+     *
+     * <p>A span started while no span of this client is open, in any thread, is a root span: the
+     * context set until it ends is undone when it ends (see {@link #endSpan(String, String)}).
      */
     public String startSpan(String name) {
         String spanId = randomHex(1);
@@ -414,7 +429,14 @@ public final class MonitoringClient implements AutoCloseable {
             String[] current = current();
             String traceId = current != null ? current[0] : randomHex(2);
             String parent = current != null ? current[1] : null;
-            spans.put(spanId, new SpanState(spanName, traceId, parent, System.nanoTime()));
+            SpanState state = new SpanState(spanName, traceId, parent, System.nanoTime());
+            synchronized (contextLock) {
+                if (spans.isEmpty()) {
+                    rootSpan = spanId;
+                    rootContext = context;
+                }
+                spans.put(spanId, state);
+            }
             ArrayList<String> stack = active.get();
             stack.removeIf(id -> !spans.containsKey(id));
             stack.add(spanId);
@@ -436,22 +458,38 @@ public final class MonitoringClient implements AutoCloseable {
     /**
      * Ends a span started with {@link #startSpan(String)} (from any thread), sending its status
      * (null means "success") and its duration in milliseconds. An unknown id is counted as an error.
+     *
+     * <p>Ending the root span sends its end message with the context as it is, then restores the
+     * context to what it was when the span started: keys set inside are gone, keys changed or
+     * removed inside are back. Ending a nested span leaves the context alone.
      */
     public void endSpan(String spanId, String status) {
         try {
-            SpanState span = spanId == null ? null : spans.remove(spanId);
-            if (span == null) {
-                throw new IllegalArgumentException("endSpan: no active span with id " + spanId);
+            byte[] message;
+            synchronized (contextLock) { // the end message reads the context before the restore
+                SpanState span = spanId == null ? null : spans.remove(spanId);
+                if (span == null) {
+                    throw new IllegalArgumentException("endSpan: no active span with id " + spanId);
+                }
+                try {
+                    double durationMs = Math.round((System.nanoTime() - span.startNanos()) / 1000.0) / 1000.0;
+                    StringBuilder sb = start("span", null, span.traceId(), spanId, span.parentId());
+                    sb.append("{\"name\":");
+                    Json.string(sb, span.name());
+                    sb.append(",\"phase\":\"end\",\"status\":");
+                    Json.string(sb, status == null ? "success" : status);
+                    sb.append(",\"duration_ms\":").append(durationMs);
+                    message = finish(sb.append('}'));
+                } finally { // restore even if the message could not be built
+                    if (spanId.equals(rootSpan)) {
+                        context = rootContext;
+                        rootSpan = null;
+                        rootContext = null;
+                    }
+                }
             }
-            double durationMs = Math.round((System.nanoTime() - span.startNanos()) / 1000.0) / 1000.0;
             active.get().remove(spanId);
-            StringBuilder sb = start("span", null, span.traceId(), spanId, span.parentId());
-            sb.append("{\"name\":");
-            Json.string(sb, span.name());
-            sb.append(",\"phase\":\"end\",\"status\":");
-            Json.string(sb, status == null ? "success" : status);
-            sb.append(",\"duration_ms\":").append(durationMs);
-            offer(finish(sb.append('}')));
+            offer(message); // outside the lock: setContext in other threads never waits on the queue
         } catch (RuntimeException | StackOverflowError e) {
             fail(e);
         }
@@ -460,7 +498,8 @@ public final class MonitoringClient implements AutoCloseable {
     /**
      * Starts a span to use with try-with-resources; it ends with status "success" unless
      * {@link Span#fail()} or {@link Span#setStatus(String)} said otherwise (close() cannot see
-     * an exception that escapes the block).
+     * an exception that escapes the block). Like {@link #startSpan(String)}, a root span undoes at
+     * close the context set inside it.
      */
     public Span span(String name) {
         return new Span(this, startSpan(name));
@@ -468,7 +507,8 @@ public final class MonitoringClient implements AutoCloseable {
 
     /**
      * Sets a context value sent with every later message and passed on by
-     * {@link #childEnvironment()}; a null value removes the key.
+     * {@link #childEnvironment()}; a null value removes the key. Set while no span is open, it
+     * lasts; set while a span is open, it lasts until the root span ends.
      */
     public void setContext(String key, Object value) {
         if (key == null) {
@@ -491,9 +531,9 @@ public final class MonitoringClient implements AutoCloseable {
     /**
      * The variables a child process needs to join this trace and context: {@code TRACEPARENT}
      * (the calling thread's innermost span, else the inbound one) and {@code MONITORING_CONTEXT}
-     * (the context as a JSON object), each only when there is one. Java cannot change its own
-     * environment, so pass these on, e.g. {@code pb.environment().putAll(mon.childEnvironment())}
-     * or {@link #applyTo(ProcessBuilder)}.
+     * (the context as a JSON object, as restored when a root span ends), each only when there is
+     * one. Java cannot change its own environment, so pass these on, e.g.
+     * {@code pb.environment().putAll(mon.childEnvironment())} or {@link #applyTo(ProcessBuilder)}.
      */
     public Map<String, String> childEnvironment() {
         Map<String, String> env = new LinkedHashMap<>();

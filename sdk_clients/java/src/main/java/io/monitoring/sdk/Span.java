@@ -15,7 +15,9 @@ package io.monitoring.sdk;
  * }</pre>
  *
  * <p>{@link #close()} ends the span once, with status "success" unless {@link #fail()} or
- * {@link #setStatus(String)} set another. Thread-safe; like every SDK call it never throws.
+ * {@link #setStatus(String)} set another; closing a root span restores the context it started
+ * with, as {@link MonitoringClient#endSpan(String, String)} does. Thread-safe; like every SDK
+ * call it never throws.
  */
 public final class Span implements AutoCloseable {
     private final MonitoringClient client;
