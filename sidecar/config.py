@@ -165,7 +165,8 @@ class BatchSettings:
 @attrs.frozen
 class QueueSettings:
     max_messages: int = attrs.field(default=20_000, validator=attrs.validators.ge(1))
-    when_full: Literal["block", "drop_newest", "drop_oldest", "spill"] = "drop_newest"
+    # spill: nothing is lost in a routine outage; the overflow waits on disk (under storage.data_dir).
+    when_full: Literal["block", "drop_newest", "drop_oldest", "spill"] = "spill"
     # For `spill`: the disk buffer's cap; beyond it messages are dropped as `spill_full`.
     spill_max_bytes: ByteSize = attrs.field(default=1024**3, validator=attrs.validators.ge(1024))
 

@@ -225,6 +225,9 @@ class DeliveryQueue:
         await self._on_disk(self.spill.close)
         return len(pending), saved
 
+    async def close_disk(self) -> None:
+        await self._on_disk(self.spill.close)
+
     def close(self) -> None:
         """No more puts will come; the consumer drains what is left, then gets EndOfChannel."""
         self._closed = True
@@ -368,7 +371,16 @@ class BackendSupervisor:
         queue_settings = spec.delivery.queue
         spill = None
         if queue_settings.when_full == "spill":
-            spill = SpillLog(Path(data_dir or ".") / spill_directory_name(spec), queue_settings.spill_max_bytes)
+            directory = Path(data_dir or ".") / spill_directory_name(spec)
+            try:
+                spill = SpillLog(directory, queue_settings.spill_max_bytes)
+            except OSError as exc:
+                # Memory still delivers; what an outage costs is said once, by path.
+                log.warning(
+                    "backend %s: no disk buffer (%s: %s); its queue is in memory only: in an outage, messages beyond queue.max_messages (%d) are dropped",
+                    spec.label, directory, exc.strerror or exc, queue_settings.max_messages,
+                )
+                queue_settings = attrs.evolve(queue_settings, when_full="drop_newest")
         cls = backend_class(spec.type)
         self.backend = cls(spec.settings, label=self.label) if cls is not None else None
         self.queue = DeliveryQueue(queue_settings, spill)
@@ -478,6 +490,8 @@ class BackendSupervisor:
 
     @property
     def queued(self) -> int:
+        if self.exit_account is not None:  # stopped: what it held is on disk, or was lost
+            return self.exit_account["on_disk"] + self.exit_account["lost"]
         queue = self.queue
         return queue.entering + queue.depth + queue.spilled + sum(map(len, self._buffers.values())) + len(self._in_flight)
 
@@ -540,7 +554,10 @@ class BackendSupervisor:
         in_memory = self.queue.depth + sum(map(len, self._buffers.values())) + len(self._in_flight)
         on_disk = self.queue.spill.held if self.queue.spill is not None else 0
         self.exit_account = {"held": self.queued, "saved": 0, "on_disk": on_disk, "lost": in_memory}
-        if self.queue.spill is None or not in_memory:
+        if self.queue.spill is None:
+            return
+        if not in_memory:
+            await self.queue.close_disk()
             return
         leftovers = [line for batch in self._buffers.values() for line in batch.lines] + self._in_flight.lines
         pending, saved = await self.queue.save_to_disk(leftovers)

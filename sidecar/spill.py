@@ -10,6 +10,8 @@ is counted and skipped, never fatal.
 Pure blocking file I/O: the delivery queue calls it from a worker thread, one call at a time.
 """
 
+import errno
+import fcntl
 import logging
 import os
 import struct
@@ -58,6 +60,10 @@ class Segment:
         self.sealed = False  # no more appends
 
 
+class BufferInUse(OSError):
+    """Another process (or instance) holds this disk buffer's lock."""
+
+
 class SpillLog:
     def __init__(self, directory: Path, max_bytes: int, segment_bytes: int = SEGMENT_BYTES):
         self.directory = directory
@@ -68,6 +74,14 @@ class SpillLog:
         self.corrupt_segments = 0
         self._writer: int | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
+        # One owner at a time: two sidecars on one data_dir must not interleave records.
+        self.lock_fd: int | None = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+            raise BufferInUse(errno.EWOULDBLOCK, "in use by another sidecar on the same data_dir", str(self.directory)) from None
         self._recover()
 
     # ------------------------------------------------------------ state
@@ -173,6 +187,9 @@ class SpillLog:
 
     def close(self) -> None:
         self._seal()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     # ------------------------------------------------------------ recovery
 

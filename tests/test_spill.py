@@ -1,5 +1,7 @@
 """The disk buffer: order, restart after SIGTERM or SIGKILL, damaged segments, its cap."""
 
+import os
+import re
 import signal
 
 import orjson
@@ -45,6 +47,7 @@ def test_a_new_log_on_the_same_directory_finds_what_was_not_acknowledged(tmp_pat
     first.append(chunk_lines(0, 5))
     first.append(chunk_lines(5, 5))
     first.read(5)  # handed out, never acknowledged: a crash before delivery
+    os.close(first.lock_fd)  # as the crashed process's exit would
     second = SpillLog(tmp_path, max_bytes=10**9)
     assert second.unread == 10
     assert seqs([m for _s, ms in second.read(100) for m in ms]) == list(range(10))
@@ -218,3 +221,30 @@ def test_a_removed_backends_disk_buffer_is_reported_kept_and_delivered_when_it_r
         assert sorted(seqs(read_jsonl(tmp_path / "out" / "svc.jsonl"))) == list(range(300))
     finally:
         assert again.stop() == 0
+
+
+def test_two_sidecars_on_one_data_dir_never_share_a_disk_buffer(tmp_path):
+    first = start_spilling_sidecar(tmp_path)
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    second = SidecarProcess(second_dir, SPILL_CONFIG.format(data=tmp_path / "spool", base=tmp_path / "out")).start()
+    try:
+        assert "no disk buffer" in second.log() and "in use by another sidecar on the same data_dir" in second.log()
+        assert second.backend("files")["queue"]["when_full"] == "drop_newest"
+        assert first.backend("files")["queue"]["when_full"] == "spill"
+    finally:
+        assert second.stop() == 0
+        assert first.stop() == 0
+
+
+def test_a_data_dir_that_cannot_be_written_leaves_the_queue_in_memory_with_a_warning(tmp_path):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where data_dir's directory would go\n")
+    sidecar = SidecarProcess(tmp_path, SPILL_CONFIG.format(data=blocked / "spool", base=tmp_path / "out")).start()
+    try:
+        assert re.search(r"backend files: no disk buffer \(.*blocked/spool/files: .*\); its queue is in memory only: in an outage, messages beyond queue.max_messages \(20\) are dropped", sidecar.log()), sidecar.log()
+        (tmp_path / "out").mkdir()
+        sidecar.send(chunk(0, 10))
+        sidecar.wait_for(lambda s: s["backends"][0]["delivered"] == 10, what="delivery from memory")
+    finally:
+        assert sidecar.stop() == 0
