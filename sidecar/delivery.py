@@ -79,14 +79,12 @@ class DeliveryQueue:
     def spilled(self) -> int:
         return self.spill.unread if self.spill is not None else 0
 
-    def can_take(self, settings: QueueSettings) -> bool:
-        """Whether new settings can apply in place: all but a change to or from spill."""
-        return (settings.when_full == "spill") == (self.spill is not None)
-
     def reconfigure(self, settings: QueueSettings) -> None:
+        """New settings of the same kind of queue (see BackendSupervisor.can_take)."""
         self.settings = settings
         self.capacity = settings.max_messages
-        self.when_full = settings.when_full
+        # A queue that could get no disk buffer stays what it fell back to.
+        self.when_full = "drop_newest" if settings.when_full == "spill" and self.spill is None else settings.when_full
         if self.spill is not None:
             self.spill.max_bytes = settings.spill_max_bytes
         self._putters.unpark_all()  # a larger capacity may let waiting puts in
@@ -366,12 +364,16 @@ class BackendSupervisor:
     behind a circuit breaker, and keeps the accounting."""
 
     def __init__(self, spec: BackendSpec, data_dir: Path | None = None):
+        """`data_dir`: where a queue that spills keeps its disk buffer; None for none at all (the
+        queue stays in memory), as for a supervisor made outside a running sidecar."""
         self.spec = spec
         self.label = spec.label
         queue_settings = spec.delivery.queue
         spill = None
-        if queue_settings.when_full == "spill":
-            directory = Path(data_dir or ".") / spill_directory_name(spec)
+        if queue_settings.when_full == "spill" and data_dir is None:
+            queue_settings = attrs.evolve(queue_settings, when_full="drop_newest")  # asked for no disk
+        elif queue_settings.when_full == "spill":
+            directory = Path(data_dir) / spill_directory_name(spec)
             try:
                 spill = SpillLog(directory, queue_settings.spill_max_bytes)
             except OSError as exc:
@@ -424,7 +426,7 @@ class BackendSupervisor:
             buffer_key(spec) == buffer_key(self.spec)
             and self.backend is not None
             and backend_class(spec.type) is not None
-            and self.queue.can_take(spec.delivery.queue)
+            and (spec.delivery.queue.when_full == "spill") == (self.spec.delivery.queue.when_full == "spill")
             and not self.queue.closed
         )
 
