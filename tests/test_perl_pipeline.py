@@ -1,6 +1,7 @@
 """The seed's four Perl programs, run as written against a real sidecar."""
 
 import collections
+import json
 import os
 import shutil
 import subprocess
@@ -25,10 +26,10 @@ backends:
 """
 
 
-def run_pipeline(sidecar: SidecarProcess, work) -> list[str]:
+def run_pipeline(sidecar: SidecarProcess, work, queue: str = "traced") -> list[str]:
     run = subprocess.run(
         ["bash", str(PIPELINE / "run-pipeline.sh")],
-        env={**os.environ, "MONITORING_SIDECAR": f"127.0.0.1:{sidecar.port}", "PIPELINE_WORK": str(work), "PIPELINE_FILES": "3"},
+        env={**os.environ, "MONITORING_SIDECAR": f"127.0.0.1:{sidecar.port}", "PIPELINE_WORK": str(work), "PIPELINE_FILES": "3", "PIPELINE_QUEUE": queue},
         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
     )
     assert run.returncode == 0, run.stderr
@@ -81,6 +82,49 @@ def test_the_seeds_perl_services_join_up_by_job_and_trace(tmp_path):
         assert progress == [0, 100]
         spans = {m["data"]["name"]: m for m in messages if m["type"] == "span" and m["data"]["phase"] == "start"}
         assert spans["load_data"]["parent_span_id"] == spans["process_job"]["span_id"]
+
+
+def test_with_a_queue_that_carries_only_the_job_each_job_still_joins_up(tmp_path):
+    # The seed's queue-service as written (start_span, then set_context) over a queue of bare
+    # {id, file}: by the SDKs' rule for context and spans, no message names another job.
+    sidecar = SidecarProcess(tmp_path, CONFIG.format(base=tmp_path / "out"))
+    shutil.copytree(PIPELINE / "routes.d", sidecar.routes_dir, dirs_exist_ok=True)
+    sidecar.start()
+    try:
+        jobs = run_pipeline(sidecar, tmp_path / "work", queue="plain")
+        views = {}
+        for job in jobs:
+            status, body = sidecar.http(f"/api/jobs/{job}")
+            assert status == 200, body
+            views[job] = json.loads(body)
+    finally:
+        assert sidecar.stop() == 0
+
+    out = tmp_path / "out"
+    messages = [m for source in ("file-receiver", "queue-service", "db-loader") for m in read_jsonl(out / f"{source}.jsonl")]
+    jobs_of_trace = collections.defaultdict(set)
+    for message in messages:
+        job = (message.get("context") or {}).get("job_id")
+        if message["type"] == "progress":
+            assert job == message["data"]["job_id"], f"a progress message of {message['data']['job_id']} names {job}"
+        if job is None:
+            # Only what queue-service sends outside a job's context: each process_job start
+            # (before set_context) and jobs_processed (after end_span).
+            assert message["source"] == "queue-service", message
+            assert (message["type"], message["data"].get("name")) in (("span", "process_job"), ("metric", "jobs_processed")), message
+        elif message.get("trace_id"):
+            jobs_of_trace[message["trace_id"]].add(job)
+        assert job in (None, *jobs), message
+    assert all(len(named) == 1 for named in jobs_of_trace.values()), f"a trace names several jobs: {dict(jobs_of_trace)}"
+
+    for job, view in views.items():
+        assert [s["source"] for s in view["sources"]] == ["file-receiver", "queue-service", "db-loader"], job
+        assert len(view["trace_ids"]) == 2, f"{job}: the delivery's trace and the job's: {view['trace_ids']}"
+        (root,) = [span for span in view["spans"] if span["name"] == "process_job"]
+        assert root["start"] and root["end"] and root["status"] == "success", root
+        assert [child["name"] for child in root["children"]] == ["load_data"], root
+        started = [m for m in messages if m["type"] == "span" and m["span_id"] == root["span_id"] and m["data"]["phase"] == "start"]
+        assert len(started) == 1 and "context" not in started[0], "the start of process_job names no job, not the previous one"
 
 
 POSTGRES_ROUTES = """

@@ -6,6 +6,8 @@
 #   MONITORING_SIDECAR  host:port of the sidecar (default localhost:17000)
 #   PIPELINE_WORK       working directory (default: a new temporary directory)
 #   PIPELINE_FILES      number of input files (default 3)
+#   PIPELINE_QUEUE      traced (default: a job carries TRACEPARENT and MONITORING_CONTEXT through
+#                       the spool) or plain (a job is only {id, file})
 # Prints one "job <job_id> <file>" line per queued job, then the work directory.
 set -euo pipefail
 

@@ -71,16 +71,20 @@ sub validate_file {
 sub generate_job_id { sprintf 'job-%d-%d', time, $$ }
 
 # A queue entry carries the producer's propagation headers, as message queues carry trace
-# context: the SDK exported them into %ENV when the producer set its job_id.
+# context: the SDK exported them into %ENV when the producer set its job_id. With
+# PIPELINE_QUEUE=plain it holds only {id, file}, as the seed's dequeue() returns it, and the
+# consumer's spans open traces of their own.
 sub enqueue {
     my $file = shift;
     my $ctx = eval { $JSON->decode($ENV{MONITORING_CONTEXT} // '{}') } || {};
     my $job = {
-        id          => $ctx->{job_id} // generate_job_id(),
-        file        => File::Spec->rel2abs($file),
-        traceparent => $ENV{TRACEPARENT},
-        context     => $ENV{MONITORING_CONTEXT},
+        id   => $ctx->{job_id} // generate_job_id(),
+        file => File::Spec->rel2abs($file),
     };
+    if (($ENV{PIPELINE_QUEUE} // 'traced') ne 'plain') {
+        $job->{traceparent} = $ENV{TRACEPARENT};
+        $job->{context}     = $ENV{MONITORING_CONTEXT};
+    }
     my $dir = spool_dir();
     make_path("$dir/new", "$dir/tmp");
     my $name = sprintf '%.6f-%s.json', Time::HiRes::time(), $job->{id};

@@ -2,6 +2,7 @@ use strict;
 use warnings;
 use lib 't/lib';
 use Test::More;
+use JSON::PP qw(decode_json);
 use Monitoring::SDK;
 use TestServer;
 
@@ -134,6 +135,54 @@ subtest 'invalid inbound values are ignored' => sub {
         ok(!exists $m->{trace_id} && !exists $m->{context}, "ignored: $tp");
     }
     is(scalar @errors, 4, 'each bad MONITORING_CONTEXT reported');
+};
+
+subtest 'context set inside a root span ends with it' => sub {
+    # The seed's queue-service loop, with a queue that carries nothing but the job.
+    my $mon = sdk('queue-service');
+    for my $job ('job-1', 'job-2') {
+        my $span_id = $mon->start_span('process_job');
+        $mon->set_context('job_id', $job);
+        $mon->log_progress($job, 0, 'started');
+        is_deeply(decode_json($ENV{MONITORING_CONTEXT}), { job_id => $job }, "$job exported to children");
+        my $inner = $mon->start_span('load');
+        $mon->set_context('stage', 'load');    # a nested span does not scope it
+        $mon->end_span($inner);
+        $mon->log_event('info', 'after load');
+        $mon->end_span($span_id, 'success');
+        ok(!exists $ENV{MONITORING_CONTEXT}, "$job: MONITORING_CONTEXT unset again");
+        $mon->log_metric('jobs_processed', 1, 'count');
+    }
+    $mon->flush(2);
+    my @m = received(14);
+    my @seen = map { [$_->{type}, ($_->{data}{name} // $_->{data}{message} // ''), $_->{context}] } @m;
+    is_deeply(\@seen, [
+        map {(
+            ['span', 'process_job', undef],
+            ['progress', '', { job_id => $_ }],
+            ['span', 'load', { job_id => $_ }],
+            ['span', 'load', { job_id => $_, stage => 'load' }],
+            ['event', 'after load', { job_id => $_, stage => 'load' }],
+            ['span', 'process_job', { job_id => $_, stage => 'load' }],
+            ['metric', 'jobs_processed', undef],
+        )} 'job-1', 'job-2'
+    ], "no message of job-2 carries job-1's job_id");
+    isnt($m[0]{trace_id}, $m[7]{trace_id}, 'each job has a trace of its own');
+
+    # Keys changed or removed inside come back; an out-of-order end restores at the root's end.
+    $mon->set_context('tenant', 'acme');
+    my $root = $mon->start_span('root');
+    my $child = $mon->start_span('child');
+    $mon->set_context('tenant', undef);
+    $mon->set_context('job_id', 'job-3');
+    $mon->end_span($root);
+    is_deeply(decode_json($ENV{MONITORING_CONTEXT}), { tenant => 'acme' }, 'restored when the root ends, before the child');
+    $mon->end_span($child);
+    $mon->log_event('info', 'after both');
+    $mon->flush(2);
+    my @rest = received(5);
+    is_deeply($rest[-1]{context}, { tenant => 'acme' }, 'the context of before the root span');
+    $mon->set_context('tenant', undef);
 };
 
 subtest 'span ids are unique' => sub {

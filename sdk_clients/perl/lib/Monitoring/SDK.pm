@@ -151,6 +151,8 @@ sub _start_span {
     }
     my $span = { id => _random_hex(8), trace => $trace, parent => $parent,
                  name => '' . ($name // ''), t0 => Time::HiRes::time() };
+    # A root span owns the context set while it is open: it is undone when the span ends.
+    $span->{context_before} = { %{ $self->{context} } } unless @$stack;
     push @$stack, $span;
     $self->_export_trace;
     $self->_emit(span => { name => $span->{name}, phase => 'start' }, undef, $span);
@@ -167,6 +169,10 @@ sub _end_span {
     my $ms = sprintf '%.3f', (Time::HiRes::time() - $span->{t0}) * 1000;
     $self->_emit(span => { name => $span->{name}, phase => 'end', status => '' . ($status // 'success'),
                            duration_ms => 0 + $ms }, undef, $span);
+    if (my $before = $span->{context_before}) {
+        $self->{context} = $before;
+        $self->_export_context;
+    }
     return;
 }
 
@@ -175,6 +181,12 @@ sub _set_context {
     return unless defined $key;
     if (defined $value) { $self->{context}{$key} = $key eq 'job_id' ? "$value" : $value }
     else { delete $self->{context}{$key} }
+    $self->_export_context;
+    return;
+}
+
+sub _export_context {
+    my $self = shift;
     if (%{ $self->{context} }) {
         $ENV{MONITORING_CONTEXT} = $self->{ctx_seen} = $self->{json}->encode($self->{context});
     } else {
@@ -734,11 +746,16 @@ new trace) and returns its id, 16 hex digits. Messages sent until it ends carry 
 =head2 end_span($span_id, $status)
 
 Ends the span (C<$status> defaults to C<success>); the end message carries C<duration_ms>.
+When a root span (one started with no span active) ends, the context goes back to what it was
+when it started, after its end message is sent.
 
 =head2 set_context($key, $value)
 
 Sets a value sent in the C<context> of every later message (C<undef> removes it) and exported
-in C<MONITORING_CONTEXT>. C<job_id> is always sent as a string.
+in C<MONITORING_CONTEXT>. C<job_id> is always sent as a string. Set while a root span is
+active, the value belongs to that span: it is undone when the span ends (a nested span does
+not scope it). So the seed's queue-service loop, C<start_span('process_job')> then
+C<set_context('job_id', ...)>, never sends one job's messages under the previous job's id.
 
 =head2 flush($timeout)
 
