@@ -181,8 +181,36 @@ subtest 'context set inside a root span ends with it' => sub {
     $mon->log_event('info', 'after both');
     $mon->flush(2);
     my @rest = received(5);
-    is_deeply($rest[-1]{context}, { tenant => 'acme' }, 'the context of before the root span');
+    is_deeply([map { [$_->{data}{name} // $_->{data}{message}, $_->{context}] } @rest], [
+        ['root', { tenant => 'acme' }],
+        ['child', { tenant => 'acme' }],
+        ['root', { job_id => 'job-3' }],          # the end message still has the span's context
+        ['child', { tenant => 'acme' }],
+        ['after both', { tenant => 'acme' }],
+    ], 'the context of before the root span, from the root end on');
+    $mon->end_span($root);                        # already ended: nothing sent, nothing restored
+    is_deeply(decode_json($ENV{MONITORING_CONTEXT}), { tenant => 'acme' }, 'a second end_span restores nothing');
     $mon->set_context('tenant', undef);
+};
+
+subtest 'an inherited key changed inside a root span comes back' => sub {
+    local $ENV{MONITORING_CONTEXT} = '{"job_id":"job-parent","tenant":"acme"}';
+    my $mon = sdk('db-loader');
+    my $span = $mon->start_span('load_data');
+    $mon->set_context('job_id', 'job-child');
+    $mon->set_context('file', 'a.csv');
+    $mon->end_span($span);
+    is_deeply(decode_json($ENV{MONITORING_CONTEXT}), { job_id => 'job-parent', tenant => 'acme' },
+              'MONITORING_CONTEXT back to the inherited value');
+    $mon->set_context('region', 'eu');            # no span open: it lasts
+    my $next = $mon->start_span('load_data');
+    $mon->end_span($next);
+    $mon->log_event('info', 'after');
+    $mon->flush(2);
+    my @m = received(5);
+    is_deeply($m[1]{context}, { job_id => 'job-child', tenant => 'acme', file => 'a.csv' }, 'end message sent before the restore');
+    is_deeply($m[4]{context}, { job_id => 'job-parent', tenant => 'acme', region => 'eu' },
+              'context set with no span open survives a root span');
 };
 
 subtest 'span ids are unique' => sub {

@@ -167,12 +167,17 @@ sub _end_span {
     my ($span) = splice @$stack, $i, 1;
     $self->_export_trace;
     my $ms = sprintf '%.3f', (Time::HiRes::time() - $span->{t0}) * 1000;
-    $self->_emit(span => { name => $span->{name}, phase => 'end', status => '' . ($status // 'success'),
-                           duration_ms => 0 + $ms }, undef, $span);
-    if (my $before = $span->{context_before}) {
+    my $sent = eval {
+        $self->_emit(span => { name => $span->{name}, phase => 'end', status => '' . ($status // 'success'),
+                               duration_ms => 0 + $ms }, undef, $span);
+        1;
+    };
+    my $error = $@;
+    if (my $before = $span->{context_before}) {    # restored even if the end message failed
         $self->{context} = $before;
         $self->_export_context;
     }
+    die $error unless $sent;
     return;
 }
 
@@ -747,15 +752,18 @@ new trace) and returns its id, 16 hex digits. Messages sent until it ends carry 
 
 Ends the span (C<$status> defaults to C<success>); the end message carries C<duration_ms>.
 When a root span (one started with no span active) ends, the context goes back to what it was
-when it started, after its end message is sent.
+when it started, after its end message is sent, and C<MONITORING_CONTEXT> follows (unset when
+the context is empty). Spans may end in any order: the context is restored when the root span
+ends, whichever spans are still active.
 
 =head2 set_context($key, $value)
 
 Sets a value sent in the C<context> of every later message (C<undef> removes it) and exported
-in C<MONITORING_CONTEXT>. C<job_id> is always sent as a string. Set while a root span is
-active, the value belongs to that span: it is undone when the span ends (a nested span does
-not scope it). So the seed's queue-service loop, C<start_span('process_job')> then
-C<set_context('job_id', ...)>, never sends one job's messages under the previous job's id.
+in C<MONITORING_CONTEXT>. C<job_id> is always sent as a string. Set with no span active, the
+value lasts until it is changed or removed. Set while a root span is active, it belongs to that
+span: it is undone when the span ends (a nested span does not scope it). So the seed's
+queue-service loop, C<start_span('process_job')> then C<set_context('job_id', ...)>, never
+sends one job's messages under the previous job's id.
 
 =head2 flush($timeout)
 
