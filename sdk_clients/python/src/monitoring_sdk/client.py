@@ -66,6 +66,8 @@ _RESOURCES = ("cpu_percent", "memory_mb", "disk_io_mb", "network_io_mb")
 F = TypeVar("F", bound=Callable[..., Any])
 # name, trace_id, parent_span_id, start (perf_counter), the ids as a JSON fragment for messages in it
 _Span = tuple[str, str, Optional[str], float, str]
+# the open root span's id, and the context state (``_ctx``) and ``_owned`` keys when it started
+_Scope = tuple[str, tuple[dict[str, Any], Optional[str], Optional[str]], frozenset[str]]
 
 
 def _second(sec: int) -> str:
@@ -125,9 +127,11 @@ class MonitoringClient:
 
     ``MONITORING_SIDECAR`` ("host:port") and ``MONITORING_SOURCE`` in the environment win over
     the arguments. ``TRACEPARENT`` and ``MONITORING_CONTEXT`` are read at construction, so a
-    child process joins its parent's trace and context. ``on_error`` is called with every
-    internal error (connect, send, a call that could not be encoded); by default it is unset
-    and only the first error of each kind is logged as a warning.
+    child process joins its parent's trace and context. Context set inside a root span (one
+    started while no span of this client is open) is undone when that span ends; see
+    :meth:`set_context`. ``on_error`` is called with every internal error (connect, send, a
+    call that could not be encoded); by default it is unset and only the first error of each
+    kind is logged as a warning.
     """
 
     def __init__(self, source: str, host: str = "localhost", port: int = 17000, *, encoding: str = "json",
@@ -168,7 +172,8 @@ class MonitoringClient:
         match = _TRACEPARENT.fullmatch(os.environ.get("TRACEPARENT", "").strip().lower())
         self._remote: tuple[str, str] | None = match.groups() if match else None  # type: ignore[assignment]
         self._remote_ids = _ids_json(*self._remote) if self._remote else ""
-        self._spans: dict[str, _Span] = {}
+        self._spans: dict[str, _Span] = {}  # open spans of every thread; changed under self._lock
+        self._scope: _Scope | None = None  # set while a root span is open (and until its end restored)
         self._active: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
             f"monitoring_sdk_spans_{id(self)}", default=())
         self._closed = False
@@ -280,14 +285,19 @@ class MonitoringClient:
         """Start a span in the current thread (or task) and return its id.
 
         It becomes the innermost active span: later messages of this thread carry its ids, and
-        ``TRACEPARENT`` names it until it ends.
+        ``TRACEPARENT`` names it until it ends. Started while no span of this client is open (in
+        any thread), it is a root span: the context is remembered, to be restored when it ends.
         """
         span_id = os.urandom(8).hex()
         try:
             current = self._current()
             trace_id, parent = current if current else (os.urandom(16).hex(), None)
             name = str(name)
-            self._spans[span_id] = (name, trace_id, parent, time.perf_counter(), _ids_json(trace_id, span_id))
+            span = (name, trace_id, parent, time.perf_counter(), _ids_json(trace_id, span_id))
+            with self._lock:  # the root test and the snapshot must not interleave with another start or set
+                if self._scope is None and not self._spans:
+                    self._scope = (span_id, self._ctx, frozenset(self._owned))
+                self._spans[span_id] = span
             self._active.set(tuple(s for s in self._active.get() if s in self._spans) + (span_id,))
             self._export_traceparent()
             if self._binary:
@@ -300,27 +310,40 @@ class MonitoringClient:
         return span_id
 
     def end_span(self, span_id: str, status: str = "success") -> None:
-        """End a span started with :meth:`start_span`, with its duration in milliseconds."""
+        """End a span started with :meth:`start_span`, with its duration in milliseconds.
+
+        The end message carries the context as it is. Ending a root span then restores the
+        context, and ``MONITORING_CONTEXT``, to what they were when it started, whichever nested
+        spans are still open.
+        """
         try:
-            name, trace_id, parent, started, _ = self._spans.pop(span_id)
+            with self._lock:
+                name, trace_id, parent, started, _ = self._spans.pop(span_id)
+                scope = self._scope if self._scope is not None and self._scope[0] == span_id else None
             duration_ms = round((time.perf_counter() - started) * 1000, 3)
             stack = self._active.get()
             if span_id in stack:
                 self._active.set(tuple(s for s in stack if s != span_id))
             self._export_traceparent()
-            if self._binary:
-                self._emit("span", {"name": name, "phase": "end", "status": str(status), "duration_ms": duration_ms},
-                           ids=(trace_id, span_id, parent))
-            else:
-                self._emit_json(_SPAN, '{"name":' + _esc(name) + ',"phase":"end","status":' + _esc(str(status))
-                                + ',"duration_ms":' + _num_json(duration_ms) + "}", None,
-                                _ids_json(trace_id, span_id, parent))
+            try:
+                if self._binary:
+                    self._emit("span", {"name": name, "phase": "end", "status": str(status),
+                                        "duration_ms": duration_ms}, ids=(trace_id, span_id, parent))
+                else:
+                    self._emit_json(_SPAN, '{"name":' + _esc(name) + ',"phase":"end","status":' + _esc(str(status))
+                                    + ',"duration_ms":' + _num_json(duration_ms) + "}", None,
+                                    _ids_json(trace_id, span_id, parent))
+            finally:  # also when the end message could not be encoded: the span's context must not leak
+                if scope is not None:
+                    self._restore(scope)
         except Exception as exc:
             self._fail(exc)
 
     @contextmanager
     def span(self, name: str) -> Iterator[str]:
-        """Context manager around a span; the status is "error" if an exception escapes (re-raised)."""
+        """Context manager around a span; the status is "error" if an exception escapes (re-raised).
+
+        It scopes context as :meth:`start_span` and :meth:`end_span` do."""
         span_id = self.start_span(name)
         try:
             yield span_id
@@ -354,7 +377,13 @@ class MonitoringClient:
 
     def set_context(self, key: str, value: Any) -> None:
         """Set a context value sent with every message and exported in ``MONITORING_CONTEXT``
-        (``None`` removes the key)."""
+        (``None`` removes the key).
+
+        Set while no span is open, it lasts until changed. Set while a root span is open (also
+        inside a nested span), it lasts until that root span ends, which restores the context
+        as it was when the root span started. The context is one per client, not per thread:
+        a span started while another thread's span is open is nested for this purpose.
+        """
         key = str(key)
         with self._lock:  # copy on write: encoders in other threads keep a consistent snapshot
             context = {k: v for k, v in self._context.items() if k != key}
@@ -363,10 +392,7 @@ class MonitoringClient:
             self._owned.discard(key)
             self._set_context(context)
         try:
-            if context:
-                os.environ["MONITORING_CONTEXT"] = _encode(context)
-            else:
-                os.environ.pop("MONITORING_CONTEXT", None)
+            self._export_context(context)
         except Exception as exc:
             self._fail(exc)
 
@@ -428,6 +454,28 @@ class MonitoringClient:
                 pass
         self._context = context
         self._ctx = state  # read by callers in one go: the dict and its JSON always match
+
+    def _restore(self, scope: _Scope) -> None:
+        """Put back the context of a root span's start, after its end message was offered."""
+        _, state, owned = scope
+        with self._lock:
+            self._scope = None
+            changed = self._context is not state[0]
+            self._owned = set(owned)
+            self._context, self._ctx = state[0], state  # its cached JSON still matches: never changed
+        if changed:  # else MONITORING_CONTEXT already holds it
+            self._export_context(state[0])
+
+    def _export_context(self, context: dict[str, Any]) -> None:
+        """``MONITORING_CONTEXT`` = ``context`` if it is still the current one; unset when empty."""
+        text = _encode(context) if context else None  # outside the lock: default=str may run user code
+        with self._lock:  # threads setting context at once: the environment ends as the last change
+            if self._context is not context:  # replaced meanwhile; the newer change exports itself
+                return
+            if text is None:
+                os.environ.pop("MONITORING_CONTEXT", None)
+            else:
+                os.environ["MONITORING_CONTEXT"] = text
 
     def _current(self) -> tuple[str, str] | None:
         """(trace_id, span_id) of the innermost active span of this thread, else the remote parent."""
