@@ -141,6 +141,10 @@ start_span <- function(mon, name) {
     span <- list(id = span_id, trace = if (is.null(parent)) .random_hex(16L) else parent[[1]],
                  parent = if (is.null(parent)) NULL else parent[[2]],
                  name = as.character(name)[[1]], t0 = as.double(Sys.time()))
+    # A root span (none of this client's open) owns the context set inside it: it keeps what
+    # to return to when it ends, so one job's context never leaks into the next. The context is
+    # always a list (possibly empty), so NULL marks a nested span.
+    if (!length(mon$spans)) span$context <- mon$context
     mon$spans[[length(mon$spans) + 1L]] <- span
     .spans_changed(mon)
     .emit(mon, "span", .json_object(c("name", "phase"), .json_str(c(span$name, "start"))), span = span)
@@ -158,9 +162,16 @@ end_span <- function(mon, span_id, status = "success") {
     mon$spans[[i]] <- NULL
     .spans_changed(mon)
     duration_ms <- round((as.double(Sys.time()) - span$t0) * 1000, 3)
-    .emit(mon, "span", .json_object(
+    send <- function() .emit(mon, "span", .json_object(
       c("name", "phase", "status", "duration_ms"),
       c(.json_str(c(span$name, "end", as.character(status)[[1]])), .json_num(duration_ms))), span = span)
+    # The end message carries the context as it is; a root span's restore comes after it,
+    # also when sending failed. Spans still open inside it (ended out of order) do not delay it.
+    if (is.null(span$context)) send()
+    else tryCatch(send(), finally = {
+      mon$context <- span$context
+      .export_context(mon)
+    })
   })
   invisible(NULL)
 }
@@ -178,9 +189,7 @@ set_context <- function(mon, key, value) {
   .guard(mon, "set_context", {
     key <- as.character(key)[[1]]
     mon$context[[key]] <- if (identical(key, "job_id") && !is.null(value)) as.character(value) else value
-    json <- .context_changed(mon)
-    if (is.null(json)) Sys.unsetenv("MONITORING_CONTEXT")
-    else Sys.setenv(MONITORING_CONTEXT = json)
+    .export_context(mon)
   })
   invisible(NULL)
 }
@@ -245,6 +254,14 @@ print.monitoring_client <- function(x, ...) {
   json <- if (length(self$context)) .json_value(self$context)
   .Call(C_set_context, self, json, .json_str(as.character(names(self$context))))
   json
+}
+
+# The context changed: into the C client, and MONITORING_CONTEXT for children (unset when empty).
+.export_context <- function(self) {
+  json <- .context_changed(self)
+  if (is.null(json)) Sys.unsetenv("MONITORING_CONTEXT")
+  else Sys.setenv(MONITORING_CONTEXT = json)
+  invisible(NULL)
 }
 
 # Propagation from a parent process: its trace and context.
