@@ -441,9 +441,8 @@ class BackendSupervisor:
     def stop_soon(self, exit_deadline: float) -> None:
         """At shutdown: deliver what can be until the topology's deadline, give up at once while
         the circuit is open, and have the leftovers saved by `exit_deadline`."""
-        self.stopping = True
+        self.stopping = True  # acted on once the queue is closed (`close` wakes the supervisor)
         self.exit_deadline = exit_deadline
-        self._wake.set()
 
     async def _sleep_until(self, deadline: float) -> None:
         """Sleep, but wake for new settings."""
@@ -695,8 +694,8 @@ class BackendSupervisor:
             if self.stopping and self.queue.closed:
                 raise _GiveUp  # nothing more will come: what is held is saved or counted
             await self._sleep_until(self.breaker.ready_at())
-            if self.breaker.ready_at() == -math.inf:
-                return  # new settings, and a closed circuit with them
+            if trio.current_time() < self.breaker.ready_at():
+                continue  # woken early (stopping, or new settings with a closed circuit): look again
             self.probes += 1
             try:
                 with trio.fail_after(self.spec.delivery.retry.attempt_timeout):
