@@ -115,6 +115,10 @@ class SidecarProcess:
         import urllib.error
         import urllib.request
 
+        if self.http_port is None:  # the view may announce itself just after the listener
+            found = wait_until(lambda: re.search(r"HTTP view on http://[\d.]+:(\d+)/", self.log()), 10, "the HTTP view to start")
+            self.http_port = int(found.group(1))
+
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", method=method, headers=headers or {})
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
