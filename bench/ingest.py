@@ -4,7 +4,7 @@ routes them to the filesystem backend.
 Prints messages/s from the first byte sent to the last line written (the sidecar's own count of
 delivered messages, checked against the lines in the file), and the sidecar's peak RSS.
 
-    .venv/bin/python bench/ingest.py [--messages 2000000] [--connections 8] [--format json|msgpack] [--odd-every N] [--python-path]
+    .venv/bin/python bench/ingest.py [--messages 2000000] [--connections 8] [--format json|msgpack] [--odd-every N] [--python-path] [--queue disk|memory]
 """
 
 import argparse
@@ -35,7 +35,7 @@ backends:
     path: "{{source}}.jsonl"
     fsync: never
     batch: {{max_messages: 2000, timeout: 0.2}}
-    queue: {{max_messages: 10000, when_full: block}}
+    queue: {{max_messages: 10000, when_full: block{queue_mode}}}
 routing:
   all:
     - backend: files
@@ -93,6 +93,7 @@ def main() -> int:
     parser.add_argument("--format", choices=["json", "msgpack"], default="json")
     parser.add_argument("--odd-every", type=int, default=0, metavar="N", help="every N-th message has an upper-case trace id, for the Python path to normalise: mixed traffic")
     parser.add_argument("--python-path", action="store_true", help="run the sidecar with `pipeline.native: false` (every message on the Python path)")
+    parser.add_argument("--queue", choices=["disk", "memory"], default="disk", help="the backend's queue.mode (disk, the default: every message written to its log first)")
     parser.add_argument("--profile", metavar="FILE", help="record the sidecar with py-spy (raw, collapsed stacks) into FILE; needs `pip install -e '.[bench]'`")
     args = parser.parse_args()
 
@@ -105,7 +106,7 @@ def main() -> int:
         size = sum(map(len, payloads))
         print(f"  {size / total:.0f} bytes per message on the wire, {size / 2**20:.0f} MiB in all", flush=True)
 
-        sidecar, port = start_sidecar(work, CONFIG.format(base=work / "out", native="false" if args.python_path else "true"))
+        sidecar, port = start_sidecar(work, CONFIG.format(base=work / "out", native="false" if args.python_path else "true", queue_mode=", mode: memory" if args.queue == "memory" else ""))
         try:
             threads = senders(port, payloads)
             profiler = None
@@ -149,7 +150,7 @@ def main() -> int:
             sidecar.wait(60)
         elapsed = finished - started
         print(f"machine: {os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()}")
-        print(f"hot path: {'Python' if args.python_path or not NATIVE_AVAILABLE else 'native (sidecar._native)'}")
+        print(f"hot path: {'Python' if args.python_path or not NATIVE_AVAILABLE else 'native (sidecar._native)'}; queue: {args.queue}")
         print(f"sent in {sent - started:.2f}s; last line written after {elapsed:.2f}s")
         print(f"throughput: {total / elapsed:,.0f} messages/s ({size / elapsed / 2**20:.0f} MiB/s in)")
         print(

@@ -29,12 +29,12 @@ from sidecar.jobs import LiveIndex
 from sidecar.listener import Listener
 from sidecar.metrics import Counters
 from sidecar.routing import RouteTable
-from sidecar.spill import buffered_in
+from sidecar.disk_log import DiskBudget, held_in
 from sidecar.watcher import ConfigWatcher
 
 log = logging.getLogger("sidecar")
 
-# Of shutdown.budget: kept for saving what is left to the disk buffers (at most), and for exit.
+# Of shutdown.budget: kept for closing the backends and their disk logs (at most), and for exit.
 SAVE_RESERVE = 2.0
 EXIT_MARGIN = 0.25
 
@@ -50,6 +50,7 @@ class Topology:
         self.supervisors: dict[BackendSpec, BackendSupervisor] = {}
         self.retiring: set[BackendSupervisor] = set()
         self.orphaned_buffers: dict[str, dict] = {}  # directory -> what it holds
+        self.budget: DiskBudget | None = None  # the disk logs' total cap
         self.scope = trio.CancelScope()  # its deadline bounds the drain at shutdown
         self.stopped = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -66,7 +67,11 @@ class Topology:
         finally:
             self.stopped.set()
 
-    def apply(self, table: RouteTable, data_dir: Path) -> dict[BackendSpec, BackendSupervisor]:
+    def apply(self, table: RouteTable, data_dir: Path, max_bytes: int = 4 * 1024**3) -> dict[BackendSpec, BackendSupervisor]:
+        """`max_bytes`: storage.max_bytes, the total cap on the disk logs under data_dir."""
+        if self.budget is None:
+            self.budget = DiskBudget(max_bytes)
+        self.budget.max_bytes = max_bytes
         wanted = table.specs
         # In rule order, so that logs and statistics list backends the same way every time.
         for spec in dict.fromkeys(rule.spec for rule in table.rules if rule.enabled):
@@ -81,7 +86,7 @@ class Topology:
                 self.supervisors[spec] = supervisor
                 log.info("backend %s: settings changed; its %d queued messages are delivered with the new ones", spec.label, supervisor.queued)
                 continue
-            supervisor = BackendSupervisor(spec, data_dir)
+            supervisor = BackendSupervisor(spec, data_dir, self.budget)
             self.supervisors[spec] = supervisor
             self._nursery.start_soon(supervisor.run, name=f"backend {spec.label}")
             log.info("backend %s (%s) started", spec.label, spec.type)
@@ -94,22 +99,22 @@ class Topology:
         return dict(self.supervisors)
 
     def _find_orphaned_buffers(self, data_dir: Path) -> None:
-        """Disk buffers under data_dir that no running instance owns (a backend renamed or
-        removed, or its queue no longer spill): reported, kept, and delivered when a backend of
-        that name with `queue.when_full: spill` comes back."""
-        owned = {s.queue.spill.directory.resolve() for s in self.all_supervisors() if s.queue.spill is not None}
+        """Disk logs under data_dir that no running instance owns (a backend renamed or
+        removed, or its queue now in memory): reported, kept, and delivered when a backend of
+        that name with a disk queue comes back."""
+        owned = {s.queue.log.directory.resolve() for s in self.all_supervisors() if s.queue.log is not None}
         found = {}
         try:
             directories = sorted(p for p in data_dir.iterdir() if p.is_dir() and p.resolve() not in owned)
         except OSError:
             directories = []
         for directory in directories:
-            messages, size = buffered_in(directory)
+            messages, size = held_in(directory)
             if messages:
                 found[str(directory)] = {"directory": str(directory), "messages": messages, "bytes": size}
                 if str(directory) not in self.orphaned_buffers:
                     log.warning(
-                        "disk buffer %s holds %d messages that no configured backend owns; kept, and delivered when a backend named %r with queue.when_full: spill is configured",
+                        "disk log %s holds %d messages that no configured backend owns; kept, and delivered when a backend named %r with a disk queue is configured",
                         directory, messages, directory.name,
                     )
         self.orphaned_buffers = found
@@ -204,7 +209,7 @@ class Sidecar:
             table = RouteTable(self.config.rules)
             index_settings = self.config.index
             index = LiveIndex(index_settings.max_jobs, index_settings.max_traces, index_settings.max_age, trio.current_time)
-            routing = Routing(table, self.topology.apply(table, Path(self.config.storage.data_dir)))
+            routing = Routing(table, self.topology.apply(table, Path(self.config.storage.data_dir), self.config.storage.max_bytes))
             self.correlator = Correlator(routing, self.counters, index, trace_cache_size=self.config.pipeline.trace_cache_size)
             nursery.start_soon(self._run_correlator, receive_channel)
             address = await nursery.start(self.listener.run, send_channel)
@@ -237,8 +242,9 @@ class Sidecar:
 
     async def _shutdown(self) -> None:
         """Every phase inside `shutdown.budget`, from SIGTERM to exit: the clients' grace, the
-        drain (a backend whose circuit is open is not waited for), then saving what is left to
-        the disk buffers, which keeps a reserve of the budget for itself."""
+        drain (a backend whose circuit is open is not waited for), then closing the backends,
+        which keeps a reserve of the budget for itself. What a disk queue holds is on disk
+        already: nothing is left to save."""
         settings = self.config.shutdown
         began = trio.current_time()
         exit_at = began + settings.budget - EXIT_MARGIN
@@ -309,7 +315,7 @@ class Sidecar:
         if (config.tcp, config.http, config.pipeline, config.index) != (self.config.tcp, self.config.http, self.config.pipeline, self.config.index):
             log.warning("reload: tcp, http, pipeline and index settings change only on restart; routes and backends are applied now")
         table = RouteTable(config.rules)
-        supervisors = self.topology.apply(table, Path(config.storage.data_dir))
+        supervisors = self.topology.apply(table, Path(config.storage.data_dir), config.storage.max_bytes)
         self.correlator.routing = Routing(table, supervisors)
         self.config = config  # as loaded; the listener keeps the settings it started with
         self.watcher.settings = config.reload

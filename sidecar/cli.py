@@ -114,7 +114,7 @@ def command_check(args) -> int:
     table = RouteTable(config.rules)
     print(f"configuration OK: {len(config.files)} file(s): {', '.join(config.files)}")
     print(f"listen: {config.tcp.host}:{config.tcp.port}")
-    print(f"disk buffers: {_data_dir_state(Path(config.storage.data_dir))}")
+    print(f"disk logs: {_data_dir_state(Path(config.storage.data_dir))}, at most {_mib(config.storage.max_bytes)} together")
     print("\nbackends:")
     for name, definition in config.backends.items():
         available = backend_class(definition.type) is not None
@@ -142,15 +142,19 @@ def command_check(args) -> int:
     return 0
 
 
+def _mib(size: int) -> str:
+    return f"{size / 1024**3:g} GiB" if size >= 1024**3 else f"{size / 1024**2:g} MiB"
+
+
 def _data_dir_state(data_dir: Path) -> str:
-    """Whether queues that spill can: data_dir, or its nearest existing parent, writable."""
+    """Whether disk queues can have their logs: data_dir, or its nearest existing parent, writable."""
     existing = data_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
         return f"{data_dir} (writable)"
     reason = "not a directory" if existing.exists() and not existing.is_dir() else "not writable"
-    return f"{data_dir} ** {existing} is {reason}: queues with when_full: spill (the default) will be in memory only, and an outage beyond queue.max_messages drops messages **"
+    return f"{data_dir} ** {existing} is {reason}: disk queues (queue.mode: disk, the default) will be in memory only: a crash loses what they hold, and an outage beyond queue.max_messages drops messages **"
 
 
 def _number(text: str):

@@ -128,8 +128,10 @@ class IndexSettings:
 
 @attrs.frozen
 class StorageSettings:
-    # Disk buffers (`when_full: spill`) live here, one directory per backend instance.
+    # The disk queues' logs live here, one directory per backend instance (by its name).
     data_dir: str = "./var/spool"
+    # All logs under data_dir together stay within this; past it, queues are full.
+    max_bytes: ByteSize = attrs.field(default=4 * 1024**3, validator=attrs.validators.ge(4096))
 
 
 @attrs.frozen
@@ -164,11 +166,30 @@ class BatchSettings:
 
 @attrs.frozen
 class QueueSettings:
+    # disk: what a backend instance accepts is written to its log under storage.data_dir before
+    # it counts as queued, so an outage, a restart or a crash loses none of it. memory: faster
+    # for the price of what the queue holds when the process dies or an outage outlasts it.
+    mode: Literal["disk", "memory"] = "disk"
+    # disk: the messages kept in memory ahead of delivery (the rest is read back from the log);
+    # memory: the queue's capacity.
     max_messages: int = attrs.field(default=20_000, validator=attrs.validators.ge(1))
-    # spill: nothing is lost in a routine outage; the overflow waits on disk (under storage.data_dir).
-    when_full: Literal["block", "drop_newest", "drop_oldest", "spill"] = "spill"
-    # For `spill`: the disk buffer's cap; beyond it messages are dropped as `spill_full`.
-    spill_max_bytes: ByteSize = attrs.field(default=1024**3, validator=attrs.validators.ge(1024))
+    # disk: the log's cap (storage.max_bytes caps all logs together).
+    max_bytes: ByteSize = attrs.field(default=1024**3, validator=attrs.validators.ge(4096))
+    # At the cap: drop_newest (counted as queue_full) or block (backpressure up to the sockets);
+    # a memory queue can also drop_oldest. `spill` is the former name of a disk queue that
+    # drops the newest at its cap.
+    when_full: Literal["block", "drop_newest", "drop_oldest", "spill"] = "drop_newest"
+
+    def __attrs_post_init__(self):
+        if self.mode == "disk" and self.when_full == "drop_oldest":
+            raise ValueError("when_full: drop_oldest needs mode: memory (a disk queue drops the newest at its cap, or blocks)")
+        if self.mode == "memory" and self.when_full == "spill":
+            raise ValueError("when_full: spill needs mode: disk (the default)")
+
+    @property
+    def overflow(self) -> str:
+        """What a full queue does: `when_full` with `spill` read as what it means now."""
+        return "drop_newest" if self.when_full == "spill" else self.when_full
 
 
 @attrs.frozen

@@ -24,7 +24,7 @@ from sidecar.backends.base import DeliveryError, PartialDelivery, PermanentError
 from sidecar.config import BackendSpec, CircuitBreakerSettings, QueueSettings
 from sidecar.batch import Batch
 from sidecar.logs import DistinctErrorLog, RateLimitedLog
-from sidecar.spill import SpillLog
+from sidecar.disk_log import DiskBudget, DiskLog, LogFull, Record
 
 # Sources named in `rejected_by_source`: past that, the rest are counted under OTHER_SOURCES.
 MAX_REJECTED_SOURCES = 1000
@@ -38,8 +38,8 @@ def buffer_key(spec: BackendSpec) -> tuple:
     return (spec.name, spec.overrides)
 
 
-def spill_directory_name(spec: BackendSpec) -> str:
-    """The disk buffer's directory under data_dir: the backend's name, with a digest only where
+def log_directory_name(spec: BackendSpec) -> str:
+    """The disk log's directory under data_dir: the backend's name, with a digest only where
     the name is not a safe file name as it is or a rule's overrides make another instance."""
     name = safe_component(spec.name)
     if name == spec.name and not spec.overrides:
@@ -53,75 +53,91 @@ log = logging.getLogger("sidecar.delivery")
 class DeliveryQueue:
     """A bounded queue of batches between the correlator and one backend instance.
 
-    Items are Batches (one source's messages of a chunk, as JSON lines); capacity counts
-    messages. Batches are shared with other backends' queues, so they are never changed here:
-    a part is taken by slicing into a new one.
-    `when_full` says what a full queue does: `block` makes `put` wait (backpressure up to the
-    sockets), `drop_newest` refuses what does not fit, `drop_oldest` discards from the front,
-    `spill` writes the overflow to a disk buffer and reads it back, in order, as room returns.
+    Items are Batches (one source's messages of a chunk, as JSON lines). Batches are shared with
+    other backends' queues, so they are never changed here: a part is taken by slicing.
+
+    With a disk log (`queue.mode: disk`, the default) every batch put is written to the log
+    before it counts as queued, and memory is only a cache in front of it: up to `max_messages`
+    wait in memory while nothing waits on disk ahead of them, the rest are read back in order as
+    delivery catches up. The caps are the log's (`queue.max_bytes`, `storage.max_bytes`); past
+    them `when_full` drops the newest or makes `put` wait. A batch the disk refuses (a write
+    error) stays in memory if the cache has room and order allows; else it is dropped as
+    `disk_error`. Delivered messages are acknowledged per source, in the order handed out
+    (delivery of one source is in order), which moves the log's frontier.
+
+    Without a log (`queue.mode: memory`) memory is the queue and `max_messages` its capacity:
+    `block` makes `put` wait, `drop_newest` refuses what does not fit, `drop_oldest` discards
+    from the front.
     """
 
-    def __init__(self, settings: QueueSettings, spill: SpillLog | None = None):
-        self.capacity = settings.max_messages
-        self.when_full = settings.when_full
+    def __init__(self, settings: QueueSettings, disk_log: DiskLog | None = None):
         self.settings = settings
-        self.depth = 0  # messages in memory
-        self.entering = 0  # messages of puts still waiting for room or for the disk
-        self.spill = spill
-        self._batches: collections.deque[Batch] = collections.deque()
+        self.capacity = settings.max_messages
+        self.when_full = settings.overflow
+        self.log = disk_log
+        self.depth = 0  # messages in memory, not yet handed out
+        self.entering = 0  # messages of puts still waiting for room
+        self.last_error: str | None = None  # the disk's, when a write failed
+        self._batches: collections.deque[tuple[Batch, Record | None]] = collections.deque()
+        # With a log: per source, [record, messages] handed out and not yet acknowledged.
+        self._handed: dict[str, collections.deque[list]] = {}
         self._closed = False
         self._getters = trio.lowlevel.ParkingLot()
         self._putters = trio.lowlevel.ParkingLot()
-        self._spill_lock = trio.Lock()  # one disk operation at a time, each in a worker thread
-        self._spill_origin: dict[int, int] = {}  # id(line read back from disk) -> its segment
 
     @property
-    def spilled(self) -> int:
-        return self.spill.unread if self.spill is not None else 0
+    def waiting_on_disk(self) -> int:
+        """Messages on disk only: neither in memory nor handed out."""
+        return self.log.unread if self.log is not None else 0
 
     def reconfigure(self, settings: QueueSettings) -> None:
-        """New settings of the same kind of queue (see BackendSupervisor.can_take)."""
+        """New settings of the same mode (see BackendSupervisor.can_take)."""
         self.settings = settings
         self.capacity = settings.max_messages
-        # A queue that could get no disk buffer stays what it fell back to.
-        self.when_full = "drop_newest" if settings.when_full == "spill" and self.spill is None else settings.when_full
-        if self.spill is not None:
-            self.spill.max_bytes = settings.spill_max_bytes
-        self._putters.unpark_all()  # a larger capacity may let waiting puts in
+        self.when_full = settings.overflow
+        if self.log is not None:
+            self.log.max_bytes = settings.max_bytes
+        self._putters.unpark_all()  # a larger cap may let waiting puts in
 
-    async def _on_disk(self, operation, *args):
-        async with self._spill_lock:
-            return await trio.to_thread.run_sync(operation, *args)
-
-    async def put(self, batch: Batch) -> int:
-        """Enqueue; returns how many messages the overflow policy dropped (0 under `block`).
-        While a put waits (for room, or for the disk), its messages count as `entering`, so
-        the accounting holds at every instant."""
-        waiting = [len(batch)]  # of this put's messages, those not yet in memory or on disk
+    async def put(self, batch: Batch) -> tuple[int, str | None]:
+        """Enqueue; returns how many messages were dropped, and why. While a put waits, its
+        messages count as `entering`, so the accounting holds at every instant."""
         self.entering += len(batch)
         try:
-            return await self._put(batch, waiting)
+            if self.log is not None:
+                return await self._put_logged(batch)
+            return await self._put_in_memory(batch)
         finally:
-            self.entering -= waiting[0]
+            self.entering -= len(batch)
 
-    async def _put(self, batch: Batch, waiting: list[int]) -> int:
-        if self.spill is not None:
-            # Once anything is on disk, newer messages queue behind it there: order is kept.
-            room = self.capacity - self.depth
-            if not self.spill.unread and room > 0:
-                if len(batch) <= room:
-                    return self._append(batch)
-                self._append(batch.head(room))
-                batch = batch.tail(room)
-                self.entering -= room  # in memory now; the rest waits for the disk
-                waiting[0] -= room
-            written = await self._on_disk(self.spill.append, batch.lines)
-            self._getters.unpark_all()
-            return 0 if written else len(batch)
+    async def _put_logged(self, batch: Batch) -> tuple[int, str | None]:
+        while True:
+            cache = not self.log.unread and self.depth < self.capacity
+            try:
+                record = self.log.append(batch, cache=cache)
+            except LogFull:
+                if self.when_full == "block" and not self._closed:
+                    await self._putters.park()  # until acknowledgements free a segment
+                    continue
+                return len(batch), "queue_full"
+            except OSError as exc:
+                self.last_error = f"{self.log.directory}: {exc.strerror or exc}"
+                if cache:  # memory has room and nothing waits on disk ahead of it
+                    self._append(batch, None)
+                    return 0, None
+                return len(batch), "disk_error"
+            if record is not None:
+                self._append(batch, record)
+            else:
+                self._getters.unpark_all()
+            return 0, None
+
+    async def _put_in_memory(self, batch: Batch) -> tuple[int, str | None]:
         if self.when_full == "block":
             while self.depth >= self.capacity and not self._closed:
                 await self._putters.park()
-            return self._append(batch)
+            self._append(batch, None)
+            return 0, None
         dropped = 0
         room = self.capacity - self.depth
         if len(batch) > room:
@@ -136,24 +152,23 @@ class DeliveryQueue:
                     excess = self.depth + len(batch) - self.capacity
                 dropped += self._drop_oldest(excess)
         if len(batch):
-            self._append(batch)
-        return dropped
+            self._append(batch, None)
+        return dropped, "queue_full" if dropped else None
 
-    def _append(self, batch: Batch) -> int:
-        self._batches.append(batch)
+    def _append(self, batch: Batch, record: Record | None) -> None:
+        self._batches.append((batch, record))
         self.depth += len(batch)
         self._getters.unpark_all()
-        return 0
 
     def _drop_oldest(self, count: int) -> int:
         dropped = 0
         while count > 0 and self._batches:
-            oldest = self._batches[0]
+            oldest, record = self._batches[0]
             if len(oldest) <= count:
                 self._batches.popleft()
                 taken = len(oldest)
             else:
-                self._batches[0] = oldest.tail(count)
+                self._batches[0] = (oldest.tail(count), record)
                 taken = count
             dropped += taken
             count -= taken
@@ -167,64 +182,81 @@ class DeliveryQueue:
         cold, and the sidecar 40% larger.)"""
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
-            if self.spill is not None and self.spill.unread and self.depth < self.capacity // 2 + 1:
-                await self._read_back(self.capacity - self.depth)
+            if self.waiting_on_disk and self.depth < self.capacity // 2 + 1:
+                self._read_back(self.capacity - self.depth)
             if self._batches:
                 break
-            if self._closed and not self.spilled:
+            if self._closed and not self.waiting_on_disk:
                 raise trio.EndOfChannel
             await self._getters.park()
         taken = []
         count = 0
         while self._batches and count < max_messages:
-            batch = self._batches.popleft()
+            batch, record = self._batches.popleft()
             room = max_messages - count
             if len(batch) > room:
-                self._batches.appendleft(batch.tail(room))
+                self._batches.appendleft((batch.tail(room), record))
                 batch = batch.head(room)
             taken.append(batch)
             count += len(batch)
+            if self.log is not None:
+                self._hand_out(batch.source, record, len(batch))
         self.depth -= count
         self._putters.unpark_all()
         await trio.lowlevel.cancel_shielded_checkpoint()
         return taken
 
-    async def _read_back(self, room: int) -> None:
-        for segment, messages in await self._on_disk(self.spill.read, max(room, 1)):
-            for batch in Batch.runs(messages):
-                for line in batch.lines:
-                    self._spill_origin[id(line)] = segment
-                self._batches.append(batch)
-                self.depth += len(batch)
-
-    async def acknowledge(self, batch: Batch) -> None:
-        """These messages are delivered or dropped for good: their disk records may go."""
-        if not self._spill_origin:
+    def _read_back(self, room: int) -> None:
+        try:
+            records = self.log.read(max(room, 1))
+        except OSError as exc:
+            # What is on disk stays there; the next get tries again.
+            self.last_error = f"{self.log.directory}: reading back: {exc.strerror or exc}"
+            log.error("disk log %s: reading back failed: %s", self.log.directory, exc.strerror or exc)
             return
-        origin = self._spill_origin
-        counts: dict[int, int] = {}
-        for line in batch.lines:
-            segment = origin.pop(id(line), None)
-            if segment is not None:
-                counts[segment] = counts.get(segment, 0) + 1
-        if counts:
-            await self._on_disk(self.spill.acknowledge, counts)
+        for record, batch in records:
+            self._batches.append((batch, record))
+            self.depth += len(batch)
 
-    async def save_to_disk(self, leftovers: list[bytes]) -> int:
-        """At shutdown: write the lines memory still holds to the disk buffer for the next run,
-        except those that came from it (their records are still there). Returns (how many were
-        not on disk, how many of them were saved)."""
-        pending = [line for line in leftovers if id(line) not in self._spill_origin]
-        for batch in self._batches:
-            pending.extend(line for line in batch.lines if id(line) not in self._spill_origin)
-        saved = 0
-        if pending and await self._on_disk(self.spill.append, pending):
-            saved = len(pending)
-        await self._on_disk(self.spill.close)
-        return len(pending), saved
+    def _hand_out(self, source: str, record: Record | None, count: int) -> None:
+        handed = self._handed.get(source)
+        if handed is None:
+            handed = self._handed[source] = collections.deque()
+        if handed and handed[-1][0] is record:
+            handed[-1][1] += count
+        else:
+            handed.append([record, count])
 
-    async def close_disk(self) -> None:
-        await self._on_disk(self.spill.close)
+    def acknowledge(self, source: str, count: int) -> None:
+        """The first `count` messages of `source` handed out and not yet acknowledged are
+        delivered or dropped for good: the log may let them go."""
+        handed = self._handed.get(source)
+        if handed is None:
+            return
+        while count and handed:
+            entry = handed[0]
+            taken = min(count, entry[1])
+            if entry[0] is not None:
+                self.log.acknowledge(entry[0], taken)
+            entry[1] -= taken
+            count -= taken
+            if not entry[1]:
+                handed.popleft()
+        if not handed:
+            del self._handed[source]
+        if self.when_full == "block":
+            self._putters.unpark_all()
+
+    def memory_only(self) -> int:
+        """Of what this queue holds or handed out, the messages that are on no disk."""
+        if self.log is None:
+            return self.depth
+        unlogged = sum(len(batch) for batch, record in self._batches if record is None)
+        return unlogged + sum(entry[1] for handed in self._handed.values() for entry in handed if entry[0] is None)
+
+    def close_log(self) -> None:
+        if self.log is not None:
+            self.log.close()
 
     def close(self) -> None:
         """No more puts will come; the consumer drains what is left, then gets EndOfChannel."""
@@ -237,9 +269,15 @@ class DeliveryQueue:
         return self._closed
 
     def statistics(self) -> dict:
-        stats = {"depth": self.depth, "entering": self.entering, "capacity": self.capacity, "when_full": self.when_full}
-        if self.spill is not None:
-            stats.update(self.spill.statistics())
+        stats = {
+            "mode": "disk" if self.log is not None else "memory",
+            "depth": self.depth,
+            "entering": self.entering,
+            "capacity": self.capacity,
+            "when_full": self.when_full,
+        }
+        if self.log is not None:
+            stats.update(self.log.statistics(), max_bytes=self.log.max_bytes)
         return stats
 
 
@@ -363,33 +401,33 @@ class BackendSupervisor:
     """Runs one backend instance: owns its queue, batches per source, delivers with retries
     behind a circuit breaker, and keeps the accounting."""
 
-    def __init__(self, spec: BackendSpec, data_dir: Path | None = None):
-        """`data_dir`: where a queue that spills keeps its disk buffer; None for none at all (the
-        queue stays in memory), as for a supervisor made outside a running sidecar."""
+    def __init__(self, spec: BackendSpec, data_dir: Path | None = None, budget: DiskBudget | None = None):
+        """`data_dir`: where a disk queue keeps its log (`budget`: the total cap of all logs
+        there); None for no disk at all (the queue is in memory), as for a supervisor made
+        outside a running sidecar."""
         self.spec = spec
         self.label = spec.label
         queue_settings = spec.delivery.queue
-        spill = None
-        if queue_settings.when_full == "spill" and data_dir is None:
-            queue_settings = attrs.evolve(queue_settings, when_full="drop_newest")  # asked for no disk
-        elif queue_settings.when_full == "spill":
-            directory = Path(data_dir) / spill_directory_name(spec)
+        disk_log = None
+        if queue_settings.mode == "disk" and data_dir is not None:
+            directory = Path(data_dir) / log_directory_name(spec)
             try:
-                spill = SpillLog(directory, queue_settings.spill_max_bytes)
+                disk_log = DiskLog(directory, queue_settings.max_bytes, budget)
             except OSError as exc:
-                # Memory still delivers; what an outage costs is said once, by path.
+                # Memory still delivers; what is at risk is said once, by path.
                 log.warning(
-                    "backend %s: no disk buffer (%s: %s); its queue is in memory only: in an outage, messages beyond queue.max_messages (%d) are dropped",
+                    "backend %s: no disk log (%s: %s); its queue is in memory only: a crash loses what it holds, and an outage beyond queue.max_messages (%d) drops messages",
                     spec.label, directory, exc.strerror or exc, queue_settings.max_messages,
                 )
-                queue_settings = attrs.evolve(queue_settings, when_full="drop_newest")
+        if queue_settings.mode == "disk" and disk_log is None:
+            queue_settings = attrs.evolve(queue_settings, mode="memory", when_full=queue_settings.overflow)
         cls = backend_class(spec.type)
         self.backend = cls(spec.settings, label=self.label) if cls is not None else None
-        self.queue = DeliveryQueue(queue_settings, spill)
-        self._overflow_reason = "spill_full" if spill is not None else "queue_full"
+        self.queue = DeliveryQueue(queue_settings, disk_log)
+        self._drops_log = RateLimitedLog(log, interval=10.0)
         self.breaker = CircuitBreaker(spec.delivery.circuit_breaker)
-        # Messages a previous run left in the disk buffer are routed to this run's count.
-        self.routed = self.queue.spilled
+        # Messages a previous run left in the disk log are routed to this run's count.
+        self.routed = self.queue.waiting_on_disk
         self.delivered = 0
         self.dropped: collections.Counter = collections.Counter()
         # What the destination refused for good, per source and reason: an operator's answer
@@ -426,7 +464,7 @@ class BackendSupervisor:
             buffer_key(spec) == buffer_key(self.spec)
             and self.backend is not None
             and backend_class(spec.type) is not None
-            and (spec.delivery.queue.when_full == "spill") == (self.spec.delivery.queue.when_full == "spill")
+            and spec.delivery.queue.mode == self.spec.delivery.queue.mode
             and not self.queue.closed
         )
 
@@ -479,9 +517,16 @@ class BackendSupervisor:
         if self.queue.closed:
             self.dropped["backend_removed"] += len(batch)
             return
-        dropped = await self.queue.put(batch)
+        dropped, reason = await self.queue.put(batch)
         if dropped:
-            self.dropped[self._overflow_reason] += dropped
+            self.dropped[reason] += dropped
+            queue = self.queue
+            if reason == "disk_error":
+                self._drops_log.warning(reason, "backend %s: %d messages dropped: the disk log cannot be written (%s) and memory holds %d", self.label, dropped, queue.last_error, queue.depth)
+            elif queue.log is not None:
+                self._drops_log.warning(reason, "backend %s: %d messages dropped: its disk log is full (%d bytes, queue.max_bytes %d)", self.label, dropped, queue.log.bytes_on_disk, queue.log.max_bytes)
+            else:
+                self._drops_log.warning(reason, "backend %s: %d messages dropped: its memory queue is full (queue.max_messages %d)", self.label, dropped, queue.capacity)
 
     def close(self) -> None:
         self.queue.close()
@@ -494,7 +539,7 @@ class BackendSupervisor:
         if self.exit_account is not None:  # stopped: what it held is on disk, or was lost
             return self.exit_account["on_disk"] + self.exit_account["lost"]
         queue = self.queue
-        return queue.entering + queue.depth + queue.spilled + sum(map(len, self._buffers.values())) + len(self._in_flight)
+        return queue.entering + queue.depth + queue.waiting_on_disk + sum(map(len, self._buffers.values())) + len(self._in_flight)
 
     def statistics(self) -> dict:
         return {
@@ -545,26 +590,22 @@ class BackendSupervisor:
             with trio.CancelScope(shield=True):
                 with trio.move_on_at(min(self.exit_deadline, trio.current_time() + 5)):
                     await self._close_backend()
-                with trio.move_on_at(min(self.exit_deadline, trio.current_time() + 5)):
-                    await self._save_leftovers()
+                try:
+                    self._account_for_leftovers()
+                except OSError as exc:
+                    log.error("backend %s: closing its disk log: %s", self.label, exc)
             self._stopped.set()
 
-    async def _save_leftovers(self) -> None:
-        """Account for what is held at exit: lines in memory go to the disk buffer where there is
-        one; lines read back from it are on disk already; the rest is lost, and counted."""
-        in_memory = self.queue.depth + sum(map(len, self._buffers.values())) + len(self._in_flight)
-        on_disk = self.queue.spill.held if self.queue.spill is not None else 0
-        self.exit_account = {"held": self.queued, "saved": 0, "on_disk": on_disk, "lost": in_memory}
-        if self.queue.spill is None:
-            return
-        if not in_memory:
-            await self.queue.close_disk()
-            return
-        leftovers = [line for batch in self._buffers.values() for line in batch.lines] + self._in_flight.lines
-        pending, saved = await self.queue.save_to_disk(leftovers)
-        self.exit_account.update(saved=saved, on_disk=self.queue.spill.held, lost=pending - saved)
-        if saved:
-            log.warning("backend %s: %d undelivered messages saved to the disk buffer for the next start", self.label, saved)
+    def _account_for_leftovers(self) -> None:
+        """What is held at exit: with a disk log, all of it is there for the next start, but for
+        batches the disk refused; in memory, it is lost. Counted either way."""
+        queue = self.queue
+        lost = queue.memory_only()
+        if queue.log is None:
+            lost += sum(map(len, self._buffers.values())) + len(self._in_flight)
+        on_disk = queue.log.held if queue.log is not None else 0
+        self.exit_account = {"held": self.queued, "on_disk": on_disk, "lost": lost}
+        queue.close_log()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -635,7 +676,7 @@ class BackendSupervisor:
                 self._buffer_bytes[source] -= encoded_size(batch)
             await self._deliver(source, batch)
             self._in_flight = Batch.empty()
-            await self.queue.acknowledge(batch)
+            self.queue.acknowledge(source, len(batch))
         if not len(pending):
             # A remainder keeps its start time: it has waited that long already.
             del self._buffers[source]

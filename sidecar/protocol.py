@@ -15,12 +15,7 @@ import orjson
 
 from sidecar.message import DEFAULT_MAX_DEPTH, MessageError, validate_message
 
-try:
-    from sidecar._native import Chunk as NativeChunk, decode as native_decode
-except ImportError:  # built without a Rust toolchain: the Python path does everything
-    NativeChunk = native_decode = None
-
-NATIVE_AVAILABLE = native_decode is not None
+from sidecar.native import AVAILABLE as NATIVE_AVAILABLE, Chunk as NativeChunk, decode as native_decode
 
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
 

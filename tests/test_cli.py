@@ -40,17 +40,17 @@ def test_check_prints_the_seeds_routing_table():
     assert "file-receiver goes to:\n    -> cloudwatch" in out
 
 
-def test_check_says_whether_the_disk_buffers_can_be_written(tmp_path):
+def test_check_says_whether_the_disk_logs_can_be_written(tmp_path):
     config = tmp_path / "sidecar.yaml"
     config.write_text(f"storage: {{data_dir: {tmp_path / 'spool'}}}\nbackends:\n  files: {{type: filesystem, base_path: {tmp_path}}}\n")
     result = cli("check", "--config", str(config))
     assert result.returncode == 0, result.stderr
-    assert f"disk buffers: {tmp_path / 'spool'} (writable)" in result.stdout
+    assert f"disk logs: {tmp_path / 'spool'} (writable), at most 4 GiB together" in result.stdout
     (tmp_path / "file").write_text("x\n")
     config.write_text(f"storage: {{data_dir: {tmp_path / 'file' / 'spool'}}}\nbackends:\n  files: {{type: filesystem, base_path: {tmp_path}}}\n")
     result = cli("check", "--config", str(config))
     assert result.returncode == 0, result.stderr
-    assert f"disk buffers: {tmp_path / 'file' / 'spool'} ** {tmp_path / 'file'} is not a directory: queues with when_full: spill (the default) will be in memory only" in result.stdout
+    assert f"disk logs: {tmp_path / 'file' / 'spool'} ** {tmp_path / 'file'} is not a directory: disk queues (queue.mode: disk, the default) will be in memory only: a crash loses what they hold" in result.stdout
 
 
 def test_check_exits_non_zero_with_file_and_line(tmp_path):

@@ -158,7 +158,7 @@ def test_durations_and_sizes_read_with_units(write):
             type: filesystem
             base_path: /tmp/x
             batch: {timeout: 250ms, max_messages: 10}
-            queue: {when_full: drop_oldest}
+            queue: {max_bytes: 256MiB, when_full: block}
             retry: {max_backoff: 2m}
         routing:
           all: [{backend: files}]
@@ -168,8 +168,43 @@ def test_durations_and_sizes_read_with_units(write):
     assert config.tcp.max_message_size == 2 * 1024 * 1024
     delivery = config.backends["files"].delivery
     assert delivery.batch.timeout == 0.25 and delivery.batch.max_messages == 10
-    assert delivery.queue.when_full == "drop_oldest"
+    assert delivery.queue.when_full == "block" and delivery.queue.max_bytes == 256 * 1024**2 and delivery.queue.mode == "disk"
     assert delivery.retry.max_backoff == 120.0
+
+
+@pytest.mark.parametrize(
+    "queue, problem",
+    [
+        ("{when_full: drop_oldest}", "backends.files.queue: when_full: drop_oldest needs mode: memory (a disk queue drops the newest at its cap, or blocks)"),
+        ("{mode: memory, when_full: spill}", "backends.files.queue: when_full: spill needs mode: disk (the default)"),
+        ("{mode: tape}", "backends.files.queue.mode must be one of disk, memory, got 'tape'"),
+        ("{spill_max_bytes: 1GiB}", "unknown key backends.files.queue.spill_max_bytes (known keys: mode, max_messages, max_bytes, when_full)"),
+    ],
+)
+def test_a_queue_that_cannot_be_is_named_at_its_line(write, queue, problem):
+    main = write("sidecar.yaml", f"""
+        backends:
+          files:
+            type: filesystem
+            base_path: /tmp/x
+            queue: {queue}
+        routing:
+          all: [{{backend: files}}]
+        """)
+    with pytest.raises(ConfigError) as raised:
+        load_config(main, None, {})
+    assert f"{main}:5: {problem}" in str(raised.value)
+
+
+def test_a_queue_named_spill_is_a_disk_queue_that_drops_the_newest(write):
+    main = write("sidecar.yaml", """
+        backends:
+          files: {type: filesystem, base_path: /tmp/x, queue: {when_full: spill}}
+        routing:
+          all: [{backend: files}]
+        """)
+    queue = load_config(main, None, {}).backends["files"].delivery.queue
+    assert (queue.mode, queue.overflow) == ("disk", "drop_newest")
 
 
 def test_the_embedded_default_needs_nothing_outside():

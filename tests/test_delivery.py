@@ -10,7 +10,7 @@ import trio.testing
 from sidecar.batch import Batch
 from sidecar.backends.filesystem import FilesystemSettings
 from sidecar.config import BackendSpec, BatchSettings, CircuitBreakerSettings, DeliverySettings, QueueSettings, RetrySettings
-from sidecar.delivery import BackendSupervisor, CircuitBreaker, DeliveryQueue, backoff_delay, count_within, spill_directory_name
+from sidecar.delivery import BackendSupervisor, CircuitBreaker, DeliveryQueue, backoff_delay, count_within, log_directory_name
 
 
 def msgs(n, source="svc", level="info", start=0):
@@ -30,7 +30,7 @@ async def drain(queue, at_most=10):
 
 
 async def test_block_policy_waits_for_room():
-    queue = DeliveryQueue(QueueSettings(max_messages=3, when_full="block"))
+    queue = DeliveryQueue(QueueSettings(mode="memory", max_messages=3, when_full="block"))
     await queue.put(msgs(3))
     done = trio.Event()
 
@@ -50,7 +50,7 @@ async def test_block_policy_waits_for_room():
 async def test_the_accounting_holds_while_a_put_waits_for_room(tmp_path):
     # block: the correlator's put waits while the backend cannot write; the messages it holds
     # are queued (entering), never missing from routed = delivered + dropped + queued.
-    spec = file_spec(tmp_path / "unmounted", queue=QueueSettings(max_messages=10, when_full="block"), batch=BatchSettings(max_messages=5, timeout=0.01))
+    spec = file_spec(tmp_path / "unmounted", queue=QueueSettings(mode="memory", max_messages=10, when_full="block"), batch=BatchSettings(max_messages=5, timeout=0.01))
     supervisor = BackendSupervisor(spec)
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)
@@ -65,17 +65,17 @@ async def test_the_accounting_holds_while_a_put_waits_for_room(tmp_path):
 
 
 async def test_drop_newest_keeps_what_was_there():
-    queue = DeliveryQueue(QueueSettings(max_messages=3, when_full="drop_newest"))
-    assert await queue.put(msgs(2)) == 0
-    assert await queue.put(msgs(3, start=2)) == 2
+    queue = DeliveryQueue(QueueSettings(mode="memory", max_messages=3, when_full="drop_newest"))
+    assert await queue.put(msgs(2)) == (0, None)
+    assert await queue.put(msgs(3, start=2)) == (2, "queue_full")
     assert await drain(queue) == ["m0", "m1", "m2"]
 
 
 async def test_drop_oldest_keeps_the_newest():
-    queue = DeliveryQueue(QueueSettings(max_messages=3, when_full="drop_oldest"))
+    queue = DeliveryQueue(QueueSettings(mode="memory", max_messages=3, when_full="drop_oldest"))
     await queue.put(msgs(2))
-    assert await queue.put(msgs(2, start=2)) == 1
-    assert await queue.put(msgs(5, start=4)) == 5 - 3 + 3
+    assert await queue.put(msgs(2, start=2)) == (1, "queue_full")
+    assert await queue.put(msgs(5, start=4)) == (5 - 3 + 3, "queue_full")
     assert await drain(queue) == ["m6", "m7", "m8"]
 
 
@@ -83,7 +83,7 @@ async def test_drop_oldest_keeps_the_newest():
 async def test_lines_stay_paired_with_their_messages(when_full):
     # Slices by the overflow policy and by `get`: each line and timestamp is always its own
     # message's.
-    queue = DeliveryQueue(QueueSettings(max_messages=5, when_full=when_full))
+    queue = DeliveryQueue(QueueSettings(mode="memory", max_messages=5, when_full=when_full))
     await queue.put(msgs(3))
     await queue.put(msgs(2, start=3))
     if when_full != "block":
@@ -95,7 +95,7 @@ async def test_lines_stay_paired_with_their_messages(when_full):
 
 async def test_get_never_mutates_a_chunk_shared_with_other_queues():
     chunk = msgs(3)
-    first, second = DeliveryQueue(QueueSettings()), DeliveryQueue(QueueSettings())
+    first, second = DeliveryQueue(QueueSettings(mode="memory")), DeliveryQueue(QueueSettings(mode="memory"))
     for queue in (first, second):
         await queue.put(chunk)
         await queue.put(msgs(2, start=3))
@@ -105,7 +105,7 @@ async def test_get_never_mutates_a_chunk_shared_with_other_queues():
 
 
 async def test_closed_queue_drains_then_ends():
-    queue = DeliveryQueue(QueueSettings())
+    queue = DeliveryQueue(QueueSettings(mode="memory"))
     await queue.put(msgs(2))
     queue.close()
     assert sum(map(len, await queue.get(10))) == 2
@@ -320,14 +320,14 @@ async def test_new_settings_cut_a_long_hold_off_short_and_take_the_queue_with_th
 def test_a_buffer_is_named_by_its_backend_not_by_its_settings(tmp_path):
     spec = file_spec(tmp_path)
     changed = attrs.evolve(spec, settings=attrs.evolve(spec.settings, base_path="/elsewhere"), delivery=attrs.evolve(spec.delivery, batch=BatchSettings(max_messages=7)))
-    assert spill_directory_name(spec) == spill_directory_name(changed) == "files"
+    assert log_directory_name(spec) == log_directory_name(changed) == "files"
     with_overrides = attrs.evolve(spec, overrides=(("path", "{type}.jsonl"),))
-    assert spill_directory_name(with_overrides).startswith("files-") and spill_directory_name(with_overrides) != spill_directory_name(attrs.evolve(spec, overrides=(("path", "x"),)))
-    assert "/" not in spill_directory_name(attrs.evolve(spec, name="../up"))
+    assert log_directory_name(with_overrides).startswith("files-") and log_directory_name(with_overrides) != log_directory_name(attrs.evolve(spec, overrides=(("path", "x"),)))
+    assert "/" not in log_directory_name(attrs.evolve(spec, name="../up"))
 
 
 async def test_overflow_is_counted_as_dropped_with_its_reason(tmp_path):
-    spec = file_spec(tmp_path / "unmounted", queue=QueueSettings(max_messages=10, when_full="drop_newest"), batch=BatchSettings(max_messages=5, timeout=0.01))
+    spec = file_spec(tmp_path / "unmounted", queue=QueueSettings(mode="memory", max_messages=10, when_full="drop_newest"), batch=BatchSettings(max_messages=5, timeout=0.01))
     supervisor = BackendSupervisor(spec)
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)

@@ -295,7 +295,7 @@ def test_sigterm_with_a_dead_backend_does_not_wait_for_its_open_circuit_and_repo
     assert sidecar.stop(signal.SIGINT) == 0
     assert time.monotonic() - started < 4, "an open circuit is not waited for (drain_timeout is 8 s)"
     assert "backend broken: circuit open at shutdown; not waiting for it (77 messages held)" in sidecar.log()
-    # The default queue spills: what the dead backend held is on disk for the next start.
+    # The default queue is on disk: what the dead backend held is there for the next start.
     assert "undelivered messages: broken=77 (77 on disk for the next start, 0 lost)" in sidecar.log()
     assert sidecar.backend("broken")["queued"] == 77
 

@@ -9,6 +9,7 @@ Compared as JSON values in key order: a line is written as received, so its spel
 escapes, `1E2`) may differ from orjson's.
 """
 
+import zlib
 import datetime as dt
 import json
 
@@ -375,3 +376,12 @@ def test_error_events_mark_their_source_urgent():
     side = Side(native=True)
     (_lines, _timestamps, urgent), _ = side.feed(encode([canonical_event("a"), canonical_event("b", data={"level": "error", "message": "x"})]))
     assert urgent == {"a": False, "b": True}
+
+
+@given(st.binary(max_size=4096), st.integers(0, 4096))
+def test_the_native_crc32_is_zlibs_so_a_disk_log_reads_the_same_with_either_build(data, split):
+    from sidecar._native import crc32
+
+    split = min(split, len(data))
+    assert crc32(data) == zlib.crc32(data)
+    assert crc32(data[split:], crc32(data[:split])) == zlib.crc32(data)

@@ -1526,10 +1526,21 @@ fn accept_all(
     (accepted, declined, number)
 }
 
+/// CRC-32 (IEEE, as zlib.crc32) of `data`, continuing from `value`: the disk log's checksum,
+/// several times faster than zlib's here (crc32fast uses the CPU's carry-less multiply).
+#[pyfunction]
+#[pyo3(signature = (data, value = 0))]
+fn crc32(data: &[u8], value: u32) -> u32 {
+    let mut hasher = crc32fast::Hasher::new_with_initial(value);
+    hasher.update(data);
+    hasher.finalize()
+}
+
 #[pymodule]
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Chunk>()?;
     module.add_class::<Partial>()?;
     module.add_function(wrap_pyfunction!(decode, module)?)?;
+    module.add_function(wrap_pyfunction!(crc32, module)?)?;
     Ok(())
 }
