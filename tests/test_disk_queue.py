@@ -186,3 +186,30 @@ def test_a_data_dir_that_cannot_be_written_leaves_the_queue_in_memory_with_a_war
         sidecar.wait_for(lambda s: s["backends"][0]["delivered"] == 10, what="delivery from memory")
     finally:
         assert sidecar.stop() == 0
+
+
+def test_a_burst_of_500000_messages_reaches_the_filesystem_whole(tmp_path):
+    # Defaults but for the paths: 4 connections as fast as they go, two of JSON lines, two of
+    # MessagePack. The disk queue takes what the backend cannot yet write; nothing is dropped.
+    import threading
+
+    from tests.harness import FILES_CONFIG, encode
+
+    sidecar = SidecarProcess(tmp_path, FILES_CONFIG.format(base=tmp_path / "out")).start()
+    per_connection = 125_000
+    payloads = [encode([event(f"burst-{c}", i) for i in range(per_connection)], "json" if c < 2 else "msgpack") for c in range(4)]
+
+    def send(payload):
+        with sidecar.connect() as conn:
+            conn.sendall(payload)
+
+    threads = [threading.Thread(target=send, args=(p,)) for p in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    final = sidecar.wait_for(lambda s: s["backends"][0]["delivered"] == 4 * per_connection, timeout=120, what="all 500,000 delivered")
+    assert final["backends"][0]["dropped"] == {} and final["received"] == 4 * per_connection
+    for c in range(4):
+        assert seqs(read_jsonl(tmp_path / "out" / f"burst-{c}.jsonl")) == list(range(per_connection))
+    assert sidecar.stop() == 0

@@ -82,7 +82,9 @@ class PostgresServer:
             conf.write(
                 "\nlisten_addresses = '127.0.0.1'\n"
                 f"unix_socket_directories = '{self.socket_dir}'\n"
-                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                # A commit is written to the WAL before it returns (no flush: fsync is off), so a
+                # server killed with `-m immediate` keeps what it acknowledged, as a real one does.
+                "fsync = off\nsynchronous_commit = on\nfull_page_writes = off\n"
                 "max_connections = 40\nshared_buffers = 64MB\n"
                 "password_encryption = 'scram-sha-256'\n"
                 + ("log_statement = 'all'\n" if self.log_statements else "")
@@ -103,8 +105,9 @@ class PostgresServer:
                 return self
         raise RuntimeError(f"PostgreSQL did not start: {result.stdout}{result.stderr}\n{self.server_log()[-3000:]}")
 
-    def stop(self) -> None:
-        self._run(self.bin / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop", check=False)
+    def stop(self, mode: str = "fast") -> None:
+        """`mode`: pg_ctl's; `immediate` is a crash as far as clients can tell."""
+        self._run(self.bin / "pg_ctl", "-D", self.data, "-m", mode, "-w", "stop", check=False)
 
     def running(self) -> bool:
         return self._run(self.bin / "pg_ctl", "-D", self.data, "status", check=False).returncode == 0
