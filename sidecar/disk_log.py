@@ -8,6 +8,10 @@ message was delivered or dropped for good. A restart skips what is before the fr
 delivers the rest again (at least once: what was delivered past the frontier comes twice). A
 record damaged or cut short ends its segment's valid part; the rest is counted and skipped.
 
+A segment that is done leaves its file as the log's one spare, which the next segment takes
+and overwrites (cheaper for the kernel than filling a new file); each write ends with a zeroed
+header slot, overwritten by the next record, so a scan knows where the valid part ends.
+
 Writes go to the page cache from the event loop (one vectored write per batch, no fsync): that
 survives the process being killed or crashing. The segment being written is fsynced at close
 only; what a machine crash can cost is what the kernel had not yet written back (Linux writes
@@ -42,6 +46,10 @@ LEGACY_HEADER = struct.Struct(">2sIII")
 LEDGER = struct.Struct(">QQI")  # segment number, offset, crc32 of the two
 LEDGER_NAME = "ledger"
 SEGMENT_BYTES = 16 * 1024 * 1024
+# Written after every record, overwritten by the next: where the valid part of a segment ends,
+# also in a recycled file that holds an earlier life's bytes past it.
+END_MARK = bytes(HEADER.size)
+SPARE_NAME = "spare.log"
 
 
 class LogFull(Exception):
@@ -106,18 +114,21 @@ def _header_at(data, position: int):
     return None
 
 
-def scan_segment(data: bytes, start: int = 0) -> tuple[int, int]:
-    """(messages, end of the last whole, valid record) from `start` in a segment's bytes."""
+def scan_segment(data: bytes, start: int = 0) -> tuple[int, int, bool]:
+    """(messages, end of the last whole, valid record, whether the rest is no damage) from
+    `start` in a segment's bytes. The rest is no damage when it is nothing, or starts with the
+    zeroed header slot each write leaves after its record (a recycled file has old bytes past it)."""
     messages = 0
     position = start
     while True:
         header = _header_at(data, position)
         if header is None:
-            return messages, position
+            rest = data[position : position + HEADER.size]
+            return messages, position, rest == END_MARK[: len(rest)]
         _magic, _flags, length, count, crc, size = header
         payload_start = position + size
         if payload_start + length > len(data) or crc32(data[payload_start : payload_start + length]) != crc:
-            return messages, position
+            return messages, position, False
         messages += count
         position = payload_start + length
 
@@ -156,20 +167,21 @@ def held_in(directory: Path) -> tuple[int, int]:
             data = path.read_bytes()
         except OSError:
             continue
-        count, end = scan_segment(data, offset if found == number else 0)
+        count, end, _clean = scan_segment(data, offset if found == number else 0)
         messages += count
         size += end
     return messages, size
 
 
 class Segment:
-    __slots__ = ("number", "path", "end", "sealed", "reader")
+    __slots__ = ("number", "path", "end", "sealed", "reader", "recyclable")
 
     def __init__(self, number: int, path: Path):
         self.number = number
         self.path = path
         self.end = 0  # bytes of whole, valid records
         self.sealed = False  # no more appends
+        self.recyclable = False  # written by this run, so holds no record of the former format
         self.reader: int | None = None  # a descriptor for reading back, opened on first use
 
 
@@ -205,6 +217,8 @@ class DiskLog:
         self._writer: int | None = None
         self._ledger: int | None = None
         self._next_number = 1  # of the next segment: past every one a previous run left
+        spare = self.directory / SPARE_NAME
+        self._spare: Path | None = spare if spare.exists() else None  # a done segment's file, to reuse
         self.directory.mkdir(parents=True, exist_ok=True)
         # One owner at a time: two sidecars on one data_dir must not interleave records.
         self.lock_fd: int | None = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -249,12 +263,13 @@ class DiskLog:
         if self.bytes_on_disk + size > self.max_bytes or (self.budget is not None and self.budget.used + size > self.budget.max_bytes):
             raise LogFull
         segment = self._writable(size)
+        parts.append(END_MARK)
         try:
-            written = os.writev(self._writer, parts)
-            if written < size:  # a short write (a signal, a nearly full disk): the rest, in order
-                view = memoryview(b"".join(parts))[written:]
-                while view:
-                    view = view[os.write(self._writer, view) :]
+            written = os.pwritev(self._writer, parts, segment.end)
+            if written < size + len(END_MARK):  # a short write (a signal, a nearly full disk): the rest
+                whole = b"".join(parts)
+                while written < len(whole):
+                    written += os.pwrite(self._writer, whole[written:], segment.end + written)
         except OSError:
             # A part may be there: this segment takes no more, and its valid end stays as it was.
             self.write_errors += 1
@@ -280,7 +295,15 @@ class DiskLog:
             number = self._next_number
             self._next_number += 1
             segment = Segment(number, self.directory / f"segment-{number:012d}.log")
-            self._writer = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            segment.recyclable = True
+            flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+            if self._spare is not None:
+                # Overwriting a file's pages costs the kernel a third of filling a new one.
+                os.rename(self._spare, segment.path)
+                self._spare = None
+            else:
+                flags |= os.O_TRUNC
+            self._writer = os.open(segment.path, flags, 0o600)
             self.segments.append(segment)
             if current is None or (self._read_segment == len(self.segments) - 2 and self._read_offset >= current.end):
                 self._read_segment, self._read_offset = len(self.segments) - 1, 0
@@ -365,7 +388,11 @@ class DiskLog:
 
     def _delete(self, segment: Segment) -> None:
         self._close_reader(segment)
-        segment.path.unlink(missing_ok=True)
+        if segment.recyclable and self._spare is None:
+            self._spare = self.directory / SPARE_NAME
+            os.rename(segment.path, self._spare)
+        else:
+            segment.path.unlink(missing_ok=True)
         if self.budget is not None:
             self.budget.used -= segment.end
 
@@ -404,8 +431,8 @@ class DiskLog:
                 continue
             start = offset if found == number else 0
             data = path.read_bytes()
-            messages, end = scan_segment(data, start)
-            if end < len(data):
+            messages, end, clean = scan_segment(data, start)
+            if not clean:
                 self.corrupt_segments += 1
                 self.corrupt_bytes += len(data) - end
                 log.error("disk log %s: %d damaged or truncated bytes at offset %d skipped", path, len(data) - end, end)

@@ -91,6 +91,7 @@ class SidecarCollector(Collector):
             "retries": CounterMetricFamily("sidecar_backend_retries", "Failed writes retried", labels=["backend", "type"]),
             "queued": GaugeMetricFamily("sidecar_backend_queued", "Messages held for a backend instance (memory and disk)", labels=["backend", "type"]),
             "circuit_open": GaugeMetricFamily("sidecar_backend_circuit_open", "1 while the circuit is open or half-open", labels=["backend", "type"]),
+            "disk_bytes": GaugeMetricFamily("sidecar_backend_disk_bytes", "Bytes of a disk queue's log (its cap is queue.max_bytes)", labels=["backend", "type"]),
         }
         dropped = CounterMetricFamily("sidecar_backend_dropped", "Messages dropped, by reason", labels=["backend", "type", "reason"])
         details = CounterMetricFamily("sidecar_backend_events", "A backend type's own counts (e.g. truncated_events)", labels=["backend", "type", "name"])
@@ -102,6 +103,8 @@ class SidecarCollector(Collector):
             per_backend["retries"].add_metric(labels, supervisor.retries)
             per_backend["queued"].add_metric(labels, supervisor.queued)
             per_backend["circuit_open"].add_metric(labels, 0 if supervisor.breaker.state == "closed" else 1)
+            if supervisor.queue.log is not None:
+                per_backend["disk_bytes"].add_metric(labels, supervisor.queue.log.bytes_on_disk)
             for reason, count in sorted(supervisor.dropped.items()):
                 dropped.add_metric([*labels, reason], count)
             latency.add_metric(labels, supervisor.latency.cumulative(), supervisor.latency.total)

@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from sidecar.batch import Batch
 from sidecar.config import QueueSettings
 from sidecar.delivery import DeliveryQueue
-from sidecar.disk_log import HEADER, LEGACY_MAGIC, DiskBudget, DiskLog, LogFull, held_in
+from sidecar.disk_log import END_MARK, HEADER, LEGACY_MAGIC, DiskBudget, DiskLog, LogFull, held_in
 from tests.harness import event, seqs
 
 
@@ -90,13 +90,32 @@ def test_acknowledged_everything_leaves_nothing_for_the_next_start(tmp_path):
     assert seqs(messages_of(log.read(100))) == list(range(300, 310))
 
 
+def test_a_recycled_segment_file_gives_back_no_message_of_its_former_life(tmp_path):
+    log = DiskLog(tmp_path, max_bytes=10**9, segment_bytes=4096)
+    start = 0
+    while not (tmp_path / "spare.log").exists():  # segments filled and acknowledged: one file kept
+        log.append(chunk(start, 20), cache=True)
+        start += 20
+        while log._records:
+            log.acknowledge(log._records[0], log._records[0].count - log._records[0].acked)
+    number, first_unacknowledged = log.segments[-1].number, start
+    while log.segments[-1].number == number:  # the next segment takes the spare file
+        log.append(chunk(start, 2), cache=False)
+        start += 2
+    reused = log.segments[-1]
+    assert not (tmp_path / "spare.log").exists() and reused.path.stat().st_size > reused.end + len(END_MARK)
+    log = reopen(log)
+    assert seqs(messages_of(log.read(10**6))) == list(range(first_unacknowledged, start))
+    assert log.corrupt_segments == 0
+
+
 def test_a_truncated_tail_is_counted_and_skipped(tmp_path):
     log = DiskLog(tmp_path, max_bytes=10**9)
     for start in range(0, 30, 10):
         log.append(chunk(start, 10), cache=False)
     log.close()
     segment = next(tmp_path.glob("segment-*.log"))
-    segment.write_bytes(segment.read_bytes()[:-7])  # the last record loses its end, as at a crash
+    segment.write_bytes(segment.read_bytes()[: -len(END_MARK) - 7])  # the last record loses its end, as at a crash
     recovered = DiskLog(tmp_path, max_bytes=10**9)
     assert recovered.unread == 20 and recovered.corrupt_segments == 1 and recovered.corrupt_bytes > HEADER.size
     assert seqs(messages_of(recovered.read(100))) == list(range(20))
@@ -109,7 +128,7 @@ def test_garbage_in_a_segment_is_skipped_from_the_damage_on(tmp_path):
     log.close()
     segment = next(tmp_path.glob("segment-*.log"))
     data = bytearray(segment.read_bytes())
-    data[-20] ^= 0xFF  # a flipped byte in the second record's payload: its CRC fails
+    data[-len(END_MARK) - 20] ^= 0xFF  # a flipped byte in the second record's payload: its CRC fails
     segment.write_bytes(bytes(data))
     recovered = DiskLog(tmp_path, max_bytes=10**9)
     assert recovered.unread == 10 and recovered.corrupt_segments == 1
@@ -284,19 +303,19 @@ async def test_a_full_disk_queue_drops_the_newest_or_blocks_until_delivery_frees
 async def test_a_batch_the_disk_refuses_stays_in_memory_when_it_can(tmp_path, monkeypatch):
     log = DiskLog(tmp_path, max_bytes=10**9)
     queue = DeliveryQueue(QueueSettings(max_messages=10), log)
-    real_writev = os.writev
+    real_pwritev = os.pwritev
 
-    def failing_writev(fd, parts):
+    def failing_pwritev(fd, parts, offset):
         if fd == log._writer:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_writev(fd, parts)
+        return real_pwritev(fd, parts, offset)
 
-    monkeypatch.setattr(os, "writev", failing_writev)
+    monkeypatch.setattr(os, "pwritev", failing_pwritev)
     assert await queue.put(chunk(0, 5)) == (0, None)  # memory has room: kept there
     assert await queue.put(chunk(5, 10)) == (0, None)
     assert await queue.put(chunk(15, 5)) == (5, "disk_error")  # memory is full too
     assert queue.memory_only() == 15 and log.write_errors == 3 and "No space left" in queue.last_error
-    monkeypatch.setattr(os, "writev", real_writev)
+    monkeypatch.setattr(os, "pwritev", real_pwritev)
     assert await queue.put(chunk(20, 5)) == (0, None)
     assert seqs(await drain(queue, 20, max_messages=50)) == list(range(15)) + list(range(20, 25))
     assert queue.memory_only() == 0 and log.held == 0

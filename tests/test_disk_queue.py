@@ -98,7 +98,11 @@ def test_sigterm_leaves_everything_held_on_disk_and_says_so_exactly(tmp_path):
     target = tmp_path / "out" / "svc.jsonl"
     sidecar = start_sidecar(tmp_path)
     sidecar.send(chunk(0, 300))
-    sidecar.wait_for(lambda s: s["received"] == 300 and s["backends"][0]["queued"] == 300, what="all queued")
+    stats = sidecar.wait_for(lambda s: s["received"] == 300 and s["backends"][0]["queued"] == 300, what="all queued")
+    status, metrics = sidecar.http("/metrics")
+    size = stats["backends"][0]["queue"]["disk_bytes"]
+    assert status == 200 and size > 300 * 50
+    assert re.search(rb'sidecar_backend_disk_bytes\{backend="files",type="filesystem"\} (\d+)', metrics), metrics[-2000:]
     assert sidecar.stop(signal.SIGTERM) == 0
     assert "undelivered messages: files=300 (300 on disk for the next start, 0 lost)" in sidecar.log()
     assert re.search(r"shutdown complete in [\d.]+s: received 300, delivered 0 \(all backends\), undelivered 300 \(on disk 300, lost 0\)", sidecar.log())
