@@ -24,12 +24,12 @@ from sidecar import __version__
 from sidecar.config import BackendSpec, ConfigError, SidecarConfig, load_config
 from sidecar.correlator import Correlator, Routing
 from sidecar.delivery import BackendSupervisor
+from sidecar.disk_log import DiskBudget, held_in
 from sidecar.http import ViewServer
 from sidecar.jobs import LiveIndex
 from sidecar.listener import Listener
 from sidecar.metrics import Counters
 from sidecar.routing import RouteTable
-from sidecar.disk_log import DiskBudget, held_in
 from sidecar.watcher import ConfigWatcher
 
 log = logging.getLogger("sidecar")
@@ -37,6 +37,16 @@ log = logging.getLogger("sidecar")
 # Of shutdown.budget: kept for closing the backends and their disk logs (at most), and for exit.
 SAVE_RESERVE = 2.0
 EXIT_MARGIN = 0.25
+
+
+def _fsync_and_close(descriptors: list[int]) -> None:
+    for descriptor in descriptors:
+        try:
+            os.fsync(descriptor)
+        except OSError as exc:
+            log.error("disk log: fsync failed: %s", exc.strerror or exc)
+        finally:
+            os.close(descriptor)
 
 
 class Topology:
@@ -51,6 +61,7 @@ class Topology:
         self.retiring: set[BackendSupervisor] = set()
         self.orphaned_buffers: dict[str, dict] = {}  # directory -> what it holds
         self.budget: DiskBudget | None = None  # the disk logs' total cap
+        self.sync_interval = 0.0  # storage.sync_interval; 0: the logs are fsynced at exit only
         self.scope = trio.CancelScope()  # its deadline bounds the drain at shutdown
         self.stopped = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -63,12 +74,19 @@ class Topology:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     task_status.started()
-                    await self._closed.wait()
+                    while not self._closed.is_set():
+                        # Read each round: a reload may change it (0, never, is looked at again in 1 s).
+                        with trio.move_on_after(self.sync_interval or 1.0):
+                            await self._closed.wait()
+                        if self.sync_interval and not self._closed.is_set():
+                            await self._sync_logs()
         finally:
             self.stopped.set()
 
-    def apply(self, table: RouteTable, data_dir: Path, max_bytes: int = 4 * 1024**3) -> dict[BackendSpec, BackendSupervisor]:
-        """`max_bytes`: storage.max_bytes, the total cap on the disk logs under data_dir."""
+    def apply(self, table: RouteTable, data_dir: Path, max_bytes: int = 4 * 1024**3, sync_interval: float = 0.0) -> dict[BackendSpec, BackendSupervisor]:
+        """`max_bytes`: storage.max_bytes, the total cap on the disk logs under data_dir;
+        `sync_interval`: storage.sync_interval."""
+        self.sync_interval = sync_interval
         if self.budget is None:
             self.budget = DiskBudget(max_bytes)
         self.budget.max_bytes = max_bytes
@@ -118,6 +136,13 @@ class Topology:
                         directory, messages, directory.name,
                     )
         self.orphaned_buffers = found
+
+    async def _sync_logs(self) -> None:
+        """fsync what the disk logs wrote since the last time, in a worker thread: an fsync
+        takes as long as the disk does, which the event loop must not wait for."""
+        descriptors = [fd for s in self.all_supervisors() if s.queue.log is not None and (fd := s.queue.log.writer_to_sync()) is not None]
+        if descriptors:
+            await trio.to_thread.run_sync(_fsync_and_close, descriptors)
 
     async def _retire(self, supervisor: BackendSupervisor) -> None:
         await supervisor.wait_stopped()
@@ -209,7 +234,7 @@ class Sidecar:
             table = RouteTable(self.config.rules)
             index_settings = self.config.index
             index = LiveIndex(index_settings.max_jobs, index_settings.max_traces, index_settings.max_age, trio.current_time)
-            routing = Routing(table, self.topology.apply(table, Path(self.config.storage.data_dir), self.config.storage.max_bytes))
+            routing = Routing(table, self.topology.apply(table, Path(self.config.storage.data_dir), self.config.storage.max_bytes, self.config.storage.sync_interval))
             self.correlator = Correlator(routing, self.counters, index, trace_cache_size=self.config.pipeline.trace_cache_size)
             nursery.start_soon(self._run_correlator, receive_channel)
             address = await nursery.start(self.listener.run, send_channel)
@@ -315,7 +340,7 @@ class Sidecar:
         if (config.tcp, config.http, config.pipeline, config.index) != (self.config.tcp, self.config.http, self.config.pipeline, self.config.index):
             log.warning("reload: tcp, http, pipeline and index settings change only on restart; routes and backends are applied now")
         table = RouteTable(config.rules)
-        supervisors = self.topology.apply(table, Path(config.storage.data_dir), config.storage.max_bytes)
+        supervisors = self.topology.apply(table, Path(config.storage.data_dir), config.storage.max_bytes, config.storage.sync_interval)
         self.correlator.routing = Routing(table, supervisors)
         self.config = config  # as loaded; the listener keeps the settings it started with
         self.watcher.settings = config.reload

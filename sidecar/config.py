@@ -132,6 +132,9 @@ class StorageSettings:
     data_dir: str = "./var/spool"
     # All logs under data_dir together stay within this; past it, queues are full.
     max_bytes: ByteSize = attrs.field(default=4 * 1024**3, validator=attrs.validators.ge(4096))
+    # The segment each log is writing is fsynced this often, from a worker thread; 0: only at
+    # exit. A machine crash (not a process crash) costs what was written since.
+    sync_interval: Duration = attrs.field(default=1.0, validator=attrs.validators.ge(0))
 
 
 @attrs.frozen

@@ -13,9 +13,9 @@ and overwrites (cheaper for the kernel than filling a new file); each write ends
 header slot, overwritten by the next record, so a scan knows where the valid part ends.
 
 Writes go to the page cache from the event loop (one vectored write per batch, no fsync): that
-survives the process being killed or crashing. The segment being written is fsynced at close
-only; what a machine crash can cost is what the kernel had not yet written back (Linux writes
-dirty pages back within about 30 s by default).
+survives the process being killed or crashing. The segment being written is fsynced from a
+worker thread every `storage.sync_interval` (see `writer_to_sync`) and at close; a machine crash
+costs what was written since.
 
 Pure blocking file I/O, one caller at a time; no trio here.
 """
@@ -211,6 +211,8 @@ class DiskLog:
         self.corrupt_bytes = 0
         self.corrupt_segments = 0
         self.write_errors = 0
+        self.syncs = 0  # fsyncs of the segment being written (storage.sync_interval)
+        self._unsynced = False  # written to since the last fsync
         self._records: collections.deque[Record] = collections.deque()  # read or cached, not all acked
         self._read_segment = 0  # index in `segments` of the read position
         self._read_offset = 0
@@ -248,6 +250,7 @@ class DiskLog:
             "disk_bytes": self.bytes_on_disk,
             "disk_segments": len(self.segments),
             "disk_write_errors": self.write_errors,
+            "disk_syncs": self.syncs,
             "disk_corrupt_segments": self.corrupt_segments,
             "disk_corrupt_bytes": self.corrupt_bytes,
         }
@@ -276,6 +279,7 @@ class DiskLog:
             self._seal()
             raise
         segment.end += size
+        self._unsynced = True
         if self.budget is not None:
             self.budget.used += size
         self.held += len(batch)
@@ -309,6 +313,16 @@ class DiskLog:
                 self._read_segment, self._read_offset = len(self.segments) - 1, 0
             return segment
         return current
+
+    def writer_to_sync(self) -> int | None:
+        """A duplicate of the segment file being written, for a worker thread to fsync and
+        close, when it was written to since the last time; None when there is nothing to sync.
+        (A duplicate, so that sealing the segment meanwhile cannot close it under the thread.)"""
+        if self._writer is None or not self._unsynced:
+            return None
+        self._unsynced = False
+        self.syncs += 1
+        return os.dup(self._writer)
 
     def _seal(self, sync: bool = False) -> None:
         # No fsync while running: it would stall the event loop for as long as the disk takes.

@@ -319,3 +319,15 @@ async def test_a_batch_the_disk_refuses_stays_in_memory_when_it_can(tmp_path, mo
     assert await queue.put(chunk(20, 5)) == (0, None)
     assert seqs(await drain(queue, 20, max_messages=50)) == list(range(15)) + list(range(20, 25))
     assert queue.memory_only() == 0 and log.held == 0
+
+
+def test_the_segment_being_written_is_handed_for_an_fsync_only_when_written_to(tmp_path):
+    log = DiskLog(tmp_path, max_bytes=10**9)
+    assert log.writer_to_sync() is None  # nothing written yet
+    log.append(chunk(0, 5), cache=False)
+    descriptor = log.writer_to_sync()
+    assert descriptor is not None and descriptor != log._writer
+    log.close()  # the duplicate stays usable after the log closed its own
+    os.fsync(descriptor)
+    os.close(descriptor)
+    assert log.syncs == 1

@@ -103,6 +103,8 @@ def test_sigterm_leaves_everything_held_on_disk_and_says_so_exactly(tmp_path):
     size = stats["backends"][0]["queue"]["disk_bytes"]
     assert status == 200 and size > 300 * 50
     assert re.search(rb'sidecar_backend_disk_bytes\{backend="files",type="filesystem"\} (\d+)', metrics), metrics[-2000:]
+    # storage.sync_interval (1 s): what was written is fsynced from a worker thread.
+    sidecar.wait_for(lambda s: s["backends"][0]["queue"]["disk_syncs"] >= 1, what="an fsync of the log")
     assert sidecar.stop(signal.SIGTERM) == 0
     assert "undelivered messages: files=300 (300 on disk for the next start, 0 lost)" in sidecar.log()
     assert re.search(r"shutdown complete in [\d.]+s: received 300, delivered 0 \(all backends\), undelivered 300 \(on disk 300, lost 0\)", sidecar.log())
