@@ -48,8 +48,8 @@ class Correlator:
         """Process chunks until every listener-side sender has closed, then return."""
         task_status.started()
         async with receive_channel:
-            async for received_at, messages in receive_channel:
-                await self.process(received_at, messages)
+            async for received_at, messages, holds in receive_channel:
+                await self.process(received_at, messages, holds)
 
     def enrich(self, received_at: str, messages: list[dict]) -> tuple[dict[str, list[dict]], dict[tuple, list[dict]]]:
         """Add received_at and host, fill a missing timestamp, give a message the job of its
@@ -100,9 +100,11 @@ class Correlator:
                 cell.append(message)
         return by_source, cells
 
-    async def process(self, received_at: str, messages) -> None:
+    async def process(self, received_at: str, messages, holds: list | None = None) -> None:
         """One chunk: a native `Chunk` (decoded and validated in Rust, enriched and encoded there
-        too) or, from the Python decoder, a list of message dicts."""
+        too) or, from the Python decoder, a list of message dicts. `holds`: the sending
+        connection's; a backend under `block` with no room adds the Event the connection waits
+        for before it reads more, so that only the sources routed to a full backend wait."""
         self.chunks += 1
         try:
             if type(messages) is NativeChunk:
@@ -135,7 +137,9 @@ class Correlator:
                     self._bugs.log(exc, "internal error while filtering %d messages from %s for %s; they are dropped for it", len(batch), batch.source, target.spec.label)
                     continue
                 if len(selected):
-                    await routing.supervisors[target.spec].put(selected)
+                    admitted = routing.supervisors[target.spec].offer(selected)
+                    if admitted is not None and holds is not None:
+                        holds.append(admitted)
             self.counters.inc("routed_messages_total", len(batch))
 
     def _view(self, update, chunk) -> None:

@@ -83,7 +83,11 @@ class DeliveryQueue:
         self._handed: dict[str, collections.deque[list]] = {}
         self._closed = False
         self._getters = trio.lowlevel.ParkingLot()
-        self._putters = trio.lowlevel.ParkingLot()
+        # Under `block`: batches waiting for room, in order, each with the Event its sender waits on.
+        self._waiting: collections.deque[tuple[Batch, trio.Event]] = collections.deque()
+        # Drops decided after `offer` returned (a waiting batch the disk refused): the owner's
+        # counter, set by the supervisor.
+        self.late_drops: collections.Counter = collections.Counter()
 
     @property
     def waiting_on_disk(self) -> int:
@@ -97,46 +101,70 @@ class DeliveryQueue:
         self.when_full = settings.overflow
         if self.log is not None:
             self.log.max_bytes = settings.max_bytes
-        self._putters.unpark_all()  # a larger cap may let waiting puts in
+        self._admit_waiting()  # a larger cap may let waiting batches in
+
+    def offer(self, batch: Batch) -> tuple[int, str | None, trio.Event | None]:
+        """Enqueue without waiting: how many messages were dropped and why, and, under `block`
+        when there is no room, an Event set once the batch is in. Until then it waits here, in
+        order, counted as `entering` (the accounting holds at every instant), and the caller
+        holds back only what depends on it: the connection it came from."""
+        if self.when_full == "block" and (self._waiting or not self._has_room_for(batch)):
+            admitted = trio.Event()
+            self._waiting.append((batch, admitted))
+            self.entering += len(batch)
+            return 0, None, admitted
+        if self.log is not None:
+            dropped, reason = self._put_logged(batch)
+        else:
+            dropped, reason = self._put_in_memory(batch)
+        return dropped, reason, None
 
     async def put(self, batch: Batch) -> tuple[int, str | None]:
-        """Enqueue; returns how many messages were dropped, and why. While a put waits, its
-        messages count as `entering`, so the accounting holds at every instant."""
-        self.entering += len(batch)
-        try:
-            if self.log is not None:
-                return await self._put_logged(batch)
-            return await self._put_in_memory(batch)
-        finally:
+        """`offer`, waiting until the batch is in (for tests and callers with nothing else to do)."""
+        dropped, reason, admitted = self.offer(batch)
+        if admitted is not None:
+            await admitted.wait()
+        return dropped, reason
+
+    def _has_room_for(self, batch: Batch) -> bool:
+        if self.log is not None:
+            return self.log.has_room(batch)  # while closing too: acknowledgements still free room
+        return self._closed or self.depth < self.capacity  # a closing memory queue takes the last ones
+
+    def _admit_waiting(self) -> None:
+        """Let waiting batches in, in order, as far as there is room."""
+        while self._waiting and self._has_room_for(self._waiting[0][0]):
+            batch, admitted = self._waiting.popleft()
             self.entering -= len(batch)
-
-    async def _put_logged(self, batch: Batch) -> tuple[int, str | None]:
-        while True:
-            cache = not self.log.unread and self.depth < self.capacity
-            try:
-                record = self.log.append(batch, cache=cache)
-            except LogFull:
-                if self.when_full == "block" and not self._closed:
-                    await self._putters.park()  # until acknowledgements free a segment
-                    continue
-                return len(batch), "queue_full"
-            except OSError as exc:
-                self.last_error = f"{self.log.directory}: {exc.strerror or exc}"
-                if cache:  # memory has room and nothing waits on disk ahead of it
-                    self._append(batch, None)
-                    return 0, None
-                return len(batch), "disk_error"
-            if record is not None:
-                self._append(batch, record)
+            if self.log is not None:
+                dropped, reason = self._put_logged(batch)  # it fits; a disk error may still cost it
+                if dropped:
+                    self.late_drops[reason] += dropped
             else:
-                self._getters.unpark_all()
-            return 0, None
+                self._append(batch, None)
+            admitted.set()
 
-    async def _put_in_memory(self, batch: Batch) -> tuple[int, str | None]:
+    def _put_logged(self, batch: Batch) -> tuple[int, str | None]:
+        cache = not self.log.unread and self.depth < self.capacity
+        try:
+            record = self.log.append(batch, cache=cache)
+        except LogFull:
+            return len(batch), "queue_full"
+        except OSError as exc:
+            self.last_error = f"{self.log.directory}: {exc.strerror or exc}"
+            if cache:  # memory has room and nothing waits on disk ahead of it
+                self._append(batch, None)
+                return 0, None
+            return len(batch), "disk_error"
+        if record is not None:
+            self._append(batch, record)
+        else:
+            self._getters.unpark_all()
+        return 0, None
+
+    def _put_in_memory(self, batch: Batch) -> tuple[int, str | None]:
         if self.when_full == "block":
-            while self.depth >= self.capacity and not self._closed:
-                await self._putters.park()
-            self._append(batch, None)
+            self._append(batch, None)  # offer saw room (or the queue is closing)
             return 0, None
         dropped = 0
         room = self.capacity - self.depth
@@ -186,7 +214,7 @@ class DeliveryQueue:
                 self._read_back(self.capacity - self.depth)
             if self._batches:
                 break
-            if self._closed and not self.waiting_on_disk:
+            if self._closed and not self.waiting_on_disk and not self._waiting:
                 raise trio.EndOfChannel
             await self._getters.park()
         taken = []
@@ -202,7 +230,8 @@ class DeliveryQueue:
             if self.log is not None:
                 self._hand_out(batch.source, record, len(batch))
         self.depth -= count
-        self._putters.unpark_all()
+        if self._waiting:
+            self._admit_waiting()
         await trio.lowlevel.cancel_shielded_checkpoint()
         return taken
 
@@ -244,14 +273,15 @@ class DeliveryQueue:
                 handed.popleft()
         if not handed:
             del self._handed[source]
-        if self.when_full == "block":
-            self._putters.unpark_all()
+        if self._waiting:
+            self._admit_waiting()  # acknowledgements may have freed a segment
 
     def memory_only(self) -> int:
-        """Of what this queue holds or handed out, the messages that are on no disk."""
+        """Of what this queue holds, handed out or has waiting, the messages that are on no disk."""
+        waiting = sum(len(batch) for batch, _admitted in self._waiting)
         if self.log is None:
-            return self.depth
-        unlogged = sum(len(batch) for batch, record in self._batches if record is None)
+            return self.depth + waiting
+        unlogged = waiting + sum(len(batch) for batch, record in self._batches if record is None)
         return unlogged + sum(entry[1] for handed in self._handed.values() for entry in handed if entry[0] is None)
 
     def close_log(self) -> None:
@@ -262,7 +292,7 @@ class DeliveryQueue:
         """No more puts will come; the consumer drains what is left, then gets EndOfChannel."""
         self._closed = True
         self._getters.unpark_all()
-        self._putters.unpark_all()
+        self._admit_waiting()
 
     @property
     def closed(self) -> bool:
@@ -424,12 +454,13 @@ class BackendSupervisor:
         cls = backend_class(spec.type)
         self.backend = cls(spec.settings, label=self.label) if cls is not None else None
         self.queue = DeliveryQueue(queue_settings, disk_log)
+        self.dropped: collections.Counter = collections.Counter()
+        self.queue.late_drops = self.dropped
         self._drops_log = RateLimitedLog(log, interval=10.0)
         self.breaker = CircuitBreaker(spec.delivery.circuit_breaker)
         # Messages a previous run left in the disk log are routed to this run's count.
         self.routed = self.queue.waiting_on_disk
         self.delivered = 0
-        self.dropped: collections.Counter = collections.Counter()
         # What the destination refused for good, per source and reason: an operator's answer
         # to "whose messages were dropped, and why", beside the totals in `dropped`.
         self.rejected_by_source: dict[str, collections.Counter] = {}
@@ -509,15 +540,23 @@ class BackendSupervisor:
     # ---------------------------------------------------------------- producer side
 
     async def put(self, batch: Batch) -> None:
-        """One source's messages (a batch may be shared with other backends: never changed)."""
+        """`offer`, waiting until the batch is in."""
+        admitted = self.offer(batch)
+        if admitted is not None:
+            await admitted.wait()
+
+    def offer(self, batch: Batch) -> trio.Event | None:
+        """One source's messages (a batch may be shared with other backends: never changed),
+        without waiting: under `block` with no room, the Event its sender should wait for
+        before it sends more (see DeliveryQueue.offer)."""
         self.routed += len(batch)
         if self.backend is None:
             self.dropped["backend_unavailable"] += len(batch)
-            return
+            return None
         if self.queue.closed:
             self.dropped["backend_removed"] += len(batch)
-            return
-        dropped, reason = await self.queue.put(batch)
+            return None
+        dropped, reason, admitted = self.queue.offer(batch)
         if dropped:
             self.dropped[reason] += dropped
             queue = self.queue
@@ -527,6 +566,7 @@ class BackendSupervisor:
                 self._drops_log.warning(reason, "backend %s: %d messages dropped: its disk log is full (%d bytes, queue.max_bytes %d)", self.label, dropped, queue.log.bytes_on_disk, queue.log.max_bytes)
             else:
                 self._drops_log.warning(reason, "backend %s: %d messages dropped: its memory queue is full (queue.max_messages %d)", self.label, dropped, queue.capacity)
+        return admitted
 
     def close(self) -> None:
         self.queue.close()

@@ -257,13 +257,21 @@ class DiskLog:
 
     # ------------------------------------------------------------ writing
 
+    def has_room(self, batch: Batch) -> bool:
+        """Whether `append` would take this batch now, as far as the caps go."""
+        size = HEADER.size + PREFIX.size + len(batch.source.encode()) + sum(map(len, batch.timestamps)) + sum(map(len, batch.lines)) + 2 * max(len(batch) - 1, 0)
+        return self._within_caps(size)
+
+    def _within_caps(self, size: int) -> bool:
+        return self.bytes_on_disk + size <= self.max_bytes and (self.budget is None or self.budget.used + size <= self.budget.max_bytes)
+
     def append(self, batch: Batch, *, cache: bool) -> Record | None:
         """Write one batch as one record. With `cache` (only while nothing is unread, so order
         is kept) the caller keeps the batch in memory and gets its Record; otherwise it waits on
         disk to be read back. Raises LogFull past a cap, OSError when the write fails."""
         parts = encode_record(batch)
         size = sum(map(len, parts))
-        if self.bytes_on_disk + size > self.max_bytes or (self.budget is not None and self.budget.used + size > self.budget.max_bytes):
+        if not self._within_caps(size):
             raise LogFull
         segment = self._writable(size)
         parts.append(END_MARK)

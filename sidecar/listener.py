@@ -33,6 +33,9 @@ class Connection:
     errors: int = 0
     bytes: int = 0
     read_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    # Events of backends under `block` that had no room for its messages: its next read waits.
+    holds: list = attrs.field(factory=list)
+    held_back: bool = False  # waiting for them now
 
 
 class Listener:
@@ -112,6 +115,13 @@ class Listener:
                     data = b""
                     # A fresh scope per read (a scope is entered once); shutdown moves its deadline.
                     with trio.move_on_at(self._read_deadline) as connection.read_scope:
+                        # A backend under `block` that had no room for this connection's last
+                        # messages holds its next read back (backpressure for this client only).
+                        while connection.holds:
+                            connection.held_back = True
+                            await connection.holds[0].wait()
+                            connection.holds.pop(0)
+                        connection.held_back = False
                         data = await stream.receive_some(read_size)
                     if connection.read_scope.cancelled_caught:
                         self.counters.inc("connections_closed_total", reason="shutdown")
@@ -153,7 +163,7 @@ class Listener:
             # Which path decoded them: an operator's check that the traffic is on the fast one.
             self.counters.inc("decoded_messages_total", len(messages), path="native" if type(messages) is NativeChunk else "python")
             received_at = format_timestamp(dt.datetime.now(dt.timezone.utc))
-            await send_channel.send((received_at, messages))
+            await send_channel.send((received_at, messages, connection.holds))
 
     def _record_errors(self, connection: Connection, errors: list) -> None:
         for error in errors:
@@ -169,5 +179,5 @@ class Listener:
         return {
             "address": f"{self.address[0]}:{self.address[1]}" if self.address else None,
             "connections_active": len(self.connections),
-            "connections": [attrs.asdict(c, filter=lambda a, _v: a.name != "read_scope") for c in self.connections.values()],
+            "connections": [attrs.asdict(c, filter=lambda a, _v: a.name not in ("read_scope", "holds")) for c in self.connections.values()],
         }

@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 import trio
-from hypothesis import settings, strategies as st
+from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sidecar.batch import Batch
@@ -331,3 +331,20 @@ def test_the_segment_being_written_is_handed_for_an_fsync_only_when_written_to(t
     os.fsync(descriptor)
     os.close(descriptor)
     assert log.syncs == 1
+
+
+@given(st.lists(st.integers(0, 50), min_size=1, max_size=20), st.text(min_size=1, max_size=20))
+def test_has_room_knows_a_records_size_exactly(sizes, source):
+    with tempfile.TemporaryDirectory() as directory:
+        log = DiskLog(Path(directory), max_bytes=10**9)
+        for size in sizes:
+            batch = Batch.of([{**event(source, i), "pad": "x" * size} for i in range(size % 7 + 1)])
+            before = log.bytes_on_disk
+            log.append(batch, cache=False)
+            grown = log.bytes_on_disk - before
+            log.max_bytes = log.bytes_on_disk + grown
+            assert log.has_room(batch)
+            log.max_bytes -= 1
+            assert not log.has_room(batch)
+            log.max_bytes = 10**9
+        log.close()

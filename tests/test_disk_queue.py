@@ -219,3 +219,46 @@ def test_a_burst_of_500000_messages_reaches_the_filesystem_whole(tmp_path):
     for c in range(4):
         assert seqs(read_jsonl(tmp_path / "out" / f"burst-{c}.jsonl")) == list(range(per_connection))
     assert sidecar.stop() == 0
+
+
+BLOCK_CONFIG = """
+tcp: {{host: 127.0.0.1, port: 0}}
+storage: {{data_dir: {data}}}
+backends:
+  slow:
+    type: filesystem
+    base_path: {slow}
+    batch: {{max_messages: 10, timeout: 0.05}}
+    queue: {{mode: memory, max_messages: 50, when_full: block}}
+    circuit_breaker: {{failure_threshold: 2, probe_interval: 0.1}}
+  files:
+    type: filesystem
+    base_path: {base}
+    create_base_path: true
+    batch: {{timeout: 0.05}}
+routing:
+  both: [{{backend: slow}}, {{backend: files}}]
+  other: [{{backend: files}}]
+"""
+
+
+def test_block_holds_back_only_the_connections_routed_to_the_full_backend(tmp_path):
+    sidecar = SidecarProcess(tmp_path, BLOCK_CONFIG.format(data=tmp_path / "spool", slow=tmp_path / "slow", base=tmp_path / "out")).start()
+    blocked = sidecar.connect()
+    for start in range(0, 2000, 100):  # far more than the slow backend's queue and batches hold
+        blocked.sendall(b"".join(orjson.dumps(m) + b"\n" for m in chunk(start, 100, "both")))
+    held = sidecar.wait_for(lambda s: any(c["held_back"] for c in s["listener"]["connections"]), what="the connection held back")
+    slow = next(b for b in held["backends"] if b["backend"] == "slow")
+    assert slow["queue"]["entering"] > 0 and slow["routed"] == slow["delivered"] + sum(slow["dropped"].values()) + slow["queued"]
+    # Another client whose source does not go to the full backend is served meanwhile.
+    sidecar.send(chunk(0, 300, "other"))
+    sidecar.wait_for(lambda s: len(read_jsonl(tmp_path / "out" / "other.jsonl")) == 300, what="the other source delivered while the first is held")
+    assert any(c["held_back"] for c in sidecar.stats()["listener"]["connections"])
+    # The slow backend's destination appears: the held connection goes on, nothing was dropped.
+    (tmp_path / "slow").mkdir()
+    final = sidecar.wait_for(lambda s: all(b["queued"] == 0 for b in s["backends"]) and len(read_jsonl(tmp_path / "slow" / "both.jsonl")) == 2000, timeout=30, what="everything delivered")
+    blocked.close()
+    assert all(b["dropped"] == {} for b in final["backends"])
+    assert seqs(read_jsonl(tmp_path / "slow" / "both.jsonl")) == list(range(2000))
+    assert seqs(read_jsonl(tmp_path / "out" / "both.jsonl")) == list(range(2000))
+    assert sidecar.stop() == 0

@@ -31,7 +31,7 @@ async def test_a_bug_met_by_one_connection_closes_it_and_the_others_go_on(monkey
         healthy = await trio.open_tcp_stream(host, port)
         await healthy.send_all(GOOD)
         with trio.fail_after(5):
-            _received_at, messages = await receive_channel.receive()
+            _received_at, messages, _holds = await receive_channel.receive()
         assert len(messages) == 1
         await healthy.aclose()
         await poisoned.aclose()
