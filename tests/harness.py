@@ -238,7 +238,7 @@ def outage(sidecar: SidecarProcess, label: str, stop_server, start_server, secon
         start_server()
     back = time.monotonic()
     delivered_then = sidecar.backend(label)["delivered"]
-    wait_until(lambda: sidecar.backend(label)["delivered"] > delivered_then, timeout=10, what="delivery to resume", interval=0.01)
+    sidecar.wait_for(lambda s: sidecar.backend(label)["delivered"] > delivered_then, timeout=10, what="delivery to resume")
     resumed_after = time.monotonic() - back
     print(f"backend {label}: delivery resumed {resumed_after:.2f} s after its server was back; {held} were held")
     return held, resumed_after

@@ -396,6 +396,55 @@ def test_with_default_settings_a_crash_for_10_s_at_5000_per_second_loses_nothing
     assert sidecar.stop() == 0
 
 
+def test_a_black_holed_database_stalls_only_itself_and_gets_everything_once_the_network_heals(postgres_server, tmp_path, sidecars):
+    """PostgreSQL behind a proxy that stops passing bytes (a partition: connections stay open,
+    nothing answers) for 5 s under 2,000 messages/s: the filesystem backend keeps delivering
+    all the while; once the partition heals, every message is in the table exactly once."""
+    from tests.faultproxy import FaultProxy
+
+    table = unique_table()
+    with FaultProxy(("127.0.0.1", postgres_server.port)) as proxy:
+        url = postgres_server.url().replace(f":{postgres_server.port}/", f":{proxy.port}/")
+        sidecar = SidecarProcess(tmp_path, DEFAULTS_CONFIG.format(table=table, base=tmp_path / "out"), env={"PG_URL": url})
+        sidecars.append(sidecar.start())
+        sender = SteadySender(sidecar, "queue-service", per_second=2000)
+        sender.start()
+        try:
+            sidecar.wait_for(lambda s: sidecar.backend("timescaledb").get("delivered", 0) >= 2000, what="postgres delivering")
+            proxy.set("black_hole")
+            files_before, pg_before = sidecar.backend("files")["delivered"], sidecar.backend("timescaledb")["delivered"]
+            time.sleep(5)
+            files_during = sidecar.backend("files")["delivered"] - files_before
+            pg_during = sidecar.backend("timescaledb")["delivered"] - pg_before
+            proxy.set("pass")
+            time.sleep(1)
+        finally:
+            sent = sender.stop()
+        assert files_during >= 7000, f"the filesystem backend delivered only {files_during} in the 5 s"
+        assert pg_during <= 5000, "nothing passes a black hole beyond what was in flight"
+        final = sidecar.wait_for(lambda s: all(b["delivered"] == sent and b["queued"] == 0 for b in s["backends"]), timeout=60, what="every message delivered to both")
+    assert all(b["dropped"] == {} for b in final["backends"])
+    count, distinct = rows(postgres_server, f"SELECT count(*), count(DISTINCT (context->>'seq')::int) FROM {table}")[0]
+    assert (count, distinct) == (sent, sent), "every message exactly once"
+    assert sidecar.stop() == 0
+
+
+async def test_a_transaction_the_restarted_server_never_heard_of_is_written_again(postgres_server):
+    """Killed between `pg_current_xact_id()` and anything durable, the server restarts with that
+    id "in the future" (seen with `pg_ctl stop -m immediate` under load, where it held the
+    circuit off, doubling, as if a person had to act). The batch did not commit: it is written."""
+    table = unique_table()
+    backend = make_backend(postgres_server, table)
+    await backend.open()
+    batch = as_batch([enriched("event", {"level": "info", "message": f"m{i}"}) for i in range(20)])
+    ((current,),) = rows(postgres_server, "SELECT pg_current_xact_id()::text")
+    backend._outcome_unknown = (str(int(current) + 10**6), batch.messages())  # an id the server has not reached
+    await backend.write_batch("svc", batch)
+    assert rows(postgres_server, f"SELECT count(*) FROM {table}") == [(20,)]
+    assert backend._outcome_unknown is None
+    await backend.aclose()
+
+
 async def test_attempt_timeout_cancels_the_statement_and_the_retry_writes_once(postgres_server):
     """A COPY stuck behind a lock: the attempt times out, the server-side statement is cancelled,
     and the retry writes the batch exactly once."""

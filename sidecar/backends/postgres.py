@@ -467,7 +467,15 @@ class PostgresBackend(Backend):
         if pending is not batch:
             self._outcome_unknown = None
             return False
-        status = conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()[0]
+        try:
+            status = conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()[0]
+        except psycopg.errors.InvalidParameterValue:
+            # "transaction ID ... is in the future": the server crashed and restarted before that
+            # transaction wrote anything durable, so it cannot have committed.
+            conn.rollback()
+            self._outcome_unknown = None
+            log.info("backend %s: transaction %s was lost with a server restart before it committed; writing its batch again", self.label, xid)
+            return False
         conn.rollback()
         if status == "in progress":
             raise RetryableError(f"the previous attempt's transaction {xid} is still in progress on the server")
