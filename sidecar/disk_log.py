@@ -260,7 +260,17 @@ class DiskLog:
     def has_room(self, batch: Batch) -> bool:
         """Whether `append` would take this batch now, as far as the caps go."""
         size = HEADER.size + PREFIX.size + len(batch.source.encode()) + sum(map(len, batch.timestamps)) + sum(map(len, batch.lines)) + 2 * max(len(batch) - 1, 0)
-        return self._within_caps(size)
+        return self._within_caps(size) or self._writer_reclaimable()
+
+    def _writer_reclaimable(self) -> bool:
+        """Everything is acknowledged and only the segment being written is left: its bytes can
+        go, where the caps would otherwise refuse for good (a cap of a segment or two)."""
+        return len(self.segments) == 1 and not self.segments[0].sealed and not self._records and not self.unread
+
+    def _reclaim_writer(self) -> None:
+        self._seal()
+        self._delete(self.segments.pop())
+        self._read_segment, self._read_offset = 0, 0
 
     def _within_caps(self, size: int) -> bool:
         return self.bytes_on_disk + size <= self.max_bytes and (self.budget is None or self.budget.used + size <= self.budget.max_bytes)
@@ -272,7 +282,11 @@ class DiskLog:
         parts = encode_record(batch)
         size = sum(map(len, parts))
         if not self._within_caps(size):
-            raise LogFull
+            if not self._writer_reclaimable():
+                raise LogFull
+            self._reclaim_writer()
+            if not self._within_caps(size):
+                raise LogFull
         segment = self._writable(size)
         parts.append(END_MARK)
         try:

@@ -348,3 +348,81 @@ def test_has_room_knows_a_records_size_exactly(sizes, source):
             assert not log.has_room(batch)
             log.max_bytes = 10**9
         log.close()
+
+
+class DiskQueueUnderBlock(RuleBasedStateMachine):
+    """A disk queue with `block` and caps small enough to fill: any interleaving of offers, gets
+    and acknowledgements keeps each source's order, drops nothing, and accounts for every
+    message at every step: offered = acknowledged + handed out + in memory + on disk only +
+    waiting to enter."""
+
+    def __init__(self):
+        super().__init__()
+        self.directory = tempfile.mkdtemp(prefix="disk-queue-")
+        self.queue = DeliveryQueue(QueueSettings(max_messages=15, max_bytes=8192, when_full="block"), DiskLog(Path(self.directory), max_bytes=8192))
+        self.next_seq = 0
+        self.offered = 0
+        self.acknowledged = 0
+        self.handed: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self.seen: dict[str, list[int]] = collections.defaultdict(list)
+        self.admissions: list[trio.Event] = []
+
+    def teardown(self):
+        self.queue.close_log()
+        shutil.rmtree(self.directory)
+
+    @rule(count=st.integers(1, 12), source=st.sampled_from("ab"))
+    def offer(self, count, source):
+        dropped, _reason, admitted = self.queue.offer(chunk(self.next_seq, count, source))
+        assert dropped == 0
+        self.next_seq += count
+        self.offered += count
+        if admitted is not None:
+            self.admissions.append(admitted)
+
+    @rule(limit=st.integers(1, 30))
+    def get(self, limit):
+        if not self.queue.depth and not self.queue.waiting_on_disk:
+            return
+        for batch in trio.run(self.queue.get, limit):
+            seqs_of = [m["context"]["seq"] for m in batch.messages()]
+            self.handed[batch.source].extend(seqs_of)
+            self.seen[batch.source].extend(seqs_of)
+
+    @rule(source=st.sampled_from("ab"), count=st.integers(1, 30))
+    def acknowledge(self, source, count):
+        count = min(count, len(self.handed[source]))
+        for _ in range(count):
+            self.handed[source].popleft()
+        self.queue.acknowledge(source, count)
+        self.acknowledged += count
+
+    @invariant()
+    def every_message_is_somewhere_once(self):
+        queue = self.queue
+        handed = sum(map(len, self.handed.values()))
+        assert self.offered == self.acknowledged + handed + queue.depth + queue.waiting_on_disk + queue.entering
+        for source, got in self.seen.items():
+            assert got == sorted(got) and len(got) == len(set(got)), f"{source} out of order"
+
+    @invariant()
+    def a_batch_waits_only_while_there_is_no_room(self):
+        for admitted in self.admissions:
+            if not admitted.is_set():
+                assert self.queue.entering > 0
+
+
+DiskQueueUnderBlock.TestCase.settings = settings(max_examples=60, stateful_step_count=50, deadline=None)
+test_a_disk_queue_under_block_against_a_model = DiskQueueUnderBlock.TestCase
+
+
+def test_a_cap_of_one_segment_never_fills_with_what_was_acknowledged(tmp_path):
+    log = DiskLog(tmp_path, max_bytes=4096)  # one segment's worth
+    assert log.segment_bytes == 4096
+    for start in range(0, 2000, 10):
+        assert log.has_room(chunk(start, 10))
+        record = log.append(chunk(start, 10), cache=True)
+        log.acknowledge(record, 10)
+    log.append(chunk(2000, 10), cache=False)
+    log = reopen(log)
+    assert seqs(messages_of(log.read(100))) == list(range(2000, 2010))
