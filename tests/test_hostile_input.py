@@ -431,6 +431,7 @@ def test_a_drop_in_rewritten_in_place_in_two_steps_is_applied_only_whole(reloadi
         sent = sender.stop()
     archive = base / "archive"
     wait_until(lambda: len(read_jsonl(archive / "alpha-alpha.jsonl")) + len(read_jsonl(archive / "alphabet-alpha.jsonl")) == sent, what="every message in one file or the other")
-    stats = sidecar.stats()
-    assert stats["received"] == sent and stats["unrouted"] == 0 and stats["reload_failures"] == 0
+    # The status file is written on an interval: wait until it has counted the last ones.
+    stats = sidecar.wait_for(lambda s: s["received"] == sent, what="the status file to count every message")
+    assert stats["unrouted"] == 0 and stats["reload_failures"] == 0
     assert sorted(p.name for p in (base / "archive").iterdir()) == ["alpha-alpha.jsonl", "alphabet-alpha.jsonl"]
