@@ -424,7 +424,7 @@ def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
 
 
 class _GiveUp(Exception):
-    """Shutting down with the circuit open: what is held is saved or counted, not waited on."""
+    """Shutting down with the circuit open: what is held stays on disk or is counted, not waited on."""
 
 
 class BackendSupervisor:
@@ -481,8 +481,8 @@ class BackendSupervisor:
         self._stopped = trio.Event()
         self.latency = LatencyHistogram()
         self.stopping = False  # shutting down: an open circuit is not waited for
-        self.exit_deadline = math.inf  # at shutdown, when the leftovers must be saved by
-        self.exit_account: dict | None = None  # what was held at exit: saved to disk, lost
+        self.exit_deadline = math.inf  # at shutdown, when the backend must be closed by
+        self.exit_account: dict | None = None  # what was held at exit: on disk, lost
         self._next_spec: BackendSpec | None = None  # new settings, taken at the next attempt
         self._wake = trio.Event()  # set to cut a probe hold-off or a backoff short
         self.reconfigured = 0
@@ -509,7 +509,7 @@ class BackendSupervisor:
 
     def stop_soon(self, exit_deadline: float) -> None:
         """At shutdown: deliver what can be until the topology's deadline, give up at once while
-        the circuit is open, and have the leftovers saved by `exit_deadline`."""
+        the circuit is open, and close the backend by `exit_deadline`."""
         self.stopping = True  # acted on once the queue is closed (`close` wakes the supervisor)
         self.exit_deadline = exit_deadline
 
@@ -773,7 +773,7 @@ class BackendSupervisor:
         a probe has passed (a trial write may go) or the circuit is not open."""
         while self.breaker.ready_at() != -math.inf:
             if self.stopping and self.queue.closed:
-                raise _GiveUp  # nothing more will come: what is held is saved or counted
+                raise _GiveUp  # nothing more will come: what is held stays on disk or is counted
             await self._sleep_until(self.breaker.ready_at())
             if trio.current_time() < self.breaker.ready_at():
                 continue  # woken early (stopping, or new settings with a closed circuit): look again

@@ -26,7 +26,6 @@ import fcntl
 import logging
 import os
 import struct
-import zlib
 from pathlib import Path
 
 import orjson
@@ -142,7 +141,7 @@ def read_ledger(directory: Path) -> tuple[int, int]:
     if len(data) < LEDGER.size:
         return 0, 0
     number, offset, crc = LEDGER.unpack_from(data)
-    if zlib.crc32(data[:16]) != crc:
+    if crc32(data[:16]) != crc:
         log.error("disk log %s: its ledger is damaged; everything on disk will be delivered again", directory)
         return 0, 0
     return number, offset
@@ -383,7 +382,7 @@ class DiskLog:
             count += messages
             try:
                 batches = decode_payload(magic, flags, payload, messages)
-            except (DamagedRecord, ValueError, UnicodeDecodeError) as exc:
+            except ValueError as exc:  # DamagedRecord, bad UTF-8, bad JSON in a former-format record
                 # Its CRC passed, so this is no torn write: a bug worth the log line.
                 log.error("disk log %s: a record at %s:%d cannot be read back (%s); its %d messages are skipped", self.directory, segment.path.name, self._read_offset - size - length, exc, messages)
                 self.corrupt_bytes += size + length
@@ -412,7 +411,7 @@ class DiskLog:
 
     def _advance_frontier(self, segment: Segment, offset: int) -> None:
         position = LEDGER.pack(segment.number, offset, 0)[:16]
-        os.pwrite(self._ledger, position + struct.pack(">I", zlib.crc32(position)), 0)
+        os.pwrite(self._ledger, position + struct.pack(">I", crc32(position)), 0)
         # Segments wholly behind the frontier go, the one being written excepted.
         while self.segments and self.segments[0] is not segment and self.segments[0].sealed:
             self._delete(self.segments.pop(0))

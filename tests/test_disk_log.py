@@ -13,6 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -25,10 +26,6 @@ from tests.harness import event, seqs
 
 def chunk(start, n, source="svc"):
     return Batch.of([event(source, i) for i in range(start, start + n)])
-
-
-def read_all(log, limit=10**9):
-    return [(record, batch) for record, batch in log.read(limit)]
 
 
 def messages_of(taken):
@@ -294,7 +291,7 @@ async def test_a_full_disk_queue_drops_the_newest_or_blocks_until_delivery_frees
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(producer)
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()
         assert not done and blocking.entering == 5  # waiting, and counted while it waits
         got = await drain(blocking, 300, max_messages=50)
     assert done and seqs(got) == list(range(300))
