@@ -19,7 +19,7 @@ def is_urgent(messages: list[dict]) -> bool:
 
 
 class Batch:
-    __slots__ = ("source", "lines", "timestamps", "urgent", "_messages")
+    __slots__ = ("source", "lines", "timestamps", "urgent", "_messages", "record")
 
     # `urgent`: an error or critical event is among them, so the batcher flushes at once. A part
     # of an urgent batch (head, tail) stays urgent: at worst a flush comes early.
@@ -29,6 +29,9 @@ class Batch:
         self.timestamps = timestamps
         self.urgent = urgent
         self._messages = messages
+        # The batch as a disk-log record (sidecar.disk_log.encode_record), encoded once for all
+        # the backends' logs it goes to, and let go once it is offered to them.
+        self.record = None
 
     @classmethod
     def of(cls, messages: list[dict]) -> "Batch":
@@ -84,6 +87,7 @@ class Batch:
 
     def extend(self, other: "Batch") -> None:
         """Append another batch's messages to this one (which must not be shared)."""
+        self.record = None
         self.lines += other.lines
         self.timestamps += other.timestamps
         self.urgent = self.urgent or other.urgent
@@ -95,6 +99,7 @@ class Batch:
     def take_front(self, count: int) -> "Batch":
         """Remove the first `count` messages from this batch and return them as a new one."""
         front = self.head(count)
+        self.record = None
         del self.lines[:count]
         del self.timestamps[:count]
         if self._messages is not None:

@@ -21,9 +21,8 @@ from ruamel.yaml.reader import ReaderError
 from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, MappingStartEvent, ScalarEvent
 
 from sidecar.message import DEFAULT_MAX_DEPTH, LEVELS, MAX_DEPTH_LIMIT, MESSAGE_TYPES
+from sidecar.units import ByteSize, Duration, is_int, is_number, parse_bytesize, parse_duration
 
-Duration = Annotated[float, "duration"]
-ByteSize = Annotated[int, "bytesize"]
 
 ROUTE_FILE_PATTERNS = ("*.yaml", "*.yml")
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
@@ -346,10 +345,6 @@ class SidecarConfig:
 
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
-_BYTESIZE = re.compile(r"\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*")
-_BYTE_UNITS = {None: 1, "B": 1, "KB": 10**3, "KiB": 2**10, "MB": 10**6, "MiB": 2**20, "GB": 10**9, "GiB": 2**30}
-_SECONDS = {None: 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600}
 
 
 class _Invalid(Exception):
@@ -446,11 +441,11 @@ class DocumentReader:
             return value
         # ruamel.yaml's round-trip scalars are subclasses (ScalarInt, ScalarFloat): keep plain values.
         if kind is int:
-            if not _is_int(value):
+            if not is_int(value):
                 self._fail(where, f"{label} must be an integer, got {value!r}")
             return int(value)
         if kind is float:
-            if not _is_number(value):
+            if not is_number(value):
                 self._fail(where, f"{label} must be a number, got {value!r}")
             return float(value)
         if kind is str:
@@ -506,28 +501,16 @@ class DocumentReader:
         raise _Invalid
 
     def _duration(self, value, where, label) -> float:
-        if _is_number(value):
-            return float(value)
-        match = _DURATION.fullmatch(value) if isinstance(value, str) else None
-        if not match:
-            self._fail(where, f"{label} must be a duration in seconds or like 500ms, 5s, 2m, got {value!r}")
-        return float(match.group(1)) * _SECONDS[match.group(2)]
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self._fail(where, f"{label} {exc}")
 
     def _bytesize(self, value, where, label) -> int:
-        if _is_int(value):
-            return int(value)
-        match = _BYTESIZE.fullmatch(value) if isinstance(value, str) else None
-        if not match:
-            self._fail(where, f"{label} must be a size in bytes or like 64KiB, 8MiB, got {value!r}")
-        return int(match.group(1)) * _BYTE_UNITS[match.group(2)]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+        try:
+            return parse_bytesize(value)
+        except ValueError as exc:
+            self._fail(where, f"{label} {exc}")
 
 
 def _validator_message(exc: Exception) -> str:
@@ -553,7 +536,7 @@ def _plain(value, interpolate=None):
         return interpolate(str(value)) if interpolate is not None else str(value)
     if isinstance(value, bool) or value is None:
         return value
-    if _is_int(value):
+    if is_int(value):
         return int(value)
     if isinstance(value, float):
         return float(value)

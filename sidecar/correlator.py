@@ -140,6 +140,8 @@ class Correlator:
                     admitted = routing.supervisors[target.spec].offer(selected)
                     if admitted is not None and holds is not None:
                         holds.append(admitted)
+                    selected.record = None  # in every log it goes to: the memory queues keep only the lines
+            batch.record = None
             self.counters.inc("routed_messages_total", len(batch))
 
     def _view(self, update, chunk) -> None:

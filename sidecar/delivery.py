@@ -19,9 +19,9 @@ import attrs
 import trio
 
 from sidecar.backends import backend_class
-from sidecar.backends.filesystem import safe_component
 from sidecar.backends.base import DeliveryError, PartialDelivery, PermanentError, RetryableError
 from sidecar.config import BackendSpec, CircuitBreakerSettings, QueueSettings
+from sidecar.naming import safe_component
 from sidecar.batch import Batch
 from sidecar.logs import DistinctErrorLog, RateLimitedLog
 from sidecar.disk_log import DiskBudget, DiskLog, LogFull, Record
@@ -777,7 +777,6 @@ class BackendSupervisor:
             await self._sleep_until(self.breaker.ready_at())
             if trio.current_time() < self.breaker.ready_at():
                 continue  # woken early (stopping, or new settings with a closed circuit): look again
-            self.probes += 1
             try:
                 with trio.fail_after(self.spec.delivery.retry.attempt_timeout):
                     await self.backend.probe()
@@ -794,6 +793,8 @@ class BackendSupervisor:
                 self._opened = False  # the trial write opens the backend afresh
                 self.breaker.probe_passed()
                 log.info("backend %s: probe passed; trying a write", self.label)
+            finally:
+                self.probes += 1  # counted with its outcome, so a reader of the count sees its error
 
     def _reject(self, source: str, reasons: collections.Counter) -> None:
         self.dropped.update(reasons)

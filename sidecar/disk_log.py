@@ -2,11 +2,12 @@
 
 The log is a directory of append-only segment files and a small ledger. Each record is one
 batch of one source: a header (magic, flags, payload length, message count, CRC-32 of the
-payload) and the payload (the source, the timestamps, the JSON lines), so reading one back needs
-no JSON parsing. The ledger holds the acknowledgement frontier: the position before which every
-message was delivered or dropped for good. A restart skips what is before the frontier and
-delivers the rest again (at least once: what was delivered past the frontier comes twice). A
-record damaged or cut short ends its segment's valid part; the rest is counted and skipped.
+payload) and the payload (the source and the JSON lines; a record read back takes each
+message's timestamp from its line). The ledger holds the acknowledgement frontier: the position
+before which every message was delivered or dropped for good. A restart skips what is before
+the frontier and delivers the rest again (at least once: what was delivered past the frontier
+comes twice). A record damaged or cut short ends its segment's valid part; the rest is counted
+and skipped.
 
 A segment that is done leaves its file as the log's one spare, which the next segment takes
 and overwrites (cheaper for the kernel than filling a new file); each write ends with a zeroed
@@ -38,7 +39,7 @@ log = logging.getLogger("sidecar.disk_log")
 MAGIC = b"WQ"
 HEADER = struct.Struct(">2sBxIII")  # magic, flags, -, payload length, message count, crc32(payload)
 URGENT = 0x01
-PREFIX = struct.Struct(">HI")  # source length, timestamps length
+PREFIX = struct.Struct(">HI")  # source length, timestamps length (0 now; earlier records stored them)
 # The format `when_full: spill` wrote: a JSON array of messages per record. Still read.
 LEGACY_MAGIC = b"SL"
 LEGACY_HEADER = struct.Struct(">2sIII")
@@ -71,15 +72,19 @@ class DiskBudget:
         self.used = 0
 
 
-def encode_record(batch: Batch) -> list[bytes]:
-    """A record as the parts of one vectored write: the lines are joined once and not copied again."""
-    source = batch.source.encode()
-    stamps = "\n".join(batch.timestamps).encode()
-    head = PREFIX.pack(len(source), len(stamps)) + source + stamps
-    lines = b"\n".join(batch.lines)
-    crc = crc32(lines, crc32(head))
-    flags = URGENT if batch.urgent else 0
-    return [HEADER.pack(MAGIC, flags, len(head) + len(lines), len(batch.lines), crc), head, lines]
+def encode_record(batch: Batch) -> tuple[list[bytes], int]:
+    """A record as the parts of one vectored write (the lines are joined once and not copied
+    again) and its size; kept on the batch for every log it goes to. The timestamps are not
+    stored: a record read back takes them from its lines, so the healthy path writes less."""
+    if batch.record is None:
+        source = batch.source.encode()
+        head = PREFIX.pack(len(source), 0) + source
+        lines = b"\n".join(batch.lines)
+        crc = crc32(lines, crc32(head))
+        flags = URGENT if batch.urgent else 0
+        parts = [HEADER.pack(MAGIC, flags, len(head) + len(lines), len(batch.lines), crc), head, lines]
+        batch.record = parts, sum(map(len, parts))
+    return batch.record
 
 
 def decode_payload(magic: bytes, flags: int, payload: bytes, count: int) -> list[Batch]:
@@ -93,8 +98,11 @@ def decode_payload(magic: bytes, flags: int, payload: bytes, count: int) -> list
     start = PREFIX.size
     source = payload[start : start + source_length].decode()
     start += source_length
-    stamps = payload[start : start + stamps_length].decode().split("\n")
     lines = payload[start + stamps_length :].split(b"\n")
+    if stamps_length:  # written before records left them out
+        stamps = payload[start : start + stamps_length].decode().split("\n")
+    else:
+        stamps = [orjson.loads(line)["timestamp"] for line in lines]
     if len(lines) != count or len(stamps) != count:
         raise DamagedRecord("message count does not match")
     return [Batch(source, lines, stamps, bool(flags & URGENT))]
@@ -258,8 +266,7 @@ class DiskLog:
 
     def has_room(self, batch: Batch) -> bool:
         """Whether `append` would take this batch now, as far as the caps go."""
-        size = HEADER.size + PREFIX.size + len(batch.source.encode()) + sum(map(len, batch.timestamps)) + sum(map(len, batch.lines)) + 2 * max(len(batch) - 1, 0)
-        return self._within_caps(size) or self._writer_reclaimable()
+        return self._within_caps(encode_record(batch)[1]) or self._writer_reclaimable()
 
     def _writer_reclaimable(self) -> bool:
         """Everything is acknowledged and only the segment being written is left: its bytes can
@@ -278,8 +285,7 @@ class DiskLog:
         """Write one batch as one record. With `cache` (only while nothing is unread, so order
         is kept) the caller keeps the batch in memory and gets its Record; otherwise it waits on
         disk to be read back. Raises LogFull past a cap, OSError when the write fails."""
-        parts = encode_record(batch)
-        size = sum(map(len, parts))
+        parts, size = encode_record(batch)
         if not self._within_caps(size):
             if not self._writer_reclaimable():
                 raise LogFull
@@ -287,7 +293,7 @@ class DiskLog:
             if not self._within_caps(size):
                 raise LogFull
         segment = self._writable(size)
-        parts.append(END_MARK)
+        parts = [*parts, END_MARK]
         try:
             written = os.pwritev(self._writer, parts, segment.end)
             if written < size + len(END_MARK):  # a short write (a signal, a nearly full disk): the rest

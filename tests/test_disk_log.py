@@ -20,7 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from sidecar.batch import Batch
 from sidecar.config import QueueSettings
 from sidecar.delivery import DeliveryQueue
-from sidecar.disk_log import END_MARK, HEADER, LEGACY_MAGIC, DiskBudget, DiskLog, LogFull, held_in
+from sidecar.disk_log import END_MARK, HEADER, LEGACY_MAGIC, MAGIC, PREFIX, URGENT, DiskBudget, DiskLog, LogFull, held_in
 from tests.harness import event, seqs
 
 
@@ -173,6 +173,28 @@ def test_records_of_the_former_spill_format_are_read(tmp_path):
     assert all(r is record for r, _b in taken)  # one record, acknowledged by its count
     log.acknowledge(record, 3)
     assert log.held == 0
+
+
+def test_records_that_stored_their_timestamps_are_read(tmp_path):
+    batch = Batch.of([event("svc", 0), event("svc", 1, level="error")])
+    source, stamps, lines = b"svc", "\n".join(batch.timestamps).encode(), b"\n".join(batch.lines)
+    payload = PREFIX.pack(len(source), len(stamps)) + source + stamps + lines
+    header = HEADER.pack(MAGIC, URGENT, len(payload), 2, zlib.crc32(payload))
+    (tmp_path / "segment-000000000001.log").write_bytes(header + payload)
+    ((_record, back),) = DiskLog(tmp_path, max_bytes=10**9).read(10)
+    assert (back.source, back.lines, back.timestamps, back.urgent) == ("svc", batch.lines, batch.timestamps, True)
+
+
+def test_a_batch_offered_to_several_logs_is_encoded_once(tmp_path):
+    batch = chunk(0, 5)
+    one, two = DiskLog(tmp_path / "one", max_bytes=10**9), DiskLog(tmp_path / "two", max_bytes=10**9)
+    one.append(batch, cache=False)
+    parts = batch.record[0]
+    two.append(batch, cache=False)
+    assert batch.record[0] is parts
+    assert (tmp_path / "one" / "segment-000000000001.log").read_bytes() == (tmp_path / "two" / "segment-000000000001.log").read_bytes()
+    batch.extend(chunk(5, 1))
+    assert batch.record is None  # a changed batch is encoded again
 
 
 class LogAgainstModel(RuleBasedStateMachine):
@@ -339,6 +361,9 @@ def test_has_room_knows_a_records_size_exactly(sizes, source):
             before = log.bytes_on_disk
             log.append(batch, cache=False)
             grown = log.bytes_on_disk - before
+            (segment,) = Path(directory).glob("segment-*.log")
+            assert segment.stat().st_size == log.bytes_on_disk + len(END_MARK)  # what was written
+            batch.record = None  # computed again for has_room
             log.max_bytes = log.bytes_on_disk + grown
             assert log.has_room(batch)
             log.max_bytes -= 1

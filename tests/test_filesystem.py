@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.batch import Batch
-from sidecar.backends.filesystem import FilesystemBackend, FilesystemSettings, safe_component
+from sidecar.backends.filesystem import FilesystemBackend, FilesystemSettings
+from sidecar.naming import safe_component
 
 
 @given(st.text(max_size=300))

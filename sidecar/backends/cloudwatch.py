@@ -15,7 +15,6 @@ requests were accepted, so a retry resends only the rest and never duplicates ev
 import datetime as dt
 import hashlib
 import logging
-import os
 import string
 from collections.abc import Iterable
 
@@ -26,8 +25,8 @@ import trio
 from sidecar.batch import Batch
 from sidecar.backends import aws
 from sidecar.backends.base import Backend, PartialDelivery, RetryableError
-from sidecar.backends.filesystem import PLACEHOLDERS, template_fields
-from sidecar.config import ByteSize, Duration
+from sidecar.naming import HOST, PLACEHOLDERS, template_fields
+from sidecar.units import ByteSize, Duration
 
 log = logging.getLogger("sidecar.backends.cloudwatch")
 
@@ -43,7 +42,6 @@ MAX_FUTURE_MS = 2 * 3600 * 1000
 TIME_MARGIN_MS = 60 * 1000
 RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653)
 
-_HOST = os.uname().nodename
 _NAME_CHARS = frozenset(string.ascii_letters + string.digits + "._-")
 _GROUP_CHARS = _NAME_CHARS | frozenset("/#")
 
@@ -259,7 +257,7 @@ class CloudWatchBackend(Backend):
         key = (source, kind, date)
         names = self._names.get(key)
         if names is None:
-            values = {"source": safe_name_value(source), "type": safe_name_value(kind), "date": safe_name_value(date), "host": safe_name_value(_HOST)}
+            values = {"source": safe_name_value(source), "type": safe_name_value(kind), "date": safe_name_value(date), "host": safe_name_value(HOST)}
             names = (_render(self.settings.log_group, values, _check_group), _render(self.settings.log_stream, values, _check_stream))
             if len(self._names) > 10_000:
                 self._names.clear()

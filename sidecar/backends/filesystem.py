@@ -9,7 +9,6 @@ counted by reason; every other path of the batch, and every other source, keeps 
 
 import errno
 import os
-import string
 import time
 from typing import Literal
 
@@ -18,11 +17,9 @@ import trio
 
 from sidecar.batch import Batch
 from sidecar.backends.base import Backend, PartialDelivery, PermanentError, RetryableError
-from sidecar.config import ByteSize, Duration
+from sidecar.naming import HOST, PLACEHOLDERS, safe_component, template_fields
+from sidecar.units import ByteSize, Duration
 
-PLACEHOLDERS = ("source", "type", "date", "host")
-_UNSAFE = str.maketrans({c: "_" for c in map(chr, range(256)) if not (c.isascii() and (c.isalnum() or c in "._-"))})
-_HOST = os.uname().nodename
 # Errors that say this path can never be written as it stands, whatever the retries: the
 # messages bound for it are dropped with this reason, and the other paths are written.
 _UNUSABLE_PATH = {
@@ -40,26 +37,6 @@ class UnusablePath(Exception):
     def __init__(self, path: str, reason: str, detail: str):
         super().__init__(f"{path}: {detail}")
         self.reason = reason
-
-
-def safe_component(value: str) -> str:
-    """One path component from untrusted text: no separators, no `..`, no control bytes."""
-    cleaned = "".join(c if c.isascii() else "_" for c in value.translate(_UNSAFE)[:200])
-    # No hidden files and no `.` or `..`: a leading dot becomes `_`.
-    return "_" + cleaned[1:] if cleaned.startswith(".") or not cleaned else cleaned
-
-
-def template_fields(template: str, what: str = "path") -> set[str]:
-    """The placeholders a name template uses; ValueError for any other, or one with a format
-    spec or conversion (`{source.__class__}`, `{source!r}` must not reach str.format)."""
-    fields = set()
-    for _literal, field, spec, conversion in string.Formatter().parse(template):
-        if field is None:
-            continue
-        if field not in PLACEHOLDERS or spec or conversion:
-            raise ValueError(f"{what} template {template!r}: unknown placeholder {{{field}}} (known: {', '.join('{%s}' % p for p in PLACEHOLDERS)})")
-        fields.add(field)
-    return fields
 
 
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "afs", "lustre", "gpfs", "beegfs"})
@@ -129,7 +106,7 @@ class FilesystemBackend(Backend):
         key = (source, kind, date)
         path = self._paths.get(key)
         if path is None:
-            values = {"source": safe_component(source), "type": safe_component(kind), "date": safe_component(date), "host": safe_component(_HOST)}
+            values = {"source": safe_component(source), "type": safe_component(kind), "date": safe_component(date), "host": safe_component(HOST)}
             path = os.path.normpath(os.path.join(self.base, self.settings.path.format(**values)))
             if not _within(self.base, path) or path == self.base:
                 raise PermanentError(f"path for source {source!r} escapes {self.base}", reason="path_escape")
@@ -147,13 +124,13 @@ class FilesystemBackend(Backend):
     async def write_batch(self, source: str, batch: Batch) -> None:
         lines = batch.lines
         if not self._per_message:
-            writes = {self.path_for(source): range(len(lines))}
+            payloads = [(self.path_for(source), range(len(lines)), b"\n".join(lines) + b"\n")]
         else:
-            writes = {}
+            writes: dict[str, list[int]] = {}
             for index, message in enumerate(batch.messages()):
                 path = self.path_for(source, message["type"], message["timestamp"][:10])
                 writes.setdefault(path, []).append(index)
-        payloads = [(path, indices, b"\n".join([lines[i] for i in indices]) + b"\n") for path, indices in writes.items()]
+            payloads = [(path, indices, b"\n".join([lines[i] for i in indices]) + b"\n") for path, indices in writes.items()]
         if self._in_thread:
             # Not abandoned on cancel: a hung NFS write blocks this backend only, and is never
             # written twice by a retry racing it.

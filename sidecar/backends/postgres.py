@@ -59,7 +59,7 @@ from psycopg.pq import Format
 
 from sidecar.batch import Batch
 from sidecar.backends.base import Backend, PartialDelivery, RetryableError
-from sidecar.config import Duration
+from sidecar.units import Duration
 from sidecar.message import format_timestamp
 
 log = logging.getLogger("sidecar.backends.postgres")

@@ -25,8 +25,8 @@ import trio
 from sidecar.batch import Batch
 from sidecar.backends import aws
 from sidecar.backends.base import Backend, PartialDelivery, PermanentError, RetryableError
-from sidecar.backends.filesystem import safe_component
-from sidecar.config import ByteSize, Duration
+from sidecar.naming import safe_component
+from sidecar.units import ByteSize, Duration
 
 log = logging.getLogger("sidecar.backends.s3")
 
