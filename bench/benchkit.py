@@ -29,7 +29,7 @@ def start_sidecar(work: Path, config: str, env: dict | None = None, status_inter
             sidecar.kill()
             raise SystemExit(f"sidecar did not start:\n{stderr.read_text()}")
         try:
-            return sidecar, int(json.loads(status.read_text())["listener"]["address"].rsplit(":", 1)[1])
+            return sidecar, int(json.loads(status.read_text())["sources"]["tcp"]["address"].rsplit(":", 1)[1])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             time.sleep(0.02)
 

@@ -1,12 +1,12 @@
-"""The sidecar: one trio nursery owning the listener, the correlator, the config watcher and one
+"""The sidecar: one trio nursery owning the sources, the correlator, the config watcher and one
 supervised task per backend instance, connected by bounded channels.
 
-    listener --(memory channel, chunks)--> correlator --(DeliveryQueue per backend)--> supervisor
+    sources --(one memory channel, chunks)--> correlator --(DeliveryQueue per backend)--> supervisor
 
 Shutdown goes in phases, each bounded: stop accepting; let connected clients send for
-`connection_grace`; the listener closes its channel, the correlator drains it and closes every
-backend queue; backends deliver what they hold until `drain_timeout`; what is left then is
-reported by count.
+`connection_grace`; the sources close their clones of the channel, the correlator drains it and
+closes every backend queue; backends deliver what they hold until `drain_timeout`; what is left
+then is reported by count.
 """
 
 import datetime as dt
@@ -27,9 +27,9 @@ from sidecar.delivery import BackendSupervisor
 from sidecar.disk_log import DiskBudget, held_in
 from sidecar.http import ViewServer
 from sidecar.jobs import LiveIndex
-from sidecar.listener import Listener
 from sidecar.metrics import Counters
 from sidecar.routing import RouteTable
+from sidecar.sources import Intake, Source, source_class
 from sidecar.watcher import ConfigWatcher
 
 log = logging.getLogger("sidecar")
@@ -166,7 +166,7 @@ class Sidecar:
         self.config: SidecarConfig = load_config(config_path, routes_dir, environ)
         self.counters = Counters()
         self.topology = Topology()
-        self.listener = Listener(self.config.tcp, self.counters, native=self.config.pipeline.native)
+        self.sources: dict[str, Source] = {name: self._make_source(spec) for name, spec in self.config.sources.items()}
         self.correlator: Correlator | None = None
         self.watcher = ConfigWatcher(config_path, routes_dir, self.config.reload, self.reload)
         self.status_file = status_file
@@ -179,9 +179,24 @@ class Sidecar:
         self._undelivered: dict[str, dict] = {}  # label -> exit account, of backends that held messages
         self._shutdown_seconds = 0.0
 
-    def listen_on(self, host: str, port: int) -> None:
-        """Override the configured address (the command line's --listen)."""
-        self.listener.settings = attrs.evolve(self.config.tcp, host=host, port=port)
+    def _make_source(self, spec) -> Source:
+        intake = Intake(spec.name, self.counters, logging.getLogger(f"sidecar.source.{spec.name}"))
+        return source_class(spec.type)(spec.name, spec.settings, intake, native=self.config.pipeline.native)
+
+    def listen_on(self, host: str | None, port: int) -> None:
+        """Override the address of the TCP source named `tcp`, or else of the first TCP source
+        (the command line's --listen); `host` None keeps the configured one."""
+        source = self.sources.get("tcp")
+        if source is None or source.type_name != "tcp":
+            source = next((s for s in self.sources.values() if s.type_name == "tcp"), None)
+        if source is None:
+            raise ValueError("no source of type tcp is configured")
+        source.settings = attrs.evolve(source.settings, host=host or source.settings.host, port=port, unix=None)
+
+    @property
+    def ready(self) -> bool:
+        """Every source listens and the correlator runs."""
+        return self.correlator is not None and all(s.address is not None for s in self.sources.values())
 
     def serve_http_on(self, host: str, port: int) -> None:
         """Override the HTTP view's address (the command line's --http)."""
@@ -237,7 +252,9 @@ class Sidecar:
             routing = Routing(table, self.topology.apply(table, Path(self.config.storage.data_dir), self.config.storage.max_bytes, self.config.storage.sync_interval))
             self.correlator = Correlator(routing, self.counters, index, trace_cache_size=self.config.pipeline.trace_cache_size)
             nursery.start_soon(self._run_correlator, receive_channel)
-            address = await nursery.start(self.listener.run, send_channel)
+            # Each source sends through a clone: the correlator's input ends when the last is closed.
+            async with send_channel:
+                addresses = [await nursery.start(source.run, send_channel.clone()) for source in self.sources.values()]
             await nursery.start(self.watcher.run)
             nursery.start_soon(self._expire_index)
             if self.http_settings.enabled:
@@ -249,7 +266,7 @@ class Sidecar:
             if self.status_file is not None:
                 nursery.start_soon(self._write_status_periodically)
             log.info("monitoring-sidecar %s ready: %d rules, %d backends, config %s", __version__, len(self.config.rules), len(self.topology.supervisors), ", ".join(self.config.files))
-            task_status.started(address)
+            task_status.started(addresses[0] if len(addresses) == 1 else addresses)
             await self._stop.wait()
             if self.view is not None:
                 self.view.stop()
@@ -276,11 +293,12 @@ class Sidecar:
         drain_until = min(began + settings.connection_grace + settings.drain_timeout, exit_at - min(SAVE_RESERVE, settings.budget / 5))
         grace = max(0.0, min(settings.connection_grace, drain_until - began))
         log.info("shutting down within %.1fs: no new connections; clients have %.1fs to finish", settings.budget, grace)
-        self.listener.stop_accepting()
-        self.listener.close_connections(grace)
+        for source in self.sources.values():
+            source.stop_accepting()
+            source.close_connections(grace)
         for supervisor in self.topology.all_supervisors():
             supervisor.stop_soon(exit_at)
-        # The correlator ends when the listener's channel is drained, and then closes the
+        # The correlator ends when the sources' channel is drained, and then closes the
         # backend queues; backends deliver what they hold until drain_until.
         self.topology.scope.deadline = drain_until
         await self.topology.stopped.wait()
@@ -337,12 +355,12 @@ class Sidecar:
             self.last_reload_error = f"internal error while loading the configuration: {type(exc).__name__}: {exc}"
             log.exception("reload rejected (%s): internal error while loading the configuration; keeping the running one (%d rules)", reason, len(self.config.rules))
             return False
-        if (config.tcp, config.http, config.pipeline, config.index) != (self.config.tcp, self.config.http, self.config.pipeline, self.config.index):
-            log.warning("reload: tcp, http, pipeline and index settings change only on restart; routes and backends are applied now")
+        if (config.sources, config.http, config.pipeline, config.index) != (self.config.sources, self.config.http, self.config.pipeline, self.config.index):
+            log.warning("reload: sources (tcp), http, pipeline and index settings change only on restart; routes and backends are applied now")
         table = RouteTable(config.rules)
         supervisors = self.topology.apply(table, Path(config.storage.data_dir), config.storage.max_bytes, config.storage.sync_interval)
         self.correlator.routing = Routing(table, supervisors)
-        self.config = config  # as loaded; the listener keeps the settings it started with
+        self.config = config  # as loaded; the sources keep the settings they started with
         self.watcher.settings = config.reload
         self.last_reload_error = None
         self.counters.inc("reloads_total")
@@ -357,17 +375,17 @@ class Sidecar:
             "version": __version__,
             "pid": os.getpid(),
             "started_at": self.started_at.isoformat(),
-            "received": counters.get("messages_received_total"),
+            "received": counters.total("messages_received_total"),
             "decode_errors": counters.by_label("decode_errors_total", "reason"),
             "decoded_by_path": counters.by_label("decoded_messages_total", "path"),
             "routed": counters.get("routed_messages_total"),
             "unrouted": counters.get("unrouted_messages_total"),
             "correlator_dropped": counters.by_label("correlator_dropped_messages_total", "reason"),
             "view_errors": counters.get("view_errors_total"),
-            "connections_total": counters.get("connections_total"),
+            "connections_total": counters.total("connections_total"),
             "connections_refused": counters.by_label("connections_refused_total", "reason"),
             "connections_closed": counters.by_label("connections_closed_total", "reason"),
-            "listener": self.listener.statistics(),
+            "sources": {name: {**source.statistics(), "received": counters.get("messages_received_total", input=name)} for name, source in self.sources.items()},
             "http": f"{self.view.address[0]}:{self.view.address[1]}" if self.view and self.view.address else None,
             "correlator": self.correlator.statistics() if self.correlator else {},
             "reloads": counters.get("reloads_total"),

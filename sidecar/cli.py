@@ -17,6 +17,7 @@ from sidecar.backends import backend_class
 from sidecar.config import ConfigError, display_value, load_config
 from sidecar.message import LEVELS, MESSAGE_TYPES, MessageError, format_timestamp, validate_message
 from sidecar.routing import RouteTable
+from sidecar.sources import CannotListen
 
 EXIT_CONFIG_ERROR = 2
 
@@ -68,9 +69,14 @@ def command_run(args) -> int:
     if args.listen:
         host, _sep, port = args.listen.rpartition(":")
         try:
-            sidecar.listen_on(host or sidecar.config.tcp.host, int(port))
+            port = int(port)
         except ValueError:
             print(f"error: --listen takes HOST:PORT, got {args.listen!r}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        try:
+            sidecar.listen_on(host or None, port)
+        except ValueError as exc:
+            print(f"error: --listen: {exc}", file=sys.stderr)
             return EXIT_CONFIG_ERROR
     # The hot path allocates many short-lived dicts and builds no reference cycles: freeze what
     # start-up allocated and collect the young generation less often (about 10% more messages/s).
@@ -82,11 +88,18 @@ def command_run(args) -> int:
     sys.setswitchinterval(0.0005)
     try:
         trio.run(sidecar.run)
-    except OSError as exc:
-        tcp = sidecar.listener.settings
-        print(f"error: cannot listen on {tcp.host}:{tcp.port}: {exc.strerror or exc}", file=sys.stderr)
+    except BaseExceptionGroup as group:
+        cannot_listen, others = group.split(CannotListen)
+        if cannot_listen is None or others is not None:
+            raise
+        for exc in _leaves(cannot_listen):
+            print(f"error: {exc.strerror}", file=sys.stderr)
         return 1
     return 0
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    return [leaf for exc in group.exceptions for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])]
 
 
 def _describe_settings(spec) -> str:
@@ -113,7 +126,8 @@ def command_check(args) -> int:
         return EXIT_CONFIG_ERROR
     table = RouteTable(config.rules)
     print(f"configuration OK: {len(config.files)} file(s): {', '.join(config.files)}")
-    print(f"listen: {config.tcp.host}:{config.tcp.port}")
+    for name, spec in config.sources.items():
+        print(f"source {name} ({spec.type}): {spec.settings.where}")
     print(f"disk logs: {_data_dir_state(Path(config.storage.data_dir))}, at most {_mib(config.storage.max_bytes)} together")
     print("\nbackends:")
     for name, definition in config.backends.items():

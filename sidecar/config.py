@@ -20,7 +20,9 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.reader import ReaderError
 from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, MappingStartEvent, ScalarEvent
 
-from sidecar.message import DEFAULT_MAX_DEPTH, LEVELS, MAX_DEPTH_LIMIT, MESSAGE_TYPES
+from sidecar.message import LEVELS, MESSAGE_TYPES
+from sidecar.sources import SourceTypeUnknown, source_class
+from sidecar.sources.tcp import TcpSettings
 from sidecar.units import ByteSize, Duration, is_int, is_number, parse_bytesize, parse_duration
 
 
@@ -84,19 +86,8 @@ def display_value(value) -> Any:
 
 
 @attrs.frozen
-class TcpSettings:
-    host: str = "127.0.0.1"
-    port: int = attrs.field(default=17000, validator=attrs.validators.and_(attrs.validators.ge(0), attrs.validators.le(65535)))
-    max_connections: int = attrs.field(default=1024, validator=attrs.validators.ge(1))
-    max_message_size: ByteSize = attrs.field(default=1024 * 1024, validator=attrs.validators.ge(64))
-    read_size: ByteSize = attrs.field(default=256 * 1024, validator=attrs.validators.ge(1024))
-    # Levels of nesting a message may have (itself level 1); deeper ones are rejected as too_deep.
-    max_depth: int = attrs.field(default=DEFAULT_MAX_DEPTH, validator=attrs.validators.and_(attrs.validators.ge(3), attrs.validators.le(MAX_DEPTH_LIMIT)))
-
-
-@attrs.frozen
 class PipelineSettings:
-    # Chunks (lists of messages read in one go) between the listener and the correlator.
+    # Chunks (lists of messages read in one go) between the sources and the correlator.
     channel_size: int = attrs.field(default=4, validator=attrs.validators.ge(1))
     # trace_id -> job_id pairs remembered to give later messages of a trace their job.
     trace_cache_size: int = attrs.field(default=100_000, validator=attrs.validators.ge(0))
@@ -324,8 +315,18 @@ class Rule:
 
 
 @attrs.frozen
+class SourceSpec:
+    """One configured source: its name (the `input` label of its counters), type and settings."""
+
+    name: str
+    type: str
+    settings: Any
+    where: Where
+
+
+@attrs.frozen
 class SidecarConfig:
-    tcp: TcpSettings
+    sources: dict  # name -> SourceSpec, in the order configured
     http: HttpSettings
     pipeline: PipelineSettings
     index: IndexSettings
@@ -611,7 +612,7 @@ _TOP_LEVEL = {
     "reload": ReloadSettings,
     "shutdown": ShutdownSettings,
 }
-_MAIN_KEYS = (*_TOP_LEVEL, "backends", "routing")
+_MAIN_KEYS = (*_TOP_LEVEL, "sources", "backends", "routing")
 
 
 def route_files(routes_dir: Path | None) -> list[Path]:
@@ -651,6 +652,8 @@ def load_config(config_path: Path | None, routes_dir: Path | None, environ=os.en
             sections[key] = reader.convert(cls, node, reader.value_where(main, key), key) if node is not None else cls()
         except _Invalid:
             sections[key] = cls()
+
+    sources = _read_sources(reader, main, sections["tcp"])
 
     backends: dict[str, BackendDefinition] = {}
     broken_backends: set[str] = set()
@@ -730,7 +733,7 @@ def load_config(config_path: Path | None, routes_dir: Path | None, environ=os.en
         raise ConfigError(list(dict.fromkeys(problems)))
     ordered = tuple(rule for _priority, _order, rule in sorted(rules, key=lambda r: (r[0], r[1])))
     return SidecarConfig(
-        tcp=sections["tcp"],
+        sources=sources,
         http=sections["http"],
         pipeline=sections["pipeline"],
         index=sections["index"],
@@ -741,6 +744,48 @@ def load_config(config_path: Path | None, routes_dir: Path | None, environ=os.en
         rules=ordered,
         files=tuple(files),
     )
+
+
+def _read_sources(reader: DocumentReader, main, tcp: TcpSettings) -> dict[str, SourceSpec]:
+    """`sources:`, a map of name -> {type, settings}. The `tcp:` section is the source named
+    `tcp`; with neither, that source listens on its defaults."""
+    sources: dict[str, SourceSpec] = {}
+    node = main.get("sources")
+    if "tcp" in main or node is None:
+        sources["tcp"] = SourceSpec("tcp", "tcp", tcp, reader.key_where(main, "tcp") if "tcp" in main else Where(reader.file, 1))
+    if node is None:
+        return sources
+    if not isinstance(node, dict) or not node:
+        reader.problem(reader.value_where(main, "sources"), "sources must be a mapping of name -> {type, ...settings}")
+        return sources
+    for name, settings_node in node.items():
+        where = reader.key_where(node, name)
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            reader.problem(where, f"source name {name!r} must be letters, digits, '.', '_' or '-'")
+            continue
+        if name in sources:
+            reader.problem(where, f"source {name!r} is defined twice (the `tcp:` section is the source named tcp)")
+            continue
+        if not isinstance(settings_node, dict):
+            reader.problem(where, f"source {name!r} must be a mapping with at least a type")
+            continue
+        type_name = settings_node.get("type")
+        try:
+            cls = source_class(type_name) if isinstance(type_name, str) else None
+        except SourceTypeUnknown as exc:
+            reader.problem(reader.value_where(settings_node, "type"), str(exc))
+            continue
+        if cls is None:
+            reader.problem(where, f"source {name!r} needs a type")
+            continue
+        options = CommentedMap((k, v) for k, v in settings_node.items() if k != "type")
+        for k in options:
+            options.lc.add_kv_line_col(k, list(settings_node.lc.data[k]))
+        try:
+            sources[name] = SourceSpec(name, type_name, reader.build(cls.Settings, options, where, f"sources.{name}"), where)
+        except _Invalid:
+            continue
+    return sources
 
 
 def _with_backend_defaults(delivery: DeliverySettings, cls, given: dict) -> DeliverySettings:

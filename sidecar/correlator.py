@@ -1,6 +1,6 @@
 """The correlator: enriches each chunk of messages, joins traces to jobs, and routes.
 
-It is the single consumer of the listener's channel and the single producer into every backend
+It is the single consumer of the sources' channel and the single producer into every backend
 queue, so a routing table swap between two chunks is atomic without a lock. Nothing a chunk
 holds can stop it: a bug met while enriching a chunk costs that chunk (counted as
 `correlator_dropped_messages_total{reason="internal_error"}`), one met while indexing or tapping
@@ -45,7 +45,7 @@ class Correlator:
         self._bugs = DistinctErrorLog(log)
 
     async def run(self, receive_channel: trio.MemoryReceiveChannel, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Process chunks until every listener-side sender has closed, then return."""
+        """Process chunks until every source has closed its sender, then return."""
         task_status.started()
         async with receive_channel:
             async for received_at, messages, holds in receive_channel:

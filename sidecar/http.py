@@ -58,11 +58,8 @@ class SidecarCollector(Collector):
         sidecar = self.sidecar
         counters = sidecar.counters
         for name, help_text in (
-            ("messages_received_total", "Valid messages received from SDKs"),
             ("routed_messages_total", "Messages the correlator routed to at least one rule"),
             ("unrouted_messages_total", "Messages no rule matched"),
-            ("connections_total", "Connections accepted"),
-            ("bytes_received_total", "Bytes read from finished connections"),
             ("reloads_total", "Configuration reloads applied"),
             ("reload_failures_total", "Configuration reloads rejected"),
             ("view_errors_total", "Live index or tap updates that met a bug (their messages were delivered)"),
@@ -70,10 +67,20 @@ class SidecarCollector(Collector):
             family = CounterMetricFamily(f"sidecar_{name.removesuffix('_total')}", help_text)
             family.add_metric([], counters.get(name))
             yield family
+        # A source's counters carry its name as `input`.
+        for name, labels, help_text in (
+            ("messages_received_total", ("input",), "Valid messages received, by source"),
+            ("connections_total", ("input",), "Connections accepted, by source"),
+            ("bytes_received_total", ("input",), "Bytes read from finished connections, by source"),
+            ("decode_errors_total", ("input", "reason"), "Messages rejected by the decoder, by source and reason"),
+            ("connections_refused_total", ("input", "reason"), "Connections refused, by source and reason"),
+            ("connections_closed_total", ("input", "reason"), "Connections closed by the sidecar, by source and reason"),
+        ):
+            family = CounterMetricFamily(f"sidecar_{name.removesuffix('_total')}", help_text, labels=list(labels))
+            for values, count in sorted(counters.by_labels(name, labels).items()):
+                family.add_metric(list(values), count)
+            yield family
         for name, label, help_text in (
-            ("decode_errors_total", "reason", "Messages rejected by the decoder, by reason"),
-            ("connections_refused_total", "reason", "Connections refused, by reason"),
-            ("connections_closed_total", "reason", "Connections closed by the sidecar, by reason"),
             ("correlator_dropped_messages_total", "reason", "Valid messages the correlator dropped, by reason (internal_error: a bug met while enriching them)"),
             ("decoded_messages_total", "path", "Valid messages by the path that decoded them: native (the Rust hot path) or python"),
         ):
@@ -81,8 +88,9 @@ class SidecarCollector(Collector):
             for value, count in sorted(counters.by_label(name, label).items()):
                 family.add_metric([value], count)
             yield family
-        active = GaugeMetricFamily("sidecar_connections_active", "Open SDK connections")
-        active.add_metric([], len(sidecar.listener.connections))
+        active = GaugeMetricFamily("sidecar_connections_active", "Open connections, by source", labels=["input"])
+        for name, source in sidecar.sources.items():
+            active.add_metric([name], source.active_connections)
         yield active
         supervisors = sidecar.topology.all_supervisors()
         per_backend = {
@@ -217,8 +225,8 @@ class ViewServer:
         await _respond(send, 200, {"status": "alive"})
 
     async def readyz(self, send, query):
-        ready = self.sidecar.listener.address is not None and self.sidecar.correlator is not None
-        await _respond(send, 200 if ready else 503, {"ready": ready, "listener": self.sidecar.listener.statistics()["address"]})
+        ready = self.sidecar.ready
+        await _respond(send, 200 if ready else 503, {"ready": ready, "sources": {name: s.address for name, s in self.sidecar.sources.items()}})
 
     async def metrics(self, send, query):
         await _respond_bytes(send, 200, generate_latest(self.registry), b"text/plain; version=0.0.4; charset=utf-8")

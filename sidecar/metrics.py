@@ -19,10 +19,15 @@ class Counters:
         return sum(v for (n, _labels), v in self._values.items() if n == name)
 
     def by_label(self, name: str, label: str) -> dict[str, int]:
-        found: dict[str, int] = {}
-        for (n, labels), value in self._values.items():
+        return {values[0]: count for values, count in self.by_labels(name, (label,)).items()}
+
+    def by_labels(self, name: str, labels: tuple[str, ...]) -> dict[tuple[str, ...], int]:
+        """Values of a counter summed by the values of several labels ("" where one is unset)."""
+        found: dict[tuple[str, ...], int] = {}
+        for (n, given), value in self._values.items():
             if n == name:
-                key = dict(labels).get(label, "")
+                given = dict(given)
+                key = tuple(given.get(label, "") for label in labels)
                 found[key] = found.get(key, 0) + value
         return found
 

@@ -1,6 +1,6 @@
 """Sans-IO decoder for wire protocol v1: bytes in, validated messages and errors out.
 
-No sockets, no trio: the listener feeds `receive_data()` with whatever it read and gets back
+No sockets, no trio: a source feeds `receive_data()` with whatever it read and gets back
 whole messages. The format is detected from the first byte of the stream: `{` is JSON lines,
 a MessagePack map header is a MessagePack stream. Work is done per chunk, not per byte: a chunk
 is split at its last newline and every complete line in it is parsed in one loop, and only the
@@ -18,6 +18,11 @@ from sidecar.message import DEFAULT_MAX_DEPTH, MessageError, validate_message
 from sidecar.native import AVAILABLE as NATIVE_AVAILABLE, Chunk as NativeChunk, decode as native_decode
 
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+
+
+def decoded_by(chunk) -> str:
+    """Which path decoded a chunk: `native` (a NativeChunk) or `python` (a list of dicts)."""
+    return "native" if type(chunk) is NativeChunk else "python"
 
 
 class StreamFormat(enum.Enum):

@@ -23,7 +23,7 @@ def test_check_prints_the_seeds_routing_table():
     result = cli("check", "--config", str(SEED_CONFIG), "--source", "file-receiver")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "listen: 0.0.0.0:17000" in out
+    assert "source tcp (tcp): 0.0.0.0:17000" in out
     assert "  queue-service:\n    -> timescaledb" in out
     assert "-> nfs-file(path=/mnt/nas/logs/queue-service.jsonl)" in out
     assert "  config-service:\n    -> s3(bucket=monitoring-logs, prefix=config-service/)" in out

@@ -9,7 +9,7 @@ from tests.conftest import SEED_CONFIG
 
 def test_the_seeds_config_loads_unchanged_and_routes_as_its_text_says():
     config = load_config(SEED_CONFIG, None)
-    assert (config.tcp.host, config.tcp.port) == ("0.0.0.0", 17000)
+    assert (config.sources["tcp"].settings.host, config.sources["tcp"].settings.port) == ("0.0.0.0", 17000)
     assert set(config.backends) == {"timescaledb", "nfs-file", "s3", "cloudwatch"}
     table = RouteTable(config.rules)
 
@@ -68,7 +68,7 @@ def test_every_problem_is_reported_with_file_and_line(write):
     problems = problems_of(main)
     assert problems == [
         f"{main}:2: tcp.port: 'port' must be <= 65535: 99999",
-        f"{main}:3: unknown key tcp.colour (known keys: host, port, max_connections, max_message_size, read_size, max_depth)",
+        f"{main}:3: unknown key tcp.colour (known keys: host, port, unix, max_connections, max_message_size, read_size, max_depth)",
         f"{main}:8: backends.files.fsync must be one of batch, interval, never, got 'sometimes'",
         f"{main}:10: unknown backend type 'carrier-pigeon' (known types: cloudwatch, console, filesystem, postgres, s3)",
     ] + [p for p in problems[4:]]
@@ -165,7 +165,7 @@ def test_durations_and_sizes_read_with_units(write):
         """,
     )
     config = load_config(main, None, {})
-    assert config.tcp.max_message_size == 2 * 1024 * 1024
+    assert config.sources["tcp"].settings.max_message_size == 2 * 1024 * 1024
     delivery = config.backends["files"].delivery
     assert delivery.batch.timeout == 0.25 and delivery.batch.max_messages == 10
     assert delivery.queue.when_full == "block" and delivery.queue.max_bytes == 256 * 1024**2 and delivery.queue.mode == "disk"
@@ -209,7 +209,7 @@ def test_a_queue_named_spill_is_a_disk_queue_that_drops_the_newest(write):
 
 def test_the_embedded_default_needs_nothing_outside():
     config = load_config(None, None)
-    assert (config.tcp.host, config.tcp.port) == ("127.0.0.1", 17000)
+    assert (config.sources["tcp"].settings.host, config.sources["tcp"].settings.port) == ("127.0.0.1", 17000)
     assert {r.backend for r in config.rules} == {"files", "console"}
 
 

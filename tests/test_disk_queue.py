@@ -247,13 +247,13 @@ def test_block_holds_back_only_the_connections_routed_to_the_full_backend(tmp_pa
     blocked = sidecar.connect()
     for start in range(0, 2000, 100):  # far more than the slow backend's queue and batches hold
         blocked.sendall(b"".join(orjson.dumps(m) + b"\n" for m in chunk(start, 100, "both")))
-    held = sidecar.wait_for(lambda s: any(c["held_back"] for c in s["listener"]["connections"]), what="the connection held back")
+    held = sidecar.wait_for(lambda s: any(c["held_back"] for c in s["sources"]["tcp"]["connections"]), what="the connection held back")
     slow = next(b for b in held["backends"] if b["backend"] == "slow")
     assert slow["queue"]["entering"] > 0 and slow["routed"] == slow["delivered"] + sum(slow["dropped"].values()) + slow["queued"]
     # Another client whose source does not go to the full backend is served meanwhile.
     sidecar.send(chunk(0, 300, "other"))
     sidecar.wait_for(lambda s: len(read_jsonl(tmp_path / "out" / "other.jsonl")) == 300, what="the other source delivered while the first is held")
-    assert any(c["held_back"] for c in sidecar.stats()["listener"]["connections"])
+    assert any(c["held_back"] for c in sidecar.stats()["sources"]["tcp"]["connections"])
     # The slow backend's destination appears: the held connection goes on, nothing was dropped.
     (tmp_path / "slow").mkdir()
     final = sidecar.wait_for(lambda s: all(b["queued"] == 0 for b in s["backends"]) and len(read_jsonl(tmp_path / "slow" / "both.jsonl")) == 2000, timeout=30, what="everything delivered")

@@ -170,13 +170,13 @@ def test_a_stream_in_an_unknown_format_is_refused_with_one_error_line(start_side
 def test_connections_over_the_limit_are_refused_and_counted(start_sidecar):
     sidecar = start_sidecar(max_connections=2)
     first, second = sidecar.connect(), sidecar.connect()
-    sidecar.wait_for(lambda s: s["listener"]["connections_active"] == 2, what="two connections")
+    sidecar.wait_for(lambda s: s["sources"]["tcp"]["connections_active"] == 2, what="two connections")
     with sidecar.connect() as third:
         assert third.recv(4096) == b"error: too many connections (limit 2)\n"
     sidecar.wait_for(lambda s: s["connections_refused"] == {"limit": 1}, what="the refusal to be counted")
     first.close()
     second.close()
-    sidecar.wait_for(lambda s: s["listener"]["connections_active"] == 0, what="connections to close")
+    sidecar.wait_for(lambda s: s["sources"]["tcp"]["connections_active"] == 0, what="connections to close")
     sidecar.send([event("again", 0)])
     sidecar.wait_for(lambda s: s["backends"][0]["delivered"] == 1, what="a new connection to be served")
     assert sidecar.stop() == 0

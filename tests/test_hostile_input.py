@@ -99,12 +99,15 @@ class Sidecar:
         assert self.process.process.poll() is None, f"the sidecar exited:\n{self.process.log()[-3000:]}"
 
     def metric(self, name: str, **labels) -> float:
+        """The sum of a metric's series that carry these labels (others, such as `input`, any)."""
         status, body = self.process.http("/metrics")
         assert status == 200
-        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        pattern = rf"^{re.escape(name)}(?:\{{{re.escape(wanted)}\}})? (\S+)$" if wanted else rf"^{re.escape(name)} (\S+)$"
-        found = re.search(pattern, body.decode(), re.MULTILINE)
-        return float(found.group(1)) if found else 0.0
+        total = 0.0
+        for found in re.finditer(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", body.decode(), re.MULTILINE):
+            series = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1) or ""))
+            if all(series.get(k) == str(v) for k, v in labels.items()):
+                total += float(found.group(2))
+        return total
 
 
 PATHS = [pytest.param(True, id="native"), pytest.param(False, id="python")]
