@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEBIAN_PACKAGES := $(sort $(shell cat sdk_clients/*/debian-packages.txt tests/debian-packages.txt 2>/dev/null))
 
-.PHONY: run test test-python test-python-sdk test-perl test-c test-java test-r check bench fuzz debian-packages clean
+.PHONY: run test test-python test-python-sdk test-perl test-c test-java test-r check bench soak fuzz debian-packages clean
 
 $(STAMP): pyproject.toml sdk_clients/python/pyproject.toml native/Cargo.toml native/Cargo.lock native/src/lib.rs
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is needed (found $$($(PYTHON) --version))"; exit 1; }
@@ -59,6 +59,12 @@ test-python: $(STAMP) debian-packages
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
+
+# The production soak: SDK processes and raw senders to four backends under faults, reloads and
+# restarts (tests/test_soak.py runs it for 60 s). SOAK_MINUTES=30 is the documented run.
+SOAK_MINUTES ?= 30
+soak: $(STAMP) debian-packages
+	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES)
 
 # A coverage-guided run (atheris) over the whole path, both decode paths, and the config loader;
 # the corpus grows under var/fuzz-corpus, a crash is written as crash-* here.

@@ -208,15 +208,23 @@ class DeliveryQueue:
         when closed and empty. Whole batches as they were put, and the front part of the last.
         (Taking many per call matters: one per call left the queue full, the messages in it
         cold, and the sidecar 40% larger.)"""
+        # The schedule point comes before the hand-off, never between it and the caller: what
+        # is taken must be in the caller's hands (its buffers, counted as queued) at once.
         await trio.lowlevel.checkpoint_if_cancelled()
+        scheduled = False
         while True:
             if self.waiting_on_disk and self.depth < self.capacity // 2 + 1:
                 self._read_back(self.capacity - self.depth)
             if self._batches:
-                break
+                if scheduled:
+                    break
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                scheduled = True
+                continue
             if self._closed and not self.waiting_on_disk and not self._waiting:
                 raise trio.EndOfChannel
             await self._getters.park()
+            scheduled = True
         taken = []
         count = 0
         while self._batches and count < max_messages:
@@ -232,7 +240,6 @@ class DeliveryQueue:
         self.depth -= count
         if self._waiting:
             self._admit_waiting()
-        await trio.lowlevel.cancel_shielded_checkpoint()
         return taken
 
     def _read_back(self, room: int) -> None:

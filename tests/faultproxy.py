@@ -23,11 +23,14 @@ MODES = ("pass", "latency", "reset", "black_hole", "refuse")
 
 
 class FaultProxy:
-    def __init__(self, target: tuple[str, int], delay: float = 0.2):
+    def __init__(self, target: tuple[str, int], delay: float = 0.2, port: int = 0):
+        """`port` 0: a free one. A long run that switches to `refuse` often should pass a port
+        outside the kernel's ephemeral range: while nothing listens, a client's own outgoing
+        connection may take the port and connect to itself, or keep the proxy from listening again."""
         self.target = target
         self.delay = delay
         self.mode = "pass"
-        self.port = 0
+        self.port = port
         self.connections = 0  # accepted so far
         self._token: trio.lowlevel.TrioToken | None = None
         self._ready = threading.Event()
@@ -64,10 +67,11 @@ class FaultProxy:
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()
         self._changed = trio.Event()
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
+        if not self.port:
+            probe = socket.socket()
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+            probe.close()
         async with trio.open_nursery() as nursery:
             await nursery.start(self._listen_while_wanted, nursery)
             self._ready.set()

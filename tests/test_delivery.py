@@ -64,6 +64,49 @@ async def test_the_accounting_holds_while_a_put_waits_for_room(tmp_path):
         nursery.cancel_scope.cancel()
 
 
+class AccountingWatch(trio.abc.Instrument):
+    """Checks `routed = delivered + dropped + queued` after every step of every task: what the
+    status writer or the HTTP view, which run between any two steps, could ever read."""
+
+    def __init__(self, supervisor):
+        self.supervisor = supervisor
+        self.steps = 0
+        self.failures: list[dict] = []
+
+    def after_task_step(self, task):
+        self.steps += 1
+        stats = self.supervisor.statistics()
+        if stats["routed"] != stats["delivered"] + sum(stats["dropped"].values()) + stats["queued"] and len(self.failures) < 3:
+            self.failures.append({key: stats[key] for key in ("routed", "delivered", "dropped", "queued", "queue")} | {"task": task.name})
+
+
+@pytest.mark.parametrize("mode", ["disk", "memory"])
+async def test_the_accounting_holds_after_every_task_step(tmp_path, mode):
+    # The writes fail until the directory appears, then succeed: retries, hand-outs, flushes
+    # and acknowledgements, with a producer putting batches of every size meanwhile.
+    spec = file_spec(tmp_path / "unmounted", queue=QueueSettings(mode=mode, max_messages=40), batch=BatchSettings(max_messages=7, timeout=0.01), retry=RetrySettings(initial_backoff=0.01, max_backoff=0.02))
+    supervisor = BackendSupervisor(spec, data_dir=tmp_path / "data")
+    watch = AccountingWatch(supervisor)
+    trio.lowlevel.add_instrument(watch)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            sent = 0
+            for size in [1, 5, 13, 2, 30, 7, 1, 1, 8] * 3:
+                await supervisor.put(msgs(size, start=sent))
+                sent += size
+                await trio.sleep(0.005)
+                if sent > 100:
+                    (tmp_path / "unmounted").mkdir(exist_ok=True)
+            await wait_until(lambda: supervisor.delivered + sum(supervisor.dropped.values()) == sent, what="everything delivered or dropped")
+            supervisor.close()
+    finally:
+        trio.lowlevel.remove_instrument(watch)
+    assert supervisor.queue.statistics()["mode"] == mode
+    assert watch.steps > 50 and supervisor.retries > 0
+    assert not watch.failures, watch.failures
+
+
 async def test_drop_newest_keeps_what_was_there():
     queue = DeliveryQueue(QueueSettings(mode="memory", max_messages=3, when_full="drop_newest"))
     assert await queue.put(msgs(2)) == (0, None)
