@@ -34,6 +34,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sidecar.batch import Batch  # noqa: E402
+from sidecar.backends.base import Attempt  # noqa: E402
 from sidecar.backends.postgres import (  # noqa: E402
     COLUMNS, COPY_TYPES, PostgresBackend, PostgresSettings, _JsonbBytes, binary_row_of, row_of,
 )
@@ -177,7 +178,7 @@ def backend_alone(url: str, messages: list[dict], batch: int) -> float:
         batches = [Batch.of(messages[start : start + batch]) for start in range(0, len(messages), batch)]
         started = time.perf_counter()
         for each in batches:
-            await backend.write_batch("bench", each)
+            await backend.write_batch(Attempt("bench", each))
         elapsed = time.perf_counter() - started
         await backend.aclose()
         return len(messages) / elapsed

@@ -19,11 +19,11 @@ def is_urgent(messages: list[dict]) -> bool:
 
 
 class Batch:
-    __slots__ = ("source", "lines", "timestamps", "urgent", "_messages", "record")
+    __slots__ = ("source", "lines", "timestamps", "urgent", "_messages", "record", "_received_at")
 
     # `urgent`: an error or critical event is among them, so the batcher flushes at once. A part
     # of an urgent batch (head, tail) stays urgent: at worst a flush comes early.
-    def __init__(self, source: str, lines: list[bytes], timestamps: list[str], urgent: bool = False, messages: list[dict] | None = None):
+    def __init__(self, source: str, lines: list[bytes], timestamps: list[str], urgent: bool = False, messages: list[dict] | None = None, received_at: str | None = None):
         self.source = source
         self.lines = lines
         self.timestamps = timestamps
@@ -32,6 +32,7 @@ class Batch:
         # The batch as a disk-log record (sidecar.disk_log.encode_record), encoded once for all
         # the backends' logs it goes to, and let go once it is offered to them.
         self.record = None
+        self._received_at = received_at  # the first message's; None: read from it when asked
 
     @classmethod
     def of(cls, messages: list[dict]) -> "Batch":
@@ -60,6 +61,15 @@ class Batch:
     def __repr__(self) -> str:
         return f"<Batch of {len(self.lines)} from {self.source!r}{' urgent' if self.urgent else ''}>"
 
+    @property
+    def received_at(self) -> str:
+        """When the sidecar received the first message ("" for an empty batch): known from the
+        correlator, read from the first line for a batch read back from disk."""
+        if self._received_at is None:
+            first = self._messages[0] if self._messages else orjson.loads(self.lines[0]) if self.lines else {}
+            self._received_at = first.get("received_at") or ""
+        return self._received_at
+
     def messages(self) -> list[dict]:
         """The messages as dicts: parsed from the lines on first use, then kept."""
         if self._messages is None:
@@ -69,7 +79,7 @@ class Batch:
     def head(self, count: int) -> "Batch":
         """The first `count` messages (a new batch; this one is unchanged)."""
         messages = self._messages[:count] if self._messages is not None else None
-        return Batch(self.source, self.lines[:count], self.timestamps[:count], self.urgent, messages)
+        return Batch(self.source, self.lines[:count], self.timestamps[:count], self.urgent, messages, self._received_at)
 
     def tail(self, count: int) -> "Batch":
         """All but the first `count` messages (a new batch)."""
@@ -88,6 +98,8 @@ class Batch:
     def extend(self, other: "Batch") -> None:
         """Append another batch's messages to this one (which must not be shared)."""
         self.record = None
+        if not self.lines:
+            self._received_at = other._received_at
         self.lines += other.lines
         self.timestamps += other.timestamps
         self.urgent = self.urgent or other.urgent
@@ -100,6 +112,7 @@ class Batch:
         """Remove the first `count` messages from this batch and return them as a new one."""
         front = self.head(count)
         self.record = None
+        self._received_at = None
         del self.lines[:count]
         del self.timestamps[:count]
         if self._messages is not None:

@@ -110,7 +110,7 @@ class Correlator:
             if type(messages) is NativeChunk:
                 groups, summaries = messages.enrich(received_at, self.host, self.trace_jobs, self.trace_cache_size)
                 index_chunk = self.index.add_summaries, summaries
-                batches = [Batch(source, lines, timestamps, urgent) for source, lines, timestamps, urgent in groups]
+                batches = [Batch(source, lines, timestamps, urgent, None, received_at) for source, lines, timestamps, urgent in groups]
             else:
                 by_source, cells = self.enrich(received_at, messages)
                 index_chunk = self.index.add_cells, cells

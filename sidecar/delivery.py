@@ -19,7 +19,7 @@ import attrs
 import trio
 
 from sidecar.backends import backend_class
-from sidecar.backends.base import DeliveryError, PartialDelivery, PermanentError, RetryableError
+from sidecar.backends.base import Attempt, DeliveryError, PartialDelivery, PermanentError, RetryableError
 from sidecar.config import BackendSpec, CircuitBreakerSettings, QueueSettings
 from sidecar.naming import safe_component
 from sidecar.batch import Batch
@@ -732,18 +732,22 @@ class BackendSupervisor:
             self._urgent.discard(source)
 
     async def _deliver(self, source: str, batch: Batch) -> None:
-        attempt = 0
+        attempt = Attempt(source, batch)
+        tried_with = self.backend
         while True:
             if self._next_spec is not None:
                 await self._take_new_settings()
             retry = self.spec.delivery.retry
             await self._until_circuit_lets_through()
+            if self.backend is not tried_with:  # new settings: what a try left was the old backend's
+                attempt.state, tried_with = None, self.backend
+            attempt.tries += 1
             try:
                 with trio.fail_after(retry.attempt_timeout):
                     if not self._opened:
                         await self.backend.open()
                         self._opened = True
-                    await self.backend.write_batch(source, batch)
+                    await self.backend.write_batch(attempt)
             except PartialDelivery as exc:
                 # The destination answered: the circuit stays closed, whoever else is refused.
                 self._record_success()
@@ -771,9 +775,8 @@ class BackendSupervisor:
                 self.latency.observe_batch(batch.timestamps)
                 return
             self.retries += 1
-            attempt += 1
             if self.breaker.state == "closed":
-                await self._sleep_until(trio.current_time() + backoff_delay(attempt, retry.initial_backoff, retry.max_backoff))
+                await self._sleep_until(trio.current_time() + backoff_delay(attempt.tries, retry.initial_backoff, retry.max_backoff))
 
     async def _until_circuit_lets_through(self) -> None:
         """While the circuit is open, probe the backend on the breaker's schedule; return when

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.backends.cloudwatch import (
+from sidecar.backends.cloudwatch_requests import (
     EVENT_OVERHEAD,
     MAX_AGE_MS,
     MAX_EVENT_BYTES,
@@ -20,11 +20,10 @@ from sidecar.backends.cloudwatch import (
     MAX_REQUEST_BYTES,
     MAX_REQUEST_EVENTS,
     MAX_REQUEST_SPAN_MS,
-    CloudWatchBackend,
-    CloudWatchSettings,
     plan_requests,
     truncate_message,
 )
+from sidecar.backends.cloudwatch import CloudWatchBackend, CloudWatchSettings
 from sidecar.config import ConfigError, load_config
 from tests.harness import SidecarProcess, encode
 from tests.services.cloudwatch import ACCESS_KEY, SECRET_KEY, cloudwatch_server, logs_proxy  # noqa: F401 (fixtures)
@@ -127,7 +126,7 @@ def test_truncation_cuts_between_characters_and_marks_the_event():
 @pytest.mark.parametrize("source", ["../../etc", "a:b*c", "", "aws/x", "x" * 600, "\x00\n\u202e", "ünï cödé"])
 def test_source_names_cannot_make_invalid_or_escaping_group_or_stream_names(source):
     backend = CloudWatchBackend(CloudWatchSettings(log_group="/app/{source}", log_stream="{host}/{source}"), label="t")
-    group, stream = backend.names_for(source)
+    group, stream = backend.names(source)
     assert group.startswith("/app/") and group.count("/") == 2 and len(group) <= 512
     assert set(group) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-/#")
     assert stream.count("/") == 1 and ":" not in stream and "*" not in stream and stream.isprintable() and len(stream) <= 512

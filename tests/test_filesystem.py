@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.batch import Batch
+from sidecar.backends.base import Attempt
 from sidecar.backends.filesystem import FilesystemBackend, FilesystemSettings
 from sidecar.naming import safe_component
 
@@ -36,8 +37,8 @@ def event(source="svc", i=0, timestamp="2025-10-20T10:30:45.123Z"):
 async def test_batches_append_as_jsonl(tmp_path):
     backend = FilesystemBackend(FilesystemSettings(base_path=str(tmp_path), fsync="batch"), label="t")
     await backend.open()
-    await backend.write_batch("../../etc/x", Batch.of([event("../../etc/x", i) for i in range(3)]))
-    await backend.write_batch("../../etc/x", Batch.of([event("../../etc/x", 3)]))
+    await backend.write_batch(Attempt("../../etc/x", Batch.of([event("../../etc/x", i) for i in range(3)])))
+    await backend.write_batch(Attempt("../../etc/x", Batch.of([event("../../etc/x", 3)])))
     await backend.aclose()
     written = tmp_path / "_._.._etc_x.jsonl"
     assert [orjson.loads(line)["data"]["message"] for line in written.read_bytes().splitlines()] == ["m0", "m1", "m2", "m3"]
@@ -47,7 +48,7 @@ async def test_batches_append_as_jsonl(tmp_path):
 async def test_type_and_date_templates_split_a_batch(tmp_path):
     backend = FilesystemBackend(FilesystemSettings(base_path=str(tmp_path), path="{source}/{date}.jsonl"), label="t")
     await backend.open()
-    await backend.write_batch("svc", Batch.of([event(i=0, timestamp="2025-10-20T23:59:59.999Z"), event(i=1, timestamp="2025-10-21T00:00:00.000Z")]))
+    await backend.write_batch(Attempt("svc", Batch.of([event(i=0, timestamp="2025-10-20T23:59:59.999Z"), event(i=1, timestamp="2025-10-21T00:00:00.000Z")])))
     await backend.aclose()
     assert sorted(os.listdir(tmp_path / "svc")) == ["2025-10-20.jsonl", "2025-10-21.jsonl"]
 
@@ -56,7 +57,7 @@ async def test_rotation_by_size_keeps_the_configured_number_of_files(tmp_path):
     backend = FilesystemBackend(FilesystemSettings(base_path=str(tmp_path), rotate_bytes=500, rotate_keep=2), label="t")
     await backend.open()
     for i in range(20):
-        await backend.write_batch("svc", Batch.of([event(i=i)]))
+        await backend.write_batch(Attempt("svc", Batch.of([event(i=i)])))
     await backend.aclose()
     names = sorted(os.listdir(tmp_path))
     assert names == ["svc.jsonl", "svc.jsonl.1", "svc.jsonl.2"]

@@ -11,8 +11,8 @@ import pytest
 import trio
 
 from sidecar.batch import Batch
-from sidecar.backends.base import PartialDelivery, RetryableError
-from sidecar.backends.postgres import PostgresBackend, PostgresSettings
+from sidecar.backends.base import Attempt, PartialDelivery, RetryableError
+from sidecar.backends.postgres import PostgresBackend, PostgresSettings, Transaction
 from tests.harness import REPO, SidecarProcess, SteadySender, event, outage, read_jsonl, seqs, wait_until
 from tests.services.postgres import PASSWORD, postgres_server  # noqa: F401
 
@@ -61,7 +61,7 @@ async def test_every_message_type_lands_in_typed_columns(postgres_server):
         enriched("span", {"name": "load", "phase": "start"}, trace_id=TRACE, span_id=SPAN, parent_span_id=PARENT),
         enriched("span", {"name": "load", "phase": "end", "status": "ok", "duration_ms": 1234}, trace_id=TRACE, span_id=SPAN, parent_span_id=PARENT),
     ]
-    await backend.write_batch("svc", as_batch(batch))
+    await backend.write_batch(Attempt("svc", as_batch(batch)))
     await backend.aclose()
     got = rows(
         postgres_server,
@@ -99,7 +99,7 @@ async def test_a_batch_is_one_copy_statement_and_the_schema_is_created_once(post
           $$ BEGIN INSERT INTO {table}_statements VALUES (current_query()); RETURN NULL; END $$;
         CREATE TRIGGER log_statements AFTER INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {table}_log();
     """)
-    await first.write_batch("svc", as_batch([enriched("event", {"level": "info", "message": f"m{i}"}) for i in range(1000)]))
+    await first.write_batch(Attempt("svc", as_batch([enriched("event", {"level": "info", "message": f"m{i}"}) for i in range(1000)])))
     statements = [q for (q,) in rows(postgres_server, f"SELECT query FROM {table}_statements")]
     assert len(statements) == 1 and statements[0].startswith(f'COPY "public"."{table}"'), statements
 
@@ -111,13 +111,13 @@ async def test_a_batch_is_one_copy_statement_and_the_schema_is_created_once(post
     # A second backend (another sidecar, a restart) reuses the table: no error, nothing added.
     second = make_backend(postgres_server, table)
     await second.open()
-    await second.write_batch("svc", as_batch([enriched("event", {"level": "info", "message": "again"})]))
+    await second.write_batch(Attempt("svc", as_batch([enriched("event", {"level": "info", "message": "again"})])))
     assert indexes() == sorted(f"{table}_{suffix}" for suffix in ("job_id_time_idx", "trace_id_idx", "source_time_idx", "time_brin_idx"))
     assert rows(postgres_server, f"SELECT count(*) FROM {table}") == [(1001,)]
     # reconnecting after a failure does not run the schema checks again
     await first.aclose()
     await first.open()
-    await first.write_batch("svc", as_batch([enriched("event", {"level": "info", "message": "after reconnect"})]))
+    await first.write_batch(Attempt("svc", as_batch([enriched("event", {"level": "info", "message": "after reconnect"})])))
     assert rows(postgres_server, f"SELECT count(*) FROM {table}") == [(1002,)]
     await first.aclose()
     await second.aclose()
@@ -137,7 +137,7 @@ async def test_poison_rows_are_isolated_and_the_rest_of_the_batch_lands(postgres
     batch[30] = enriched("metric", {"name": "m", "value": 10**400}, context={"seq": 30})  # not even encodable as JSON
     batch[8] = {**batch[8], "host": "h\udc80"}  # a lone surrogate: no UTF-8 for it; found while the binary COPY runs
     with pytest.raises(PartialDelivery) as caught:
-        await backend.write_batch("svc", as_batch(batch))
+        await backend.write_batch(Attempt("svc", as_batch(batch)))
     assert caught.value.rejected == {3: "postgres_numeric_value_out_of_range", 8: "unencodable", 17: "postgres_datetime_field_overflow", 30: "unencodable"}
     assert "#3: postgres_numeric_value_out_of_range" in str(caught.value) and "#17:" in str(caught.value)
     landed = sorted(seq for (seq,) in rows(postgres_server, f"SELECT (context->>'seq')::int FROM {table}"))
@@ -158,7 +158,7 @@ async def test_values_binary_copy_cannot_carry_go_by_text_copy_in_the_same_trans
     batch[1] = enriched("metric", {"name": "m", "value": "42.5"}, context={"seq": 1})
     batch[2] = {**batch[2], "timestamp": "2025-10-20T12:30:45.123+02:00"}  # read by Python: still binary
     batch[4] = {**batch[4], "timestamp": "2025-10-20 10:30:45.123"}  # no offset: the session's zone (UTC here)
-    await backend.write_batch("svc", as_batch(batch))
+    await backend.write_batch(Attempt("svc", as_batch(batch)))
     await backend.aclose()
     got = rows(
         postgres_server,
@@ -181,7 +181,7 @@ async def test_a_table_with_other_column_types_is_written_with_text_copy(postgre
     other = make_backend(postgres_server, table, create_schema=False)
     await other.open()
     assert other.binary_copy is False
-    await other.write_batch("svc", as_batch([enriched("metric", {"name": "m", "value": 1.5}, context={"seq": 0})]))
+    await other.write_batch(Attempt("svc", as_batch([enriched("metric", {"name": "m", "value": 1.5}, context={"seq": 0})])))
     await other.aclose()
     assert rows(postgres_server, f"SELECT value, context::text FROM {table}") == [(1.5, '{"seq":0}')]
 
@@ -189,13 +189,13 @@ async def test_a_table_with_other_column_types_is_written_with_text_copy(postgre
     backend = make_backend(postgres_server, table)
     await backend.open()
     assert backend.binary_copy is True
-    await backend.write_batch("svc", as_batch([enriched("metric", {"name": "m", "value": 1.0}, context={"seq": 1})]))
+    await backend.write_batch(Attempt("svc", as_batch([enriched("metric", {"name": "m", "value": 1.0}, context={"seq": 1})])))
     postgres_server.admin(f"ALTER TABLE {table} ALTER COLUMN value TYPE numeric")
-    batch = [enriched("metric", {"name": "m", "value": 2.0}, context={"seq": 2})]
+    attempt = Attempt("svc", as_batch([enriched("metric", {"name": "m", "value": 2.0}, context={"seq": 2})]))
     with pytest.raises(RetryableError) as caught:
-        await backend.write_batch("svc", as_batch(batch))
+        await backend.write_batch(attempt)
     assert not caught.value.trip_circuit and backend.binary_copy is False
-    await backend.write_batch("svc", as_batch(batch))
+    await backend.write_batch(attempt)
     await backend.aclose()
     assert rows(postgres_server, f"SELECT (context->>'seq')::int, value FROM {table} ORDER BY 1") == [(1, 1), (2, 2)]
 
@@ -438,10 +438,10 @@ async def test_a_transaction_the_restarted_server_never_heard_of_is_written_agai
     await backend.open()
     batch = as_batch([enriched("event", {"level": "info", "message": f"m{i}"}) for i in range(20)])
     ((current,),) = rows(postgres_server, "SELECT pg_current_xact_id()::text")
-    backend._outcome_unknown = (str(int(current) + 10**6), batch.messages())  # an id the server has not reached
-    await backend.write_batch("svc", batch)
+    attempt = Attempt("svc", batch, tries=1, state=Transaction(xid=str(int(current) + 10**6)))  # an id the server has not reached
+    await backend.write_batch(attempt)
     assert rows(postgres_server, f"SELECT count(*) FROM {table}") == [(20,)]
-    assert backend._outcome_unknown is None
+    assert attempt.state.xid is None
     await backend.aclose()
 
 
@@ -452,15 +452,16 @@ async def test_attempt_timeout_cancels_the_statement_and_the_retry_writes_once(p
     backend = make_backend(postgres_server, table)
     await backend.open()
     batch = [enriched("event", {"level": "info", "message": f"m{i}"}) for i in range(50)]
+    attempt = Attempt("svc", as_batch(batch))
     with psycopg.connect(postgres_server.admin_dsn()) as locker:
         locker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
         with pytest.raises(trio.TooSlowError):
             with trio.fail_after(1):
-                await backend.write_batch("svc", as_batch(batch))
+                await backend.write_batch(attempt)
         active = rows(postgres_server, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY%%' AND state = 'active'")
         assert active == [(0,)], "the cancelled COPY must not still be running"
         locker.rollback()
-    await backend.write_batch("svc", as_batch(batch))
+    await backend.write_batch(attempt)
     assert rows(postgres_server, f"SELECT count(*) FROM {table}") == [(50,)]
     await backend.aclose()
 

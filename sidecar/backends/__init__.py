@@ -3,7 +3,7 @@ its name below is all the core needs to know of it."""
 
 import importlib
 
-from sidecar.backends.base import Backend, PartialDelivery, PermanentError, RetryableError
+from sidecar.backends.base import Attempt, Backend, PartialDelivery, PermanentError, RetryableError
 
 # type name -> (module, class). A module missing from this build makes its type known but
 # unavailable: the config loads, `check` says so by name, messages to it are counted as dropped.
@@ -16,7 +16,7 @@ BACKEND_TYPES = {
 }
 TYPE_ALIASES = {"timescaledb": "postgres", "file": "filesystem"}
 
-__all__ = ["Backend", "PartialDelivery", "PermanentError", "RetryableError", "backend_class", "BackendTypeUnknown"]
+__all__ = ["Attempt", "Backend", "PartialDelivery", "PermanentError", "RetryableError", "backend_class", "BackendTypeUnknown"]
 
 
 class BackendTypeUnknown(ValueError):

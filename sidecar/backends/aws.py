@@ -28,6 +28,17 @@ def classify(exc: Exception, what: str, service_error: ServiceErrorRule) -> Exce
     return None
 
 
+def call(method, where: str, service_error: ServiceErrorRule, **arguments):
+    """A boto3 client call, its failure raised as the machinery's error (a bug as it is)."""
+    try:
+        return method(**arguments)
+    except Exception as exc:
+        classified = classify(exc, where, service_error)
+        if classified is None:
+            raise
+        raise classified from exc
+
+
 def make_client(service: str, settings, service_error: ServiceErrorRule, **config_options):
     """A client with the settings' region, endpoint and timeouts, and one attempt per call: the
     machinery does the retrying, with backoff and a circuit breaker. Blocking (it reads

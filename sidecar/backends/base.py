@@ -1,10 +1,15 @@
-"""What a backend is: a small class that opens, writes one batch, and closes.
+"""What a backend is: a small class that opens, writes one batch, and closes; and the kit every
+backend uses: the `Attempt` it is handed, and `run_blocking` for a client library that blocks.
 
 Batching, queueing, retries, the circuit breaker and the accounting live in
 `sidecar.delivery`, written once around every backend.
 """
 
-from typing import ClassVar
+import threading
+from typing import Any, ClassVar
+
+import attrs
+import trio
 
 from sidecar.batch import Batch
 
@@ -40,6 +45,57 @@ class PartialDelivery(DeliveryError):
         self.rejected = rejected
 
 
+@attrs.define(eq=False)
+class Attempt:
+    """One batch on its way to one backend, from its first try until it is settled (delivered,
+    or dropped for good). Every retry of the batch gets this same object: `tries` counts them,
+    this one included, and `state` is the backend's own slot for what a try leaves behind (the
+    objects already stored, the requests accepted, a transaction whose commit was not seen), so
+    that a retry resumes instead of writing twice."""
+
+    source: str
+    batch: Batch
+    tries: int = 0
+    state: Any = None
+
+
+class BlockingCalls:
+    """A backend's calls into a blocking client library, run in worker threads one at a time.
+
+    On cancellation (the attempt timeout, shutdown) a call that has not started never starts; a
+    running one is interrupted (`interrupt`, e.g. a statement cancel on the server) and waited
+    for up to `grace` seconds; then Cancelled goes on. A call that outlives its grace still
+    holds the lock, so the next call, a retry's, waits for it in its own thread: two calls never
+    overlap, and what the late one did is in the state it left before the retry reads it."""
+
+    def __init__(self, interrupt=None, grace: float = 5.0):
+        self.interrupt = interrupt  # called in a thread while a cancelled call runs
+        self.grace = grace
+        self._lock = threading.Lock()
+
+    async def run(self, function, *args, **keywords):
+        abandoned = threading.Event()
+        finished = threading.Event()
+
+        def call():
+            with self._lock:
+                try:
+                    return None if abandoned.is_set() else function(*args, **keywords)
+                finally:
+                    finished.set()
+
+        try:
+            return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+        except trio.Cancelled:
+            abandoned.set()
+            with trio.CancelScope(shield=True), trio.move_on_after(self.grace):
+                if self.interrupt is not None and not finished.is_set():
+                    await trio.to_thread.run_sync(self.interrupt, abandon_on_cancel=True)
+                while not finished.is_set():
+                    await trio.sleep(0.01)
+            raise
+
+
 class Backend:
     """Base of every backend. A subclass sets `type_name` and `Settings` (a frozen attrs class
     read from the config with file:line errors) and implements `write_batch`."""
@@ -53,6 +109,11 @@ class Backend:
     def __init__(self, settings, *, label: str):
         self.settings = settings
         self.label = label
+        self.blocking = BlockingCalls()
+
+    async def run_blocking(self, function, *args, **keywords):
+        """`function(*args, **keywords)` in a worker thread, cancelled as `BlockingCalls` says."""
+        return await self.blocking.run(function, *args, **keywords)
 
     async def open(self) -> None:
         """Connect or prepare. Called before the first write and again after a failed one."""
@@ -63,11 +124,11 @@ class Backend:
         (`open`); a backend with a health call of its own uses it."""
         await self.open()
 
-    async def write_batch(self, source: str, batch: Batch) -> None:
-        """Write messages of one source, in order: `batch.lines` are their JSON lines (no
-        newline), `batch.messages()` the same as dicts (parsed on first use, the same list on
-        every retry of a batch). Raise a DeliveryError subclass on failure; any other exception
-        is treated as retryable and logged with its traceback."""
+    async def write_batch(self, attempt: Attempt) -> None:
+        """Write `attempt.batch`, messages of `attempt.source`, in order: `batch.lines` are
+        their JSON lines (no newline), `batch.messages()` the same as dicts (parsed on first
+        use). Raise a DeliveryError subclass on failure; any other exception is treated as
+        retryable and logged with its traceback. A retry gets the same `attempt`."""
         raise NotImplementedError
 
     def statistics(self) -> dict:

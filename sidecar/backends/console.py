@@ -4,10 +4,8 @@ import sys
 from typing import Literal
 
 import attrs
-import trio
 
-from sidecar.batch import Batch
-from sidecar.backends.base import Backend, RetryableError
+from sidecar.backends.base import Attempt, Backend, RetryableError
 
 # Terminal control characters from the wire must not reach the terminal as such.
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
@@ -55,14 +53,15 @@ class ConsoleBackend(Backend):
     type_name = "console"
     Settings = ConsoleSettings
 
-    async def write_batch(self, source: str, batch: Batch) -> None:
+    async def write_batch(self, attempt: Attempt) -> None:
+        batch = attempt.batch
         if self.settings.format == "json":
             payload = b"\n".join(batch.lines) + b"\n"
         else:
             payload = "".join(format_line(m) + "\n" for m in batch.messages()).encode("utf-8", "replace")
         stream = sys.stdout if self.settings.stream == "stdout" else sys.stderr
         try:
-            await trio.to_thread.run_sync(self._write, stream.buffer, payload)
+            await self.run_blocking(self._write, stream.buffer, payload)
         except OSError as exc:
             raise RetryableError(f"cannot write to {self.settings.stream}: {exc}") from exc
 

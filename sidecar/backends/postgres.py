@@ -46,7 +46,6 @@ import datetime as dt
 import logging
 import os
 import re
-import threading
 
 import attrs
 import orjson
@@ -58,7 +57,7 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
 from sidecar.batch import Batch
-from sidecar.backends.base import Backend, PartialDelivery, RetryableError
+from sidecar.backends.base import Attempt, Backend, BlockingCalls, PartialDelivery, RetryableError
 from sidecar.units import Duration
 from sidecar.message import format_timestamp
 
@@ -280,6 +279,15 @@ class _Misconfigured(Exception):
     """Raised inside the worker thread for a problem found by our own checks."""
 
 
+@attrs.define
+class Transaction:
+    """What the tries of one batch left (an attempt's state): the id of a transaction begun
+    whose commit was not seen to succeed or fail, and whether one of them is known committed."""
+
+    xid: str | None = None
+    committed: bool = False
+
+
 class PostgresBackend(Backend):
     type_name = "postgres"
     Settings = PostgresSettings
@@ -298,11 +306,9 @@ class PostgresBackend(Backend):
         self.timescaledb = False  # known after the first open
         self._conn: psycopg.Connection | None = None
         self._schema_ready = False
-        # A batch whose transaction may have committed although its write failed: (xid, batch).
-        self._outcome_unknown: tuple[str, list] | None = None
-        # The last batch known committed; a retry of that very list is not written again.
-        self._committed: list | None = None
-        self._lock = threading.Lock()  # one psycopg call at a time, whichever worker thread runs it
+        # On cancellation a running statement is cancelled on the server; the state the call
+        # leaves in the attempt (`Transaction`) tells the retry what happened.
+        self.blocking = BlockingCalls(self._cancel_statement, grace=settings.connect_timeout)
         # Binary COPY when the table's columns have exactly the types it sends (known after the
         # first open); text COPY, which lets the server convert, for a table made otherwise.
         self.binary_copy = True
@@ -310,10 +316,10 @@ class PostgresBackend(Backend):
     # ---------------------------------------------------------------- the Backend contract
 
     async def open(self) -> None:
-        await self._in_thread(self._open)
+        await self.run_blocking(self._open)
 
     async def probe(self) -> None:
-        await self._in_thread(self._probe)
+        await self.run_blocking(self._probe)
 
     def _probe(self) -> None:
         """Connected and answering: `SELECT 1` on the connection the writes use."""
@@ -325,47 +331,22 @@ class PostgresBackend(Backend):
             self._close()
             raise self._classified(exc, "probe") from None
 
-    async def write_batch(self, source: str, batch: Batch) -> None:
-        # The same list on every retry of a batch: `_write` knows a retry by its identity.
-        rejected = await self._in_thread(self._write, batch.messages())
+    async def write_batch(self, attempt: Attempt) -> None:
+        if attempt.state is None:
+            attempt.state = Transaction()
+        rejected = await self.run_blocking(self._write, attempt.state, attempt.batch.messages())
         if rejected:
             details = "; ".join(f"#{index}: {reason} ({detail})" for index, (reason, detail) in sorted(rejected.items())[:5])
             more = f"; and {len(rejected) - 5} more" if len(rejected) > 5 else ""
             raise PartialDelivery(f"rows refused by PostgreSQL: {details}{more}", {i: reason for i, (reason, _d) in rejected.items()})
 
     async def aclose(self) -> None:
-        await self._in_thread(self._close)
+        await self.run_blocking(self._close)
 
-    # ---------------------------------------------------------------- thread hand-off
-
-    async def _in_thread(self, function, *args):
-        """Run `function` in a worker thread, one call at a time. On cancellation (the attempt
-        timeout, shutdown) a call that has not started never starts, and a running statement
-        is cancelled on the server; the state the call leaves behind (`_committed`,
-        `_outcome_unknown`) tells the retry what happened, so nothing is written twice."""
-        abandoned = threading.Event()
-        finished = threading.Event()
-
-        def call():
-            with self._lock:
-                try:
-                    return None if abandoned.is_set() else function(*args)
-                finally:
-                    finished.set()
-
-        try:
-            return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
-        except trio.Cancelled:
-            abandoned.set()
-            conn = self._conn
-            with trio.CancelScope(shield=True), trio.move_on_after(self.settings.connect_timeout):
-                if conn is not None and not finished.is_set():
-                    await trio.to_thread.run_sync(self._cancel_statement, conn, abandon_on_cancel=True)
-                while not finished.is_set():
-                    await trio.sleep(0.01)
-            raise
-
-    def _cancel_statement(self, conn: psycopg.Connection) -> None:
+    def _cancel_statement(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
         try:
             conn.cancel_safe(timeout=self.settings.connect_timeout)
         except Exception:  # best effort: the statement timeout and TCP timeouts still apply
@@ -396,17 +377,17 @@ class PostgresBackend(Backend):
             self._close()
             raise self._classified(exc, "cannot connect") from None
 
-    def _write(self, batch: list[dict]) -> dict[int, tuple[str, str]]:
-        if batch is self._committed:
-            return {}  # committed by an attempt whose success was not seen (cancelled meanwhile)
+    def _write(self, tx: "Transaction", batch: list[dict]) -> dict[int, tuple[str, str]]:
+        if tx.committed:
+            return {}  # committed by a try whose success was not seen (cancelled meanwhile)
         self._open()
         conn = self._conn
         rejected: dict[int, tuple[str, str]] = {}
         began = False
         try:
-            if self._outcome_unknown is not None and self._resolve_unknown_outcome(conn, batch):
+            if tx.xid is not None and self._resolve_unknown_outcome(conn, tx, len(batch)):
                 return {}
-            self._begin(conn, batch)
+            self._begin(conn, tx)
             began = True
             binary = self.binary_copy
             try:
@@ -421,7 +402,7 @@ class PostgresBackend(Backend):
                     # column's type changed since the check (ALTER TABLE)? Nothing was written;
                     # if so, the retry uses text COPY.
                     conn.rollback()
-                    self._outcome_unknown = None
+                    tx.xid = None
                     if self._binary_fits(conn):
                         raise
                     log.warning("backend %s: binary COPY refused (%s); writing with text COPY from now on", self.label, self.scrub(str(exc)).splitlines()[0])
@@ -430,8 +411,8 @@ class PostgresBackend(Backend):
                     raise
                 # Start over in a new transaction and find the bad rows under savepoints.
                 conn.rollback()
-                self._outcome_unknown = None
-                self._begin(conn, batch)
+                tx.xid = None
+                self._begin(conn, tx)
                 rejected = {}
                 if binary:
                     binary_rows, leftovers = self._binary_rows(batch)
@@ -441,14 +422,14 @@ class PostgresBackend(Backend):
                 text_rows = self._text_rows(batch, leftovers, rejected)
                 rejected.update(self._copy_isolating(conn, text_rows, binary=False))
             conn.commit()
-            self._outcome_unknown = None
-            self._committed = batch
+            tx.xid = None
+            tx.committed = True
             return rejected
         except Exception as exc:
             if not conn.broken and not conn.closed:
                 if began:
                     # The server answered with an error: this transaction did not commit.
-                    self._outcome_unknown = None
+                    tx.xid = None
                 try:
                     conn.rollback()
                 except psycopg.Error:
@@ -457,32 +438,28 @@ class PostgresBackend(Backend):
                 self._close()
             raise self._classified(exc, "write failed") from None
 
-    def _begin(self, conn: psycopg.Connection, batch: list) -> None:
-        xid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
-        self._outcome_unknown = (xid, batch)
+    def _begin(self, conn: psycopg.Connection, tx: "Transaction") -> None:
+        tx.xid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
 
-    def _resolve_unknown_outcome(self, conn: psycopg.Connection, batch: list) -> bool:
-        """True when `batch` is the one whose commit was in doubt and it did commit."""
-        xid, pending = self._outcome_unknown
-        if pending is not batch:
-            self._outcome_unknown = None
-            return False
+    def _resolve_unknown_outcome(self, conn: psycopg.Connection, tx: "Transaction", size: int) -> bool:
+        """True when the transaction of an earlier try, whose commit was in doubt, did commit."""
+        xid = tx.xid
         try:
             status = conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()[0]
         except psycopg.errors.InvalidParameterValue:
             # "transaction ID ... is in the future": the server crashed and restarted before that
             # transaction wrote anything durable, so it cannot have committed.
             conn.rollback()
-            self._outcome_unknown = None
+            tx.xid = None
             log.info("backend %s: transaction %s was lost with a server restart before it committed; writing its batch again", self.label, xid)
             return False
         conn.rollback()
         if status == "in progress":
             raise RetryableError(f"the previous attempt's transaction {xid} is still in progress on the server")
-        self._outcome_unknown = None
+        tx.xid = None
         if status == "committed":
-            log.info("backend %s: the batch of %d whose commit reply was lost did commit (transaction %s); not writing it again", self.label, len(batch), xid)
-            self._committed = batch
+            log.info("backend %s: the batch of %d whose commit reply was lost did commit (transaction %s); not writing it again", self.label, size, xid)
+            tx.committed = True
             return True
         if status is None:
             log.warning("backend %s: the outcome of transaction %s is no longer known; writing its batch again (may duplicate)", self.label, xid)
