@@ -20,7 +20,7 @@ import trio
 
 from sidecar.backends import backend_class
 from sidecar.backends.base import Attempt, DeliveryError, PartialDelivery, PermanentError, RetryableError
-from sidecar.config import BackendSpec, CircuitBreakerSettings, QueueSettings
+from sidecar.config.settings import BackendSpec, CircuitBreakerSettings, QueueSettings
 from sidecar.naming import safe_component
 from sidecar.batch import Batch
 from sidecar.logs import DistinctErrorLog, RateLimitedLog

@@ -12,7 +12,7 @@ import re
 import attrs
 
 from sidecar.batch import Batch
-from sidecar.config import BackendSpec, MessageFilter, Rule
+from sidecar.config.settings import BackendSpec, MessageFilter, Rule
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 

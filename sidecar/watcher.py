@@ -20,7 +20,8 @@ from pathlib import Path
 import attrs
 import trio
 
-from sidecar.config import DEFAULT_CONFIG, ReloadSettings, route_files
+from sidecar.config.loader import DEFAULT_CONFIG, route_files
+from sidecar.config.settings import ReloadSettings
 
 log = logging.getLogger("sidecar.watcher")
 

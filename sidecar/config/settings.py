@@ -1,0 +1,263 @@
+"""The settings: frozen attrs classes whose fields are the config keys, with their defaults and
+checks (validators, `__attrs_post_init__`), and what a loaded configuration is made of."""
+
+import fnmatch
+import re
+from typing import Any, Literal
+
+import attrs
+
+from sidecar.config.yaml_reader import Where, display_value
+from sidecar.message import LEVELS
+from sidecar.units import ByteSize, Duration
+
+
+@attrs.frozen
+class PipelineSettings:
+    # Chunks (lists of messages read in one go) between the sources and the correlator.
+    channel_size: int = attrs.field(default=4, validator=attrs.validators.ge(1))
+    # trace_id -> job_id pairs remembered to give later messages of a trace their job.
+    trace_cache_size: int = attrs.field(default=100_000, validator=attrs.validators.ge(0))
+    # Decode, validate, enrich and encode JSON lines in the Rust extension when it is built
+    # (about 3x the messages per CPU second); false keeps every message on the Python path.
+    native: bool = True
+
+
+@attrs.frozen
+class HttpSettings:
+    """The HTTP view: health, /metrics, the job and trace API, the web page."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=17001, validator=attrs.validators.and_(attrs.validators.ge(0), attrs.validators.le(65535)))
+    # When this environment variable is set, POST /api/reload and /api/tap need `Bearer <value>`.
+    token_env: str = "MONITORING_SIDECAR_TOKEN"
+
+
+@attrs.frozen
+class IndexSettings:
+    """The live index of recent jobs and traces behind the unified view."""
+
+    max_jobs: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
+    max_traces: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
+    max_age: Duration = attrs.field(default=3600.0, validator=attrs.validators.gt(0))
+
+
+@attrs.frozen
+class StorageSettings:
+    # The disk queues' logs live here, one directory per backend instance (by its name).
+    data_dir: str = "./var/spool"
+    # All logs under data_dir together stay within this; past it, queues are full.
+    max_bytes: ByteSize = attrs.field(default=4 * 1024**3, validator=attrs.validators.ge(4096))
+    # The segment each log is writing is fsynced this often, from a worker thread; 0: only at
+    # exit. A machine crash (not a process crash) costs what was written since.
+    sync_interval: Duration = attrs.field(default=1.0, validator=attrs.validators.ge(0))
+
+
+@attrs.frozen
+class ReloadSettings:
+    poll_interval: Duration = attrs.field(default=1.0, validator=attrs.validators.gt(0))
+    # Editors and ConfigMap updates write in several steps: wait until the files stop changing.
+    settle_delay: Duration = attrs.field(default=0.25, validator=attrs.validators.ge(0))
+    # Limits on one config file (the main file is held to the defaults), checked before it is
+    # parsed: a file is a few kilobytes of rules, and parsing YAML costs about 10 s per MiB.
+    max_file_size: ByteSize = attrs.field(default=1024 * 1024, validator=attrs.validators.ge(1024))
+    max_file_depth: int = attrs.field(default=32, validator=attrs.validators.and_(attrs.validators.ge(4), attrs.validators.le(200)))
+
+
+@attrs.frozen
+class ShutdownSettings:
+    # After SIGTERM, connected clients may still send this long before their sockets are closed.
+    connection_grace: Duration = attrs.field(default=0.5, validator=attrs.validators.ge(0))
+    # Then backends get this long to deliver what is queued; the rest is reported by count.
+    drain_timeout: Duration = attrs.field(default=10.0, validator=attrs.validators.ge(0))
+    # SIGTERM to exit, all phases included: within Kubernetes' default grace of 30 s, with margin.
+    budget: Duration = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+
+
+@attrs.frozen
+class BatchSettings:
+    max_messages: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
+    timeout: Duration = attrs.field(default=1.0, validator=attrs.validators.ge(0))
+    # A batch's JSON lines (a newline each) stay within this many bytes; 0: no byte limit. A
+    # single longer message still goes, alone.
+    max_bytes: ByteSize = attrs.field(default=0, validator=attrs.validators.ge(0))
+
+
+@attrs.frozen
+class QueueSettings:
+    # disk: what a backend instance accepts is written to its log under storage.data_dir before
+    # it counts as queued, so an outage, a restart or a crash loses none of it. memory: faster
+    # for the price of what the queue holds when the process dies or an outage outlasts it.
+    mode: Literal["disk", "memory"] = "disk"
+    # disk: the messages kept in memory ahead of delivery (the rest is read back from the log);
+    # memory: the queue's capacity.
+    max_messages: int = attrs.field(default=20_000, validator=attrs.validators.ge(1))
+    # disk: the log's cap (storage.max_bytes caps all logs together).
+    max_bytes: ByteSize = attrs.field(default=1024**3, validator=attrs.validators.ge(4096))
+    # At the cap: drop_newest (counted as queue_full) or block (backpressure up to the sockets);
+    # a memory queue can also drop_oldest. `spill` is the former name of a disk queue that
+    # drops the newest at its cap.
+    when_full: Literal["block", "drop_newest", "drop_oldest", "spill"] = "drop_newest"
+
+    def __attrs_post_init__(self):
+        if self.mode == "disk" and self.when_full == "drop_oldest":
+            raise ValueError("when_full: drop_oldest needs mode: memory (a disk queue drops the newest at its cap, or blocks)")
+        if self.mode == "memory" and self.when_full == "spill":
+            raise ValueError("when_full: spill needs mode: disk (the default)")
+
+    @property
+    def overflow(self) -> str:
+        """What a full queue does: `when_full` with `spill` read as what it means now."""
+        return "drop_newest" if self.when_full == "spill" else self.when_full
+
+
+@attrs.frozen
+class RetrySettings:
+    initial_backoff: Duration = attrs.field(default=0.1, validator=attrs.validators.gt(0))
+    max_backoff: Duration = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    attempt_timeout: Duration = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+
+
+@attrs.frozen
+class CircuitBreakerSettings:
+    failure_threshold: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    # While open, the backend's probe (connect, or its health call) runs this often; the first
+    # that passes lets a trial write go.
+    probe_interval: Duration = attrs.field(default=0.5, validator=attrs.validators.gt(0))
+    # After a trial write fails although the probe passed: no probes for this long, doubled per
+    # such failure up to the maximum.
+    reset_timeout: Duration = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    max_reset_timeout: Duration = attrs.field(default=60.0, validator=attrs.validators.gt(0))
+
+
+@attrs.frozen
+class DeliverySettings:
+    """The shared machinery's knobs, set per backend under these four keys."""
+
+    batch: BatchSettings = BatchSettings()
+    queue: QueueSettings = QueueSettings()
+    retry: RetrySettings = RetrySettings()
+    circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
+
+
+DELIVERY_KEYS = tuple(f.name for f in attrs.fields(DeliverySettings))
+
+
+@attrs.frozen
+class UnavailableSettings:
+    """Options of a backend type this build does not carry, kept as given."""
+
+    options: tuple[tuple[str, Any], ...]
+
+
+@attrs.frozen
+class BackendSpec:
+    """One running backend instance: a named backend with its effective settings.
+
+    Two rules that resolve to equal specs share one instance (queue, batches, connection); a
+    reload keeps an instance whose spec did not change.
+    """
+
+    name: str
+    type: str
+    settings: Any
+    delivery: DeliverySettings
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def available(self) -> bool:
+        return not isinstance(self.settings, UnavailableSettings)
+
+    @property
+    def label(self) -> str:
+        if not self.overrides:
+            return self.name
+        shown = ", ".join(f"{k}={display_value(v)}" for k, v in self.overrides)
+        return f"{self.name}({shown})"
+
+
+@attrs.frozen
+class MessageFilter:
+    """Which messages a rule passes. `levels` applies to events, `names` (globs) to metrics."""
+
+    types: frozenset | None = None
+    levels: frozenset | None = None
+    names: tuple[str, ...] | None = None
+    _names_regex: Any = attrs.field(default=None, eq=False, repr=False)
+
+    @classmethod
+    def build(cls, types=None, levels=None, names=None) -> "MessageFilter":
+        regex = re.compile("|".join(fnmatch.translate(n) for n in names)) if names else None
+        return cls(
+            frozenset(types) if types is not None else None,
+            frozenset(levels) if levels is not None else None,
+            tuple(names) if names is not None else None,
+            regex,
+        )
+
+    @property
+    def passes_all(self) -> bool:
+        return self.types is None and self.levels is None and self.names is None
+
+    def passes(self, message: dict) -> bool:
+        kind = message["type"]
+        if self.types is not None and kind not in self.types:
+            return False
+        if self.levels is not None and kind == "event" and message["data"]["level"] not in self.levels:
+            return False
+        if self._names_regex is not None and kind == "metric" and not self._names_regex.match(message["data"]["name"]):
+            return False
+        return True
+
+    def describe(self) -> str:
+        parts = []
+        if self.types is not None:
+            parts.append("types=" + ",".join(sorted(self.types)))
+        if self.levels is not None:
+            parts.append("levels=" + ",".join(sorted(self.levels, key=LEVELS.index)))
+        if self.names is not None:
+            parts.append("names=" + ",".join(self.names))
+        return " ".join(parts) or "all messages"
+
+
+RESERVED_SOURCE_KEYS = ("default", "all")
+
+
+@attrs.frozen
+class Rule:
+    source: str  # exact name, glob, "default" or "all"
+    backend: str
+    spec: BackendSpec
+    enabled: bool
+    priority: int
+    filter: MessageFilter
+    where: Where
+
+
+@attrs.frozen
+class SourceSpec:
+    """One configured source: its name (the `input` label of its counters), type and settings."""
+
+    name: str
+    type: str
+    settings: Any
+    where: Where
+
+
+@attrs.frozen
+class SidecarConfig:
+    sources: dict  # name -> SourceSpec, in the order configured
+    http: HttpSettings
+    pipeline: PipelineSettings
+    index: IndexSettings
+    storage: StorageSettings
+    reload: ReloadSettings
+    shutdown: ShutdownSettings
+    backends: dict
+    rules: tuple
+    files: tuple  # every file read, main file first
+
+    @property
+    def specs(self) -> set:
+        return {rule.spec for rule in self.rules if rule.enabled}
