@@ -75,6 +75,17 @@ def test_every_problem_is_reported_with_file_and_line(write):
     assert any(p.startswith(f"{main}:13: rule for 'svc' names unknown backend 'nowhere'") for p in problems)
 
 
+def test_a_rule_whose_backend_is_not_a_name_is_a_config_error(write):
+    main = write("sidecar.yaml", "backends:\n  files:\n    type: filesystem\n    base_path: /tmp/x\n")
+    write("routes.d/10-odd.yaml", "svc:\n  - backend: [files]\n  - backend: {name: files}\n")
+    problems = problems_of(main, main.parent / "routes.d")
+    drop_in = main.parent / "routes.d" / "10-odd.yaml"
+    assert [p.split(" (backends:")[0] for p in problems] == [
+        f"{drop_in}:2: rule for 'svc' names unknown backend ['files']",
+        f"{drop_in}:3: rule for 'svc' names unknown backend {{'name': 'files'}}",
+    ]
+
+
 def test_drop_in_errors_name_the_drop_in_file(write):
     main = write("sidecar.yaml", "backends:\n  files:\n    type: filesystem\n    base_path: /tmp/x\n")
     write("routes.d/10-ok.yaml", "svc:\n  - backend: files\n")

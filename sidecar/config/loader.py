@@ -280,7 +280,7 @@ def _read_routing_document(reader: DocumentReader, routing, where: Where, backen
             reader.problem(source_where, f"rules for {source!r} must be a list")
             continue
         for index, rule_node in enumerate(rule_list):
-            if isinstance(rule_node, dict) and rule_node.get("backend") in backends.broken:
+            if isinstance(rule_node, dict) and isinstance(rule_node.get("backend"), str) and rule_node["backend"] in backends.broken:
                 continue  # its backend's own problem is reported already
             rule = _read_rule(reader, backends, source, rule_node, reader.item_where(rule_list, index))
             if rule is not None:
