@@ -29,6 +29,7 @@ from sidecar.http import ViewServer
 from sidecar.jobs import LiveIndex
 from sidecar.metrics import Counters
 from sidecar.routing import RouteTable
+from sidecar.transforms import TransformStage
 from sidecar.sources import Intake, Source, source_class
 from sidecar.watcher import ConfigWatcher
 
@@ -249,7 +250,8 @@ class Sidecar:
             table = RouteTable(self.config.rules)
             index_settings = self.config.index
             index = LiveIndex(index_settings.max_jobs, index_settings.max_traces, index_settings.max_age, trio.current_time)
-            routing = Routing(table, self.topology.apply(table, Path(self.config.storage.data_dir), self.config.storage.max_bytes, self.config.storage.sync_interval))
+            supervisors = self.topology.apply(table, Path(self.config.storage.data_dir), self.config.storage.max_bytes, self.config.storage.sync_interval)
+            routing = Routing(table, supervisors, TransformStage(self.config.transforms))
             self.correlator = Correlator(routing, self.counters, index, trace_cache_size=self.config.pipeline.trace_cache_size)
             nursery.start_soon(self._run_correlator, receive_channel)
             # Each source sends through a clone: the correlator's input ends when the last is closed.
@@ -359,7 +361,7 @@ class Sidecar:
             log.warning("reload: sources (tcp), http, pipeline and index settings change only on restart; routes and backends are applied now")
         table = RouteTable(config.rules)
         supervisors = self.topology.apply(table, Path(config.storage.data_dir), config.storage.max_bytes, config.storage.sync_interval)
-        self.correlator.routing = Routing(table, supervisors)
+        self.correlator.routing = Routing(table, supervisors, TransformStage(config.transforms))
         self.config = config  # as loaded; the sources keep the settings they started with
         self.watcher.settings = config.reload
         self.last_reload_error = None
@@ -380,6 +382,7 @@ class Sidecar:
             "decoded_by_path": counters.by_label("decoded_messages_total", "path"),
             "routed": counters.get("routed_messages_total"),
             "unrouted": counters.get("unrouted_messages_total"),
+            "removed_by_transforms": counters.by_label("transform_removed_messages_total", "transform"),
             "correlator_dropped": counters.by_label("correlator_dropped_messages_total", "reason"),
             "view_errors": counters.get("view_errors_total"),
             "connections_total": counters.total("connections_total"),

@@ -17,6 +17,7 @@ from sidecar.backends import backend_class
 from sidecar.config import ConfigError, display_value, load_config
 from sidecar.message import LEVELS, MESSAGE_TYPES, MessageError, format_timestamp, validate_message
 from sidecar.routing import RouteTable
+from sidecar.transforms import TransformStage
 from sidecar.sources import CannotListen
 
 EXIT_CONFIG_ERROR = 2
@@ -145,7 +146,16 @@ def command_check(args) -> int:
             state = "" if rule.enabled else "  [disabled]"
             where = f"  ({rule.where})"
             print(f"    -> {rule.spec.label:<40} priority {rule.priority:<4} {rule.filter.describe()}{state}{where}")
+    stage = TransformStage(config.transforms)
+    if stage:
+        print("\ntransforms (per source key, in order, before routing):")
+        for key in stage.source_keys():
+            print(f"  {key}:")
+            for spec, step in stage.steps_under(key):
+                print(f"    {spec.type}: {step.describe()}  ({spec.where})")
     for source in args.source or ():
+        for spec, step in stage.steps_for(source):
+            print(f"\n{source} first passes {spec.label}: {step.describe()}")
         print(f"\n{source} goes to:")
         targets = table.targets_for(source)
         if not targets:

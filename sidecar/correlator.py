@@ -19,6 +19,7 @@ from sidecar.logs import DistinctErrorLog
 from sidecar.metrics import Counters
 from sidecar.protocol import NativeChunk
 from sidecar.routing import RouteTable
+from sidecar.transforms import TransformStage
 
 log = logging.getLogger("sidecar.correlator")
 
@@ -29,6 +30,7 @@ class Routing:
 
     table: RouteTable
     supervisors: dict  # BackendSpec -> BackendSupervisor
+    transforms: TransformStage = attrs.field(factory=TransformStage)  # each source's steps, before the table
 
 
 class Correlator:
@@ -125,6 +127,15 @@ class Correlator:
             self._view(observer, batches)
         routing = self.routing
         for batch in batches:
+            if routing.transforms:
+                try:
+                    batch = routing.transforms.apply(batch, self._removed_by)
+                except Exception as exc:  # a step's bug: the batch goes no further, counted
+                    self.counters.inc("correlator_dropped_messages_total", len(batch), reason="internal_error")
+                    self._bugs.log(exc, "internal error in a transform of %d messages from %s; they are dropped", len(batch), batch.source)
+                    continue
+                if not len(batch):
+                    continue
             targets = routing.table.targets_for(batch.source)
             if not targets:
                 self.counters.inc("unrouted_messages_total", len(batch))
@@ -143,6 +154,9 @@ class Correlator:
                     selected.record = None  # in every log it goes to: the memory queues keep only the lines
             batch.record = None
             self.counters.inc("routed_messages_total", len(batch))
+
+    def _removed_by(self, spec, count: int) -> None:
+        self.counters.inc("transform_removed_messages_total", count, transform=spec.label)
 
     def _view(self, update, chunk) -> None:
         """Feed the live index or a tap: what they show is not worth a message."""

@@ -70,6 +70,7 @@ class SidecarCollector(Collector):
         # A source's counters carry its name as `input`.
         for name, labels, help_text in (
             ("messages_received_total", ("input",), "Valid messages received, by source"),
+            ("transform_removed_messages_total", ("transform",), "Messages a transform step kept from going further, by step (source key[type])"),
             ("connections_total", ("input",), "Connections accepted, by source"),
             ("bytes_received_total", ("input",), "Bytes read from finished connections, by source"),
             ("decode_errors_total", ("input", "reason"), "Messages rejected by the decoder, by source and reason"),

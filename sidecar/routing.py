@@ -6,15 +6,12 @@ the same backend instance are merged: a message goes to an instance once, if any
 rules' filters passes it.
 """
 
-import fnmatch
-import re
-
 import attrs
 
 from sidecar.batch import Batch
-from sidecar.config.settings import BackendSpec, MessageFilter, Rule
-
-_GLOB_CHARS = re.compile(r"[*?\[]")
+from sidecar.config.settings import BackendSpec, Rule
+from sidecar.source_keys import SourceKeys
+from sidecar.transforms.filter import MessageFilter, keep_passing
 
 
 @attrs.frozen
@@ -27,10 +24,7 @@ class Target:
     def select(self, batch: Batch) -> Batch:
         """The messages of `batch` this target takes: all of it (the same object) when it has no
         filter, else a new batch of those that pass."""
-        if not self.filters:
-            return batch
-        chosen = [i for i, m in enumerate(batch.messages()) if self.passes(m)]
-        return batch if len(chosen) == len(batch) else batch.pick(chosen)
+        return keep_passing(batch, self.filters)
 
     def passes(self, message: dict) -> bool:
         return not self.filters or any(f.passes(message) for f in self.filters)
@@ -41,21 +35,7 @@ class RouteTable:
 
     def __init__(self, rules: tuple[Rule, ...]):
         self.rules = rules
-        self._exact: dict[str, list[Rule]] = {}
-        self._globs: list[tuple[re.Pattern, list[Rule]]] = []
-        self._default: list[Rule] = []
-        self._all: list[Rule] = []
-        globs: dict[str, list[Rule]] = {}
-        for rule in rules:
-            if rule.source == "default":
-                self._default.append(rule)
-            elif rule.source == "all":
-                self._all.append(rule)
-            elif _GLOB_CHARS.search(rule.source):
-                globs.setdefault(rule.source, []).append(rule)
-            else:
-                self._exact.setdefault(rule.source, []).append(rule)
-        self._globs = [(re.compile(fnmatch.translate(pattern)), found) for pattern, found in globs.items()]
+        self._keys = SourceKeys((rule.source, rule) for rule in rules)
         self._cache: dict[str, tuple[Target, ...]] = {}
 
     @property
@@ -63,13 +43,8 @@ class RouteTable:
         return {rule.spec for rule in self.rules if rule.enabled}
 
     def rules_for(self, source: str) -> list[Rule]:
-        """Every rule that applies to `source`, enabled or not, in priority order."""
-        own = list(self._exact.get(source, ()))
-        for pattern, found in self._globs:
-            if pattern.match(source):
-                own.extend(found)
-        chosen = own if own else self._default
-        return sorted([*chosen, *self._all], key=lambda r: self.rules.index(r))
+        """Every rule that applies to `source`, enabled or not, in the order configured."""
+        return self._keys.for_source(source)
 
     def targets_for(self, source: str) -> tuple[Target, ...]:
         targets = self._cache.get(source)
@@ -99,12 +74,7 @@ class RouteTable:
 
     def source_keys(self) -> list[str]:
         """Source keys as an operator wrote them: exact and globs, then default, then all."""
-        keys = [*self._exact, *(rules[0].source for _pattern, rules in self._globs)]
-        if self._default:
-            keys.append("default")
-        if self._all:
-            keys.append("all")
-        return keys
+        return self._keys.keys()
 
     def rules_under(self, key: str) -> list[Rule]:
         return [rule for rule in self.rules if rule.source == key]

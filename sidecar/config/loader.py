@@ -34,6 +34,7 @@ from sidecar.config.yaml_reader import ConfigError, DocumentReader, Invalid, Whe
 from sidecar.message import LEVELS, MESSAGE_TYPES
 from sidecar.sources import SourceTypeUnknown, source_class
 from sidecar.sources.tcp import TcpSettings
+from sidecar.transforms import TRANSFORM_TYPES, TransformSpec, TransformTypeUnknown, transform_class
 
 
 ROUTE_FILE_PATTERNS = ("*.yaml", "*.yml")
@@ -48,7 +49,7 @@ _TOP_LEVEL = {
     "reload": ReloadSettings,
     "shutdown": ShutdownSettings,
 }
-_MAIN_KEYS = (*_TOP_LEVEL, "sources", "backends", "routing")
+_MAIN_KEYS = (*_TOP_LEVEL, "sources", "backends", "transforms", "routing")
 _RULE_KEYS = ("backend", "enabled", "priority", "filter", "config")
 
 
@@ -92,6 +93,7 @@ def load_config(config_path: Path | None, routes_dir: Path | None, environ=os.en
     backends = _read_backends(reader, main)
     documents, files = _routing_documents(reader, main, routes_dir, sections["reload"])
     rules = _read_routing(documents, backends)
+    transforms = _read_transforms(reader, main)
     if reader.problems:
         raise ConfigError(list(dict.fromkeys(reader.problems)))
     return SidecarConfig(
@@ -105,6 +107,7 @@ def load_config(config_path: Path | None, routes_dir: Path | None, environ=os.en
         backends=backends.defined,
         rules=rules,
         files=tuple(files),
+        transforms=transforms,
     )
 
 
@@ -337,6 +340,45 @@ def _read_filter(reader: DocumentReader, node, where: Where) -> MessageFilter:
                 reader.fail(key_where, f"filter.{key}: unknown {', '.join(map(repr, wrong))} (known: {', '.join(sorted(allowed))})")
         values[key] = items
     return MessageFilter.build(**values)
+
+
+def _read_transforms(reader: DocumentReader, main) -> tuple[TransformSpec, ...]:
+    """`transforms:`, source key -> the list of steps for it, each `{type: NAME, ...settings}`."""
+    node = main.get("transforms")
+    if node is None:
+        return ()
+    if not isinstance(node, dict):
+        reader.problem(reader.value_where(main, "transforms"), "transforms must be a mapping of source key -> list of steps")
+        return ()
+    specs = []
+    for source, steps in node.items():
+        source_where = reader.key_where(node, source)
+        if not isinstance(source, str) or not source:
+            reader.problem(source_where, f"source key must be a non-empty string, got {source!r}")
+        elif not isinstance(steps, list):
+            reader.problem(source_where, f"transforms for {source!r} must be a list of steps")
+        else:
+            for index, step in enumerate(steps):
+                spec = _read_transform(reader, source, step, reader.item_where(steps, index))
+                if spec is not None:
+                    specs.append(spec)
+    return tuple(specs)
+
+
+def _read_transform(reader: DocumentReader, source: str, node, where: Where) -> TransformSpec | None:
+    if not isinstance(node, dict) or not isinstance(node.get("type"), str):
+        reader.problem(where, f"a transform step for {source!r} must be a mapping with a type (known types: {', '.join(sorted(TRANSFORM_TYPES))})")
+        return None
+    try:
+        cls = transform_class(node["type"])
+    except TransformTypeUnknown as exc:
+        reader.problem(reader.value_where(node, "type"), str(exc))
+        return None
+    try:
+        settings = reader.build(cls.Settings, node, where, f"transforms.{source}.{cls.type_name}", extra_keys=("type",))
+    except Invalid:
+        return None
+    return TransformSpec(source, cls.type_name, settings, where)
 
 
 def _backend_spec(reader: DocumentReader, definition: BackendDefinition, overrides, where: Where) -> BackendSpec | None:

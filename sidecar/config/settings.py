@@ -1,14 +1,12 @@
 """The settings: frozen attrs classes whose fields are the config keys, with their defaults and
 checks (validators, `__attrs_post_init__`), and what a loaded configuration is made of."""
 
-import fnmatch
-import re
 from typing import Any, Literal
 
 import attrs
 
 from sidecar.config.yaml_reader import Where, display_value
-from sidecar.message import LEVELS
+from sidecar.transforms.filter import MessageFilter  # noqa: F401 (a rule's filter)
 from sidecar.units import ByteSize, Duration
 
 
@@ -177,50 +175,6 @@ class BackendSpec:
         return f"{self.name}({shown})"
 
 
-@attrs.frozen
-class MessageFilter:
-    """Which messages a rule passes. `levels` applies to events, `names` (globs) to metrics."""
-
-    types: frozenset | None = None
-    levels: frozenset | None = None
-    names: tuple[str, ...] | None = None
-    _names_regex: Any = attrs.field(default=None, eq=False, repr=False)
-
-    @classmethod
-    def build(cls, types=None, levels=None, names=None) -> "MessageFilter":
-        regex = re.compile("|".join(fnmatch.translate(n) for n in names)) if names else None
-        return cls(
-            frozenset(types) if types is not None else None,
-            frozenset(levels) if levels is not None else None,
-            tuple(names) if names is not None else None,
-            regex,
-        )
-
-    @property
-    def passes_all(self) -> bool:
-        return self.types is None and self.levels is None and self.names is None
-
-    def passes(self, message: dict) -> bool:
-        kind = message["type"]
-        if self.types is not None and kind not in self.types:
-            return False
-        if self.levels is not None and kind == "event" and message["data"]["level"] not in self.levels:
-            return False
-        if self._names_regex is not None and kind == "metric" and not self._names_regex.match(message["data"]["name"]):
-            return False
-        return True
-
-    def describe(self) -> str:
-        parts = []
-        if self.types is not None:
-            parts.append("types=" + ",".join(sorted(self.types)))
-        if self.levels is not None:
-            parts.append("levels=" + ",".join(sorted(self.levels, key=LEVELS.index)))
-        if self.names is not None:
-            parts.append("names=" + ",".join(self.names))
-        return " ".join(parts) or "all messages"
-
-
 RESERVED_SOURCE_KEYS = ("default", "all")
 
 
@@ -257,6 +211,7 @@ class SidecarConfig:
     backends: dict
     rules: tuple
     files: tuple  # every file read, main file first
+    transforms: tuple = ()  # of TransformSpec, in the order configured
 
     @property
     def specs(self) -> set:
