@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sidecar.batch import Batch  # noqa: E402
 from sidecar.backends.base import Attempt  # noqa: E402
 from sidecar.backends.postgres import (  # noqa: E402
-    COLUMNS, COPY_TYPES, PostgresBackend, PostgresSettings, _JsonbBytes, binary_row_of, row_of,
+    COLUMNS, COPY_TYPES, JsonbBytes, PostgresBackend, PostgresSettings, binary_row_of, row_of,
 )
 from tests.services.postgres import start_server  # noqa: E402
 from benchkit import senders, start_sidecar  # noqa: E402
@@ -140,7 +140,7 @@ def server_ceiling(url: str, table: str, messages: list[dict], *, binary: bool, 
 
     def copy(conn: psycopg.Connection, part: list[tuple]) -> None:
         try:
-            conn.adapters.register_dumper(None, _JsonbBytes)  # jsonb from encoded JSON, as the backend sends it
+            conn.adapters.register_dumper(None, JsonbBytes)  # jsonb from encoded JSON, as the backend sends it
             for start in range(0, len(part), batch):
                 with conn.cursor().copy(statement) as copy:
                     if binary:

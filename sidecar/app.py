@@ -10,7 +10,6 @@ then is reported by count.
 """
 
 import datetime as dt
-import functools
 import logging
 import os
 import signal
@@ -20,7 +19,7 @@ import attrs
 import orjson
 import trio
 
-from sidecar import __version__
+from sidecar import __version__, stored_view
 from sidecar.config import BackendSpec, ConfigError, SidecarConfig, load_config
 from sidecar.correlator import Correlator, Routing
 from sidecar.delivery import BackendSupervisor
@@ -210,31 +209,9 @@ class Sidecar:
         return await self._view("trace", trace_id)
 
     async def _view(self, kind: str, key: str) -> dict | None:
-        """From the database when a postgres backend is configured (every sidecar's messages,
-        also those gone from the live index), else, or when it cannot answer, from the live index."""
-        index = self.correlator.index
-        live = index.job(key) if kind == "job" else index.trace(key)
-        if live is not None:
-            live["origin"] = "live"
-        spec = next((s for s in self.topology.supervisors if s.type == "postgres"), None)
-        if spec is None:
-            return live
-        from sidecar.backends.postgres import fetch_messages
-
-        try:
-            messages = await trio.to_thread.run_sync(functools.partial(fetch_messages, spec.settings, **{f"{kind}_id": key}))
-        except Exception as exc:
-            log.warning("%s %s: database not available for the view (%s); answering from the live index", kind, key, exc)
-            if live is not None:
-                live["database_error"] = str(exc)
-            return live
-        if not messages:
-            return live
-        stored = LiveIndex(1, 1, float("inf"), trio.current_time)
-        stored.add(messages)
-        view = stored.job(key) if kind == "job" else stored.trace(key)
-        view["origin"] = f"database ({spec.label})"
-        return view
+        """From a backend that reads its messages back when one is configured, else from the
+        live index (`sidecar.stored_view`)."""
+        return await stored_view.view(kind, key, self.correlator.index, self.topology.supervisors)
 
     async def _expire_index(self) -> None:
         while True:

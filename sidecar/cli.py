@@ -80,7 +80,7 @@ def command_run(args) -> int:
             print(f"error: --listen: {exc}", file=sys.stderr)
             return EXIT_CONFIG_ERROR
     # The hot path allocates many short-lived dicts and builds no reference cycles: freeze what
-    # start-up allocated and collect the young generation less often (about 10% more messages/s).
+    # start-up allocated and collect the young generation less often (docs/performance.md).
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     # Backends block in worker threads (psycopg, boto3, network filesystems). A worker coming back

@@ -207,7 +207,7 @@ class DeliveryQueue:
         """Batches from the front, `max_messages` at most in all, waiting for some; EndOfChannel
         when closed and empty. Whole batches as they were put, and the front part of the last.
         (Taking many per call matters: one per call left the queue full, the messages in it
-        cold, and the sidecar 40% larger.)"""
+        cold, and the sidecar larger; docs/performance.md.)"""
         # The schedule point comes before the hand-off, never between it and the caller: what
         # is taken must be in the caller's hands (its buffers, counted as queued) at once.
         await trio.lowlevel.checkpoint_if_cancelled()

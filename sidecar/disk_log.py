@@ -329,7 +329,8 @@ class DiskLog:
             segment.recyclable = True
             flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
             if self._spare is not None:
-                # Overwriting a file's pages costs the kernel a third of filling a new one.
+                # Overwriting a file's pages costs the kernel less than filling a new one
+                # (docs/performance.md, the disk queue).
                 os.rename(self._spare, segment.path)
                 self._spare = None
             else:

@@ -1,11 +1,13 @@
 """What a backend is: a small class that opens, writes one batch, and closes; and the kit every
 backend uses: the `Attempt` it is handed, and `run_blocking` for a client library that blocks.
+A backend may also offer a capability (`read_messages`: what it stored, read back).
 
 Batching, queueing, retries, the circuit breaker and the accounting live in
 `sidecar.delivery`, written once around every backend.
 """
 
 import threading
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import attrs
@@ -105,6 +107,12 @@ class Backend:
     # Defaults of the shared delivery settings for this type, e.g. {"batch": {"timeout": 60.0}};
     # a backend's own `batch:`/`queue:`/`retry:`/`circuit_breaker:` keys in the config win.
     delivery_defaults: ClassVar[dict] = {}
+    # A capability: reading back what this type stored, for the job and trace view
+    # (`sidecar.stored_view`). A blocking function (run in a worker thread)
+    # `(settings, *, job_id=None, trace_id=None, limit=...) -> list[dict]`: the messages of that
+    # job or trace as dicts of the wire format, oldest first; it raises with a message fit to
+    # show (no secrets). None: this type cannot be read back. Set it with `staticmethod`.
+    read_messages: ClassVar[Callable[..., list[dict]] | None] = None
 
     def __init__(self, settings, *, label: str):
         self.settings = settings

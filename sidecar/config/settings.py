@@ -58,7 +58,7 @@ class ReloadSettings:
     # Editors and ConfigMap updates write in several steps: wait until the files stop changing.
     settle_delay: Duration = attrs.field(default=0.25, validator=attrs.validators.ge(0))
     # Limits on one config file (the main file is held to the defaults), checked before it is
-    # parsed: a file is a few kilobytes of rules, and parsing YAML costs about 10 s per MiB.
+    # parsed: a file is a few kilobytes of rules, and parsing YAML is slow (docs/performance.md).
     max_file_size: ByteSize = attrs.field(default=1024 * 1024, validator=attrs.validators.ge(1024))
     max_file_depth: int = attrs.field(default=32, validator=attrs.validators.and_(attrs.validators.ge(4), attrs.validators.le(200)))
 
