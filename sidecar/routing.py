@@ -9,6 +9,7 @@ rules' filters passes it.
 import attrs
 
 from sidecar.batch import Batch
+from sidecar.bounded import ForgetfulCache
 from sidecar.config.settings import BackendSpec, Rule
 from sidecar.source_keys import SourceKeys
 from sidecar.transforms.filter import MessageFilter, keep_passing
@@ -36,7 +37,7 @@ class RouteTable:
     def __init__(self, rules: tuple[Rule, ...]):
         self.rules = rules
         self._keys = SourceKeys((rule.source, rule) for rule in rules)
-        self._cache: dict[str, tuple[Target, ...]] = {}
+        self._cache: ForgetfulCache = ForgetfulCache()  # source -> its targets
 
     @property
     def specs(self) -> set[BackendSpec]:
@@ -49,10 +50,7 @@ class RouteTable:
     def targets_for(self, source: str) -> tuple[Target, ...]:
         targets = self._cache.get(source)
         if targets is None:
-            targets = self._resolve(source)
-            if len(self._cache) >= 10_000:
-                self._cache.clear()
-            self._cache[source] = targets
+            targets = self._cache.remember(source, self._resolve(source))
         return targets
 
     def _resolve(self, source: str) -> tuple[Target, ...]:

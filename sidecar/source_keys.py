@@ -10,6 +10,8 @@ import re
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
+from sidecar.bounded import ForgetfulCache
+
 Item = TypeVar("Item")
 GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -31,7 +33,7 @@ class SourceKeys(Generic[Item]):
             else:
                 self._exact.setdefault(key, []).append(position)
         self._patterns = [(re.compile(fnmatch.translate(key)), positions) for key, positions in self._globs.items()]
-        self._cache: dict[str, list[Item]] = {}
+        self._cache = ForgetfulCache()  # source -> its items
 
     def for_source(self, source: str) -> list[Item]:
         """Every item that applies to `source`, in the order configured."""
@@ -42,10 +44,7 @@ class SourceKeys(Generic[Item]):
                 if pattern.match(source):
                     own.extend(positions)
             chosen = own if own else self._default
-            found = [self.entries[p][1] for p in sorted({*chosen, *self._all})]
-            if len(self._cache) >= 10_000:
-                self._cache.clear()
-            self._cache[source] = found
+            found = self._cache.remember(source, [self.entries[p][1] for p in sorted({*chosen, *self._all})])
         return found
 
     def keys(self) -> list[str]:

@@ -91,3 +91,21 @@ async def test_keywords_and_results_and_errors_pass_through():
     assert await calls.run(dict, a=1) == {"a": 1}
     with pytest.raises(ZeroDivisionError):
         await calls.run(lambda: 1 / 0)
+
+
+def test_passwords_are_taken_out_of_urls_and_libpq_strings_alike():
+    from sidecar.redaction import without_passwords
+
+    assert without_passwords("postgresql://sidecar:s3cr%40t@db:5432/x") == "postgresql://sidecar:***@db:5432/x"
+    assert without_passwords("host=db password='it\\'s quoted' user=u") == "host=db password=*** user=u"
+    assert without_passwords("PASSWORD = plain dbname=x") == "PASSWORD = *** dbname=x"
+    assert without_passwords("no secret here: passwords=are_words") == "no secret here: passwords=are_words"
+
+
+def test_a_forgetful_cache_stays_within_its_limit():
+    from sidecar.bounded import ForgetfulCache
+
+    cache = ForgetfulCache(limit=3)
+    for key in range(10):
+        assert cache.remember(key, key * 2) == key * 2
+        assert len(cache) <= 3 and cache[key] == key * 2

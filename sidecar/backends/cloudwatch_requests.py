@@ -14,6 +14,7 @@ import attrs
 
 from sidecar.backends.base import RetryableError
 from sidecar.batch import Batch
+from sidecar.bounded import ForgetfulCache
 from sidecar.naming import HOST, PLACEHOLDERS, template_fields
 
 MAX_REQUEST_EVENTS = 10_000
@@ -115,7 +116,7 @@ class LogNames:
         self.group_template = group_template
         self.stream_template = stream_template
         self.per_message = bool((template_fields(group_template, "log_group") | template_fields(stream_template, "log_stream")) & {"type", "date"})
-        self._known: dict[tuple, tuple[str, str]] = {}
+        self._known = ForgetfulCache()
 
     def __call__(self, source: str, kind: str = "", date: str = "") -> tuple[str, str]:
         key = (source, kind, date)
@@ -123,9 +124,7 @@ class LogNames:
         if names is None:
             values = {"source": safe_name_value(source), "type": safe_name_value(kind), "date": safe_name_value(date), "host": safe_name_value(HOST)}
             names = (render_name(self.group_template, values, check_group), render_name(self.stream_template, values, check_stream))
-            if len(self._known) > 10_000:
-                self._known.clear()
-            self._known[key] = names
+            self._known.remember(key, names)
         return names
 
 

@@ -14,6 +14,7 @@ from typing import Literal
 import attrs
 
 from sidecar.backends.base import Attempt, Backend, PartialDelivery, PermanentError, RetryableError
+from sidecar.bounded import ForgetfulCache
 from sidecar.backends.jsonl_files import JsonlFiles, is_network_filesystem, within
 from sidecar.naming import HOST, PLACEHOLDERS, safe_component, template_fields
 from sidecar.units import ByteSize, Duration
@@ -50,7 +51,7 @@ class FilesystemBackend(Backend):
         self.base = os.path.abspath(settings.base_path)
         self._fields = template_fields(settings.path)
         self._per_message = bool(self._fields & {"type", "date"})
-        self._paths: dict[tuple, str] = {}
+        self._paths = ForgetfulCache()  # (source, type, date) -> path
         self.files = JsonlFiles(self.base, settings)
         self._in_thread = settings.io == "thread" or (settings.io == "auto" and is_network_filesystem(self.base))
 
@@ -62,9 +63,7 @@ class FilesystemBackend(Backend):
             path = os.path.normpath(os.path.join(self.base, self.settings.path.format(**values)))
             if not within(self.base, path) or path == self.base:
                 raise PermanentError(f"path for source {source!r} escapes {self.base}", reason="path_escape")
-            if len(self._paths) > 10_000:
-                self._paths.clear()
-            self._paths[key] = path
+            self._paths.remember(key, path)
         return path
 
     async def open(self) -> None:

@@ -19,6 +19,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, MappingStartEvent, ScalarEvent
 from ruamel.yaml.reader import ReaderError
 
+from sidecar.redaction import without_passwords
 from sidecar.units import is_int, is_number, parse_bytesize, parse_duration
 
 
@@ -70,8 +71,7 @@ def display_value(value) -> Any:
     if isinstance(value, Interpolated):
         return value.template
     if isinstance(value, str):
-        value = re.sub(r"(://[^:/@\s]*:)[^@\s]+@", r"\1***@", value)
-        return re.sub(r"(\bpassword\s*=\s*)('[^']*'|\S+)", r"\1***", value, flags=re.IGNORECASE)
+        return without_passwords(value)
     if isinstance(value, tuple):
         return [display_value(v) for v in value]
     return value

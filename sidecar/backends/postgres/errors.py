@@ -15,6 +15,7 @@ import psycopg
 import psycopg.conninfo
 
 from sidecar.backends.base import RetryableError
+from sidecar.redaction import without_passwords
 
 # SQLSTATE classes of errors caused by one row's content: data exceptions, integrity violations,
 # program limits (a value too large for an index row). Anything else is about the database.
@@ -53,8 +54,7 @@ class Scrubber:
     def __call__(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, "***")
-        text = re.sub(r"(://[^:/@\s]*:)[^@\s]+@", r"\1***@", text)
-        return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
+        return without_passwords(text)
 
 
 def classified(exc: BaseException, what: str, scrub: Scrubber) -> Exception:
