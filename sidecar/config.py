@@ -20,7 +20,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.reader import ReaderError
 from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, MappingStartEvent, ScalarEvent
 
-from sidecar.message import LEVELS, MESSAGE_TYPES
+from sidecar.constants import LEVELS, MESSAGE_TYPES
 from sidecar.sources import SourceTypeUnknown, source_class
 from sidecar.sources.tcp import TcpSettings
 from sidecar.units import ByteSize, Duration, is_int, is_number, parse_bytesize, parse_duration

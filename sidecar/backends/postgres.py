@@ -60,7 +60,7 @@ from psycopg.pq import Format
 from sidecar.batch import Batch
 from sidecar.backends.base import Backend, PartialDelivery, RetryableError
 from sidecar.units import Duration
-from sidecar.message import format_timestamp
+from sidecar.message import format_timestamp, job_id_of
 
 log = logging.getLogger("sidecar.backends.postgres")
 
@@ -197,11 +197,7 @@ def _parts(message: dict) -> tuple:
     """type, data, context and the job (context.job_id, or a progress message's own job_id)."""
     kind = message["type"]
     data = message["data"]
-    context = message.get("context")
-    job_id = context.get("job_id") if context else None
-    if job_id is None and kind == "progress":
-        job_id = data.get("job_id")
-    return kind, data, context, job_id
+    return kind, data, message.get("context"), job_id_of(message)
 
 
 def row_of(message: dict) -> tuple:
