@@ -19,9 +19,8 @@ rest. Nothing downstream tests which it got.
 """
 
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-import attrs
 import orjson
 
 from sidecar import native
@@ -61,8 +60,7 @@ class TraceJobs:
         return self.jobs.items()
 
 
-@attrs.frozen
-class Enriched:
+class Enriched(NamedTuple):
     """A chunk after enrichment. `batches`: one per source, in order of first appearance, each
     message's line encoded. `cells`: one `CellSummary` per (job, trace, source), made as they
     are read, so that the live index, reading them inside the correlator's view guard, is the

@@ -8,6 +8,7 @@ are parsed only when a view is built, never on the hot path.
 import datetime as dt
 import operator
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import attrs
 
@@ -253,8 +254,7 @@ def summarise(activity: SourceActivity) -> str:
     return ", ".join(parts) if parts else f"{activity.messages} messages"
 
 
-@attrs.frozen
-class CellSummary:
+class CellSummary(NamedTuple):
     """What one (job, trace, source) cell of a chunk did, as the live index takes it: the same
     from either ingest path (sidecar.ingest)."""
 

@@ -19,10 +19,10 @@ pub trait Host {
     /// A message's line as the caller keeps it (a span's is kept in its cell too).
     type Line: Clone;
     type Error;
-    /// The job remembered for a trace, if any.
-    fn known_job(&mut self, trace: &str) -> Result<Option<String>, Self::Error>;
+    /// The job remembered for a trace (its id: lowercase hex), if any.
+    fn known_job(&mut self, trace: &[u8]) -> Result<Option<String>, Self::Error>;
     /// A message of `trace` named `job` as its own: the trace -> job memory decides what to keep.
-    fn link(&mut self, trace: &str, job: &str) -> Result<(), Self::Error>;
+    fn link(&mut self, trace: &[u8], job: &str) -> Result<(), Self::Error>;
     /// The enriched line of the next message, of the group at index `group` in
     /// `Enrichment::groups` (a new group's first line comes with the next index).
     fn line(
@@ -106,7 +106,7 @@ pub fn enrich<H: Host>(
             .map(|t| text_string(bytes, t));
         let mut added_job = false;
         if let Some(trace) = message.trace_id {
-            let trace = std::str::from_utf8(slice(trace)).unwrap_or("");
+            let trace = slice(trace);
             if let Some(own) = &job {
                 host.link(trace, own)?;
             } else if let Some(known) = host.known_job(trace)? {

@@ -154,18 +154,18 @@ struct PyHost<'py> {
     jobs: Bound<'py, PyDict>,
     link: Bound<'py, PyAny>,
     // The last trace id and its str: a chunk's messages of one trace come together.
-    last_trace: Option<(String, Bound<'py, PyString>)>,
+    last_trace: Option<(Vec<u8>, Bound<'py, PyString>)>,
     last_timestamp: Option<(Timestamp, Bound<'py, PyString>)>,
     groups: Vec<(Bound<'py, PyList>, Bound<'py, PyList>)>,
 }
 
 impl<'py> PyHost<'py> {
-    fn trace_key(&mut self, trace: &str) -> Bound<'py, PyString> {
+    fn trace_key(&mut self, trace: &[u8]) -> Bound<'py, PyString> {
         match &self.last_trace {
             Some((text, object)) if text == trace => object.clone(),
             _ => {
-                let object = PyString::new(self.py, trace);
-                self.last_trace = Some((trace.to_owned(), object.clone()));
+                let object = PyString::new(self.py, std::str::from_utf8(trace).unwrap_or(""));
+                self.last_trace = Some((trace.to_vec(), object.clone()));
                 object
             }
         }
@@ -176,7 +176,7 @@ impl<'py> Host for PyHost<'py> {
     type Line = Bound<'py, PyBytes>;
     type Error = PyErr;
 
-    fn known_job(&mut self, trace: &str) -> PyResult<Option<String>> {
+    fn known_job(&mut self, trace: &[u8]) -> PyResult<Option<String>> {
         let key = self.trace_key(trace);
         match self.jobs.get_item(&key)? {
             Some(known) => Ok(Some(known.extract::<String>()?)),
@@ -184,7 +184,7 @@ impl<'py> Host for PyHost<'py> {
         }
     }
 
-    fn link(&mut self, trace: &str, job: &str) -> PyResult<()> {
+    fn link(&mut self, trace: &[u8], job: &str) -> PyResult<()> {
         let key = self.trace_key(trace);
         // A known trace keeps its job (TraceJobs.link would change nothing): no call then.
         if !self.jobs.contains(&key)? {

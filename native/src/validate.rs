@@ -30,11 +30,22 @@ impl MessageType {
         MessageType::Span,
     ];
 
+    /// The type named `name`: a match on the names, which every line takes (quicker than a
+    /// search of `MESSAGE_TYPES`).
     fn named(name: &[u8]) -> Option<Self> {
-        MESSAGE_TYPES
-            .iter()
-            .position(|kind| kind.as_bytes() == name)
-            .map(|index| Self::ALL[index])
+        const EVENT: &[u8] = MESSAGE_TYPES[0].as_bytes();
+        const METRIC: &[u8] = MESSAGE_TYPES[1].as_bytes();
+        const PROGRESS: &[u8] = MESSAGE_TYPES[2].as_bytes();
+        const RESOURCE: &[u8] = MESSAGE_TYPES[3].as_bytes();
+        const SPAN: &[u8] = MESSAGE_TYPES[4].as_bytes();
+        Some(match name {
+            EVENT => Self::ALL[0],
+            METRIC => Self::ALL[1],
+            PROGRESS => Self::ALL[2],
+            RESOURCE => Self::ALL[3],
+            SPAN => Self::ALL[4],
+            _ => return None,
+        })
     }
 }
 
