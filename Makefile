@@ -12,7 +12,7 @@ DEBIAN_PACKAGES := $(sort $(shell cat sdk_clients/*/debian-packages.txt tests/de
 
 .PHONY: run test test-python test-python-sdk test-perl test-c test-java test-r check bench soak fuzz debian-packages clean
 
-$(STAMP): pyproject.toml sdk_clients/python/pyproject.toml native/Cargo.toml native/Cargo.lock native/src/lib.rs
+$(STAMP): pyproject.toml sdk_clients/python/pyproject.toml native/Cargo.toml native/Cargo.lock $(wildcard native/src/*.rs)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is needed (found $$($(PYTHON) --version))"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

@@ -10,7 +10,7 @@ console, a filter or a tap wants one.
 
 import orjson
 
-from sidecar.message import URGENT_LEVELS
+from sidecar.constants import URGENT_LEVELS
 
 
 def is_urgent(messages: list[dict]) -> bool:

@@ -12,10 +12,11 @@ from pathlib import Path
 import orjson
 
 from sidecar import __version__
-from sidecar.protocol import NATIVE_AVAILABLE
+from sidecar.ingest import NATIVE_AVAILABLE
 from sidecar.backends import backend_class
 from sidecar.config import ConfigError, display_value, load_config
-from sidecar.message import LEVELS, MESSAGE_TYPES, MessageError, format_timestamp, validate_message
+from sidecar.constants import LEVELS, MESSAGE_TYPES
+from sidecar.message import MessageError, format_timestamp, validate_message
 from sidecar.routing import RouteTable
 from sidecar.transforms import TransformStage
 from sidecar.sources import CannotListen

@@ -13,11 +13,10 @@ import socket
 import attrs
 import trio
 
-from sidecar.batch import Batch
+from sidecar.ingest import Chunk, Enriched, TraceJobs
 from sidecar.jobs import LiveIndex
 from sidecar.logs import DistinctErrorLog
 from sidecar.metrics import Counters
-from sidecar.protocol import NativeChunk
 from sidecar.routing import RouteTable
 from sidecar.transforms import TransformStage
 
@@ -40,9 +39,8 @@ class Correlator:
         self.observers: list = []  # callables given each enriched chunk (the HTTP tap)
         self.counters = counters
         self.host = host or socket.gethostname()
-        self.trace_cache_size = trace_cache_size
-        # trace_id -> job_id, oldest first; bounded so a flood of traces cannot grow it.
-        self.trace_jobs: dict[str, str] = {}
+        # trace_id -> job_id, bounded so a flood of traces cannot grow it.
+        self.trace_jobs = TraceJobs(trace_cache_size)
         self.chunks = 0
         self._bugs = DistinctErrorLog(log)
 
@@ -53,76 +51,23 @@ class Correlator:
             async for received_at, messages, holds in receive_channel:
                 await self.process(received_at, messages, holds)
 
-    def enrich(self, received_at: str, messages: list[dict]) -> tuple[dict[str, list[dict]], dict[tuple, list[dict]]]:
-        """Add received_at and host, fill a missing timestamp, give a message the job of its
-        trace; group by source (order kept within a source), and by (job, trace, source) for
-        the live index, as `jobs.cells_of` does, in the same pass."""
-        host = self.host
-        trace_jobs = self.trace_jobs
-        by_source: dict[str, list[dict]] = {}
-        cells: dict[tuple, list[dict]] = {}
-        last_source = None
-        group: list[dict] = []
-        for message in messages:
-            message["received_at"] = received_at
-            message["host"] = host
-            if "timestamp" not in message:
-                message["timestamp"] = received_at
-            context = message.get("context")
-            job_id = context.get("job_id") if context else None
-            trace_id = message.get("trace_id")
-            if trace_id is not None:
-                if job_id:
-                    if trace_id not in trace_jobs:
-                        trace_jobs[trace_id] = job_id
-                        if len(trace_jobs) > self.trace_cache_size:
-                            del trace_jobs[next(iter(trace_jobs))]
-                else:
-                    known = trace_jobs.get(trace_id)
-                    if known is not None:
-                        job_id = known
-                        if context is None:
-                            message["context"] = {"job_id": job_id}
-                        else:
-                            context["job_id"] = job_id
-            source = message["source"]
-            if source != last_source:
-                group = by_source.get(source)
-                if group is None:
-                    group = by_source[source] = []
-                last_source = source
-            group.append(message)
-            if job_id is None and message["type"] == "progress":
-                job_id = message["data"]["job_id"]
-            if job_id is not None or trace_id is not None:
-                key = (job_id, trace_id, source)
-                cell = cells.get(key)
-                if cell is None:
-                    cell = cells[key] = []
-                cell.append(message)
-        return by_source, cells
+    def enrich(self, received_at: str, chunk: Chunk) -> Enriched:
+        """A chunk through the ingest interface (sidecar.ingest), whichever path decoded it."""
+        return chunk.enrich(received_at, self.host, self.trace_jobs)
 
-    async def process(self, received_at: str, messages, holds: list | None = None) -> None:
-        """One chunk: a native `Chunk` (decoded and validated in Rust, enriched and encoded there
-        too) or, from the Python decoder, a list of message dicts. `holds`: the sending
-        connection's; a backend under `block` with no room adds the Event the connection waits
-        for before it reads more, so that only the sources routed to a full backend wait."""
+    async def process(self, received_at: str, chunk: Chunk, holds: list | None = None) -> None:
+        """One chunk, as a decoder made it (sidecar.ingest). `holds`: the sending connection's;
+        a backend under `block` with no room adds the Event the connection waits for before it
+        reads more, so that only the sources routed to a full backend wait."""
         self.chunks += 1
         try:
-            if type(messages) is NativeChunk:
-                groups, summaries = messages.enrich(received_at, self.host, self.trace_jobs, self.trace_cache_size)
-                index_chunk = self.index.add_summaries, summaries
-                batches = [Batch(source, lines, timestamps, urgent, None, received_at) for source, lines, timestamps, urgent in groups]
-            else:
-                by_source, cells = self.enrich(received_at, messages)
-                index_chunk = self.index.add_cells, cells
-                # Encoded now, while the chunk is in the CPU's cache, once for every backend.
-                batches = list(map(Batch.of, by_source.values()))
+            enriched = self.enrich(received_at, chunk)
         except Exception as exc:
-            self.counters.inc("correlator_dropped_messages_total", len(messages), reason="internal_error")
-            self._bugs.log(exc, "internal error while enriching a chunk of %d messages; they are dropped", len(messages))
+            self.counters.inc("correlator_dropped_messages_total", len(chunk), reason="internal_error")
+            self._bugs.log(exc, "internal error while enriching a chunk of %d messages; they are dropped", len(chunk))
             return
-        self._view(*index_chunk)
+        self._view(self.index.add_summaries, enriched.cells)
+        batches = enriched.batches
         for observer in self.observers:
             self._view(observer, batches)
         routing = self.routing

@@ -7,13 +7,14 @@ are parsed only when a view is built, never on the hot path.
 
 import datetime as dt
 import operator
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import attrs
-import orjson
 
-from sidecar.message import format_timestamp
+from sidecar.constants import ERROR_LEVELS, KEY_EVENTS_PER_SOURCE
+from sidecar.message import format_timestamp, job_id_of
 
-KEY_EVENTS_PER_SOURCE = 8
 _timestamp_of = operator.itemgetter("timestamp")
 _event_time = operator.itemgetter(0)  # of an (timestamp, level, message) event
 FAILED_STATUSES = frozenset({"error", "failed", "failure", "aborted", "cancelled"})
@@ -70,7 +71,7 @@ class SourceActivity:
         spans = []
         if events:
             levels = [m["data"]["level"] for m in events]
-            self.errors += levels.count("error") + levels.count("critical")
+            self.errors += sum(map(ERROR_LEVELS.__contains__, levels))
             self.events.extend((m["timestamp"], m["data"]["level"], m["data"]["message"]) for m in events[-KEY_EVENTS_PER_SOURCE:])
             del self.events[:-KEY_EVENTS_PER_SOURCE]
         if len(events) < len(group):
@@ -253,15 +254,22 @@ def summarise(activity: SourceActivity) -> str:
     return ", ".join(parts) if parts else f"{activity.messages} messages"
 
 
+class CellSummary(NamedTuple):
+    """What one (job, trace, source) cell of a chunk did, as the live index takes it: the same
+    from either ingest path (sidecar.ingest)."""
+
+    job_id: str | None
+    trace_id: str | None
+    activity: SourceActivity
+    spans: list[dict]  # the cell's span messages, in order
+
+
 def cells_of(messages: list[dict]) -> dict[tuple, list[dict]]:
     """A chunk's messages grouped by (job_id, trace_id, source), in order, leaving out those with
-    neither a job nor a trace. (The correlator builds the same groups inside its own loop.)"""
+    neither a job nor a trace. (The Python ingest path builds the same groups inside its own loop.)"""
     cells: dict[tuple, list[dict]] = {}
     for message in messages:
-        context = message.get("context")
-        job_id = context.get("job_id") if context else None
-        if job_id is None and message["type"] == "progress":
-            job_id = message["data"]["job_id"]
+        job_id = job_id_of(message)
         trace_id = message.get("trace_id")
         if job_id is None and trace_id is None:
             continue
@@ -271,6 +279,13 @@ def cells_of(messages: list[dict]) -> dict[tuple, list[dict]]:
             cell = cells[key] = []
         cell.append(message)
     return cells
+
+
+def summaries_of(cells: dict[tuple, list[dict]]) -> Iterator[CellSummary]:
+    """The summary of each cell grouped by `cells_of`, made as it is read."""
+    for (job_id, trace_id, source), cell in cells.items():
+        activity, spans = SourceActivity.of_cell(source, cell)
+        yield CellSummary(job_id, trace_id, activity, spans)
 
 
 class LiveIndex:
@@ -287,26 +302,14 @@ class LiveIndex:
 
     def add(self, messages: list[dict]) -> None:
         """Index a chunk of messages."""
-        self.add_cells(cells_of(messages))
+        self.add_summaries(summaries_of(cells_of(messages)))
 
-    def add_cells(self, cells: dict[tuple, list[dict]]) -> None:
-        """Index a chunk grouped by `cells_of`: each cell is summarised once, for its job and its
-        trace both."""
+    def add_summaries(self, summaries: Iterable[CellSummary]) -> None:
+        """Index a chunk summarised per cell (`Enriched.cells` of either ingest path): each
+        cell once, for its job and its trace both."""
         now = self.clock()
-        for (job_id, trace_id, source), cell in cells.items():
-            piece, spans = SourceActivity.of_cell(source, cell)
-            self.add_piece(job_id, trace_id, piece, spans, now)
-
-    def add_summaries(self, summaries: list[tuple]) -> None:
-        """Index a chunk summarised per cell by the native path (`Chunk.enrich`): each
-        `(job, trace, source, count, first, last, errors, events, metrics, progress, span_lines)`
-        is what `SourceActivity.of_cell` makes of the cell's messages."""
-        now = self.clock()
-        for job_id, trace_id, source, count, first, last, errors, events, metrics, progress, span_lines in summaries:
-            if progress is not None:
-                progress = {"percent": progress[0], "status": progress[1], "at": progress[2]}
-            piece = SourceActivity(source, first, last, count, errors, events, metrics, progress)
-            self.add_piece(job_id, trace_id, piece, list(map(orjson.loads, span_lines)), now)
+        for summary in summaries:
+            self.add_piece(summary.job_id, summary.trace_id, summary.activity, summary.spans, now)
 
     def add_piece(self, job_id: str | None, trace_id: str | None, piece: SourceActivity, spans: list[dict], now: float) -> None:
         """One cell's summary (`SourceActivity.of_cell`), to its job and to its trace. A job's

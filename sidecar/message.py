@@ -9,22 +9,20 @@ import re
 
 import msgpack
 
-MESSAGE_TYPES = frozenset({"event", "metric", "progress", "resource", "span"})
-LEVELS = ("debug", "info", "warning", "error", "critical")
-LEVEL_ALIASES = {"warn": "warning", "fatal": "critical", "crit": "critical", "err": "error"}
-# Levels that make the batcher flush at once instead of waiting for its size or time threshold.
-URGENT_LEVELS = frozenset({"error", "critical"})
-MAX_SOURCE_LENGTH = 200
-# Levels of nesting a message may have, itself being level 1 (`tcp.max_depth`). orjson writes at
-# most 254 levels, and every backend encodes JSON: the highest limit an operator can set.
-DEFAULT_MAX_DEPTH = 64
-MAX_DEPTH_LIMIT = 254
+from sidecar.constants import (
+    DEFAULT_MAX_DEPTH,
+    EPOCH_MS_THRESHOLD,
+    LEVEL_ALIASES,
+    LEVELS,
+    MAX_SOURCE_LENGTH,
+    MESSAGE_TYPES,
+    SPAN_ID_LENGTH,
+    TRACE_ID_LENGTH,
+)
 
 # The form the sidecar writes, with each field in its range (not year 0, month 13, hour 24);
 # a day past the 28th is checked against its month by datetime.
 _CANONICAL_TIMESTAMP = re.compile(r"(?!0000)\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{3}Z")
-# Epoch numbers at or above this are milliseconds (1e11 s is the year 5138; 1e11 ms is 1973).
-_EPOCH_MS_THRESHOLD = 1e11
 
 
 class MessageError(Exception):
@@ -62,7 +60,7 @@ def normalise_timestamp(value) -> str:
         except OverflowError:  # the offset moves it past year 1 or 9999
             raise MessageError("invalid_timestamp", f"timestamp {value[:40]!r} is out of range in UTC") from None
     if type(value) in (int, float):
-        seconds = value / 1000 if abs(value) >= _EPOCH_MS_THRESHOLD else value
+        seconds = value / 1000 if abs(value) >= EPOCH_MS_THRESHOLD else value
         try:
             return format_timestamp(dt.datetime.fromtimestamp(seconds, dt.timezone.utc))
         except (ValueError, OverflowError, OSError):
@@ -166,8 +164,8 @@ _DATA_CHECKS = {
 
 
 _LEVEL_SET = frozenset(LEVELS)
-_TRACE_ID = re.compile(r"[0-9a-f]{32}")
-_SPAN_ID = re.compile(r"[0-9a-f]{16}")
+_TRACE_ID = re.compile(f"[0-9a-f]{{{TRACE_ID_LENGTH}}}")
+_SPAN_ID = re.compile(f"[0-9a-f]{{{SPAN_ID_LENGTH}}}")
 
 
 class _SeenValid(set):
@@ -195,7 +193,7 @@ def _checked_id(key: str, value, pattern: re.Pattern, seen: _SeenValid) -> str:
             if lowered == value:
                 seen.remember(value)
             return lowered
-    size = 32 if pattern is _TRACE_ID else 16
+    size = TRACE_ID_LENGTH if pattern is _TRACE_ID else SPAN_ID_LENGTH
     raise MessageError("invalid_field", f"{key} must be {size} lowercase hex digits, got {str(value)[:40]!r}")
 
 
@@ -340,12 +338,11 @@ def _raise_unknown_type(kind):
 
 
 def job_id_of(message: dict):
-    """The job a message belongs to: its context.job_id, or the job_id of a progress message."""
+    """The job a message belongs to: its context.job_id, or else the job_id of a progress
+    message. The one rule in Python for the live index, the correlator and PostgreSQL's job_id
+    column (native/src/enrich.rs has the Rust copy, checked against it by tests/test_native.py)."""
     context = message.get("context")
-    if context:
-        job_id = context.get("job_id")
-        if job_id:
-            return job_id
-    if message["type"] == "progress":
+    job_id = context.get("job_id") if context else None
+    if job_id is None and message["type"] == "progress":
         return message["data"]["job_id"]
-    return None
+    return job_id

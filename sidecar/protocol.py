@@ -13,16 +13,9 @@ import attrs
 import msgpack
 import orjson
 
-from sidecar.message import DEFAULT_MAX_DEPTH, MessageError, validate_message
-
-from sidecar.native import AVAILABLE as NATIVE_AVAILABLE, Chunk as NativeChunk, decode as native_decode
-
-DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
-
-
-def decoded_by(chunk) -> str:
-    """Which path decoded a chunk: `native` (a NativeChunk) or `python` (a list of dicts)."""
-    return "native" if type(chunk) is NativeChunk else "python"
+from sidecar.constants import DEFAULT_MAX_DEPTH, DEFAULT_MAX_MESSAGE_SIZE
+from sidecar.ingest import NATIVE_AVAILABLE, Chunk, PythonChunk, decode_natively, native_chunk
+from sidecar.message import MessageError, validate_message
 
 
 class StreamFormat(enum.Enum):
@@ -141,14 +134,14 @@ def msgpack_object_end(buffer: bytes, start: int) -> int | None:
 class ProtocolViolation(Exception):
     """The peer broke the framing; nothing more can be read from this stream.
 
-    `messages` and `errors` hold what was whole in the same chunk before the break.
+    `messages` (a PythonChunk) and `errors` hold what was whole in the same chunk before the break.
     """
 
     def __init__(self, reason: str, detail: str, messages=(), errors=()):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
-        self.messages = list(messages)
+        self.messages = PythonChunk(messages)
         self.errors = list(errors)
 
 
@@ -174,9 +167,11 @@ class StreamDecoder:
     """Decode one connection's byte stream.
 
     `receive_data()` returns `(messages, errors)`: the valid messages completed by this chunk, in
-    order, and a DecodeError for each rejected one. With `native`, `messages` is instead a
-    `NativeChunk` when the native decoder took the chunk (see `_decode_natively`): the same
+    order, as a chunk of the ingest interface (sidecar.ingest), and a DecodeError for each
+    rejected one. The chunk is a PythonChunk (a list of the message dicts), or with `native` a
+    NativeChunk when the native decoder took the lines (see `_decode_natively`): the same
     messages, validated, still as bytes, for the correlator to enrich and encode in one call.
+    This is where a chunk's path is chosen.
     It raises ProtocolViolation when the stream cannot be framed any more (unknown format,
     broken or oversized MessagePack); after that every call raises it again. Anything else is
     wrong with one message alone, and costs that message alone: a MessagePack message the
@@ -202,11 +197,11 @@ class StreamDecoder:
         self._bad_message: DecodeError | None = None
         self._violation: ProtocolViolation | None = None
 
-    def receive_data(self, data: bytes) -> tuple[list[dict], list[DecodeError]]:
+    def receive_data(self, data: bytes) -> tuple[Chunk, list[DecodeError]]:
         if self._violation is not None:
             raise self._violation
         if not data:
-            return [], []
+            return PythonChunk(), []
         if self.format is None:
             self.format = detect_format(data[0])
             if self.format is None:
@@ -217,10 +212,10 @@ class StreamDecoder:
             return self._receive_json(data)
         return self._receive_msgpack(data)
 
-    def receive_eof(self) -> tuple[list[dict], list[DecodeError]]:
+    def receive_eof(self) -> tuple[Chunk, list[DecodeError]]:
         """The peer closed: a last JSON line without its newline still counts; a MessagePack
         message cut off by the end of the stream is counted as `truncated`."""
-        messages: list[dict] = []
+        messages = PythonChunk()
         errors: list[DecodeError] = []
         if self._violation is not None:
             return messages, errors
@@ -240,8 +235,8 @@ class StreamDecoder:
         self._violation = ProtocolViolation(reason, detail)
         raise self._violation
 
-    def _receive_json(self, data: bytes) -> tuple[list[dict], list[DecodeError]]:
-        messages: list[dict] = []
+    def _receive_json(self, data: bytes) -> tuple[Chunk, list[DecodeError]]:
+        messages = PythonChunk()
         errors: list[DecodeError] = []
         if self._skipping_oversize_line:
             newline = data.find(b"\n")
@@ -268,8 +263,8 @@ class StreamDecoder:
         return messages, errors
 
     def _decode_lines(self, complete: bytes, errors: list[DecodeError]):
-        """Complete lines as messages (a NativeChunk or a list). A bug met while decoding them
-        costs this chunk's messages, counted as `internal_error`, and nothing else."""
+        """Complete lines as a chunk (native where it can be, else Python). A bug met while
+        decoding them costs this chunk's messages, counted as `internal_error`, and nothing else."""
         seen = self.messages_seen
         found: list[DecodeError] = []
         try:
@@ -277,14 +272,14 @@ class StreamDecoder:
             if chunk is not None:
                 messages = chunk
             else:
-                messages = []
+                messages = PythonChunk()
                 if not self._parse_as_array(complete, messages, found):
                     self._parse_lines(complete.split(b"\n"), messages, found)
         except Exception as exc:
             count = complete.count(b"\n") + 1
             self.messages_seen = seen + count
             errors.append(DecodeError("internal_error", f"messages {seen + 1}-{seen + count}: {type(exc).__name__}: {exc}", count=count, exception=exc))
-            return []
+            return PythonChunk()
         errors += found
         return messages
 
@@ -330,10 +325,7 @@ class StreamDecoder:
         just those lines and merges them in. So a few odd lines do not send a whole chunk the
         slow way.
         """
-        decoded = native_decode(complete, self.max_message_size, self.max_depth)
-        if type(decoded) is NativeChunk:
-            self.messages_seen += len(decoded)
-            return decoded
+        decoded = decode_natively(complete, self.max_message_size, self.max_depth)
         if decoded is None:
             return None
         declined = decoded.declined
@@ -349,7 +341,7 @@ class StreamDecoder:
                 blank += 1
             elif normalised:
                 replacements.append((index, orjson.dumps(normalised[0])))
-        chunk = decoded.mend(replacements)
+        chunk = native_chunk(decoded, replacements)
         if chunk is None:
             return None  # a normalised message the native decoder still declines (rare)
         self.messages_seen += lines - blank
@@ -384,8 +376,8 @@ class StreamDecoder:
         # Room for one message at the limit plus the chunk that completes it.
         return msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=2 * self.max_message_size)
 
-    def _receive_msgpack(self, data: bytes) -> tuple[list[dict], list[DecodeError]]:
-        messages: list[dict] = []
+    def _receive_msgpack(self, data: bytes) -> tuple[Chunk, list[DecodeError]]:
+        messages = PythonChunk()
         errors: list[DecodeError] = []
         # `buffer` holds the bytes from where the unpacker's next message starts; a position p
         # of the unpacker is buffer[p + origin], so a message it fails on can be found here.

@@ -1,10 +1,11 @@
 """The native hot path (sidecar._native) against the Python path, its reference.
 
 The native decoder takes a line when it is valid protocol v1 as it stands or after the rewrites
-it does itself (timestamps, level aliases), and then must give, per source, the same enriched
-messages as the Python decoder plus `Correlator.enrich` plus `orjson.dumps`, the same
-trace-to-job memory, and the same live index. Any other line it must decline (name in
-`Partial.declined`), leaving it to the Python path, which explains errors and normalises.
+it does itself (timestamps, level aliases), and then its chunk (sidecar.ingest.NativeChunk) must
+give, per source, the same enriched lines as the Python decoder's chunk (PythonChunk), both
+enriched through the ingest interface as the correlator enriches them, the same trace-to-job
+memory, and the same live index. Any other line it must decline (name in `Decoded.declined`),
+leaving it to the Python path, which explains errors and normalises.
 Compared as JSON values in key order: a line is written as received, so its spelling (spaces,
 escapes, `1E2`) may differ from orjson's.
 """
@@ -18,12 +19,13 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from sidecar.batch import Batch
+from sidecar import constants, native
 from sidecar.correlator import Correlator
+from sidecar.ingest import NATIVE_AVAILABLE, TraceJobs, decode_natively, native_chunk
 from sidecar.jobs import LiveIndex
 from sidecar.message import DEFAULT_MAX_DEPTH, MessageError, normalise_timestamp
 from sidecar.metrics import Counters
-from sidecar.protocol import NATIVE_AVAILABLE, NativeChunk, StreamDecoder, native_decode
+from sidecar.protocol import StreamDecoder
 
 pytestmark = pytest.mark.skipif(not NATIVE_AVAILABLE, reason="sidecar._native is not built (no Rust toolchain at install)")
 
@@ -63,16 +65,12 @@ class Side:
     def feed(self, data: bytes) -> tuple[dict, list]:
         """Per source, the normalised lines; and the decode errors."""
         decoder = StreamDecoder(native=self.native)
-        messages, errors = decoder.receive_data(data)
-        if type(messages) is NativeChunk:
-            self.native_chunks += 1
-            groups, summaries = messages.enrich(RECEIVED, HOST, self.correlator.trace_jobs, self.correlator.trace_cache_size)
-            self.index.add_summaries(summaries)
-            batches = [Batch(source, lines, timestamps, urgent) for source, lines, timestamps, urgent in groups]
-        else:
-            by_source, cells = self.correlator.enrich(RECEIVED, messages)
-            self.index.add_cells(cells)
-            batches = list(map(Batch.of, by_source.values()))
+        chunk, errors = decoder.receive_data(data)
+        self.native_chunks += chunk.path == "native"
+        # What Correlator.process does before it routes, without its guards: a bug here fails the test.
+        enriched = self.correlator.enrich(RECEIVED, chunk)
+        self.index.add_summaries(enriched.cells)
+        batches = enriched.batches
         lines = {b.source: [normalised(line) for line in b.lines] for b in batches}
         timestamps = {b.source: b.timestamps for b in batches}
         urgent = {b.source: b.urgent for b in batches}
@@ -216,8 +214,8 @@ DECLINED_BYTES = {
 
 def declined_lines(data: bytes, limit: int = 1 << 20):
     """The line numbers the native decoder declines in `data` (None: it took the chunk)."""
-    decoded = native_decode(data, limit, DEFAULT_MAX_DEPTH)
-    return None if type(decoded) is NativeChunk else [number for number, _start, _end in decoded.declined]
+    declined = decode_natively(data, limit, DEFAULT_MAX_DEPTH).declined
+    return [number for number, _start, _end in declined] if declined else None
 
 
 NORMALISED = {
@@ -296,12 +294,11 @@ json_fragments = st.sampled_from([b"{", b"}", b"[", b"]", b'"', b":", b",", b"\\
 @settings(max_examples=500, deadline=None)
 @given(st.one_of(st.binary(max_size=300), st.lists(json_fragments, max_size=60).map(b"".join)))
 def test_arbitrary_bytes_are_declined_or_accepted_never_raised(data):
-    chunk = native_decode(data, 1 << 20, DEFAULT_MAX_DEPTH)
-    if type(chunk) is NativeChunk:
-        chunk.enrich(RECEIVED, HOST, {}, 10)
-    else:
-        assert all(0 <= start <= end <= len(data) for _number, start, end in chunk.declined)
-        assert type(chunk.mend([])) is NativeChunk  # every declined line left out
+    decoded = decode_natively(data, 1 << 20, DEFAULT_MAX_DEPTH)
+    assert all(0 <= start <= end <= len(data) for _number, start, end in decoded.declined)
+    chunk = native_chunk(decoded, [])  # every declined line left out
+    assert chunk is not None
+    chunk.enrich(RECEIVED, HOST, TraceJobs(10))
 
 
 @settings(max_examples=300, deadline=None)
@@ -376,6 +373,15 @@ def test_error_events_mark_their_source_urgent():
     side = Side(native=True)
     (_lines, _timestamps, urgent), _ = side.feed(encode([canonical_event("a"), canonical_event("b", data={"level": "error", "message": "x"})]))
     assert urgent == {"a": False, "b": True}
+
+
+def test_the_native_copies_of_the_constants_are_sidecar_constants():
+    exported = native.constants()
+    assert sorted(exported) == sorted(
+        ["MESSAGE_TYPES", "LEVELS", "LEVEL_ALIASES", "URGENT_LEVELS", "ERROR_LEVELS", "MAX_SOURCE_LENGTH", "TRACE_ID_LENGTH", "SPAN_ID_LENGTH", "EPOCH_MS_THRESHOLD", "KEY_EVENTS_PER_SOURCE"]
+    )
+    for name, value in exported.items():
+        assert value == getattr(constants, name), name
 
 
 @given(st.binary(max_size=4096), st.integers(0, 4096))

@@ -11,9 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hypothesis import given, strategies as st
 
-from sidecar.correlator import Correlator
+from sidecar.ingest import PythonChunk, TraceJobs
 from sidecar.jobs import LiveIndex, cells_of, render_tree
-from sidecar.metrics import Counters
 from sidecar.message import validate_message
 from tests.harness import FILES_CONFIG, REPO, SidecarProcess, wait_until
 
@@ -181,7 +180,7 @@ def test_a_chunk_indexes_as_its_messages_one_by_one():
         max_size=30,
     )
 )
-def test_the_correlator_groups_cells_as_the_index_does(specs):
+def test_the_python_ingest_path_groups_cells_as_the_index_does(specs):
     messages = []
     for source, job, trace, progress in specs:
         message = {"source": source, "type": "event", "timestamp": "2025-10-20T10:00:00.000Z", "data": {"level": "info", "message": "m"}}
@@ -192,8 +191,7 @@ def test_the_correlator_groups_cells_as_the_index_does(specs):
         if trace is not None:
             message["trace_id"] = trace
         messages.append(message)
-    correlator = Correlator(None, Counters(), LiveIndex(10, 10, 60, clock=lambda: 0.0), trace_cache_size=100, host="h")
-    by_source, cells = correlator.enrich("2025-10-20T10:00:00.001Z", messages)
+    by_source, cells = PythonChunk(messages).correlate("2025-10-20T10:00:00.001Z", "h", TraceJobs(100))
     assert cells == cells_of(messages)
     assert by_source == {source: [m for m in messages if m["source"] == source] for source in dict.fromkeys(m["source"] for m in messages)}
 

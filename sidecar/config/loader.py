@@ -31,7 +31,7 @@ from sidecar.config.settings import (
     UnavailableSettings,
 )
 from sidecar.config.yaml_reader import ConfigError, DocumentReader, Invalid, Where, plain, read_yaml, submapping
-from sidecar.message import LEVELS, MESSAGE_TYPES
+from sidecar.constants import LEVELS, MESSAGE_TYPES
 from sidecar.sources import SourceTypeUnknown, source_class
 from sidecar.sources.tcp import TcpSettings
 from sidecar.transforms import TRANSFORM_TYPES, TransformSpec, TransformTypeUnknown, transform_class

@@ -16,7 +16,6 @@ import trio
 from sidecar.logs import DistinctErrorLog, RateLimitedLog
 from sidecar.message import format_timestamp
 from sidecar.metrics import Counters
-from sidecar.protocol import decoded_by
 
 
 class CannotListen(OSError):
@@ -46,7 +45,7 @@ class Intake:
         if messages:
             self.count("messages_received_total", len(messages))
             # Which path decoded them: an operator's check that the traffic is on the fast one.
-            self.counters.inc("decoded_messages_total", len(messages), path=decoded_by(messages))
+            self.counters.inc("decoded_messages_total", len(messages), path=messages.path)
             received_at = format_timestamp(dt.datetime.now(dt.timezone.utc))
             await send_channel.send((received_at, messages, holds))
 

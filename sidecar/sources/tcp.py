@@ -19,7 +19,7 @@ import attrs
 import trio
 
 from sidecar.logs import DistinctErrorLog
-from sidecar.message import DEFAULT_MAX_DEPTH, MAX_DEPTH_LIMIT
+from sidecar.constants import DEFAULT_MAX_DEPTH, MAX_DEPTH_LIMIT
 from sidecar.protocol import ProtocolViolation, StreamDecoder
 from sidecar.sources.base import CannotListen, Source
 from sidecar.units import ByteSize

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 
 from sidecar.batch import Batch
-from sidecar.message import LEVELS, MESSAGE_TYPES
+from sidecar.constants import LEVELS, MESSAGE_TYPES
 from sidecar.transforms.base import Transform
 
 

@@ -14,6 +14,8 @@ import orjson
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
+from sidecar.message import job_id_of
+
 COLUMNS = (
     "time", "received_at", "source", "type", "level", "name", "value",
     "trace_id", "span_id", "parent_span_id", "job_id", "host", "context", "data",
@@ -86,13 +88,7 @@ def _text(value) -> str | None:
 
 def _parts(message: dict) -> tuple:
     """type, data, context and the job (context.job_id, or a progress message's own job_id)."""
-    kind = message["type"]
-    data = message["data"]
-    context = message.get("context")
-    job_id = context.get("job_id") if context else None
-    if job_id is None and kind == "progress":
-        job_id = data.get("job_id")
-    return kind, data, context, job_id
+    return message["type"], message["data"], message.get("context"), job_id_of(message)
 
 
 def row_of(message: dict) -> tuple:

@@ -1,0 +1,383 @@
+//! The Python glue: the classes and functions `sidecar._native` exports, and the conversion of
+//! what the other modules find into Python objects, with named fields. `sidecar/ingest.py` is
+//! their one user (through `sidecar/native.py`).
+
+use pyo3::exceptions::PyValueError;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyFrozenSet, PyList, PyString, PyTuple};
+
+use crate::constants::{
+    EPOCH_MS_THRESHOLD, ERROR_LEVELS, KEY_EVENTS_PER_SOURCE, LEVELS, LEVEL_ALIASES,
+    MAX_SOURCE_LENGTH, MESSAGE_TYPES, SPAN_ID_LENGTH, TRACE_ID_LENGTH, URGENT_LEVELS,
+};
+use crate::enrich::{enrich, timestamp_of, Host};
+use crate::json::{text_string, Members, Range};
+use crate::time::Timestamp;
+use crate::validate::{accept, accept_all, Declined, Message};
+
+/// A number as orjson reads it: an integer that fits 64 bits stays one, anything else is a float.
+fn number_object(py: Python<'_>, bytes: &[u8], span: Range) -> PyResult<Py<PyAny>> {
+    let text = std::str::from_utf8(&bytes[span.start..span.end]).unwrap_or("0");
+    if !text.contains(['.', 'e', 'E']) {
+        if let Ok(value) = text.parse::<i64>() {
+            return Ok(value.into_pyobject(py)?.into_any().unbind());
+        }
+        if let Ok(value) = text.parse::<u64>() {
+            return Ok(value.into_pyobject(py)?.into_any().unbind());
+        }
+    }
+    let value: f64 = text.parse().unwrap_or(f64::NAN);
+    Ok(value.into_pyobject(py)?.into_any().unbind())
+}
+
+fn timestamp_str(timestamp: &Timestamp) -> &str {
+    std::str::from_utf8(timestamp).unwrap_or("")
+}
+
+/// The bytes a chunk's messages point into: the received bytes themselves, or, for a chunk
+/// mended with normalised lines, a copy of them with those lines after them.
+enum Buffer {
+    Received(Py<PyBytes>),
+    Mended(Vec<u8>),
+}
+
+/// The complete lines of one connection's chunk, parsed and validated.
+#[pyclass(frozen, module = "sidecar._native")]
+struct Chunk {
+    data: Buffer,
+    messages: Vec<Message>,
+}
+
+/// What `decode` made of a chunk's lines: the accepted messages, and where the declined lines
+/// are, for the Python decoder to decode them before `mend` makes the Chunk (once: it takes the
+/// accepted messages).
+#[pyclass(module = "sidecar._native")]
+struct Decoded {
+    data: Py<PyBytes>,
+    accepted: Vec<(usize, Message)>, // (line number, message)
+    /// `(line number, start, end)` of each declined line, in order.
+    #[pyo3(get)]
+    declined: Declined,
+    /// How many lines the chunk had.
+    #[pyo3(get)]
+    lines: usize,
+    max_depth: u32,
+}
+
+#[pymethods]
+impl Decoded {
+    /// The chunk with each declined line replaced: `replacements` are `(line number, line)` in
+    /// line order, a line Python normalised; a declined line without one (an invalid or blank
+    /// line) is left out. None if a replacement is itself declined.
+    fn mend(&mut self, py: Python<'_>, replacements: Vec<(usize, Vec<u8>)>) -> Option<Chunk> {
+        let accepted = std::mem::take(&mut self.accepted);
+        if replacements.is_empty() {
+            return Some(Chunk {
+                data: Buffer::Received(self.data.clone_ref(py)),
+                messages: accepted.into_iter().map(|(_, message)| message).collect(),
+            });
+        }
+        let received = self.data.bind(py).as_bytes();
+        let mut buffer = Vec::with_capacity(
+            received.len() + replacements.iter().map(|(_, l)| l.len() + 1).sum::<usize>(),
+        );
+        buffer.extend_from_slice(received);
+        let mut members = Members::new();
+        let mut mended = Vec::with_capacity(replacements.len());
+        for (number, line) in &replacements {
+            buffer.push(b'\n');
+            let start = buffer.len();
+            buffer.extend_from_slice(line);
+            if line.contains(&b'\n') || std::str::from_utf8(line).is_err() {
+                return None;
+            }
+            mended.push((
+                *number,
+                accept(&buffer, start, &mut members, self.max_depth).ok()?,
+            ));
+        }
+        // Both lists are in line order: merge them.
+        let mut messages = Vec::with_capacity(accepted.len() + mended.len());
+        let mut mended = mended.into_iter().peekable();
+        for (number, message) in accepted {
+            while let Some((_, replacement)) = mended.next_if(|(n, _)| *n < number) {
+                messages.push(replacement);
+            }
+            messages.push(message);
+        }
+        messages.extend(mended.map(|(_, replacement)| replacement));
+        Some(Chunk {
+            data: Buffer::Mended(buffer),
+            messages,
+        })
+    }
+}
+
+/// One source's messages of an enriched chunk, as `sidecar.batch.Batch` takes them.
+#[pyclass(frozen, get_all, module = "sidecar._native")]
+struct Group {
+    source: Py<PyString>,
+    lines: Py<PyList>,      // bytes, one JSON line per message
+    timestamps: Py<PyList>, // str, each message's canonical timestamp
+    urgent: bool,
+}
+
+/// What one (job, trace, source) cell of an enriched chunk did, as
+/// `sidecar.jobs.SourceActivity.of_cell` would summarise its messages.
+#[pyclass(frozen, get_all, module = "sidecar._native")]
+struct Cell {
+    job_id: Option<String>,
+    trace_id: Option<String>,
+    source: String,
+    count: usize,
+    first: String,
+    last: String,
+    errors: usize,
+    events: Py<PyList>,           // (timestamp, level, message), the latest few
+    metrics: Py<PyDict>,          // name -> (value, unit), the latest
+    progress: Option<Py<PyDict>>, // {"percent", "status", "at"}, the latest by time
+    spans: Py<PyList>,            // the span messages' lines
+}
+
+/// What `Chunk.enrich` returns.
+#[pyclass(frozen, get_all, module = "sidecar._native")]
+struct Enrichment {
+    groups: Py<PyList>, // of Group, in order of first appearance
+    cells: Py<PyList>,  // of Cell
+}
+
+/// The enrichment's host: the Python `TraceJobs` (read through its `jobs` dict, written through
+/// its `link`) and the lists each group's lines and timestamps go to.
+struct PyHost<'py> {
+    py: Python<'py>,
+    jobs: Bound<'py, PyDict>,
+    link: Bound<'py, PyAny>,
+    // The last trace id and its str: a chunk's messages of one trace come together.
+    last_trace: Option<(Vec<u8>, Bound<'py, PyString>)>,
+    last_timestamp: Option<(Timestamp, Bound<'py, PyString>)>,
+    groups: Vec<(Bound<'py, PyList>, Bound<'py, PyList>)>,
+}
+
+impl<'py> PyHost<'py> {
+    fn trace_key(&mut self, trace: &[u8]) -> Bound<'py, PyString> {
+        match &self.last_trace {
+            Some((text, object)) if text == trace => object.clone(),
+            _ => {
+                let object = PyString::new(self.py, std::str::from_utf8(trace).unwrap_or(""));
+                self.last_trace = Some((trace.to_vec(), object.clone()));
+                object
+            }
+        }
+    }
+}
+
+impl<'py> Host for PyHost<'py> {
+    type Line = Bound<'py, PyBytes>;
+    type Error = PyErr;
+
+    fn known_job(&mut self, trace: &[u8]) -> PyResult<Option<String>> {
+        let key = self.trace_key(trace);
+        match self.jobs.get_item(&key)? {
+            Some(known) => Ok(Some(known.extract::<String>()?)),
+            None => Ok(None),
+        }
+    }
+
+    fn link(&mut self, trace: &[u8], job: &str) -> PyResult<()> {
+        let key = self.trace_key(trace);
+        // A known trace keeps its job (TraceJobs.link would change nothing): no call then.
+        if !self.jobs.contains(&key)? {
+            self.link.call1((key, job))?;
+        }
+        Ok(())
+    }
+
+    fn line(&mut self, group: usize, line: &[u8], timestamp: &Timestamp) -> PyResult<Self::Line> {
+        let py = self.py;
+        if group == self.groups.len() {
+            self.groups.push((PyList::empty(py), PyList::empty(py)));
+        }
+        let line = PyBytes::new(py, line);
+        let timestamp = match &self.last_timestamp {
+            Some((text, object)) if text == timestamp => object.clone(),
+            _ => {
+                let object = PyString::new(py, timestamp_str(timestamp));
+                self.last_timestamp = Some((*timestamp, object.clone()));
+                object
+            }
+        };
+        let (lines, timestamps) = &self.groups[group];
+        lines.append(&line)?;
+        timestamps.append(timestamp)?;
+        Ok(line)
+    }
+}
+
+#[pymethods]
+impl Chunk {
+    fn __len__(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// Enrich every message as `sidecar.ingest.PythonChunk.enrich` does and encode its line;
+    /// `trace_jobs` is the correlator's `sidecar.ingest.TraceJobs`.
+    fn enrich<'py>(
+        &self,
+        py: Python<'py>,
+        received_at: &str,
+        host: &str,
+        trace_jobs: &Bound<'py, PyAny>,
+    ) -> PyResult<Enrichment> {
+        let bytes: &[u8] = match &self.data {
+            Buffer::Received(data) => data.bind(py).as_bytes(),
+            Buffer::Mended(buffer) => buffer,
+        };
+        let received: Timestamp = received_at
+            .as_bytes()
+            .try_into()
+            .map_err(|_| PyValueError::new_err("received_at must be YYYY-MM-DDTHH:MM:SS.mmmZ"))?;
+        let mut python = PyHost {
+            py,
+            jobs: trace_jobs
+                .getattr(intern!(py, "jobs"))?
+                .cast_into::<PyDict>()?,
+            link: trace_jobs.getattr(intern!(py, "link"))?,
+            last_trace: None,
+            last_timestamp: None,
+            groups: Vec::new(),
+        };
+        let enriched = enrich(bytes, &self.messages, &received, host, &mut python)?;
+
+        let slice = |range: Range| -> &str {
+            std::str::from_utf8(&bytes[range.start..range.end]).unwrap_or("")
+        };
+        let groups = PyList::empty(py);
+        for (group, (lines, timestamps)) in enriched.groups.iter().zip(python.groups) {
+            let group = Group {
+                source: PyString::new(py, slice(group.source)).unbind(),
+                lines: lines.unbind(),
+                timestamps: timestamps.unbind(),
+                urgent: group.urgent,
+            };
+            groups.append(Py::new(py, group)?)?;
+        }
+        let level_objects: Vec<Bound<'py, PyString>> =
+            LEVELS.iter().map(|l| PyString::intern(py, l)).collect();
+        let cells = PyList::empty(py);
+        for cell in enriched.cells {
+            let events = PyList::empty(py);
+            for &number in cell.key_events() {
+                let message = &self.messages[number];
+                let text = message
+                    .text
+                    .map(|t| text_string(bytes, t))
+                    .unwrap_or_default();
+                let at = timestamp_of(message, &received);
+                events.append((timestamp_str(&at), &level_objects[message.level], text))?;
+            }
+            let metrics = PyDict::new(py);
+            for (name, value, unit) in &cell.metrics {
+                let unit = unit.map(|u| text_string(bytes, u));
+                metrics.set_item(name, (number_object(py, bytes, *value)?, unit))?;
+            }
+            let progress = match cell
+                .progress
+                .and_then(|(n, _)| self.messages[n].progress.map(|p| (n, p)))
+            {
+                Some((number, (_job, percent, status))) => {
+                    let progress = PyDict::new(py);
+                    progress
+                        .set_item(intern!(py, "percent"), number_object(py, bytes, percent)?)?;
+                    progress.set_item(intern!(py, "status"), text_string(bytes, status))?;
+                    let at = timestamp_of(&self.messages[number], &received);
+                    progress.set_item(intern!(py, "at"), timestamp_str(&at))?;
+                    Some(progress.unbind())
+                }
+                None => None,
+            };
+            let summary = Cell {
+                job_id: cell.job,
+                trace_id: cell.trace.map(|t| slice(t).to_owned()),
+                source: slice(cell.source).to_owned(),
+                count: cell.count,
+                first: timestamp_str(&cell.first).to_owned(),
+                last: timestamp_str(&cell.last).to_owned(),
+                errors: cell.errors,
+                events: events.unbind(),
+                metrics: metrics.unbind(),
+                progress,
+                spans: PyList::new(py, cell.spans)?.unbind(),
+            };
+            cells.append(Py::new(py, summary)?)?;
+        }
+        Ok(Enrichment {
+            groups: groups.unbind(),
+            cells: cells.unbind(),
+        })
+    }
+}
+
+/// The complete lines of a chunk (`data` up to its last newline, without it) as a Decoded: the
+/// lines for the fast path accepted, the others declined (blank, longer than
+/// `max_message_size`, nested deeper than `max_depth`, not UTF-8, or anything the Python decoder
+/// would reject or normalise otherwise). None if this code panicked (a bug): the caller then
+/// takes the Python path for the whole chunk.
+#[pyfunction]
+fn decode(data: Bound<'_, PyBytes>, max_message_size: usize, max_depth: u32) -> Option<Decoded> {
+    let bytes = data.as_bytes();
+    // A bug here must not take the listener down.
+    let (accepted, declined, lines) =
+        std::panic::catch_unwind(|| accept_all(bytes, max_message_size, max_depth)).ok()?;
+    Some(Decoded {
+        data: data.unbind(),
+        accepted,
+        declined,
+        lines,
+        max_depth,
+    })
+}
+
+/// CRC-32 (IEEE, as zlib.crc32) of `data`, continuing from `value`: the disk log's checksum,
+/// several times faster than zlib's here (crc32fast uses the CPU's carry-less multiply).
+#[pyfunction]
+#[pyo3(signature = (data, value = 0))]
+fn crc32(data: &[u8], value: u32) -> u32 {
+    let mut hasher = crc32fast::Hasher::new_with_initial(value);
+    hasher.update(data);
+    hasher.finalize()
+}
+
+/// The native code's copies of `sidecar.constants`, by the same names and in the same types.
+#[pyfunction]
+fn constants(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let exported = PyDict::new(py);
+    exported.set_item("MESSAGE_TYPES", PyFrozenSet::new(py, MESSAGE_TYPES)?)?;
+    exported.set_item("LEVELS", PyTuple::new(py, LEVELS)?)?;
+    exported.set_item(
+        "LEVEL_ALIASES",
+        LEVEL_ALIASES
+            .into_iter()
+            .collect::<std::collections::HashMap<_, _>>(),
+    )?;
+    exported.set_item("URGENT_LEVELS", PyFrozenSet::new(py, URGENT_LEVELS)?)?;
+    exported.set_item("ERROR_LEVELS", PyFrozenSet::new(py, ERROR_LEVELS)?)?;
+    exported.set_item("MAX_SOURCE_LENGTH", MAX_SOURCE_LENGTH)?;
+    exported.set_item("TRACE_ID_LENGTH", TRACE_ID_LENGTH)?;
+    exported.set_item("SPAN_ID_LENGTH", SPAN_ID_LENGTH)?;
+    exported.set_item("EPOCH_MS_THRESHOLD", EPOCH_MS_THRESHOLD)?;
+    exported.set_item("KEY_EVENTS_PER_SOURCE", KEY_EVENTS_PER_SOURCE)?;
+    Ok(exported)
+}
+
+pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_class::<Chunk>()?;
+    module.add_class::<Decoded>()?;
+    module.add_class::<Group>()?;
+    module.add_class::<Cell>()?;
+    module.add_class::<Enrichment>()?;
+    module.add_function(wrap_pyfunction!(decode, module)?)?;
+    module.add_function(wrap_pyfunction!(crc32, module)?)?;
+    module.add_function(wrap_pyfunction!(constants, module)?)?;
+    Ok(())
+}
