@@ -285,7 +285,7 @@ class StreamDecoder:
 
     def _parse_as_array(self, complete: bytes, messages: list[dict], errors: list[DecodeError]) -> bool:
         """The fast path: all complete lines parsed by one `orjson.loads` of them as a JSON array
-        (a call per line costs about 0.5 µs more per message). It applies only when the result
+        (cheaper than a call per line: docs/performance.md). It applies only when the result
         cannot differ from line-by-line parsing: nothing over the size limit, no line invalid or
         blank (either makes the array invalid), and exactly one value per line (a line holding
         `{...},{...}` would otherwise pass as two). Returns False to take the line-by-line path."""
