@@ -362,6 +362,7 @@ class Sidecar:
             "removed_by_transforms": counters.by_label("transform_removed_messages_total", "transform"),
             "correlator_dropped": counters.by_label("correlator_dropped_messages_total", "reason"),
             "view_errors": counters.get("view_errors_total"),
+            "http_not_found": counters.get("http_not_found_total"),
             "connections_total": counters.total("connections_total"),
             "connections_refused": counters.by_label("connections_refused_total", "reason"),
             "connections_closed": counters.by_label("connections_closed_total", "reason"),

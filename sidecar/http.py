@@ -20,6 +20,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from sidecar.config import display_value
+from sidecar.logs import RateLimitedLog
 
 log = logging.getLogger("sidecar.http")
 
@@ -63,6 +64,7 @@ class SidecarCollector(Collector):
             ("reloads_total", "Configuration reloads applied"),
             ("reload_failures_total", "Configuration reloads rejected"),
             ("view_errors_total", "Live index or tap updates that met a bug (their messages were delivered)"),
+            ("http_not_found_total", "Requests to the HTTP view for paths it does not serve"),
         ):
             family = CounterMetricFamily(f"sidecar_{name.removesuffix('_total')}", help_text)
             family.add_metric([], counters.get(name))
@@ -134,6 +136,10 @@ class SidecarCollector(Collector):
             yield evicted
 
 
+# Paths an OTLP/HTTP exporter posts to: a 404 there is a client pointed at the wrong place.
+_OTLP_PATHS = ("/v1/traces", "/v1/metrics", "/v1/logs")
+
+
 class ViewServer:
     def __init__(self, sidecar, settings):
         self.sidecar = sidecar
@@ -141,6 +147,7 @@ class ViewServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SidecarCollector(sidecar))
         self.taps: set[Tap] = set()
+        self._not_found_log = RateLimitedLog(log, interval=60.0)
         self.address: tuple[str, int] | None = None
         self._stop = trio.Event()
         self._routes = {
@@ -201,6 +208,7 @@ class ViewServer:
             if allowed:
                 await _respond(send, 405, {"error": f"use {', '.join(allowed)}"})
             else:
+                self._not_found(scope["method"], path)
                 await _respond(send, 404, {"error": f"no such resource: {path}"})
             return
         if handler in (self.reload, self.tap) and not self._authorised(scope):
@@ -221,6 +229,13 @@ class ViewServer:
         return hmac.compare_digest(given, f"Bearer {token}")
 
     # ------------------------------------------------------------ routes
+
+    def _not_found(self, method: str, path: str) -> None:
+        self.sidecar.counters.inc("http_not_found_total")
+        if path in _OTLP_PATHS:
+            self._not_found_log.warning("otlp", "HTTP view: %s %s is an OTLP/HTTP export, which is not a source type yet; the SDKs' port takes JSON lines or MessagePack maps (docs/protocol.md)", method, path)
+        else:
+            self._not_found_log.warning("other", "HTTP view: %s %s: no such resource (counted in http_not_found_total)", method, path)
 
     async def healthz(self, send, query):
         await _respond(send, 200, {"status": "alive"})

@@ -8,6 +8,7 @@ incomplete tail is kept, so the cost is linear in the bytes read.
 """
 
 import enum
+import re
 
 import attrs
 import msgpack
@@ -29,6 +30,28 @@ def detect_format(first_byte: int) -> StreamFormat | None:
     if 0x80 <= first_byte <= 0x8F or first_byte in (0xDE, 0xDF):  # fixmap, map16, map32
         return StreamFormat.MSGPACK
     return None
+
+
+_HTTP_METHODS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ")
+_SYSLOG_PRI = re.compile(rb"(\d{1,5} )?<\d{1,3}>")  # octet-counted (RFC 6587) or not
+_STREAM_FORMATS = "this port takes JSON lines or MessagePack maps (docs/protocol.md)"
+
+
+def foreign_protocol(start: bytes) -> str:
+    """Why a stream whose format is not ours is refused, naming the protocol its first bytes
+    look like, and where that client should go instead."""
+    first = start[0]
+    if 0x90 <= first <= 0x9F or first in (0xDC, 0xDD):
+        return f"a MessagePack array: this looks like Fluent forward ([tag, time, record] or [tag, entries]), which is not a source type yet; {_STREAM_FORMATS}"
+    if _SYSLOG_PRI.match(start):
+        return f"'<PRI>': this looks like syslog, which is not a source type; {_STREAM_FORMATS}"
+    if start.startswith(b"PRI * HTTP/2"):
+        return f"an HTTP/2 preface: this looks like gRPC (an OTLP/gRPC exporter?), which is not a source type yet; {_STREAM_FORMATS}"
+    if start.startswith(_HTTP_METHODS):
+        return f"an HTTP request: the sidecar's HTTP view is on its own port (http:, 127.0.0.1:17001 by default), and OTLP/HTTP is not a source type yet; {_STREAM_FORMATS}"
+    if first == 0x16 and len(start) > 1 and start[1] == 0x03:
+        return f"a TLS handshake: this port is plain TCP (keep it on loopback, or a Unix socket); {_STREAM_FORMATS}"
+    return f"neither '{{' (JSON lines) nor a MessagePack map; {_STREAM_FORMATS}"
 
 
 @attrs.frozen
@@ -205,7 +228,7 @@ class StreamDecoder:
         if self.format is None:
             self.format = detect_format(data[0])
             if self.format is None:
-                self._fail("unknown_format", f"first byte 0x{data[0]:02x} is neither '{{' (JSON lines) nor a MessagePack map")
+                self._fail("unknown_format", f"first byte 0x{data[0]:02x} is {foreign_protocol(bytes(data[:16]))}")
             if self.format is StreamFormat.MSGPACK:
                 self._unpacker = self._new_unpacker()
         if self.format is StreamFormat.JSON_LINES:

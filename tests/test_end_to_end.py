@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -154,13 +155,22 @@ def test_bad_lines_are_counted_by_reason_and_every_good_line_arrives(start_sidec
     assert sidecar.stop() == 0
 
 
+def test_syslog_from_util_linux_logger_is_refused_by_name_and_the_sidecar_keeps_serving(start_sidecar):
+    sidecar = start_sidecar()
+    subprocess.run(["logger", "-T", "-n", "127.0.0.1", "-P", str(sidecar.port), "hello from logger"], check=True, timeout=30, stdin=subprocess.DEVNULL)
+    sidecar.wait_for(lambda s: s["decode_errors"].get("unknown_format") == 1, what="the refusal to be counted")
+    assert "this looks like syslog, which is not a source type" in sidecar.log()
+    sidecar.send([event("after", 0)])
+    sidecar.wait_for(lambda s: s["backends"][0]["delivered"] == 1, what="the sidecar to keep serving")
+
+
 def test_a_stream_in_an_unknown_format_is_refused_with_one_error_line(start_sidecar):
     sidecar = start_sidecar()
     with sidecar.connect() as conn:
         conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         reply = conn.recv(4096)
         assert conn.recv(4096) == b""  # closed
-    assert reply.startswith(b"error: first byte 0x47 is neither")
+    assert reply.startswith(b"error: first byte 0x47 is an HTTP request: the sidecar's HTTP view is on its own port")
     sidecar.wait_for(lambda s: s["decode_errors"].get("unknown_format") == 1, what="the refusal to be counted")
     sidecar.send([event("after", 0)])
     sidecar.wait_for(lambda s: s["backends"][0]["delivered"] == 1, what="the sidecar to keep serving")
@@ -313,3 +323,16 @@ def test_sigterm_exits_within_the_shutdown_budget_whatever_drain_timeout_says(st
     assert time.monotonic() - started < 3, "shutdown.budget is 1.5 s"
     assert re.search(r"shutting down within 1\.5s", sidecar.log())
     assert "undelivered messages: broken=50 (50 on disk for the next start, 0 lost)" in sidecar.log()
+
+
+def test_an_otlp_exporter_at_the_http_view_is_counted_and_told_where_it_is(start_sidecar):
+    sidecar = start_sidecar()
+    status, _body = sidecar.http("/v1/traces", method="POST")
+    assert status == 404
+    status, _body = sidecar.http("/no/such/page")
+    assert status == 404
+    stats = sidecar.wait_for(lambda s: s["http_not_found"] == 2, what="the 404s to be counted")
+    assert "POST /v1/traces is an OTLP/HTTP export, which is not a source type yet" in sidecar.log()
+    status, metrics = sidecar.http("/metrics")
+    assert b"sidecar_http_not_found_total 2.0" in metrics, metrics[:2000]
+    assert stats["decode_errors"] == {}

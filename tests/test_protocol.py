@@ -141,6 +141,23 @@ def test_unknown_format_is_a_protocol_violation():
     assert "0x47" in caught.value.detail
 
 
+@pytest.mark.parametrize("start, named", [
+    (msgpack.packb(["app.log", 1700000000, {"message": "hi"}]), "Fluent forward"),
+    (msgpack.packb(["app.log", [[1700000000, {"message": "hi"}]]]), "Fluent forward"),
+    (b"<13>1 2026-12-03T10:00:00Z host app - - - hello", "syslog"),
+    (b"<34>Dec  3 10:00:00 host app: hello", "syslog"),
+    (b"POST /v1/traces HTTP/1.1\r\n", "OTLP/HTTP"),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "gRPC"),
+    (bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01]), "TLS"),
+    (b"hello", "neither '{' (JSON lines) nor a MessagePack map"),
+])
+def test_a_foreign_protocol_is_named_in_the_refusal(start, named):
+    with pytest.raises(ProtocolViolation) as caught:
+        StreamDecoder().receive_data(start)
+    assert caught.value.reason == "unknown_format"
+    assert named in caught.value.detail and "JSON lines or MessagePack maps" in caught.value.detail
+
+
 def test_broken_msgpack_framing_keeps_what_came_before_and_then_stops():
     decoder = StreamDecoder()
     good = msgpack.packb({"source": "a", "type": "event", "data": {"level": "info", "message": "ok"}})
