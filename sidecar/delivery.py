@@ -5,7 +5,6 @@ the accounting `routed = delivered + dropped{reason} + queued`, true at every in
 
 import bisect
 import collections
-import datetime as dt
 import hashlib
 import itertools
 import logging
@@ -21,6 +20,7 @@ import trio
 from sidecar.backends import backend_class
 from sidecar.backends.base import Attempt, DeliveryError, PartialDelivery, PermanentError, RetryableError
 from sidecar.config.settings import BackendSpec, CircuitBreakerSettings, QueueSettings
+from sidecar.message import parse_timestamp
 from sidecar.naming import safe_component
 from sidecar.batch import Batch
 from sidecar.logs import DistinctErrorLog, RateLimitedLog
@@ -393,7 +393,7 @@ class LatencyHistogram:
         # Counted per distinct timestamp in C (a batch has a few hundred at most), then each
         # parsed and placed in its bucket once.
         for timestamp, count in collections.Counter(timestamps).items():
-            latency = max(now - dt.datetime.fromisoformat(timestamp).timestamp(), 0.0)
+            latency = max(now - parse_timestamp(timestamp).timestamp(), 0.0)
             counts[bisect.bisect_left(bounds, latency)] += count
             self.total += latency * count
         self.count += len(timestamps)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import attrs
 
 from sidecar.constants import ERROR_LEVELS, KEY_EVENTS_PER_SOURCE
-from sidecar.message import format_timestamp, job_id_of
+from sidecar.message import format_timestamp, job_id_of, parse_timestamp
 
 _timestamp_of = operator.itemgetter("timestamp")
 _event_time = operator.itemgetter(0)  # of an (timestamp, level, message) event
@@ -21,19 +21,15 @@ FAILED_STATUSES = frozenset({"error", "failed", "failure", "aborted", "cancelled
 DONE_STATUSES = frozenset({"completed", "complete", "done", "success", "succeeded", "finished"})
 
 
-def parse_time(text: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 def seconds_between(first: str, last: str) -> float:
-    return (parse_time(last) - parse_time(first)).total_seconds()
+    return (parse_timestamp(last) - parse_timestamp(first)).total_seconds()
 
 
 def span_start(end: str, duration_ms: float) -> str | None:
     """When a span began that is known only by its end and duration; None when that is no
     time at all (before the year 1: a duration sent in the wrong unit, or a zero-time end)."""
     try:
-        return format_timestamp(parse_time(end) - dt.timedelta(milliseconds=duration_ms))
+        return format_timestamp(parse_timestamp(end) - dt.timedelta(milliseconds=duration_ms))
     except (OverflowError, ValueError):
         return None
 

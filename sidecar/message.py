@@ -34,6 +34,24 @@ class MessageError(Exception):
         self.detail = detail
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def parse_timestamp(text) -> dt.datetime:
+    """An RFC 3339 timestamp (the sidecar's own form, or any with an offset) as an aware
+    datetime; one without an offset is taken as UTC. ValueError or TypeError for anything else."""
+    moment = dt.datetime.fromisoformat(text)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.timezone.utc)
+
+
+def epoch_ms(text) -> int | None:
+    """An RFC 3339 timestamp as milliseconds since the epoch; None when it cannot be read."""
+    try:
+        return (parse_timestamp(text) - _EPOCH) // dt.timedelta(milliseconds=1)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def format_timestamp(moment: dt.datetime) -> str:
     """RFC 3339 UTC with milliseconds, the one form the sidecar writes."""
     moment = moment.astimezone(dt.timezone.utc)

@@ -5,7 +5,6 @@ sorted by timestamp, one request spanning less than 24 hours. Events older than 
 than the group's retention) or more than 2 hours in the future would be refused by the
 service: they are planned as rejected. An event over the size limit is truncated and marked."""
 
-import datetime as dt
 import hashlib
 import string
 from collections.abc import Iterable
@@ -15,6 +14,7 @@ import attrs
 from sidecar.backends.base import RetryableError
 from sidecar.batch import Batch
 from sidecar.bounded import ForgetfulCache
+from sidecar.message import epoch_ms
 from sidecar.naming import HOST, PLACEHOLDERS, template_fields
 
 MAX_REQUEST_EVENTS = 10_000
@@ -213,20 +213,6 @@ def plan_requests(entries: Iterable[tuple[int, str, str, int, str]], now_ms: int
 # ---------------------------------------------------------------- the backend
 
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-
-
-def timestamp_ms(text: str) -> int | None:
-    """RFC 3339 (as the sidecar normalises it) to ms since the epoch; None when unreadable."""
-    try:
-        moment = dt.datetime.fromisoformat(text)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    return (moment - _EPOCH) // dt.timedelta(milliseconds=1)
-
-
 def plan_batch(names: LogNames, source: str, batch: Batch, now_ms: int, **limits) -> RequestPlan:
     """A batch's requests: each event is a message's JSON line as it is, at its timestamp (or
     the batch's received_at, or now, when unreadable); the messages are parsed only for names
@@ -238,9 +224,9 @@ def plan_batch(names: LogNames, source: str, batch: Batch, now_ms: int, **limits
     last_text, last_ms = None, 0
     for index, (line, text) in enumerate(zip(batch.lines, batch.timestamps)):
         if text != last_text:
-            last_text, last_ms = text, timestamp_ms(text)
+            last_text, last_ms = text, epoch_ms(text)
             if last_ms is None:
-                fallback = fallback or timestamp_ms(batch.received_at) or now_ms
+                fallback = fallback or epoch_ms(batch.received_at) or now_ms
                 last_ms = fallback
         group, stream = default_names or names(source, messages[index].get("type", ""), (text or "")[:10])
         entries.append((index, group, stream, last_ms, line.decode()))

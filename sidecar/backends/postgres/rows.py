@@ -43,7 +43,6 @@ COPY_TYPES = (
 )
 _NUL_JSON = b"\\u0000"
 _TEXT_TYPES = frozenset({str, type(None)})
-_from_iso = dt.datetime.fromisoformat
 
 
 class JsonbBytes(Dumper):
@@ -117,8 +116,8 @@ def _moment(text, cache: dict) -> dt.datetime:
     Raises for anything else, which then goes by text COPY for the server to judge."""
     moment = cache.get(text)
     if moment is None:
-        moment = _from_iso(text)  # TypeError for a non-string, ValueError for e.g. February 30
-        if moment.tzinfo is None:
+        moment = dt.datetime.fromisoformat(text)  # TypeError for a non-string, ValueError for e.g. February 30
+        if moment.tzinfo is None:  # the server reads it in its session's zone: text COPY
             raise ValueError("timestamp without an offset")
         cache[text] = moment
     return moment
