@@ -291,8 +291,18 @@ def read_yaml(path: Path, problems: list[ConfigProblem], *, max_file_size: int, 
             problems.append(ConfigProblem(Where(str(path), 1), f"the file is {size:,} bytes, more than reload.max_file_size ({max_file_size:,})"))
             return None
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        problems.append(ConfigProblem(Where(str(path), 1), f"cannot read: {exc}"))
+    except IsADirectoryError:
+        problems.append(ConfigProblem(Where(str(path), 1), "cannot read: is a directory, not a config file"))
+        return None
+    except PermissionError:
+        problems.append(ConfigProblem(Where(str(path), 1), f"cannot read: permission denied (the sidecar runs as uid {os.getuid()}): make the file readable for it"))
+        return None
+    except OSError as exc:
+        problems.append(ConfigProblem(Where(str(path), 1), f"cannot read: {exc.strerror.lower() if exc.strerror else exc}"))
+        return None
+    except UnicodeDecodeError as exc:
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        problems.append(ConfigProblem(Where(str(path), line), f"cannot read: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}): save the file as UTF-8"))
         return None
     try:
         structure_problem = _structure_problem(yaml, text, str(path), max_file_depth)
