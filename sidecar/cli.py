@@ -160,8 +160,8 @@ def _listen_hint(exc: OSError) -> str | None:
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="main config file (default: $MONITORING_SIDECAR_CONFIG, else the embedded default)")
-    parser.add_argument("--routes", help="drop-in routes directory (default: $MONITORING_SIDECAR_ROUTES, else routes.d beside --config)")
+    parser.add_argument("--config", metavar="FILE", help="main config file (default: $MONITORING_SIDECAR_CONFIG, else the embedded default)")
+    parser.add_argument("--routes", metavar="DIR", help="drop-in routes directory (default: $MONITORING_SIDECAR_ROUTES, else routes.d beside --config)")
 
 
 def _print_problems(error: ConfigError) -> None:
@@ -396,6 +396,8 @@ def command_send(args) -> int:
         ) from exc
     if args.verbose:
         print(json.dumps(message))
+    if not args.quiet:
+        print(f"sent 1 message to {host}:{port}" + (" (from $MONITORING_SIDECAR)" if address else ""))
     return 0
 
 
@@ -438,8 +440,6 @@ def command_trace(args) -> int:
     """Print the seed's unified view of one job (or trace) from a running sidecar."""
     import urllib.parse
 
-    from sidecar.jobs import render_tree
-
     kind = "traces" if args.trace else "jobs"
     base = _view_url(args)
     status, view = _get_json(f"{base}/api/{kind}/{urllib.parse.quote(args.id, safe='')}", args.timeout, base)
@@ -451,8 +451,79 @@ def command_trace(args) -> int:
     if args.json:
         print(json.dumps(view, indent=2))
     else:
-        print(render_tree(view))
+        print(render_view(view, spans=args.spans))
     return 0
+
+
+def _walk(spans: list) -> list[dict]:
+    return [node for span in spans for node in (span, *_walk(span.get("children") or []))]
+
+
+def _failures(view: dict) -> list[str]:
+    """Which service failed and with what, from the view's JSON (`/api/jobs/ID`): its error
+    events, the spans that ended failed, a progress that says failed; one line per service."""
+    from sidecar.jobs import FAILED_STATUSES
+
+    found: dict[str, list[str]] = {}
+    for source in view.get("sources") or []:
+        name = source.get("source")
+        errors = [e for e in source.get("events") or [] if e.get("level") in ("error", "critical")]
+        if source.get("errors"):
+            count = source["errors"]
+            text = f"{count} error{'s' if count != 1 else ''}"
+            if errors:
+                last = errors[-1]
+                text += f", {'the last ' if count > 1 else ''}at {last.get('timestamp')}: {last.get('message')}"
+            found.setdefault(name, []).append(text)
+        progress = source.get("progress") or {}
+        if progress.get("status") in FAILED_STATUSES:
+            found.setdefault(name, []).append(f"progress {progress.get('status')} at {progress.get('percent', 0):g}%")
+    for span in _walk(view.get("spans") or []):
+        if span.get("status") in FAILED_STATUSES:
+            found.setdefault(span.get("source"), []).append(f"span {span.get('name')} ended {span.get('status')}")
+    return [f"{name}: {'; '.join(parts)}" for name, parts in found.items()]
+
+
+def _describe_span(span: dict) -> str:
+    where = f"{span.get('name')} ({span.get('source')})"
+    if span.get("end") is None:
+        return f"{where}: open since {span.get('start') or 'an unknown time'}"
+    duration = span.get("duration_ms")
+    took = f"{duration / 1000:.1f}s" if isinstance(duration, (int, float)) else "?"
+    return f"{where}: {took}, {span.get('status')}"
+
+
+def _span_tree(spans: list, indent: str = "    ") -> list[str]:
+    lines = []
+    for index, span in enumerate(spans):
+        last = index == len(spans) - 1
+        lines.append(f"{indent}{'└─' if last else '├─'} {_describe_span(span)}")
+        lines.extend(_span_tree(span.get("children") or [], indent + ("   " if last else "│  ")))
+    return lines
+
+
+def render_view(view: dict, spans: bool = False) -> str:
+    """`trace` in the terminal: the seed's tree (sidecar.jobs.render_tree) with the status on
+    its Total line, then which service failed and how, and with `spans` the span tree."""
+    from sidecar.jobs import render_tree
+
+    lines = render_tree(view).split("\n")
+    status = view.get("status")
+    if status:
+        lines[-1] += f", {status}"
+    failures = _failures(view)
+    if failures:
+        lines.append("  Failed in " + ("" if len(failures) == 1 else f"{len(failures)} services:"))
+        if len(failures) == 1:
+            lines[-1] += failures[0]
+        else:
+            lines.extend(f"    {line}" for line in failures)
+    if spans:
+        lines.append("")
+        tree = _span_tree(view.get("spans") or [])
+        lines.append("  Spans:" if tree else "  Spans: none")
+        lines.extend(tree)
+    return "\n".join(lines)
 
 
 def command_tap(args) -> int:
@@ -494,64 +565,123 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_CONFIG_ERROR, f"error: {message}\nhint: `{self.prog} --help` shows the options, with examples\n")
 
 
+_EXAMPLES = {
+    "main": """examples:
+  monitoring-sidecar run                                  # the embedded default: 127.0.0.1:17000, ./var/log, the console
+  monitoring-sidecar check --config sidecar.yaml          # validate a config, print its routing table
+  monitoring-sidecar send --source demo --message hello   # one event from a shell
+  monitoring-sidecar trace job-1                          # a job's timeline from a running sidecar
+  monitoring-sidecar run --help                           # each command's options and examples
+
+exit codes: 0 done; 1 a failure at run time (a port in use, no sidecar to send to);
+2 a usage or configuration error. --debug adds the traceback behind an error.""",
+    "run": """examples:
+  monitoring-sidecar run
+  monitoring-sidecar run --config /etc/sidecar/sidecar.yaml --routes /etc/sidecar/routes.d
+  monitoring-sidecar run --listen 0.0.0.0:17000 --http 127.0.0.1:17001 --log-format json
+  MONITORING_SIDECAR_LOG_LEVEL=debug monitoring-sidecar run --status-file /tmp/sidecar-status.json
+
+Routes are reloaded when their files change, on SIGHUP, or on POST /api/reload; SIGTERM or
+Ctrl-C drain the backends and exit. SIGUSR1 logs the statistics.""",
+    "check": """examples:
+  monitoring-sidecar check                                # the embedded default
+  monitoring-sidecar check --config sidecar.yaml --routes routes.d
+  monitoring-sidecar check --config sidecar.yaml --source queue-service --source db-loader
+
+Exit 2 with every problem at its file:line; nothing is started.""",
+    "send": """examples:
+  monitoring-sidecar send --source backup --message "backup started" --context job_id=nightly-42
+  monitoring-sidecar send --source backup --level error --message "disk full"
+  monitoring-sidecar send --source backup --type metric --name bytes_written --value 1048576 --unit bytes
+  monitoring-sidecar send --type progress --job-id nightly-42 --percent 50 --status running
+  monitoring-sidecar send -q --port 17100 --message "to another sidecar, silently"
+
+$MONITORING_SIDECAR (HOST:PORT) wins over --host and --port, as in the SDKs.""",
+    "trace": """examples:
+  monitoring-sidecar trace job-12345                      # sources, status, what failed
+  monitoring-sidecar trace job-12345 --spans              # ... and the span tree
+  monitoring-sidecar trace --trace 4bf92f3577b34da6a3ce929d0e0e4736
+  monitoring-sidecar trace job-12345 --json | jq .status
+  monitoring-sidecar trace job-12345 --url http://10.0.0.5:17001""",
+    "tap": """examples:
+  monitoring-sidecar tap                                  # every message as it passes (Ctrl-C stops)
+  monitoring-sidecar tap --source queue-service --type event
+  monitoring-sidecar tap --json | jq 'select(.data.level == "error")'
+
+Needs $MONITORING_SIDECAR_TOKEN when the sidecar has a token set.""",
+}
+
+
+def _command(commands, name: str, parents: list, help_text: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, parents=parents, help=help_text, description=help_text[0].upper() + help_text[1:] + ".", epilog=_EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="monitoring-sidecar", description="Telemetry sidecar: receive from SDKs over local TCP, correlate, route to backends.")
+    parser = _Parser(
+        prog="monitoring-sidecar",
+        description="Telemetry sidecar: receive from SDKs over local TCP, correlate, route to backends.",
+        epilog=_EXAMPLES["main"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     native = "built" if NATIVE_AVAILABLE else "not built: every message takes the Python path"
-    parser.add_argument("--version", action="version", version=f"monitoring-sidecar {__version__} (native hot path: {native})")
+    parser.add_argument("--version", action="version", version=f"monitoring-sidecar {__version__} (native hot path: {native})", help="print the version and whether the native hot path is built")
     parser.add_argument("--debug", action="store_true", help="show the traceback behind an error (for reports); without it an operator's mistake is one or two lines")
     # Accepted after the command as well (`monitoring-sidecar run --debug`).
     debug = _Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback behind an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", parents=[debug], help="run the sidecar")
+    run = _command(commands, "run", [debug], "run the sidecar")
     _add_config_arguments(run)
     run.add_argument("--listen", metavar="HOST:PORT", help="override tcp.host and tcp.port (default: $MONITORING_SIDECAR_LISTEN)")
-    run.add_argument("--http", metavar="HOST:PORT", help="override http.host and http.port (default: $MONITORING_SIDECAR_HTTP)")
+    run.add_argument("--http", metavar="HOST:PORT", help="override http.host and http.port, and turn the HTTP view on (default: $MONITORING_SIDECAR_HTTP)")
     run.add_argument("--log-level", choices=LOG_LEVELS, help="the sidecar's own log level (default: $MONITORING_SIDECAR_LOG_LEVEL, else info)")
-    run.add_argument("--log-format", choices=LOG_FORMATS, help="text (logfmt) or json lines (default: $MONITORING_SIDECAR_LOG_FORMAT, else text)")
-    run.add_argument("--status-file", help="write statistics as JSON to this file every --status-interval seconds, on SIGUSR1 and at exit")
+    run.add_argument("--log-format", choices=LOG_FORMATS, help="the sidecar's own log lines on stderr: text (logfmt) or json, one object per line (default: $MONITORING_SIDECAR_LOG_FORMAT, else text)")
+    run.add_argument("--status-file", metavar="FILE", help="write statistics as JSON to this file every --status-interval seconds, on SIGUSR1 and at exit")
     run.add_argument("--status-interval", type=_positive, default=1.0, metavar="SECONDS", help="how often --status-file is written (default: 1)")
     run.set_defaults(handler=command_run)
 
-    check = commands.add_parser("check", parents=[debug], help="validate the configuration and print the routing table")
+    check = _command(commands, "check", [debug], "validate the configuration and print the routing table")
     _add_config_arguments(check)
-    check.add_argument("--source", action="append", help="also show where messages of this source go (repeatable)")
+    check.add_argument("--source", action="append", metavar="NAME", help="also show where messages of this source go (repeatable)")
     check.set_defaults(handler=command_check)
 
-    send = commands.add_parser("send", parents=[debug], help="send one message (from a shell script)")
-    send.add_argument("--host", default="127.0.0.1")
-    send.add_argument("--port", type=_port, default=17000)
-    send.add_argument("--source", help="default: $MONITORING_SOURCE, else 'shell'")
-    send.add_argument("--type", default="event", choices=sorted(MESSAGE_TYPES))
-    send.add_argument("--level", default="info", choices=LEVELS)
-    send.add_argument("--message", default="")
-    send.add_argument("--name", help="metric or span name")
-    send.add_argument("--value", type=_number, help="metric value")
-    send.add_argument("--unit")
-    send.add_argument("--job-id")
-    send.add_argument("--percent", type=float)
-    send.add_argument("--status")
-    send.add_argument("--cpu", type=float)
-    send.add_argument("--memory", type=float)
-    send.add_argument("--trace-id")
-    send.add_argument("--context", action="append", metavar="KEY=VALUE")
-    send.add_argument("--timeout", type=_positive, default=2.0)
-    send.add_argument("-v", "--verbose", action="store_true", help="print the message sent")
+    send = _command(commands, "send", [debug], "send one message (from a shell script)")
+    send.add_argument("--host", default="127.0.0.1", help="the sidecar's address (default: 127.0.0.1; $MONITORING_SIDECAR wins)")
+    send.add_argument("--port", type=_port, default=17000, help="the sidecar's port (default: 17000; $MONITORING_SIDECAR wins)")
+    send.add_argument("--source", help="the sending service's name (default: $MONITORING_SOURCE, else 'shell')")
+    send.add_argument("--type", default="event", choices=sorted(MESSAGE_TYPES), help="the kind of message (default: event)")
+    send.add_argument("--level", default="info", choices=LEVELS, help="an event's level (default: info)")
+    send.add_argument("--message", default="", help="an event's text")
+    send.add_argument("--name", help="a metric's or span's name")
+    send.add_argument("--value", type=_number, help="a metric's value (a number)")
+    send.add_argument("--unit", help="a metric's unit (e.g. bytes, ms, count)")
+    send.add_argument("--job-id", help="the job: progress's job_id, else context.job_id (what `trace` looks up)")
+    send.add_argument("--percent", type=float, help="progress: percent done, 0 to 100")
+    send.add_argument("--status", help="progress: its status (e.g. running, completed, failed)")
+    send.add_argument("--cpu", type=float, metavar="PERCENT", help="resource: CPU use in percent")
+    send.add_argument("--memory", type=float, metavar="MB", help="resource: memory use in MB")
+    send.add_argument("--trace-id", help="the trace this message belongs to (32 hex digits)")
+    send.add_argument("--context", action="append", metavar="KEY=VALUE", help="a context key (repeatable)")
+    send.add_argument("--timeout", type=_positive, default=2.0, metavar="SECONDS", help="give up connecting after this long (default: 2)")
+    send.add_argument("-v", "--verbose", action="store_true", help="print the message sent, as JSON")
+    send.add_argument("-q", "--quiet", action="store_true", help="do not confirm what was sent (errors are still printed)")
     send.set_defaults(handler=command_send)
-    trace = commands.add_parser("trace", parents=[debug], help="print a job's (or trace's) timeline from a running sidecar")
+
+    trace = _command(commands, "trace", [debug], "print a job's (or trace's) timeline from a running sidecar")
     trace.add_argument("id", help="a job id (or a trace id with --trace)")
     trace.add_argument("--trace", action="store_true", help="the id is a trace id")
+    trace.add_argument("--spans", action="store_true", help="also print the span tree")
     trace.add_argument("--url", help="the sidecar's HTTP view (default: $MONITORING_SIDECAR_URL, else http://127.0.0.1:17001)")
-    trace.add_argument("--json", action="store_true", help="print the timeline as JSON")
-    trace.add_argument("--timeout", type=_positive, default=5.0)
+    trace.add_argument("--json", action="store_true", help="print the timeline as JSON, as /api/jobs/ID has it")
+    trace.add_argument("--timeout", type=_positive, default=5.0, metavar="SECONDS", help="give up waiting for the sidecar after this long (default: 5)")
     trace.set_defaults(handler=command_trace)
 
-    tap = commands.add_parser("tap", parents=[debug], help="follow messages as they pass, in the terminal")
-    tap.add_argument("--source")
-    tap.add_argument("--type", choices=sorted(MESSAGE_TYPES))
+    tap = _command(commands, "tap", [debug], "follow messages as they pass, in the terminal")
+    tap.add_argument("--source", help="only this source's messages")
+    tap.add_argument("--type", choices=sorted(MESSAGE_TYPES), help="only messages of this type")
     tap.add_argument("--url", help="the sidecar's HTTP view (default: $MONITORING_SIDECAR_URL, else http://127.0.0.1:17001)")
-    tap.add_argument("--json", action="store_true")
+    tap.add_argument("--json", action="store_true", help="print each message as JSON instead of the console's line")
     tap.set_defaults(handler=command_tap)
     return parser
 
