@@ -14,6 +14,9 @@ DEBIAN_PACKAGES := $(sort $(shell cat sdk_clients/*/debian-packages.txt tests/de
 
 $(STAMP): pyproject.toml sdk_clients/python/pyproject.toml native/Cargo.toml native/Cargo.lock $(wildcard native/src/*.rs)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is needed (found $$($(PYTHON) --version))"; exit 1; }
+	@if [ -x $(BIN)/python ]; then what="pyproject.toml or native/ changed: reinstalling into $(VENV)"; else what="first run: installing into $(VENV)"; fi; \
+	if command -v cargo >/dev/null; then echo "$$what and building the native hot path (about a minute)..."; \
+	else echo "$$what (about a minute; no cargo on the PATH, so without the native hot path: rustup.rs for it)..."; fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]' -e 'sdk_clients/python[msgpack]'

@@ -171,6 +171,7 @@ class Sidecar:
         self.watcher = ConfigWatcher(config_path, routes_dir, self.config.reload, self.reload)
         self.status_file = status_file
         self.status_interval = status_interval
+        self._status_error: str | None = None  # the last failed status write's, logged once
         self.last_reload_error: str | None = None
         self.http_settings = self.config.http
         self.view: ViewServer | None = None
@@ -380,8 +381,15 @@ class Sidecar:
     def _write_status(self, stats: dict) -> None:
         stats = {**stats, "written_at": dt.datetime.now(dt.timezone.utc).isoformat()}
         temporary = self.status_file.with_name(self.status_file.name + ".tmp")
-        temporary.write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
-        os.replace(temporary, self.status_file)
+        try:
+            temporary.write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
+            os.replace(temporary, self.status_file)
+        except OSError as exc:  # a full disk, its directory removed: the sidecar goes on
+            if str(exc) != self._status_error:
+                log.error("status file %s: cannot write it: %s; the sidecar goes on, and tries again at the next write", self.status_file, exc.strerror or exc)
+            self._status_error = str(exc)
+        else:
+            self._status_error = None
 
     async def _write_status_periodically(self) -> None:
         while True:

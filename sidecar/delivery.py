@@ -24,7 +24,7 @@ from sidecar.message import parse_timestamp
 from sidecar.naming import safe_component
 from sidecar.batch import Batch
 from sidecar.logs import DistinctErrorLog, RateLimitedLog
-from sidecar.disk_log import DiskBudget, DiskLog, LogFull, Record
+from sidecar.disk_log import BufferInUse, DiskBudget, DiskLog, LogFull, Record
 
 # Sources named in `rejected_by_source`: past that, the rest are counted under OTHER_SOURCES.
 MAX_REJECTED_SOURCES = 1000
@@ -452,9 +452,10 @@ class BackendSupervisor:
                 disk_log = DiskLog(directory, queue_settings.max_bytes, budget)
             except OSError as exc:
                 # Memory still delivers; what is at risk is said once, by path.
+                fix = "give each sidecar its own storage.data_dir" if isinstance(exc, BufferInUse) else "make storage.data_dir a directory this user can write"
                 log.warning(
-                    "backend %s: no disk log (%s: %s); its queue is in memory only: a crash loses what it holds, and an outage beyond queue.max_messages (%d) drops messages",
-                    spec.label, directory, exc.strerror or exc, queue_settings.max_messages,
+                    "backend %s: no disk log (%s: %s); its queue is in memory only: a crash loses what it holds, and an outage beyond queue.max_messages (%d) drops messages. To keep it on disk, %s (or set queue.mode: memory to choose memory)",
+                    spec.label, directory, exc.strerror or exc, queue_settings.max_messages, fix,
                 )
         if queue_settings.mode == "disk" and disk_log is None:
             queue_settings = attrs.evolve(queue_settings, mode="memory", when_full=queue_settings.overflow)

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from sidecar.config import display_value
 from sidecar.logs import RateLimitedLog
+from sidecar.sources.base import CannotListen
 
 log = logging.getLogger("sidecar.http")
 
@@ -171,6 +172,13 @@ class ViewServer:
         config.accesslog = None
         config.errorlog = logging.getLogger("sidecar.http.server")
         config.graceful_timeout = 1.0
+        # Bound here, so that an address in use is one line naming the view (as for a source),
+        # not hypercorn's traceback from inside its nursery; serve then listens on these.
+        try:
+            sockets = config.create_sockets()
+        except OSError as exc:
+            raise CannotListen(exc.errno, f"http view: cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror or exc}") from exc
+        config.create_sockets = lambda: sockets
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(functools.partial(serve, self, config, shutdown_trigger=self._stop.wait))
             host, port = bound[0].removeprefix("http://").rsplit(":", 1)

@@ -1,25 +1,50 @@
-"""Structured log lines on stderr: `time level=... logger=... msg="..."`, one event per line;
-and the two guards that keep what clients send from flooding them."""
+"""Structured log lines on stderr, one event per line: logfmt (`time level=... logger=...
+msg="..."`) or JSON lines (`--log-format json`); and the two guards that keep what clients send
+from flooding them."""
 
 import datetime as dt
+import json
 import logging
 import sys
 import time
 
+import orjson
+
+
+def _time(record: logging.LogRecord) -> str:
+    moment = dt.datetime.fromtimestamp(record.created, dt.timezone.utc)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
+
 
 class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        moment = dt.datetime.fromtimestamp(record.created, dt.timezone.utc)
         text = record.getMessage()
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z level={record.levelname.lower()} logger={record.name} msg="{escaped}"'
+        return f'{_time(record)} level={record.levelname.lower()} logger={record.name} msg="{escaped}"'
 
 
-def configure_logging(level: str = "info") -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, msg, and exc_info (the traceback's text)
+    when the record has one; for log collectors that read JSON."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": _time(record), "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            line["exc_info"] = self.formatException(record.exc_info)
+        try:
+            return orjson.dumps(line, default=str).decode()
+        except TypeError:  # a lone surrogate, from the wire: escaped, as the standard library does
+            return json.dumps(line, default=str)
+
+
+FORMATTERS = {"text": LogfmtFormatter, "json": JsonFormatter}
+
+
+def configure_logging(level: str = "info", log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogfmtFormatter())
+    handler.setFormatter(FORMATTERS[log_format]())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

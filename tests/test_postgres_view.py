@@ -51,7 +51,7 @@ def test_a_job_across_two_sidecars_and_out_of_the_live_index_is_answered_from_th
 
         result = cli("trace", "job-12345", "--url", f"http://127.0.0.1:{host_b.http_port}")
         assert result.returncode == 0, result.stderr
-        assert result.stdout.rstrip("\n") == EXPECTED_TREE
+        assert result.stdout.rstrip("\n") == EXPECTED_TREE + ", completed"  # `trace` adds the status
     finally:
         for sidecar in hosts:
             assert sidecar.stop() == 0

@@ -304,7 +304,7 @@ def test_trace_prints_the_seeds_tree_from_a_running_sidecar(tmp_path):
         env = {**os.environ, "MONITORING_SIDECAR_URL": f"http://127.0.0.1:{sidecar.http_port}"}
         result = subprocess.run([sys.executable, "-m", "sidecar", "trace", "job-12345"], capture_output=True, text=True, env=env, cwd=REPO, timeout=30)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.rstrip("\n") == EXPECTED_TREE
+        assert result.stdout.rstrip("\n") == EXPECTED_TREE + ", completed"  # `trace` adds the status
         missing = subprocess.run([sys.executable, "-m", "sidecar", "trace", "job-0"], capture_output=True, text=True, env=env, cwd=REPO, timeout=30)
         assert missing.returncode == 1 and "no job 'job-0'" in missing.stderr
     finally:

@@ -4,6 +4,7 @@ its name below is all the core needs to know of it."""
 import importlib
 
 from sidecar.backends.base import Attempt, Backend, PartialDelivery, PermanentError, RetryableError
+from sidecar.suggestions import did_you_mean
 
 # type name -> (module, class). A module missing from this build makes its type known but
 # unavailable: the config loads, `check` says so by name, messages to it are counted as dropped.
@@ -26,7 +27,7 @@ class BackendTypeUnknown(ValueError):
 def canonical_type(type_name: str) -> str:
     name = TYPE_ALIASES.get(type_name, type_name)
     if name not in BACKEND_TYPES:
-        raise BackendTypeUnknown(f"unknown backend type {type_name!r} (known types: {', '.join(sorted(BACKEND_TYPES))})")
+        raise BackendTypeUnknown(f"unknown backend type {type_name!r} (known types: {', '.join(sorted(BACKEND_TYPES))}){did_you_mean(type_name, [*BACKEND_TYPES, *TYPE_ALIASES])}")
     return name
 
 

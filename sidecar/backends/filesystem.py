@@ -69,7 +69,7 @@ class FilesystemBackend(Backend):
     async def open(self) -> None:
         if not os.path.isdir(self.base):
             if not self.settings.create_base_path:
-                raise RetryableError(f"base_path {self.base} does not exist (not mounted?)")
+                raise RetryableError(f"base_path {self.base} does not exist (not mounted?): mount or create it, or set create_base_path: true")
             await self.run_blocking(os.makedirs, self.base, 0o777, True)
 
     async def write_batch(self, attempt: Attempt) -> None:

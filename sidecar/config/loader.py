@@ -34,6 +34,7 @@ from sidecar.config.yaml_reader import ConfigError, DocumentReader, Invalid, Whe
 from sidecar.constants import LEVELS, MESSAGE_TYPES
 from sidecar.sources import SourceTypeUnknown, source_class
 from sidecar.sources.tcp import TcpSettings
+from sidecar.suggestions import did_you_mean
 from sidecar.transforms import TRANSFORM_TYPES, TransformSpec, TransformTypeUnknown, transform_class
 
 
@@ -126,7 +127,7 @@ def _read_main(reader: DocumentReader, path: Path) -> CommentedMap:
         raise ConfigError(reader.problems)
     for key in main:
         if key not in _MAIN_KEYS:
-            reader.problem(reader.key_where(main, key), f"unknown top-level key {key!r} (known keys: {', '.join(_MAIN_KEYS)})")
+            reader.problem(reader.key_where(main, key), f"unknown top-level key {key!r} (known keys: {', '.join(_MAIN_KEYS)}){did_you_mean(key, _MAIN_KEYS)}")
     return main
 
 
@@ -247,15 +248,15 @@ def _with_backend_defaults(delivery: DeliverySettings, cls, given: dict) -> Deli
 def _routing_documents(reader: DocumentReader, main, routes_dir: Path | None, limits: ReloadSettings) -> tuple[list, list[str]]:
     """The routing documents, each with its reader and place: the main file's `routing:`, then
     every drop-in in order; and every file read, main file first."""
-    documents: list[tuple[DocumentReader, Any, Where]] = []
+    documents: list[tuple[DocumentReader, Any, Where, bool]] = []  # ..., whether a drop-in
     if main.get("routing") is not None:
-        documents.append((reader, main["routing"], reader.value_where(main, "routing")))
+        documents.append((reader, main["routing"], reader.value_where(main, "routing"), False))
     files = [reader.file]
     for path in route_files(routes_dir):
         files.append(str(path))
         document = read_yaml(path, reader.problems, max_file_size=limits.max_file_size, max_file_depth=limits.max_file_depth)
         if document is not None:
-            documents.append((DocumentReader(str(path), reader.problems, reader.environ), document, Where(str(path), 1)))
+            documents.append((DocumentReader(str(path), reader.problems, reader.environ), document, Where(str(path), 1), True))
     return documents, files
 
 
@@ -263,15 +264,15 @@ def _read_routing(documents: list, backends: _Backends) -> tuple[Rule, ...]:
     """Every rule of every routing document, by priority; the sort is stable, so rules of equal
     priority keep the order of the files and of their lines."""
     rules: list[Rule] = []
-    for reader, routing, where in documents:
-        rules.extend(_read_routing_document(reader, routing, where, backends))
+    for reader, routing, where, drop_in in documents:
+        rules.extend(_read_routing_document(reader, routing, where, backends, drop_in))
     return tuple(sorted(rules, key=lambda rule: rule.priority))
 
 
-def _read_routing_document(reader: DocumentReader, routing, where: Where, backends: _Backends) -> list[Rule]:
-    """One mapping of source key -> list of rules."""
+def _read_routing_document(reader: DocumentReader, routing, where: Where, backends: _Backends, drop_in: bool = False) -> list[Rule]:
+    """One mapping of source key -> list of rules: the main file's `routing:`, or a drop-in."""
     if not isinstance(routing, dict):
-        reader.problem(where, "routing must be a mapping of source -> list of rules")
+        reader.problem(where, "routing must be a mapping of source -> list of rules" + ("; a drop-in is that mapping itself, e.g. `svc: [{backend: files}]`" if drop_in else ""))
         return []
     rules = []
     for source, rule_list in routing.items():
@@ -280,7 +281,7 @@ def _read_routing_document(reader: DocumentReader, routing, where: Where, backen
             reader.problem(source_where, f"source key must be a non-empty string, got {source!r}")
             continue
         if not isinstance(rule_list, list):
-            reader.problem(source_where, f"rules for {source!r} must be a list")
+            reader.problem(source_where, f"rules for {source!r} must be a list{_rules_hint(source, rule_list, drop_in)}")
             continue
         for index, rule_node in enumerate(rule_list):
             if isinstance(rule_node, dict) and isinstance(rule_node.get("backend"), str) and rule_node["backend"] in backends.broken:
@@ -291,6 +292,28 @@ def _read_routing_document(reader: DocumentReader, routing, where: Where, backen
     return rules
 
 
+def _rules_hint(source: str, node, drop_in: bool) -> str:
+    """What a source key whose rules are not a list most likely meant."""
+    if source == "routing" and isinstance(node, dict):
+        if drop_in:
+            return "; drop-ins hold the routing mapping at their top level, without `routing:` (source -> list of rules)"
+        return "; `routing:` is written once, with source -> list of rules under it"
+    if drop_in and source in _MAIN_KEYS and isinstance(node, dict):
+        return f"; `{source}:` belongs in the main config file, a drop-in holds only source -> list of rules"
+    if isinstance(node, dict) and "backend" in node:
+        return f"; write each rule as a list item: `{source}: [{{backend: ...}}]`, or `- backend: ...` on the line below"
+    return ""
+
+
+def _near_backend_key(node: dict) -> str:
+    """A misspelt `backend:` (`backends:`, `backnd:`) is reported as an unknown key already;
+    the missing-backend problem points at it too."""
+    for key in node:
+        if did_you_mean(key, ("backend",)):
+            return f"; is {key!r} meant to be `backend`?"
+    return ""
+
+
 def _read_rule(reader: DocumentReader, backends: _Backends, source: str, node, where: Where) -> Rule | None:
     if not isinstance(node, dict):
         reader.problem(where, f"a rule for {source!r} must be a mapping with a backend")
@@ -298,13 +321,18 @@ def _read_rule(reader: DocumentReader, backends: _Backends, source: str, node, w
     ok = True
     for key in node:
         if key not in _RULE_KEYS:
-            reader.problem(reader.key_where(node, key), f"unknown rule key {key!r} (known keys: {', '.join(_RULE_KEYS)})")
+            reader.problem(reader.key_where(node, key), f"unknown rule key {key!r} (known keys: {', '.join(_RULE_KEYS)}){did_you_mean(key, _RULE_KEYS)}")
             ok = False
     name = node.get("backend")
     definition = backends.defined.get(name) if isinstance(name, str) else None
     if definition is None:
-        known = ", ".join(backends.names) or "none defined"
-        reader.problem(reader.value_where(node, "backend") if "backend" in node else where, f"rule for {source!r} names unknown backend {name!r} (backends: {known})")
+        known = ", ".join(map(str, backends.names)) or "none defined"
+        if "backend" not in node:
+            reader.problem(where, f"rule for {source!r} has no `backend:` key: add one naming the backend it sends to (backends: {known}){_near_backend_key(node)}")
+        elif name is None:
+            reader.problem(reader.key_where(node, "backend"), f"rule for {source!r} has an empty `backend:`: name the backend it sends to (backends: {known})")
+        else:
+            reader.problem(reader.value_where(node, "backend"), f"rule for {source!r} names unknown backend {name!r} (backends: {known}){did_you_mean(name, backends.names)}")
         return None
     try:
         enabled = reader.convert(bool, node.get("enabled", True), reader.value_where(node, "enabled"), "enabled")
@@ -331,13 +359,13 @@ def _read_filter(reader: DocumentReader, node, where: Where) -> MessageFilter:
     for key, value in node.items():
         key_where = reader.key_where(node, key)
         if key not in ("types", "levels", "names"):
-            reader.fail(key_where, f"unknown filter key {key!r} (known keys: types, levels, names)")
+            reader.fail(key_where, f"unknown filter key {key!r} (known keys: types, levels, names){did_you_mean(key, ('types', 'levels', 'names'))}")
         items = reader.convert(tuple[str, ...], value, reader.value_where(node, key), f"filter.{key}")
         allowed = {"types": MESSAGE_TYPES, "levels": LEVELS}.get(key)
         if allowed is not None:
             wrong = [i for i in items if i not in allowed]
             if wrong:
-                reader.fail(key_where, f"filter.{key}: unknown {', '.join(map(repr, wrong))} (known: {', '.join(sorted(allowed))})")
+                reader.fail(key_where, f"filter.{key}: unknown {', '.join(map(repr, wrong))} (known: {', '.join(sorted(allowed))}){did_you_mean(wrong[0], allowed)}")
         values[key] = items
     return MessageFilter.build(**values)
 

@@ -20,6 +20,7 @@ from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEv
 from ruamel.yaml.reader import ReaderError
 
 from sidecar.redaction import without_passwords
+from sidecar.suggestions import did_you_mean
 from sidecar.units import is_int, is_number, parse_bytesize, parse_duration
 
 
@@ -202,7 +203,7 @@ class DocumentReader:
             field = fields.get(key)
             if field is None:
                 known = ", ".join(fields) or "none"
-                self.problem(self.key_where(mapping, key), f"unknown key {label}.{key} (known keys: {known})")
+                self.problem(self.key_where(mapping, key), f"unknown key {label}.{key} (known keys: {known}){did_you_mean(key, fields)}")
                 ok = False
                 continue
             value_at = self.value_where(mapping, key)
@@ -291,8 +292,18 @@ def read_yaml(path: Path, problems: list[ConfigProblem], *, max_file_size: int, 
             problems.append(ConfigProblem(Where(str(path), 1), f"the file is {size:,} bytes, more than reload.max_file_size ({max_file_size:,})"))
             return None
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        problems.append(ConfigProblem(Where(str(path), 1), f"cannot read: {exc}"))
+    except IsADirectoryError:
+        problems.append(ConfigProblem(Where(str(path), 1), "cannot read: is a directory, not a config file"))
+        return None
+    except PermissionError:
+        problems.append(ConfigProblem(Where(str(path), 1), f"cannot read: permission denied (the sidecar runs as uid {os.getuid()}): make the file readable for it"))
+        return None
+    except OSError as exc:
+        problems.append(ConfigProblem(Where(str(path), 1), f"cannot read: {exc.strerror.lower() if exc.strerror else exc}"))
+        return None
+    except UnicodeDecodeError as exc:
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        problems.append(ConfigProblem(Where(str(path), line), f"cannot read: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}): save the file as UTF-8"))
         return None
     try:
         structure_problem = _structure_problem(yaml, text, str(path), max_file_depth)
@@ -301,9 +312,13 @@ def read_yaml(path: Path, problems: list[ConfigProblem], *, max_file_size: int, 
             return None
         return yaml.load(text)
     except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
+        raw = exc.problem or exc.context
+        explained = _explain(exc)
+        # An unclosed quote is found at the end of the file; it began where the scalar did.
+        mark = exc.context_mark if raw == "found unexpected end of stream" and exc.context_mark else exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
-        problems.append(ConfigProblem(Where(str(path), line), f"invalid YAML: {exc.problem or exc.context}"))
+        message = f"invalid YAML: {explained} (the parser says: {raw})" if explained else f"invalid YAML: {raw}"
+        problems.append(ConfigProblem(Where(str(path), line), message))
         return None
     except ReaderError as exc:  # a character YAML does not allow, found before any token
         line = text.count("\n", 0, exc.position) + 1 if isinstance(exc.position, int) else 1
@@ -312,6 +327,36 @@ def read_yaml(path: Path, problems: list[ConfigProblem], *, max_file_size: int, 
     except (YAMLError, ValueError, RecursionError, MemoryError) as exc:  # ruamel's errors besides marked ones
         problems.append(ConfigProblem(Where(str(path), 1), f"cannot read as YAML: {type(exc).__name__}: {exc}"))
         return None
+
+
+_INDENTATION = "the indentation of this line does not match the lines above: a key or '- ' item is indented less or more than the others at its level"
+
+
+def _explain(exc: MarkedYAMLError) -> str | None:
+    """What the parser's complaint means in plain words, for the mistakes people make; None
+    when its own words are plain already (a duplicate key) or the case is not one of those."""
+    problem = exc.problem or ""
+    if problem.startswith("expected <block end>, but found"):
+        if problem.endswith("'<scalar>'"):
+            return "a value that begins with '{', '[' or a quote goes on after it closes: quote the whole value (e.g. \"{source}.jsonl\")"
+        return _INDENTATION
+    if problem == "mapping values are not allowed here":
+        return "a ':' where no key can begin: this line is indented more than it should be, the line above lacks its ':', or a value holding ': ' needs quotes"
+    if problem.startswith("found character '\\t'"):
+        return "a tab: YAML indents with spaces only"
+    if problem.startswith("found character") and "cannot start any token" in problem:
+        return f"a value cannot begin with {problem.split()[2]} unquoted: put it in quotes"
+    if problem == "found unexpected end of stream" and exc.context == "while scanning a quoted scalar":
+        return "a quote opened here is never closed"
+    if problem.startswith(("expected ',' or", "expected the node content, but found '<stream end>'")) or exc.context in ("while parsing a flow mapping", "while parsing a flow sequence"):
+        return "a '[' or '{' is not closed, or an inline list or mapping lacks a ','; a value with {placeholders} needs quotes"
+    if problem.startswith("found undefined alias"):
+        return "a value beginning with '*' is an alias, and no anchor ('&name') of that name comes before it: quote it if it is text"
+    if problem == "could not find expected ':'":
+        return "a line that is neither 'key: value' nor '- item': a ':' missing, or a quoted value going on past its line"
+    if problem.startswith("did not find expected key") or problem.startswith("did not find expected '-' indicator"):
+        return _INDENTATION
+    return None
 
 
 def _structure_problem(yaml: YAML, text: str, file: str, max_file_depth: int) -> ConfigProblem | None:

@@ -4,6 +4,7 @@
 import importlib
 
 from sidecar.sources.base import CannotListen, Intake, Source
+from sidecar.suggestions import did_you_mean
 
 # type name -> (module, class)
 SOURCE_TYPES = {
@@ -19,6 +20,6 @@ class SourceTypeUnknown(ValueError):
 
 def source_class(type_name: str) -> type[Source]:
     if type_name not in SOURCE_TYPES:
-        raise SourceTypeUnknown(f"unknown source type {type_name!r} (known types: {', '.join(sorted(SOURCE_TYPES))})")
+        raise SourceTypeUnknown(f"unknown source type {type_name!r} (known types: {', '.join(sorted(SOURCE_TYPES))}){did_you_mean(type_name, SOURCE_TYPES)}")
     module_name, class_name = SOURCE_TYPES[type_name]
     return getattr(importlib.import_module(module_name), class_name)

@@ -8,6 +8,7 @@ import attrs
 from sidecar.batch import Batch
 from sidecar.source_keys import SourceKeys
 from sidecar.transforms.base import Transform
+from sidecar.suggestions import did_you_mean
 
 # type name -> (module, class)
 TRANSFORM_TYPES = {
@@ -23,7 +24,7 @@ class TransformTypeUnknown(ValueError):
 
 def transform_class(type_name: str) -> type[Transform]:
     if type_name not in TRANSFORM_TYPES:
-        raise TransformTypeUnknown(f"unknown transform type {type_name!r} (known types: {', '.join(sorted(TRANSFORM_TYPES))})")
+        raise TransformTypeUnknown(f"unknown transform type {type_name!r} (known types: {', '.join(sorted(TRANSFORM_TYPES))}){did_you_mean(type_name, TRANSFORM_TYPES)}")
     module_name, class_name = TRANSFORM_TYPES[type_name]
     return getattr(importlib.import_module(module_name), class_name)
 
