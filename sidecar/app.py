@@ -19,7 +19,7 @@ import attrs
 import orjson
 import trio
 
-from sidecar import __version__, stored_view
+from sidecar import __version__, places, stored_view
 from sidecar.config import BackendSpec, ConfigError, SidecarConfig, load_config
 from sidecar.correlator import Correlator, Routing
 from sidecar.delivery import BackendSupervisor
@@ -226,6 +226,7 @@ class Sidecar:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.topology.run)
             table = RouteTable(self.config.rules)
+            _warn_of_shared_places(table)
             index_settings = self.config.index
             index = LiveIndex(index_settings.max_jobs, index_settings.max_traces, index_settings.max_age, trio.current_time)
             supervisors = self.topology.apply(table, Path(self.config.storage.data_dir), self.config.storage.max_bytes, self.config.storage.sync_interval)
@@ -338,6 +339,7 @@ class Sidecar:
         if (config.sources, config.http, config.pipeline, config.index) != (self.config.sources, self.config.http, self.config.pipeline, self.config.index):
             log.warning("reload: sources (tcp), http, pipeline and index settings change only on restart; routes and backends are applied now")
         table = RouteTable(config.rules)
+        _warn_of_shared_places(table)
         supervisors = self.topology.apply(table, Path(config.storage.data_dir), config.storage.max_bytes, config.storage.sync_interval)
         self.correlator.routing = Routing(table, supervisors, TransformStage(config.transforms))
         self.config = config  # as loaded; the sources keep the settings they started with
@@ -396,3 +398,9 @@ class Sidecar:
             self._write_status(self.statistics())
             await trio.sleep(self.status_interval)
 
+
+def _warn_of_shared_places(table: RouteTable) -> None:
+    """What `check` warns of, in the log: two backend instances writing one place."""
+    shared = places.shared_places(table, places.sources_to_try(table), dt.datetime.now(dt.timezone.utc))
+    for warning in places.warnings_for(shared):
+        log.warning("%s", " ".join(warning))

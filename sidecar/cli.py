@@ -11,6 +11,7 @@ import errno
 import gc
 import datetime as dt
 import json
+import logging
 import math
 import os
 import socket
@@ -26,6 +27,7 @@ from sidecar.backends import backend_class
 from sidecar.config import ConfigError, display_value, load_config
 from sidecar.constants import LEVELS, MESSAGE_TYPES
 from sidecar.message import MessageError, format_timestamp, validate_message
+from sidecar import places
 from sidecar.routing import RouteTable
 from sidecar.transforms import TransformStage
 from sidecar.sources import CannotListen
@@ -63,7 +65,8 @@ def _setting(value, env: str):
     return value if value is not None else (os.environ.get(env) or None)
 
 
-def _paths(args) -> tuple[Path | None, Path | None]:
+def _paths(args) -> tuple[Path | None, Path | None, str]:
+    """The main file, the routes directory, and how the directory was chosen (for the operator)."""
     config = _setting(args.config, "MONITORING_SIDECAR_CONFIG")
     routes = _setting(args.routes, "MONITORING_SIDECAR_ROUTES")
     config_path = Path(config) if config else None
@@ -96,11 +99,14 @@ def _paths(args) -> tuple[Path | None, Path | None]:
                 f"{where} takes a directory of drop-in rule files (*.yaml); the main config file goes to --config",
                 EXIT_CONFIG_ERROR,
             )
-    elif config_path is not None and (config_path.parent / "routes.d").is_dir():
-        routes_dir = config_path.parent / "routes.d"
-    else:
-        routes_dir = None
-    return config_path, routes_dir
+        return config_path, routes_dir, f"{routes_dir} (from {where})"
+    # Drop-ins sit beside the main file; without one (the embedded default), in the directory
+    # the command runs in, as `make run` and a pipx install used from a checkout expect.
+    beside = config_path.parent if config_path is not None else Path(".")
+    routes_dir = beside / "routes.d"
+    if routes_dir.is_dir():
+        return config_path, routes_dir, f"{routes_dir} ({'beside the main file' if config_path is not None else 'in the current directory'})"
+    return config_path, None, f"none ({routes_dir} not found; --routes DIR gives one)"
 
 
 def _host_port(text: str, where: str) -> tuple[str, int]:
@@ -162,7 +168,7 @@ def _listen_hint(exc: OSError) -> str | None:
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="main config file (default: $MONITORING_SIDECAR_CONFIG, else the embedded default)")
-    parser.add_argument("--routes", metavar="DIR", help="drop-in routes directory (default: $MONITORING_SIDECAR_ROUTES, else routes.d beside --config)")
+    parser.add_argument("--routes", metavar="DIR", help="drop-in routes directory (default: $MONITORING_SIDECAR_ROUTES, else routes.d beside --config, or ./routes.d without --config)")
 
 
 def _print_problems(error: ConfigError) -> None:
@@ -185,7 +191,8 @@ def command_run(args) -> int:
     http = _host_port(http, _from("--http", "MONITORING_SIDECAR_HTTP", args.http)) if http else None
     status_file = _status_file(args.status_file)
     configure_logging(level, log_format)
-    config_path, routes_dir = _paths(args)
+    config_path, routes_dir, routes_note = _paths(args)
+    logging.getLogger("sidecar").info("drop-in routes: %s", routes_note)
     try:
         sidecar = Sidecar(config_path, routes_dir, status_file=status_file, status_interval=args.status_interval)
     except ConfigError as error:
@@ -240,14 +247,16 @@ def _describe_settings(spec) -> str:
 
 
 def command_check(args) -> int:
-    config_path, routes_dir = _paths(args)
+    config_path, routes_dir, routes_note = _paths(args)
     try:
         config = load_config(config_path, routes_dir)
     except ConfigError as error:
         _print_problems(error)
         return EXIT_CONFIG_ERROR
     table = RouteTable(config.rules)
+    now = dt.datetime.now(dt.timezone.utc)
     print(f"configuration OK: {len(config.files)} file(s): {', '.join(config.files)}")
+    print(f"drop-in routes: {routes_note}")
     for name, spec in config.sources.items():
         print(f"source {name} ({spec.type}): {spec.settings.where}")
     print(f"disk logs: {_data_dir_state(Path(config.storage.data_dir))}, at most {_mib(config.storage.max_bytes)} together")
@@ -267,6 +276,9 @@ def command_check(args) -> int:
             state = "" if rule.enabled else "  [disabled]"
             where = f"  ({rule.where})"
             print(f"    -> {rule.spec.label:<40} priority {rule.priority:<4} {rule.filter.describe()}{state}{where}")
+            sample = _sample_place(rule, key, table.source_names(), now)
+            if sample:
+                print(f"       writes {sample}")
     stage = TransformStage(config.transforms)
     if stage:
         print("\ntransforms (per source key, in order, before routing):")
@@ -284,7 +296,20 @@ def command_check(args) -> int:
         for target in targets:
             filters = " or ".join(f.describe() for f in target.filters) or "all messages"
             print(f"    -> {target.spec.label}: {filters}; {_describe_settings(target.spec)}")
+    shared = places.shared_places(table, places.sources_to_try(table, tuple(args.source or ())), now)
+    for headline, *details in places.warnings_for(shared):
+        print(f"\nwarning: {headline}")
+        for detail in details:
+            print(f"    {detail}")
     return 0
+
+
+def _sample_place(rule, key: str, table_names: list[str], now: dt.datetime) -> str | None:
+    """What a write of this rule makes, for a source under `key`: a file, object key or stream."""
+    source = key if key in table_names else places.ANY_SOURCE
+    kinds = sorted(rule.filter.types) if rule.filter.types else ["event"]
+    place = places.place_of(rule.spec, source, kinds[0], now)
+    return None if place is None else place.sample
 
 
 def _mib(size: int) -> str:

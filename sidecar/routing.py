@@ -74,5 +74,9 @@ class RouteTable:
         """Source keys as an operator wrote them: exact and globs, then default, then all."""
         return self._keys.keys()
 
+    def source_names(self) -> list[str]:
+        """The sources some rule names exactly."""
+        return self._keys.names()
+
     def rules_under(self, key: str) -> list[Rule]:
         return [rule for rule in self.rules if rule.source == key]

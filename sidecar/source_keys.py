@@ -47,6 +47,10 @@ class SourceKeys(Generic[Item]):
             found = self._cache.remember(source, [self.entries[p][1] for p in sorted({*chosen, *self._all})])
         return found
 
+    def names(self) -> list[str]:
+        """The exact names among the keys: the sources known by name."""
+        return list(self._exact)
+
     def keys(self) -> list[str]:
         """The keys as an operator wrote them: exact and globs, then default, then all."""
         keys = [*self._exact, *self._globs]

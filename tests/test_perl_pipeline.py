@@ -13,17 +13,14 @@ from tests.test_postgres import rows, unique_table
 
 PIPELINE = REPO / "examples" / "perl-pipeline"
 
-CONFIG = """
-tcp: {{host: 127.0.0.1, port: 0}}
-backends:
-  files:
-    type: filesystem
-    base_path: {base}
-    create_base_path: true
-    batch: {{timeout: 0.05}}
-  console:
-    type: console
-"""
+# The example's own sidecar.yaml, on a free port and a temporary directory, batching quickly.
+CONFIG = (
+    (PIPELINE / "sidecar.yaml").read_text()
+    .replace("port: 17000", "port: 0")
+    .replace("base_path: ./var/log", "base_path: {base}")
+    .replace("create_base_path: true", "create_base_path: true\n    batch: {{timeout: 0.05}}")
+)
+assert "{base}" in CONFIG and "port: 0" in CONFIG
 
 
 def run_pipeline(sidecar: SidecarProcess, work, queue: str = "traced") -> list[str]:
@@ -59,6 +56,9 @@ def test_the_seeds_perl_services_join_up_by_job_and_trace(tmp_path):
 
     out = tmp_path / "out"
     by_source = {source: read_jsonl(out / f"{source}.jsonl") for source in ("config-service", "file-receiver", "queue-service", "db-loader")}
+    for source, messages in by_source.items():  # each message once (no second rule writes the file)
+        lines = [json.dumps(m, sort_keys=True) for m in messages]
+        assert len(set(lines)) == len(lines), f"{source}: {len(lines) - len(set(lines))} lines written twice"
     # config-service went only where its route says: its own file, nowhere else
     assert by_source["config-service"] and all(m["source"] == "config-service" for m in by_source["config-service"])
     assert sorted(p.name for p in out.iterdir()) == ["config-service.jsonl", "db-loader.jsonl", "file-receiver.jsonl", "queue-service.jsonl"]

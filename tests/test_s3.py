@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.backends.s3 import object_key, split_lines
+from sidecar.backends.s3_layout import source_prefix
+from sidecar.naming import safe_component
 from sidecar.config import ConfigError, load_config
 from tests.harness import SidecarProcess, event, wait_until
 from tests.services.s3 import s3_server  # noqa: F401 (fixture)
@@ -18,15 +20,30 @@ from tests.services.s3 import s3_server  # noqa: F401 (fixture)
 KEY = re.compile(r"(?P<prefix>.*?)(?P<source>[A-Za-z0-9._-]+)/(?P<y>\d{4})/(?P<m>\d{2})/(?P<d>\d{2})/(?P<h>\d{2})/(?P<stamp>\d{8}T\d{9}Z)-[0-9a-f]{32}\.jsonl(?P<gz>\.gz)?")
 
 
-@given(st.text(max_size=300), st.sampled_from(["", "logs/", "a/b-"]))
+@given(st.text(max_size=300), st.sampled_from(["", "logs/", "a/b-", "raw/{source}/v1/", "x/{source}-"]))
 @settings(max_examples=300)
 def test_any_source_name_makes_a_key_inside_the_prefix_with_the_partition_levels(source, prefix):
     key = object_key(prefix, source, "2025-10-20T10:30:45.123Z", unique="0" * 32, gzipped=False)
-    assert key.startswith(prefix)
-    rest = key[len(prefix):].split("/")
-    assert len(rest) == 6 and rest[1:5] == ["2025", "10", "20", "10"]
-    assert rest[0] not in ("", ".", "..") and not rest[0].startswith(".")
-    assert all(c.isascii() and c.isprintable() for c in key)
+    head = source_prefix(prefix, source)
+    assert key.startswith(head) and head.startswith(prefix.partition("{source}")[0])
+    rest = key[len(head):].split("/")
+    assert len(rest) == 5 and rest[:4] == ["2025", "10", "20", "10"]
+    # the source is in the head once, as one component or part of one, never a climb out
+    assert all(part not in ("", ".", "..") and not part.startswith(".") for part in head.split("/")[:-1] if part)
+    assert head.count(safe_component(source)) >= 1 and all(c.isascii() and c.isprintable() for c in key)
+
+
+@pytest.mark.parametrize(("prefix", "head"), [
+    ("", "config-service/"),
+    ("logs/", "logs/config-service/"),
+    ("config-service/", "config-service/"),  # the seed's route: not config-service/config-service/
+    ("logs/config-service/", "logs/config-service/"),
+    ("config-service", "config-serviceconfig-service/"),  # no slash: a name prefix, not a level
+    ("raw/{source}/v1/", "raw/config-service/v1/"),
+])
+def test_a_prefix_that_names_the_source_gets_no_second_source_level(prefix, head):
+    assert source_prefix(prefix, "config-service") == head
+    assert object_key(prefix, "config-service", "2025-10-20T10:30:45.123Z", unique="0" * 32, gzipped=True) == f"{head}2025/10/20/10/20251020T103045123Z-{'0' * 32}.jsonl.gz"
 
 
 @given(st.lists(st.binary(min_size=1, max_size=50).map(lambda b: b + b"\n"), max_size=60), st.integers(1, 200))

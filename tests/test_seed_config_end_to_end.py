@@ -76,7 +76,7 @@ def test_the_seed_config_as_written_puts_each_source_where_its_text_says(tmp_pat
     assert re.search(r"undelivered messages: .*nfs-file\(path=/mnt/nas/logs/queue-service.jsonl\)=20", sidecar.log()), "what nfs-file could not write is reported at shutdown"
 
     objects = s3_server.objects("monitoring-logs")
-    assert objects and all(re.fullmatch(r"config-service/config-service/\d{4}/\d{2}/\d{2}/\d{2}/\d{8}T\d{9}Z-[0-9a-f]{32}\.jsonl", k) for k in objects), sorted(objects)
+    assert objects and all(re.fullmatch(r"config-service/\d{4}/\d{2}/\d{2}/\d{2}/\d{8}T\d{9}Z-[0-9a-f]{32}\.jsonl", k) for k in objects), sorted(objects)
     in_s3 = [orjson.loads(line) for body in objects.values() for line in body.splitlines()]
     assert sorted(m["context"]["seq"] for m in in_s3) == list(range(30)) and {m["source"] for m in in_s3} == {"config-service"}
 

@@ -47,6 +47,16 @@ class PartialDelivery(DeliveryError):
         self.rejected = rejected
 
 
+@attrs.frozen
+class Place:
+    """Where an instance puts a source's messages of one type on one day. `where` names what two
+    instances must not share (a file, an S3 prefix, a CloudWatch stream: both would hold the
+    same messages, or two writers would rotate one file); `sample` is what a write makes there."""
+
+    where: str
+    sample: str
+
+
 @attrs.define(eq=False)
 class Attempt:
     """One batch on its way to one backend, from its first try until it is settled (delivered,
@@ -113,6 +123,10 @@ class Backend:
     # job or trace as dicts of the wire format, oldest first; it raises with a message fit to
     # show (no secrets). None: this type cannot be read back. Set it with `staticmethod`.
     read_messages: ClassVar[Callable[..., list[dict]] | None] = None
+    # A capability: `(settings, source, kind, moment) -> Place | None`, where messages of `source`
+    # of type `kind` received at `moment` (an aware datetime) go; pure, for `check`'s samples and
+    # its warning about instances sharing a place. None: nothing to show. Set it with `staticmethod`.
+    place_of: ClassVar[Callable[..., "Place | None"] | None] = None
 
     def __init__(self, settings, *, label: str):
         self.settings = settings

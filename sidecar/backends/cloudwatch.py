@@ -12,7 +12,7 @@ import time
 import attrs
 
 from sidecar.backends import aws
-from sidecar.backends.base import Attempt, Backend, PartialDelivery
+from sidecar.backends.base import Attempt, Backend, PartialDelivery, Place
 from sidecar.backends.cloudwatch_requests import (
     MAX_EVENT_BYTES, RETENTION_DAYS, LogNames, PutRequest, RequestPlan, check_group, check_stream, error_code, plan_batch,
     refused_by_service, service_error, validate_template,
@@ -44,9 +44,16 @@ class Sending:
     accepted: int = 0
 
 
+def stream_place(settings: CloudWatchSettings, source: str, kind: str, moment) -> Place:
+    group, stream = LogNames(settings.log_group, settings.log_stream)(source, kind, f"{moment:%Y-%m-%d}")
+    at = "".join(f" {value}" for value in (settings.region, settings.endpoint_url) if value)
+    return Place(f"CloudWatch Logs{at} {group}:{stream}", f"log group {group}, stream {stream}")
+
+
 class CloudWatchBackend(Backend):
     type_name = "cloudwatch"
     Settings = CloudWatchSettings
+    place_of = staticmethod(stream_place)
 
     def __init__(self, settings: CloudWatchSettings, *, label: str):
         super().__init__(settings, label=label)

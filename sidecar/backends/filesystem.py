@@ -13,7 +13,7 @@ from typing import Literal
 
 import attrs
 
-from sidecar.backends.base import Attempt, Backend, PartialDelivery, PermanentError, RetryableError
+from sidecar.backends.base import Attempt, Backend, PartialDelivery, PermanentError, Place, RetryableError
 from sidecar.bounded import ForgetfulCache
 from sidecar.backends.jsonl_files import JsonlFiles, is_network_filesystem, within
 from sidecar.naming import HOST, PLACEHOLDERS, safe_component, template_fields
@@ -42,9 +42,22 @@ class FilesystemSettings:
             raise ValueError(f"path {self.path!r} must name a file inside base_path {self.base_path!r}")
 
 
+def render_path(base: str, template: str, source: str, kind: str = "", date: str = "") -> str | None:
+    """The file for these wire values under the absolute `base`; None if it would lie outside."""
+    values = {"source": safe_component(source), "type": safe_component(kind), "date": safe_component(date), "host": safe_component(HOST)}
+    path = os.path.normpath(os.path.join(base, template.format(**values)))
+    return path if within(base, path) and path != base else None
+
+
+def file_place(settings: FilesystemSettings, source: str, kind: str, moment) -> Place | None:
+    path = render_path(os.path.abspath(settings.base_path), settings.path, source, kind, f"{moment:%Y-%m-%d}")
+    return None if path is None else Place(f"file {path}", path)
+
+
 class FilesystemBackend(Backend):
     type_name = "filesystem"
     Settings = FilesystemSettings
+    place_of = staticmethod(file_place)
 
     def __init__(self, settings: FilesystemSettings, *, label: str):
         super().__init__(settings, label=label)
@@ -59,9 +72,8 @@ class FilesystemBackend(Backend):
         key = (source, kind, date)
         path = self._paths.get(key)
         if path is None:
-            values = {"source": safe_component(source), "type": safe_component(kind), "date": safe_component(date), "host": safe_component(HOST)}
-            path = os.path.normpath(os.path.join(self.base, self.settings.path.format(**values)))
-            if not within(self.base, path) or path == self.base:
+            path = render_path(self.base, self.settings.path, source, kind, date)
+            if path is None:
                 raise PermanentError(f"path for source {source!r} escapes {self.base}", reason="path_escape")
             self._paths.remember(key, path)
         return path

@@ -19,8 +19,9 @@ import attrs
 
 from sidecar.batch import Batch
 from sidecar.backends import aws
-from sidecar.backends.base import Attempt, Backend, PartialDelivery, PermanentError, RetryableError
-from sidecar.backends.s3_layout import check_prefix, object_key, split_lines
+from sidecar.backends.base import Attempt, Backend, PartialDelivery, PermanentError, Place, RetryableError
+from sidecar.backends.s3_layout import check_prefix, object_key, source_prefix, split_lines
+from sidecar.message import format_timestamp
 from sidecar.units import ByteSize, Duration
 
 # Errors that no retry will fix until an operator acts: open the circuit at once.
@@ -65,9 +66,16 @@ class PlannedObject:
     stored: bool = False
 
 
+def object_place(settings: S3Settings, source: str, _kind: str, moment) -> Place:
+    at = f" at {settings.endpoint_url}" if settings.endpoint_url else ""
+    key = object_key(settings.prefix, source, format_timestamp(moment), unique="<uuid>", gzipped=settings.gzip)
+    return Place(f"s3://{settings.bucket}/{source_prefix(settings.prefix, source)}{at}", f"s3://{settings.bucket}/{key}")
+
+
 class S3Backend(Backend):
     type_name = "s3"
     Settings = S3Settings
+    place_of = staticmethod(object_place)
     # Objects of up to 8 MiB: a batch is cut at 20,000 messages, 8 MiB of lines, or 60 s.
     delivery_defaults = {"batch": {"max_messages": 20_000, "timeout": 60.0, "max_bytes": 8 * 1024 * 1024}}
 

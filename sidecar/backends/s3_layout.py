@@ -1,7 +1,10 @@
 """Where a batch goes in S3 (pure): object keys, and batches cut into objects of a size.
 
 Keys are `{prefix}{source}/YYYY/MM/DD/HH/<time>-<unique>.jsonl[.gz]`, by the hour the batch's
-first message was received; the source comes from the wire and is one safe component.
+first message was received; the source comes from the wire and is one safe component. A prefix
+that names the source itself, with a `{source}` field (`raw/{source}/v1/`) or as its last
+segment (the seed's `prefix: config-service/` under the config-service rule), has no second
+source level added.
 """
 
 import datetime as dt
@@ -15,8 +18,18 @@ _RECEIVED_AT = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})\.(\d
 def check_prefix(_instance, _attribute, prefix: str) -> None:
     if prefix.startswith("/") or any(part in (".", "..") for part in prefix.split("/")):
         raise ValueError(f"prefix {prefix!r} must be relative, without . or .. segments")
-    if not all(c.isascii() and c.isprintable() for c in prefix) or any(c in prefix for c in "\\{}"):
-        raise ValueError(f"prefix {prefix!r} may hold printable ASCII only, without \\ {{ }}")
+    if not all(c.isascii() and c.isprintable() for c in prefix) or "\\" in prefix or any(c in prefix.replace("{source}", "") for c in "{}"):
+        raise ValueError(f"prefix {prefix!r} may hold printable ASCII only, without \\, and no {{ }} but the field {{source}}")
+
+
+def source_prefix(prefix: str, source: str) -> str:
+    """The part of a key before the hour levels: `prefix` with the source in it, or followed by it."""
+    component = safe_component(source)
+    if "{source}" in prefix:
+        return prefix.replace("{source}", component)
+    if prefix.endswith("/") and prefix[:-1].rpartition("/")[2] == component:
+        return prefix
+    return f"{prefix}{component}/"
 
 
 def object_key(prefix: str, source: str, received_at: str, *, unique: str, gzipped: bool) -> str:
@@ -31,7 +44,7 @@ def object_key(prefix: str, source: str, received_at: str, *, unique: str, gzipp
     year, month, day, hour, minute, second, millis = parts
     stamp = f"{year}{month}{day}T{hour}{minute}{second}{millis}Z"
     suffix = ".jsonl.gz" if gzipped else ".jsonl"
-    return f"{prefix}{safe_component(source)}/{year}/{month}/{day}/{hour}/{stamp}-{unique}{suffix}"
+    return f"{source_prefix(prefix, source)}{year}/{month}/{day}/{hour}/{stamp}-{unique}{suffix}"
 
 
 def split_lines(lines: list[bytes], limit: int) -> list[tuple[int, int]]:
