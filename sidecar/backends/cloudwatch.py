@@ -21,6 +21,7 @@ from sidecar.units import ByteSize, Duration
 
 log = logging.getLogger("sidecar.backends.cloudwatch")
 
+
 @attrs.frozen
 class CloudWatchSettings:
     region: str | None = None  # None: the usual chain (AWS_REGION, ~/.aws/config)
@@ -44,16 +45,15 @@ class Sending:
     accepted: int = 0
 
 
-def stream_place(settings: CloudWatchSettings, source: str, kind: str, moment) -> Place:
-    group, stream = LogNames(settings.log_group, settings.log_stream)(source, kind, f"{moment:%Y-%m-%d}")
-    at = "".join(f" {value}" for value in (settings.region, settings.endpoint_url) if value)
-    return Place(f"CloudWatch Logs{at} {group}:{stream}", f"log group {group}, stream {stream}")
-
-
 class CloudWatchBackend(Backend):
     type_name = "cloudwatch"
     Settings = CloudWatchSettings
-    place_of = staticmethod(stream_place)
+
+    @staticmethod
+    def place_of(settings: CloudWatchSettings, source: str, kind: str, moment) -> Place:
+        group, stream = LogNames(settings.log_group, settings.log_stream)(source, kind, f"{moment:%Y-%m-%d}")
+        at = "".join(f" {value}" for value in (settings.region, settings.endpoint_url) if value)
+        return Place(f"CloudWatch Logs{at} {group}:{stream}", f"log group {group}, stream {stream}")
 
     def __init__(self, settings: CloudWatchSettings, *, label: str):
         super().__init__(settings, label=label)
@@ -82,10 +82,8 @@ class CloudWatchBackend(Backend):
             attempt.state = Sending(plan, dict(plan.rejected))
             if plan.truncated:
                 self.truncated += len(plan.truncated)
-                log.warning(
-                    "backend %s: truncated %d event(s) from %s over %d bytes (%d truncated so far)",
-                    self.label, len(plan.truncated), attempt.source, self.settings.max_event_size, self.truncated,
-                )
+                log.warning("backend %s: truncated %d event(s) from %s over %d bytes (%d truncated so far)",
+                            self.label, len(plan.truncated), attempt.source, self.settings.max_event_size, self.truncated)
         sending: Sending = attempt.state
         await self.run_blocking(self._send, sending)
         if sending.rejected:
@@ -93,9 +91,8 @@ class CloudWatchBackend(Backend):
             raise PartialDelivery(f"CloudWatch Logs refuses {len(sending.rejected)} event(s) ({', '.join(reasons)})", sending.rejected)
 
     def _send(self, sending: Sending) -> None:
-        requests = sending.plan.requests
-        while sending.accepted < len(requests):
-            self._put(requests[sending.accepted], sending.rejected)
+        for request in sending.plan.requests[sending.accepted:]:
+            self._put(request, sending.rejected)
             sending.accepted += 1
 
     def _put(self, request: PutRequest, rejected: dict[int, str]) -> None:
