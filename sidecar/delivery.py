@@ -18,7 +18,7 @@ import attrs
 import trio
 
 from sidecar.backends import backend_class
-from sidecar.backends.base import Attempt, DeliveryError, PartialDelivery, PermanentError, RetryableError
+from sidecar.backends.base import MAX_RETRY_AFTER, Attempt, DeliveryError, PartialDelivery, PermanentError, RetryableError
 from sidecar.config.settings import BackendSpec, CircuitBreakerSettings, QueueSettings
 from sidecar.message import parse_timestamp
 from sidecar.naming import safe_component
@@ -743,6 +743,7 @@ class BackendSupervisor:
             if self.backend is not tried_with:  # new settings: what a try left was the old backend's
                 attempt.state, tried_with = None, self.backend
             attempt.tries += 1
+            asked = None  # a wait the destination asked for
             try:
                 with trio.fail_after(retry.attempt_timeout):
                     if not self._opened:
@@ -766,6 +767,7 @@ class BackendSupervisor:
                 return
             except (RetryableError, trio.TooSlowError, OSError) as exc:
                 self._record_failure(exc, trip=getattr(exc, "trip_circuit", False))
+                asked = getattr(exc, "retry_after", None)
             except Exception as exc:
                 # Unclassified: retried like an outage, but with the traceback, since it may be a bug.
                 log.exception("backend %s: unexpected error writing a batch", self.label)
@@ -777,7 +779,8 @@ class BackendSupervisor:
                 return
             self.retries += 1
             if self.breaker.state == "closed":
-                await self._sleep_until(trio.current_time() + backoff_delay(attempt.tries, retry.initial_backoff, retry.max_backoff))
+                delay = backoff_delay(attempt.tries, retry.initial_backoff, retry.max_backoff)
+                await self._sleep_until(trio.current_time() + max(delay, min(asked or 0.0, MAX_RETRY_AFTER)))
 
     async def _until_circuit_lets_through(self) -> None:
         """While the circuit is open, probe the backend on the breaker's schedule; return when

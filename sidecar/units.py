@@ -8,6 +8,9 @@ from typing import Annotated
 
 Duration = Annotated[float, "duration"]
 ByteSize = Annotated[int, "bytesize"]
+# A YAML mapping of strings (e.g. HTTP headers), kept as (key, value) pairs in order: hashable,
+# as settings must be.
+StringPairs = Annotated[tuple[tuple[str, str], ...], "mapping"]
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
 _BYTESIZE = re.compile(r"\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*")

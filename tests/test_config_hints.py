@@ -23,7 +23,7 @@ def test_did_you_mean_only_for_a_near_miss():
     ("text", "line", "expected"),
     [
         (BACKENDS + "routing:\n  svc: [{backend: flies}]\n", 5, "rule for 'svc' names unknown backend 'flies' (backends: files, console); did you mean 'files'?"),
-        ("backends:\n  files: {type: filesytem, base_path: /tmp/x}\n", 2, "unknown backend type 'filesytem' (known types: cloudwatch, console, filesystem, postgres, s3); did you mean 'filesystem'?"),
+        ("backends:\n  files: {type: filesytem, base_path: /tmp/x}\n", 2, "unknown backend type 'filesytem' (known types: cloudwatch, console, filesystem, otlp, postgres, s3); did you mean 'filesystem'?"),
         ("backends:\n  db: {type: timescale, connection_string: x}\n", 2, "did you mean 'timescaledb'?"),
         ("sources:\n  apps: {type: tpc}\n", 2, "unknown source type 'tpc' (known types: tcp); did you mean 'tcp'?"),
         ("transforms:\n  svc: [{type: fliter}]\n", 2, "unknown transform type 'fliter' (known types: filter); did you mean 'filter'?"),

@@ -14,6 +14,7 @@ BACKEND_TYPES = {
     "postgres": ("sidecar.backends.postgres", "PostgresBackend"),
     "s3": ("sidecar.backends.s3", "S3Backend"),
     "cloudwatch": ("sidecar.backends.cloudwatch", "CloudWatchBackend"),
+    "otlp": ("sidecar.backends.otlp", "OtlpBackend"),
 }
 TYPE_ALIASES = {"timescaledb": "postgres", "file": "filesystem"}
 

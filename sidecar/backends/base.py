@@ -23,11 +23,18 @@ class DeliveryError(Exception):
 class RetryableError(DeliveryError):
     """The destination is unavailable now (network, server down, throttled): keep the batch and
     try again later. `trip_circuit` opens the circuit breaker at once (e.g. access denied),
-    so a misconfigured destination is retried slowly, not in a tight loop."""
+    so a misconfigured destination is retried slowly, not in a tight loop. `retry_after`: the
+    seconds the destination asked to be left alone (HTTP's Retry-After); the next try waits at
+    least that long, up to MAX_RETRY_AFTER."""
 
-    def __init__(self, message: str, *, trip_circuit: bool = False):
+    def __init__(self, message: str, *, trip_circuit: bool = False, retry_after: float | None = None):
         super().__init__(message)
         self.trip_circuit = trip_circuit
+        self.retry_after = retry_after
+
+
+# The longest a destination's Retry-After is followed: a wrong header cannot park a backend.
+MAX_RETRY_AFTER = 300.0
 
 
 class PermanentError(DeliveryError):

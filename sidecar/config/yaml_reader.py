@@ -154,6 +154,10 @@ class DocumentReader:
                 return self._duration(value, where, label)
             if marker == "bytesize":
                 return self._bytesize(value, where, label)
+            if marker == "mapping":
+                if not isinstance(value, dict):
+                    self.fail(where, f"{label} must be a mapping, got {_yaml_kind(value)}")
+                return tuple((str(k), self.convert(str, v, self.value_where(value, k), f"{label}.{k}")) for k, v in value.items())
             return self.convert(base, value, where, label)
         if origin is Literal:
             choices = typing.get_args(kind)
