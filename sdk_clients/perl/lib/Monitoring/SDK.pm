@@ -826,4 +826,14 @@ about 8 us. Connection attempts happen only at backoff times.
 
 F<examples/perl-pipeline/> in the repository: the seed's four programs running end to end.
 
+F<docs/protocol.md> in the repository: wire protocol v1, and how context and spans scope each other.
+
+=head1 LICENSE
+
+Copyright the monitoring-sidecar developers.
+
+Licensed under the Apache License, Version 2.0 (the F<LICENSE> file of this distribution, or
+L<https://www.apache.org/licenses/LICENSE-2.0>). Distributed on an "AS IS" BASIS, WITHOUT
+WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+
 =cut
