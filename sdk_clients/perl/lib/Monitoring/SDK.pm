@@ -792,7 +792,7 @@ One JSON object per line (UTF-8, keys sorted), or one MessagePack map per messag
      "trace_id":"0af7651916cd43dd8448eb211c80319c","type":"progress"}
 
 C<trace_id>, C<span_id> and C<parent_span_id> appear only inside a trace, C<context> only when
-it is not empty. See F<DESIGN.md>, section "Wire protocol v1", for the data of each type.
+it is not empty. F<docs/protocol.md> in the repository (wire protocol v1) gives the data of each type.
 
 =head1 WHEN THE SIDECAR IS DOWN
 
