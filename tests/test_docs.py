@@ -105,6 +105,22 @@ def test_the_c_library_declares_apache_2_0_and_installs_the_text():
     assert re.search(r"install -m 644 LICENSE \S*share/doc/monitoring-sdk/", install)
 
 
+
+def required_python(pyproject) -> tuple[str, str]:
+    major, minor = re.fullmatch(r">=(\d+)\.(\d+)", tomllib.loads(pyproject.read_text())["project"]["requires-python"]).groups()
+    return major, minor
+
+
+def test_the_readme_states_the_python_versions_the_packages_require():
+    readme = (REPO / "README.md").read_text()
+    quick_start = " ".join(readme[: readme.index("## How it works")].split())
+    major, minor = required_python(REPO / "pyproject.toml")
+    assert f"Needs Python {major}.{minor} or later" in quick_start
+    assert f"sys.version_info < ({major}, {minor})" in (REPO / "Makefile").read_text()  # `make` refuses older ones
+    major, minor = required_python(SDKS / "python" / "pyproject.toml")
+    assert f"The Python SDK alone runs on Python {major}.{minor} or later" in quick_start
+
+
 # --- docs/configuration.md --------------------------------------------------------------------
 
 
