@@ -44,6 +44,7 @@ test: test-perl test-python-sdk test-c test-java test-r test-python
 
 test-perl: debian-packages
 	cd sdk_clients/perl && perl Makefile.PL >/dev/null && $(MAKE) --no-print-directory >/dev/null && $(MAKE) --no-print-directory test
+	prove examples/perl-pipeline/t
 
 test-python-sdk: $(STAMP)
 	cd sdk_clients/python && ../../$(BIN)/python -m pytest -q

@@ -78,6 +78,9 @@ def test_the_seeds_perl_services_join_up_by_job_and_trace(tmp_path):
         assert len({m.get("trace_id") for m in messages}) == 1, f"{job}: several traces {[(m['source'], m.get('trace_id')) for m in messages]}"
         loaded = [m for m in messages if m["source"] == "db-loader" and m["type"] == "metric" and m["data"]["name"] == "rows_loaded"]
         assert len(loaded) == 1 and loaded[0]["data"]["value"] in (100, 200, 300)
+        # db_loader is one thread: its CPU reading is in percent of one core (it was 1336.9)
+        [resource] = [m["data"] for m in messages if m["type"] == "resource"]
+        assert 0 <= resource["cpu_percent"] <= 100, resource
         progress = [m["data"]["percent"] for m in messages if m["type"] == "progress"]
         assert progress == [0, 100]
         spans = {m["data"]["name"]: m for m in messages if m["type"] == "span" and m["data"]["phase"] == "start"}

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* monitoring_sdk.c: see monitoring_sdk.h. C99, libc and pthreads only.
  *
  * A call encodes its message on the stack (the `data` part and the start of the envelope

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* monitoring_sdk.h: thin, non-blocking C client of the monitoring sidecar (wire protocol v1).
  *
  * Every call encodes one JSON line and appends it to a bounded in-memory queue; a background

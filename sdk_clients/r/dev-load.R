@@ -31,7 +31,7 @@ monitoringsdk_dev_lib <- function(root) {
   dir.create(file.path(work, "pkg"), recursive = TRUE)
   dir.create(file.path(work, "lib"))
   on.exit(unlink(work, recursive = TRUE), add = TRUE)
-  for (part in c("DESCRIPTION", "NAMESPACE", "LICENSE", "R", "src", "man"))
+  for (part in c("DESCRIPTION", "NAMESPACE", "R", "src", "man"))
     if (file.exists(file.path(root, part))) file.copy(file.path(root, part), file.path(work, "pkg"), recursive = TRUE)
   unlink(list.files(file.path(work, "pkg", "src"), pattern = "[.](o|so)$", full.names = TRUE))
   log <- file.path(work, "install.log")

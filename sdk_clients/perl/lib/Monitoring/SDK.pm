@@ -792,7 +792,7 @@ One JSON object per line (UTF-8, keys sorted), or one MessagePack map per messag
      "trace_id":"0af7651916cd43dd8448eb211c80319c","type":"progress"}
 
 C<trace_id>, C<span_id> and C<parent_span_id> appear only inside a trace, C<context> only when
-it is not empty. See F<DESIGN.md>, section "Wire protocol v1", for the data of each type.
+it is not empty. F<docs/protocol.md> in the repository (wire protocol v1) gives the data of each type.
 
 =head1 WHEN THE SIDECAR IS DOWN
 
@@ -825,5 +825,15 @@ about 8 us. Connection attempts happen only at backoff times.
 =head1 SEE ALSO
 
 F<examples/perl-pipeline/> in the repository: the seed's four programs running end to end.
+
+F<docs/protocol.md> in the repository: wire protocol v1, and how context and spans scope each other.
+
+=head1 LICENSE
+
+Copyright the monitoring-sidecar developers.
+
+Licensed under the Apache License, Version 2.0 (the F<LICENSE> file of this distribution, or
+L<https://www.apache.org/licenses/LICENSE-2.0>). Distributed on an "AS IS" BASIS, WITHOUT
+WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 
 =cut
