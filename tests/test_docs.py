@@ -25,7 +25,7 @@ from sidecar.config.settings import DeliverySettings
 from sidecar.sources import SOURCE_TYPES, source_class
 from sidecar.transforms import TRANSFORM_TYPES, transform_class
 from sidecar.transforms.filter import FilterSettings
-from sidecar.units import ByteSize, Duration, parse_bytesize, parse_duration
+from sidecar.units import ByteSize, Duration, StringPairs, parse_bytesize, parse_duration
 from tests.harness import REPO
 
 CONFIGURATION = REPO / "docs" / "configuration.md"
@@ -175,6 +175,8 @@ def documented_default(cls, field: attrs.Attribute, shown: str | None):
         return parse_duration(shown)
     if kind == ByteSize:
         return parse_bytesize(shown)
+    if kind == StringPairs:  # a YAML mapping, kept as pairs
+        return tuple(YAML(typ="safe").load(shown).items())
     if kind is bool:
         return {"true": True, "false": False}[shown]
     if kind is int:
