@@ -224,6 +224,11 @@ class Sidecar:
     async def run(self, *, handle_signals: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
         send_channel, receive_channel = trio.open_memory_channel(self.config.pipeline.channel_size)
         async with trio.open_nursery() as nursery:
+            # Listen first: a port in use ends the start before any backend or disk log is opened
+            # (what is sent meanwhile waits in the channel for the correlator). Each source sends
+            # through a clone: the correlator's input ends when the last is closed.
+            async with send_channel:
+                addresses = [await nursery.start(source.run, send_channel.clone()) for source in self.sources.values()]
             await nursery.start(self.topology.run)
             table = RouteTable(self.config.rules)
             _warn_of_shared_places(table)
@@ -233,9 +238,6 @@ class Sidecar:
             routing = Routing(table, supervisors, TransformStage(self.config.transforms))
             self.correlator = Correlator(routing, self.counters, index, trace_cache_size=self.config.pipeline.trace_cache_size)
             nursery.start_soon(self._run_correlator, receive_channel)
-            # Each source sends through a clone: the correlator's input ends when the last is closed.
-            async with send_channel:
-                addresses = [await nursery.start(source.run, send_channel.clone()) for source in self.sources.values()]
             await nursery.start(self.watcher.run)
             nursery.start_soon(self._expire_index)
             if self.http_settings.enabled:
