@@ -191,7 +191,10 @@ class OtlpSource(Source):
                         if closed.reason is not None:
                             self.intake.count("connections_closed_total", reason=closed.reason)
                         break
-                    if http.our_state is h11.MUST_CLOSE or not self._accepting:
+                    if http.our_state is h11.MUST_CLOSE:
+                        break
+                    if not self._accepting:
+                        self.intake.count("connections_closed_total", reason="shutdown")
                         break
                     http.start_next_cycle()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -259,7 +262,21 @@ class OtlpSource(Source):
         if sending.cancelled_caught:
             raise _Closed("timeout")
         if response.close:
+            await self._linger(stream)
             raise _Closed("timeout" if response.status == 408 else f"http_{response.status}")
+
+    async def _linger(self, stream) -> None:
+        """Before closing on a body left unread: end our side, then read and drop what the client
+        still sends, for a second at most (and not past shutdown's deadline). Closing with unread
+        bytes would reset the connection, and the client could lose the response it has not
+        read yet."""
+        with trio.move_on_at(min(trio.current_time() + 1, self._read_deadline)):
+            try:
+                await stream.send_eof()
+                while await stream.receive_some(READ_SIZE):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # gone already: nothing left to protect
 
     async def _answer(self, connection: Connection, http, stream, send_channel, request: h11.Request, headers: dict, deadline: float) -> _Response:
         """The response to one request whose head has arrived (RequestError or TimeoutError
@@ -299,7 +316,7 @@ class OtlpSource(Source):
 
     async def _send_error(self, http: h11.Connection, stream, status: int, message: str, encoding: Encoding) -> None:
         """An error response where h11 can still send one (a head it could not parse)."""
-        if http.our_state is not h11.SEND_RESPONSE:
+        if http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         body = error_body(status, message, encoding)
         headers = [(b"content-type", encoding.value.encode()), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
