@@ -4,6 +4,9 @@ success and the error statuses; in-process runs on trio's MockClock check the ti
 connection limit, the 503 when the pipeline has no room, and shutdown."""
 
 import gzip
+import os
+import subprocess
+import sys
 import json
 import logging
 import urllib.error
@@ -391,3 +394,70 @@ async def test_shutdown_closes_idle_connections_after_the_grace_and_run_returns(
         with pytest.raises(trio.EndOfChannel):
             await receive.receive()
     assert counters.get("connections_closed_total", input="otel", reason="shutdown") == 1 and source.active_connections == 0
+
+
+# ------------------------------------------------------------------ one trace across OTel and the Perl SDK
+
+ORCHESTRATOR = '''
+import os, subprocess, sys
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.propagate import inject
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+endpoint, worker = sys.argv[1:]
+provider = TracerProvider(resource=Resource.create({"service.name": "orchestrator", "job.id": "job-otel-1"}))
+provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint + "/v1/traces")))
+with provider.get_tracer("orchestrator").start_as_current_span("orchestrate") as span:
+    carrier = {}
+    inject(carrier)  # W3C trace context, OpenTelemetry's default propagator
+    subprocess.run(["perl", worker], env={**os.environ, "TRACEPARENT": carrier["traceparent"]}, check=True, timeout=60)
+    context = span.get_span_context()
+    print(format(context.trace_id, "032x"), format(context.span_id, "016x"))
+provider.shutdown()
+'''
+
+PERL_WORKER = '''
+use strict;
+use warnings;
+use Monitoring::SDK;
+my $mon = Monitoring::SDK->new(source => 'perl-worker');
+my $span = $mon->start_span('load');
+$mon->log_event('info', 'loading rows');
+$mon->log_metric('rows_loaded', 40, 'count');
+$mon->end_span($span, 'success');
+$mon->close(5) or die "not everything was sent\\n";
+'''
+
+
+def test_a_trace_begun_in_an_otel_process_and_continued_in_perl_is_one_trace_and_one_job(tmp_path):
+    from tests.harness import REPO
+    from tests.test_cli import cli
+
+    sidecar = SidecarProcess(tmp_path, CONFIG.format(base=tmp_path / "out", extra="")).start()
+    try:
+        otlp = "http://" + sidecar.stats()["sources"]["otel"]["address"]
+        (tmp_path / "orchestrator.py").write_text(ORCHESTRATOR)
+        (tmp_path / "worker.pl").write_text(PERL_WORKER)
+        env = {**os.environ, "MONITORING_SIDECAR": f"127.0.0.1:{sidecar.port}", "PERL5LIB": str(REPO / "sdk_clients" / "perl" / "lib")}
+        run = subprocess.run([sys.executable, str(tmp_path / "orchestrator.py"), otlp, str(tmp_path / "worker.pl")], env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert run.returncode == 0, run.stderr
+        trace_id, root_span_id = run.stdout.split()
+        stats = delivered(sidecar, 6)
+        assert stats["decode_errors"] == {}
+        shown = cli("trace", "job-otel-1", "--url", f"http://127.0.0.1:{sidecar.http_port}")
+        assert shown.returncode == 0, shown.stderr
+        lines = shown.stdout.splitlines()
+        assert lines[0] == "job-otel-1:" and lines[-1].strip().startswith("Total: "), shown.stdout
+        assert [line.split(":")[0].split()[-1] for line in lines[1:3]] == ["orchestrator", "perl-worker"], shown.stdout
+        status, body = sidecar.http("/api/jobs/job-otel-1")
+        view = json.loads(body)
+        assert status == 200 and view["trace_ids"] == [trace_id] and [s["source"] for s in view["sources"]] == ["orchestrator", "perl-worker"]
+    finally:
+        assert sidecar.stop() == 0
+    worker = read_jsonl(tmp_path / "out" / "perl-worker.jsonl")
+    orchestrator = read_jsonl(tmp_path / "out" / "orchestrator.jsonl")
+    assert {m["trace_id"] for m in worker + orchestrator} == {trace_id}
+    (load_start,) = [m for m in worker if m["type"] == "span" and m["data"]["phase"] == "start"]
+    assert load_start["parent_span_id"] == root_span_id
