@@ -406,9 +406,10 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-endpoint, worker = sys.argv[1:]
-provider = TracerProvider(resource=Resource.create({"service.name": "orchestrator", "job.id": "job-otel-1"}))
-provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint + "/v1/traces")))
+# Configured as the README says: OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_RESOURCE_ATTRIBUTES.
+(worker,) = sys.argv[1:]
+provider = TracerProvider(resource=Resource.create())
+provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter()))
 with provider.get_tracer("orchestrator").start_as_current_span("orchestrate") as span:
     carrier = {}
     inject(carrier)  # W3C trace context, OpenTelemetry's default propagator
@@ -440,8 +441,12 @@ def test_a_trace_begun_in_an_otel_process_and_continued_in_perl_is_one_trace_and
         otlp = "http://" + sidecar.stats()["sources"]["otel"]["address"]
         (tmp_path / "orchestrator.py").write_text(ORCHESTRATOR)
         (tmp_path / "worker.pl").write_text(PERL_WORKER)
-        env = {**os.environ, "MONITORING_SIDECAR": f"127.0.0.1:{sidecar.port}", "PERL5LIB": str(REPO / "sdk_clients" / "perl" / "lib")}
-        run = subprocess.run([sys.executable, str(tmp_path / "orchestrator.py"), otlp, str(tmp_path / "worker.pl")], env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        env = {
+            **os.environ, "MONITORING_SIDECAR": f"127.0.0.1:{sidecar.port}", "PERL5LIB": str(REPO / "sdk_clients" / "perl" / "lib"),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_RESOURCE_ATTRIBUTES": "service.name=orchestrator,job.id=job-otel-1",
+        }
+        run = subprocess.run([sys.executable, str(tmp_path / "orchestrator.py"), str(tmp_path / "worker.pl")], env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
         assert run.returncode == 0, run.stderr
         trace_id, root_span_id = run.stdout.split()
         stats = delivered(sidecar, 6)
