@@ -32,7 +32,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from sidecar.metrics import Counters
 from sidecar.sources import Intake
-from sidecar.sources.otlp import OtlpSettings, OtlpSource
+from sidecar.sources.otlp import THREAD_THRESHOLD, OtlpSettings, OtlpSource
 from tests.harness import SidecarProcess, read_jsonl
 
 CONFIG = """
@@ -362,6 +362,24 @@ async def test_a_connection_over_the_limit_gets_503_and_is_counted(autojump_cloc
         status, headers, _body = await second.response()
         assert status == 503 and headers[b"retry-after"] == b"1" and headers[b"connection"] == b"close"
         assert counters.get("connections_refused_total", input="otel", reason="limit") == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_large_request_is_decoded_beside_the_event_loop_and_arrives_whole():
+    request = ExportLogsServiceRequest()
+    records = request.resource_logs.add().scope_logs.add().log_records
+    for n in range(3000):
+        records.add(severity_number=13).body.string_value = f"record {n} of a large request"
+    body = request.SerializeToString()
+    assert len(body) > THREAD_THRESHOLD
+    async with trio.open_nursery() as nursery:
+        source, counters, receive = await running_source(nursery, OtlpSettings(port=0))
+        client = await Client.connect(source)
+        await client.send_request("/v1/logs", body)
+        assert (await client.response())[0] == 200
+        _at, chunk, _holds = await receive.receive()
+        assert [m["data"]["message"] for m in chunk] == [f"record {n} of a large request" for n in range(3000)]
+        assert counters.get("messages_received_total", input="otel") == 3000
         nursery.cancel_scope.cancel()
 
 
