@@ -21,6 +21,7 @@ backend) belongs beside these functions, with the same names the other way round
 
 import base64
 import datetime as dt
+import functools
 import math
 from collections.abc import Iterator
 
@@ -104,7 +105,12 @@ def _timestamp(unix_nano: int) -> str | None:
     A fixed64 of nanoseconds ends in the year 2554: always within range."""
     if not unix_nano:
         return None
-    return format_timestamp(_EPOCH + dt.timedelta(microseconds=unix_nano // 1000))
+    return _millisecond_timestamp(unix_nano // 1_000_000)
+
+
+@functools.lru_cache(maxsize=4096)  # the items of a batch mostly share their milliseconds
+def _millisecond_timestamp(unix_ms: int) -> str:
+    return format_timestamp(_EPOCH + dt.timedelta(milliseconds=unix_ms))
 
 
 def _hex_id(raw: bytes, size: int, what: str) -> str | None:
