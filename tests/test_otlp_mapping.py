@@ -205,6 +205,17 @@ def test_a_log_record_without_a_time_keeps_its_observed_time_or_none():
     assert observed["timestamp"] == "2025-11-24T16:00:00.000Z" and "timestamp" not in neither
 
 
+def test_an_attribute_nested_past_max_depth_rejects_its_record_alone():
+    deep = ("string_value", "bottom")
+    for _ in range(12):
+        deep = ("kvlist_value", [("down", deep)])
+    nested = LogRecord(body=build(("string_value", "deep")))
+    nested.attributes.add(key="tree", value=build(deep))
+    exported = export(LOGS, logs_request([nested, LogRecord(body=build(("string_value", "flat")))]), OPTIONS, max_depth=10)
+    assert [m["data"]["message"] for m in exported.messages] == ["flat"]
+    assert [e.reason for e in exported.errors] == ["too_deep"]
+
+
 # ------------------------------------------------------------------ traces
 
 span_ids = st.sampled_from([b"", bytes(8), bytes(7)]) | st.binary(min_size=8, max_size=8)

@@ -383,6 +383,22 @@ async def test_a_large_request_is_decoded_beside_the_event_loop_and_arrives_whol
         nursery.cancel_scope.cancel()
 
 
+async def test_a_client_that_expects_100_continue_gets_it_before_sending_the_body():
+    body = one_log("after 100")
+    async with trio.open_nursery() as nursery:
+        source, _counters, receive = await running_source(nursery, OtlpSettings(port=0))
+        client = await Client.connect(source)
+        head = [("host", "x"), ("content-type", "application/x-protobuf"), ("content-length", str(len(body))), ("expect", "100-continue")]
+        await client.stream.send_all(client.http.send(h11.Request(method="POST", target="/v1/logs", headers=head)))
+        while (event := client.http.next_event()) is h11.NEED_DATA:
+            client.http.receive_data(await client.stream.receive_some(1024))
+        assert isinstance(event, h11.InformationalResponse) and event.status_code == 100
+        await client.stream.send_all(client.http.send(h11.Data(data=body)) + client.http.send(h11.EndOfMessage()))
+        assert (await client.response())[0] == 200
+        assert [m["data"]["message"] for m in (await receive.receive())[1]] == ["after 100"]
+        nursery.cancel_scope.cancel()
+
+
 async def test_garbage_gets_400_and_the_connection_closes_counted(autojump_clock):
     async with trio.open_nursery() as nursery:
         source, counters, _receive = await running_source(nursery, OtlpSettings(port=0))
@@ -402,16 +418,20 @@ async def test_shutdown_closes_idle_connections_after_the_grace_and_run_returns(
             client = await Client.connect(source)
             await client.send_request("/v1/logs", one_log("before"))
             assert (await client.response())[0] == 200
-            await trio.testing.wait_all_tasks_blocked()  # the connection waits for its next request
+            late = await Client.connect(source)
+            await trio.testing.wait_all_tasks_blocked()  # both connections wait for their next request
             source.stop_accepting()
             began = trio.current_time()
             source.close_connections(2.0)
+            await late.send_request("/v1/logs", one_log("during the grace"))
+            status, headers, _body = await late.response()
+            assert status == 200 and headers[b"connection"] == b"close" and await late.closed()
             assert await client.closed() and trio.current_time() - began == pytest.approx(2)
         # run() has returned: its clone of the channel is closed, so the correlator's input ends.
-        _at, chunk, _holds = await receive.receive()
+        assert [[m["data"]["message"] for m in (await receive.receive())[1]] for _ in range(2)] == [["before"], ["during the grace"]]
         with pytest.raises(trio.EndOfChannel):
             await receive.receive()
-    assert counters.get("connections_closed_total", input="otel", reason="shutdown") == 1 and source.active_connections == 0
+    assert counters.get("connections_closed_total", input="otel", reason="shutdown") == 2 and source.active_connections == 0
 
 
 # ------------------------------------------------------------------ one trace across OTel and the Perl SDK

@@ -193,10 +193,10 @@ class OtlpSource(Source):
                         if closed.reason is not None:
                             self.intake.count("connections_closed_total", reason=closed.reason)
                         break
-                    if http.our_state is h11.MUST_CLOSE:
-                        break
                     if not self._accepting:
                         self.intake.count("connections_closed_total", reason="shutdown")
+                        break
+                    if http.our_state is h11.MUST_CLOSE:  # the client asked for it, or spoke HTTP/1.0
                         break
                     http.start_next_cycle()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
