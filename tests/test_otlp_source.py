@@ -7,6 +7,7 @@ import gzip
 import os
 import subprocess
 import sys
+import time
 import json
 import logging
 import urllib.error
@@ -255,6 +256,59 @@ def test_check_shows_the_otlp_source_and_its_address(tmp_path):
     shown = cli("check", "--config", str(tmp_path / "sidecar.yaml"))
     assert shown.returncode == 0, shown.stderr
     assert "source otel (otlp): 127.0.0.1:0" in shown.stdout
+
+
+BLOCK_CONFIG = """
+tcp: {{host: 127.0.0.1, port: 0}}
+sources:
+  otel: {{type: otlp, host: 127.0.0.1, port: 0, busy_timeout: 0.2, retry_after: 0}}
+storage: {{data_dir: {data}}}
+backends:
+  slow:
+    type: filesystem
+    base_path: {slow}
+    batch: {{max_messages: 10, timeout: 0.05}}
+    queue: {{mode: memory, max_messages: 50, when_full: block}}
+    circuit_breaker: {{failure_threshold: 2, probe_interval: 0.1}}
+routing:
+  all: [{{backend: slow}}]
+"""
+
+
+def test_a_backend_under_block_turns_an_exporter_away_with_503_and_its_retries_lose_nothing(tmp_path):
+    import http.client
+
+    sidecar = SidecarProcess(tmp_path, BLOCK_CONFIG.format(data=tmp_path / "spool", slow=tmp_path / "slow")).start()
+    try:
+        host, port = sidecar.stats()["sources"]["otel"]["address"].rsplit(":", 1)
+        exporter = http.client.HTTPConnection(host, int(port), timeout=10)
+
+        def export(first: int) -> int:
+            request = ExportLogsServiceRequest()
+            records = request.resource_logs.add().scope_logs.add().log_records
+            for n in range(first, first + 100):
+                records.add().body.string_value = str(n)
+            exporter.request("POST", "/v1/logs", request.SerializeToString(), {"Content-Type": "application/x-protobuf"})
+            response = exporter.getresponse()
+            response.read()
+            if response.status == 503:
+                assert response.headers["Retry-After"] == "0"
+            return response.status
+
+        statuses = [export(first) for first in range(0, 300, 100)]  # the slow backend's directory is missing: its queue fills
+        assert statuses[0] == 200 and 503 in statuses, statuses
+        refused = [first for first, status in zip(range(0, 300, 100), statuses) if status == 503]
+        (tmp_path / "slow").mkdir()
+        for first in refused:  # as an exporter does: the same request again
+            while export(first) != 200:
+                time.sleep(0.05)
+        stats = sidecar.wait_for(lambda s: s["backends"][0]["delivered"] == 300, timeout=30, what="all 300 delivered")
+        exporter.close()
+        assert stats["received"] == 300 and stats["backends"][0]["dropped"] == {}
+        assert stats["sources"]["otel"]["requests"]["/v1/logs"]["503"] >= len(refused)
+        assert sorted(int(m["data"]["message"]) for m in read_jsonl(tmp_path / "slow" / "otel.jsonl")) == list(range(300))
+    finally:
+        assert sidecar.stop() == 0
 
 
 # ------------------------------------------------------------------ in-process, on trio's MockClock
