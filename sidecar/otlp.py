@@ -3,7 +3,7 @@ the rejections to count and the response out (opentelemetry-proto's specificatio
 
 - `route(method, path, content_type, content_encoding)`: the signal a request is for, or the
   `RequestError` to answer at once (404, 405, 415), before its body is read.
-- `decode(signal, body, encoding, content_type, limit)`: the body, gunzipped within `limit`,
+- `decode(signal, body, encoding, content_encoding, limit)`: the body, gunzipped within `limit`,
   as the signal's Export*ServiceRequest; `RequestError` 400 or 413.
 - `export(signal, request, options, max_depth)`: the `Export` of a decoded request: its
   messages (an `ingest.PythonChunk`, each validated), one `DecodeError` per rejected item, and
