@@ -79,6 +79,7 @@ class SidecarCollector(Collector):
             ("decode_errors_total", ("input", "reason"), "Messages rejected by the decoder, by source and reason"),
             ("connections_refused_total", ("input", "reason"), "Connections refused, by source and reason"),
             ("connections_closed_total", ("input", "reason"), "Connections closed by the sidecar, by source and reason"),
+            ("otlp_requests_total", ("input", "path", "code"), "OTLP/HTTP requests answered, by source, path (other: any but the three signals') and status code"),
         ):
             family = CounterMetricFamily(f"sidecar_{name.removesuffix('_total')}", help_text, labels=list(labels))
             for values, count in sorted(counters.by_labels(name, labels).items()):
@@ -241,7 +242,7 @@ class ViewServer:
     def _not_found(self, method: str, path: str) -> None:
         self.sidecar.counters.inc("http_not_found_total")
         if path in _OTLP_PATHS:
-            self._not_found_log.warning("otlp", "HTTP view: %s %s is an OTLP/HTTP export, which is not a source type yet; the SDKs' port takes JSON lines or MessagePack maps (docs/protocol.md)", method, path)
+            self._not_found_log.warning("otlp", "HTTP view: %s %s is an OTLP/HTTP export: point the exporter at a source of `type: otlp` (127.0.0.1:4318 by default; docs/configuration.md), not at the HTTP view", method, path)
         else:
             self._not_found_log.warning("other", "HTTP view: %s %s: no such resource (counted in http_not_found_total)", method, path)
 

@@ -46,9 +46,9 @@ def foreign_protocol(start: bytes) -> str:
     if _SYSLOG_PRI.match(start):
         return f"'<PRI>': this looks like syslog, which is not a source type; {_STREAM_FORMATS}"
     if start.startswith(b"PRI * HTTP/2"):
-        return f"an HTTP/2 preface: this looks like gRPC (an OTLP/gRPC exporter?), which is not a source type yet; {_STREAM_FORMATS}"
+        return f"an HTTP/2 preface: this looks like gRPC (an OTLP/gRPC exporter?), which is not a source type: send OTLP/HTTP (protocol http/protobuf) to a source of `type: otlp`; {_STREAM_FORMATS}"
     if start.startswith(_HTTP_METHODS):
-        return f"an HTTP request: the sidecar's HTTP view is on its own port (http:, 127.0.0.1:17001 by default), and OTLP/HTTP is not a source type yet; {_STREAM_FORMATS}"
+        return f"an HTTP request: the sidecar's HTTP view is on its own port (http:, 127.0.0.1:17001 by default), and OTLP/HTTP goes to a source of `type: otlp` (127.0.0.1:4318 by default); {_STREAM_FORMATS}"
     if first == 0x16 and len(start) > 1 and start[1] == 0x03:
         return f"a TLS handshake: this port is plain TCP (keep it on loopback, or a Unix socket); {_STREAM_FORMATS}"
     return f"neither '{{' (JSON lines) nor a MessagePack map; {_STREAM_FORMATS}"

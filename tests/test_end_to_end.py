@@ -332,7 +332,7 @@ def test_an_otlp_exporter_at_the_http_view_is_counted_and_told_where_it_is(start
     status, _body = sidecar.http("/no/such/page")
     assert status == 404
     stats = sidecar.wait_for(lambda s: s["http_not_found"] == 2, what="the 404s to be counted")
-    assert "POST /v1/traces is an OTLP/HTTP export, which is not a source type yet" in sidecar.log()
+    assert "POST /v1/traces is an OTLP/HTTP export: point the exporter at a source of `type: otlp`" in sidecar.log()
     status, metrics = sidecar.http("/metrics")
     assert b"sidecar_http_not_found_total 2.0" in metrics, metrics[:2000]
     assert stats["decode_errors"] == {}

@@ -146,8 +146,8 @@ def test_unknown_format_is_a_protocol_violation():
     (msgpack.packb(["app.log", [[1700000000, {"message": "hi"}]]]), "Fluent forward"),
     (b"<13>1 2026-12-03T10:00:00Z host app - - - hello", "syslog"),
     (b"<34>Dec  3 10:00:00 host app: hello", "syslog"),
-    (b"POST /v1/traces HTTP/1.1\r\n", "OTLP/HTTP"),
-    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "gRPC"),
+    (b"POST /v1/traces HTTP/1.1\r\n", "OTLP/HTTP goes to a source of `type: otlp`"),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "gRPC (an OTLP/gRPC exporter?), which is not a source type: send OTLP/HTTP"),
     (bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01]), "TLS"),
     (b"hello", "neither '{' (JSON lines) nor a MessagePack map"),
 ])

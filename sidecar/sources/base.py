@@ -49,6 +49,24 @@ class Intake:
             received_at = format_timestamp(dt.datetime.now(dt.timezone.utc))
             await send_channel.send((received_at, messages, holds))
 
+    async def hand_over_within(self, patience: float, send_channel: trio.MemorySendChannel, messages, errors: list, *, peer: str, holds: list) -> bool:
+        """`hand_over` for a client better told to come back than kept waiting (an HTTP
+        request): the messages go to the correlator if `holds` are released and the channel has
+        room within `patience` seconds, and only then are they and `errors` counted. False if
+        not: nothing was sent and nothing counted, so a retried request counts once."""
+        received_at = format_timestamp(dt.datetime.now(dt.timezone.utc))
+        with trio.move_on_after(patience):
+            while holds:
+                await holds[0].wait()
+                holds.pop(0)
+            await send_channel.send((received_at, messages, holds))
+            if errors:
+                self.reject(errors, peer)
+            self.count("messages_received_total", len(messages))
+            self.counters.inc("decoded_messages_total", len(messages), path=messages.path)
+            return True
+        return False
+
     def reject(self, errors: list, peer: str) -> int:
         """Count and log messages a decoder rejected; how many they were."""
         rejected = 0
