@@ -177,6 +177,8 @@ def documented_default(cls, field: attrs.Attribute, shown: str | None):
         return parse_bytesize(shown)
     if kind == StringPairs:  # a YAML mapping, kept as pairs
         return tuple(YAML(typ="safe").load(shown).items())
+    if typing.get_origin(kind) is tuple:  # a YAML list
+        return tuple(YAML(typ="safe").load(shown))
     if kind is bool:
         return {"true": True, "false": False}[shown]
     if kind is int:
@@ -219,8 +221,10 @@ def test_every_top_level_setting_is_documented_with_its_default(section):
 @pytest.mark.parametrize("type_name", sorted(SOURCE_TYPES))
 def test_every_source_type_setting_is_documented_with_its_default(type_name):
     # A source type's settings are rows `TYPE.key` of the top-level table (tcp's are also the
-    # `tcp:` section) or a table under a heading of its name.
-    keys = top_level_keys().get(type_name) or documented(table_rows(DOC.get(type_name, "")))
+    # `tcp:` section) or a table under the heading "… TYPE source" (e.g. "OTLP source").
+    headings = [h for h in DOC if h.lower().endswith(f"{type_name} source")]
+    assert type_name in top_level_keys() or len(headings) == 1, f"docs/configuration.md has no section '## … {type_name} source'"
+    keys = top_level_keys().get(type_name) or documented(table_rows(DOC[headings[0]]))
     assert_documented(source_class(type_name).Settings, keys, f"source {type_name}")
 
 

@@ -23,7 +23,7 @@ from sidecar.backends.otlp_export import Exporter, HeldStarts, nanos
 from sidecar.config import BackendSpec, BatchSettings, CircuitBreakerSettings, DeliverySettings, RetrySettings
 from sidecar.delivery import BackendSupervisor
 from sidecar.message import validate_message
-from tests.harness import SidecarProcess, wait_until
+from tests.harness import SidecarProcess, read_jsonl, wait_until
 from tests.test_delivery import file_spec, msgs
 
 HEX = "0123456789abcdef"
@@ -344,3 +344,53 @@ def test_headers_come_from_the_environment_and_check_shows_the_template(tmp_path
     assert result.returncode == 2
     assert f"{bad}:4: backends.otel.endpoint: endpoint '127.0.0.1:4318' must be http://HOST[:PORT][/PATH]" in result.stderr
     assert f"{bad}:5: backends.otel.headers must be a mapping, got a list" in result.stderr
+
+
+RECEIVING = """
+tcp: {{host: 127.0.0.1, port: 0}}
+sources:
+  otel: {{type: otlp, host: 127.0.0.1, port: 0}}
+backends:
+  files: {{type: filesystem, base_path: {base}, create_base_path: true, batch: {{timeout: 0.05}}}}
+routing:
+  all: [{{backend: files}}]
+"""
+
+
+def test_spans_logs_and_metrics_round_trip_through_a_second_sidecars_otlp_source(tmp_path):
+    (tmp_path / "receiver").mkdir()
+    (tmp_path / "sender").mkdir()
+    receiver = SidecarProcess(tmp_path / "receiver", RECEIVING.format(base=tmp_path / "out")).start()
+    try:
+        endpoint = "http://" + receiver.stats()["sources"]["otel"]["address"]
+        sender = SidecarProcess(tmp_path / "sender", CONFIG.format(endpoint=endpoint), env={"TENANT": "acme"}).start()
+        trace, root, child = "12" * 16, "34" * 8, "56" * 8
+        sent = [
+            {"type": "event", "source": "loader", "data": {"level": "warning", "message": "slow disk", "path": "/data"}, "context": {"job_id": "job-7"}, "trace_id": trace, "span_id": root},
+            {"type": "span", "source": "loader", "trace_id": trace, "span_id": root, "data": {"name": "process_job", "phase": "start"}, "context": {"job_id": "job-7"}},
+            {"type": "span", "source": "loader", "trace_id": trace, "span_id": child, "parent_span_id": root, "data": {"name": "load_data", "phase": "start", "file": "a.csv"}, "context": {"job_id": "job-7"}},
+            {"type": "span", "source": "loader", "trace_id": trace, "span_id": child, "parent_span_id": root, "data": {"name": "load_data", "phase": "end", "status": "error", "duration_ms": 40.0}, "context": {"job_id": "job-7"}},
+            {"type": "span", "source": "loader", "trace_id": trace, "span_id": root, "data": {"name": "process_job", "phase": "end", "status": "success", "duration_ms": 55.5}, "context": {"job_id": "job-7"}},
+            {"type": "metric", "source": "loader", "data": {"name": "rows_loaded", "value": 300, "unit": "rows", "tags": {"table": "orders"}}, "context": {"job_id": "job-7"}},
+        ]
+        try:
+            sender.send(sent)
+            sender.wait_for(lambda s: s["backends"][0]["delivered"] == len(sent), what="sent on")
+        finally:
+            assert sender.stop() == 0
+        # 1 event, 2 spans as start and end each, 1 metric
+        receiver.wait_for(lambda s: s["sources"]["otel"]["received"] == 6 and s["backends"][0]["queued"] == 0, what="received back")
+    finally:
+        assert receiver.stop() == 0
+    back = read_jsonl(tmp_path / "out" / "loader.jsonl")
+    assert {m["context"].get("job_id") for m in back} == {"job-7"}
+    [event] = [m for m in back if m["type"] == "event"]
+    assert (event["data"]["level"], event["data"]["message"], event["data"]["path"], event["trace_id"], event["span_id"]) == ("warning", "slow disk", "/data", trace, root)
+    spans = {(m["span_id"], m["data"]["phase"]): m for m in back if m["type"] == "span"}
+    assert set(spans) == {(root, "start"), (root, "end"), (child, "start"), (child, "end")}
+    assert spans[child, "start"]["parent_span_id"] == root and spans[child, "start"]["data"]["name"] == "load_data"
+    assert spans[child, "end"]["data"]["status"] == "error" and spans[child, "end"]["data"]["duration_ms"] == 40.0
+    assert spans[root, "end"]["data"]["status"] == "success" and spans[root, "end"]["data"]["duration_ms"] == 55.5
+    assert spans[child, "end"]["data"]["file"] == "a.csv"  # a span's attributes come back on its end
+    [metric] = [m for m in back if m["type"] == "metric"]
+    assert (metric["data"]["name"], metric["data"]["value"], metric["data"]["unit"], metric["data"]["tags"]) == ("rows_loaded", 300, "rows", {"table": "orders"})
