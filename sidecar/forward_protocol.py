@@ -618,8 +618,13 @@ class ForwardConnection:
         elif kind is float:
             if value - value != 0.0:
                 raise MessageError("invalid_timestamp", f"time {value} is not a finite number")
+            # To the microsecond, as the other sources read epoch floats (datetime rounds so),
+            # so that 1700000000.001 is .001 and not .000999927.
             seconds = int(value // 1)
-            nanoseconds = int((value - seconds) * 1e9)
+            microseconds = round((value - seconds) * 1e6)
+            if microseconds == 1_000_000:
+                seconds, microseconds = seconds + 1, 0
+            nanoseconds = microseconds * 1000
         elif kind is msgpack.Timestamp:
             seconds, nanoseconds = value.seconds, value.nanoseconds
         else:
