@@ -46,6 +46,8 @@ from sidecar.protocol import DecodeError, ProtocolViolation, msgpack_object_end
 
 DEFAULT_MAX_FRAME_SIZE = 8 * 1024 * 1024
 DEFAULT_MAX_DECOMPRESSED_SIZE = 32 * 1024 * 1024
+# What a client that has not passed the handshake may make the server hold (a PING is ~300 bytes).
+HANDSHAKE_FRAME_LIMIT = 64 * 1024
 
 # Levels as logging libraries and syslog spell them, beyond the protocol's own aliases.
 _LEVELS = {
@@ -281,6 +283,8 @@ def _frame_items(frame: bytes) -> list | None:
     if header is None:
         return None
     count, first = header
+    if not 2 <= count <= 4:
+        return [None] * count  # the wrong shape whatever it holds: not worth reading
     bounds = _item_bounds(frame, first, count)
     items = []
     for index, (begin, end) in enumerate(bounds):
@@ -311,17 +315,8 @@ def _packed_entries(payload: bytes):
             yield _Undecodable("truncated", f"the payload ends {size - at} bytes into an entry")
             return
         except msgpack.StackError:
-            try:
-                end = msgpack_object_end(payload, at)
-            except ValueError as exc:
-                yield _Undecodable("invalid_msgpack", f"broken MessagePack in the payload: {exc}")
-                return
-            if end is None:
-                yield _Undecodable("truncated", f"the payload ends {size - at} bytes into an entry")
-                return
-            yield _Undecodable("too_deep", "an entry nests deeper than 1024 levels")
-            # Past a nesting the skipper could not follow, the rest is stepped over by structure.
-            yield from _packed_entries_by_structure(payload, end)
+            # Nesting the skipper cannot follow: from here on, entries are found by structure.
+            yield from _packed_entries_by_structure(payload, at)
             return
         except (ValueError, msgpack.UnpackException) as exc:
             yield _Undecodable("invalid_msgpack", f"broken MessagePack in the payload: {type(exc).__name__}: {exc}")
@@ -331,6 +326,8 @@ def _packed_entries(payload: bytes):
 
 
 def _packed_entries_by_structure(payload: bytes, at: int):
+    """As `_packed_entries`, stepping over each entry in Python: slower, but with no limit on
+    nesting (an entry too deep to build is then `too_deep`, alone)."""
     size = len(payload)
     while at < size:
         try:
@@ -483,8 +480,8 @@ class ForwardConnection:
         raise self._violation
 
     def _check_first_byte(self, byte: int, received: ForwardReceived) -> None:
-        if byte == 0x7B:
-            self._fail(received, "unknown_format", "first byte '{': JSON is not the forward protocol; JSON lines go to a source of type tcp")
+        if byte == 0x7B or byte == 0x5B:
+            self._fail(received, "unknown_format", f"first byte {chr(byte)!r}: this source reads the forward protocol in MessagePack, not JSON; JSON lines go to a source of type tcp")
         if byte in _MAP_HEADERS:
             self._fail(received, "unknown_format", "first byte is a MessagePack map: this is a Fluent forward source ([tag, time, record] arrays); the SDKs' MessagePack maps go to a source of type tcp")
 
@@ -512,8 +509,9 @@ class ForwardConnection:
             del buffer[: self._frame_start]
             self._buffer_offset += self._frame_start
             self._frame_start = 0
-        if len(buffer) > self.max_frame_size:
-            self._fail(received, "too_large", f"frame {self.frames_seen + 1} is larger than {self.max_frame_size} bytes")
+        limit = self.max_frame_size if self.authenticated else min(self.max_frame_size, HANDSHAKE_FRAME_LIMIT)
+        if len(buffer) > limit:
+            self._fail(received, "too_large", f"frame {self.frames_seen + 1} is larger than {limit} bytes{'' if self.authenticated else ' (before the handshake)'}")
 
     def _frame(self, frame: bytes, received: ForwardReceived) -> None:
         if not self.authenticated:

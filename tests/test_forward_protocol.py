@@ -144,6 +144,14 @@ def test_a_packed_payload_that_breaks_costs_the_rest_of_it_not_the_connection():
     assert [reason for reason, _c, _d in errors] == ["truncated", "invalid_msgpack"]
 
 
+def test_an_entry_nested_past_the_unpackers_stack_costs_itself_in_a_packed_payload():
+    good = msgpack.packb([1700000000, {"log": "good"}])
+    deep = b"\x92\x01" + b"\x91" * 1100 + b"\x01"
+    messages, errors, _ = decode(msgpack.packb(["t", good + deep + good + good], use_bin_type=True))
+    assert [m["data"]["message"] for m in messages] == ["good"] * 3
+    assert [reason for reason, _c, _d in errors] == ["too_deep"]
+
+
 def test_size_says_how_many_entries_are_lost():
     good = msgpack.packb([1700000000, {"log": "good"}])
     frame = msgpack.packb(["t", good + good, {"size": 5}], use_bin_type=True)
@@ -179,6 +187,7 @@ def test_gunzip_stops_at_its_limit():
 
 @pytest.mark.parametrize("stream, reason", [
     (b'{"source": "x"}\n', "unknown_format"),
+    (b'["app", 1700000000, {"log": "json"}]', "unknown_format"),
     (msgpack.packb({"source": "x", "type": "event"}), "unknown_format"),
     (msgpack.packb(["t", [[1, {}]]]) + msgpack.packb(42), "not_an_array"),
     (msgpack.packb(["t"]), "invalid_frame"),
@@ -317,6 +326,13 @@ def test_users_need_their_password():
         with pytest.raises(ForwardViolation) as caught:
             handshaking(users).receive_data(ping(b"secret", username, password))
         assert msgpack.unpackb(caught.value.reply)[1:3] == [False, "username/password mismatch"]
+
+
+def test_before_the_handshake_a_client_cannot_make_the_server_hold_much():
+    connection = handshaking()
+    with pytest.raises(ForwardViolation) as caught:
+        connection.receive_data(msgpack.packb(["PING", "x" * 100_000])[:70_000])
+    assert caught.value.reason == "too_large" and "before the handshake" in caught.value.detail
 
 
 def test_events_before_the_handshake_are_refused():

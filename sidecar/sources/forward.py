@@ -161,15 +161,16 @@ class ForwardSource(StreamSource):
         handshake_deadline = trio.current_time() + settings.handshake_timeout
         if self.tls is not None:
             stream = trio.SSLStream(stream, self.tls, server_side=True)
-            with trio.move_on_at(handshake_deadline) as tls_scope:
+            # The connection's scope: shutdown's read deadline moves it too.
+            with trio.move_on_at(min(handshake_deadline, self._read_deadline)) as connection.read_scope:
                 try:
                     await stream.do_handshake()
                 except trio.BrokenResourceError as exc:
                     self.intake.count("connections_closed_total", reason="tls_failed")
                     self._handshake_log.warning("tls_failed", "source %s: TLS handshake with %s failed: %s", self.name, connection.where, exc.__cause__ or exc)
                     return
-            if tls_scope.cancelled_caught:
-                self.intake.count("connections_closed_total", reason="handshake_timeout")
+            if connection.read_scope.cancelled_caught:
+                self.intake.count("connections_closed_total", reason="handshake_timeout" if trio.current_time() >= handshake_deadline else "shutdown")
                 return
             connection.format = "forward+tls"
         decoder = ForwardConnection(
