@@ -6,8 +6,10 @@ listening, limits, backpressure and shutdown are `StreamSource`'s, as for the tc
 Acks: a frame with `option.chunk` is acknowledged only after its messages were handed over,
 that is, once they are in the channel to the correlator. A client that waits for acks and
 resends what was not acknowledged (Fluent Bit's `Require_ack_response`, Fluentd's
-`require_ack_response`) loses nothing up to that channel; from there on, the backends' queues
-and their `when_full` settings decide, as for every source.
+`require_ack_response`) loses nothing up to that channel (at least once: what was handed over
+before a connection broke, unacknowledged, comes again); from there on, the backends' queues
+and their `when_full` settings decide, as for every source, and a SIGKILL costs what the
+channel holds.
 """
 
 import os
