@@ -42,7 +42,7 @@ def foreign_protocol(start: bytes) -> str:
     look like, and where that client should go instead."""
     first = start[0]
     if 0x90 <= first <= 0x9F or first in (0xDC, 0xDD):
-        return f"a MessagePack array: this looks like Fluent forward ([tag, time, record] or [tag, entries]), which is not a source type yet; {_STREAM_FORMATS}"
+        return f"a MessagePack array: this looks like Fluent forward ([tag, time, record] or [tag, entries]): configure a source of type forward (default port 24224) and point the client there; {_STREAM_FORMATS}"
     if _SYSLOG_PRI.match(start):
         return f"'<PRI>': this looks like syslog, which is not a source type; {_STREAM_FORMATS}"
     if start.startswith(b"PRI * HTTP/2"):

@@ -25,7 +25,7 @@ def test_did_you_mean_only_for_a_near_miss():
         (BACKENDS + "routing:\n  svc: [{backend: flies}]\n", 5, "rule for 'svc' names unknown backend 'flies' (backends: files, console); did you mean 'files'?"),
         ("backends:\n  files: {type: filesytem, base_path: /tmp/x}\n", 2, "unknown backend type 'filesytem' (known types: cloudwatch, console, filesystem, otlp, postgres, s3); did you mean 'filesystem'?"),
         ("backends:\n  db: {type: timescale, connection_string: x}\n", 2, "did you mean 'timescaledb'?"),
-        ("sources:\n  apps: {type: tpc}\n", 2, "unknown source type 'tpc' (known types: otlp, tcp); did you mean 'tcp'?"),
+        ("sources:\n  apps: {type: tpc}\n", 2, "unknown source type 'tpc' (known types: forward, otlp, tcp); did you mean 'tcp'?"),
         ("transforms:\n  svc: [{type: fliter}]\n", 2, "unknown transform type 'fliter' (known types: filter); did you mean 'filter'?"),
         ("routng: {}\n", 1, "unknown top-level key 'routng' (known keys: tcp, http, pipeline, index, storage, reload, shutdown, sources, backends, transforms, routing); did you mean 'routing'?"),
         ("tcp:\n  prot: 1\n", 2, "unknown key tcp.prot (known keys: host, port, unix, max_connections, max_message_size, read_size, max_depth); did you mean 'port'?"),

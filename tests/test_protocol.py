@@ -142,8 +142,8 @@ def test_unknown_format_is_a_protocol_violation():
 
 
 @pytest.mark.parametrize("start, named", [
-    (msgpack.packb(["app.log", 1700000000, {"message": "hi"}]), "Fluent forward"),
-    (msgpack.packb(["app.log", [[1700000000, {"message": "hi"}]]]), "Fluent forward"),
+    (msgpack.packb(["app.log", 1700000000, {"message": "hi"}]), "Fluent forward ([tag, time, record] or [tag, entries]): configure a source of type forward"),
+    (msgpack.packb(["app.log", [[1700000000, {"message": "hi"}]]]), "a source of type forward (default port 24224)"),
     (b"<13>1 2026-12-03T10:00:00Z host app - - - hello", "syslog"),
     (b"<34>Dec  3 10:00:00 host app: hello", "syslog"),
     (b"POST /v1/traces HTTP/1.1\r\n", "OTLP/HTTP goes to a source of `type: otlp`"),

@@ -58,7 +58,7 @@ def test_source_mistakes_are_reported_at_their_lines(write):
     problems = problems_of(main)
     assert problems == [
         f"{main}:3: source 'tcp' is defined twice (the `tcp:` section is the source named tcp)",
-        f"{main}:4: unknown source type 'carrier-pigeon' (known types: otlp, tcp)",
+        f"{main}:4: unknown source type 'carrier-pigeon' (known types: forward, otlp, tcp)",
         f"{main}:5: source 'untyped' needs a type",
         f"{main}:6: source name 'a b' must be letters, digits, '.', '_' or '-'",
         f"{main}:7: unknown key sources.apps.colour (known keys: host, port, unix, max_connections, max_message_size, read_size, max_depth)",

@@ -33,6 +33,7 @@ from sidecar.config.settings import (
 from sidecar.config.yaml_reader import ConfigError, DocumentReader, Invalid, Where, plain, read_yaml, submapping
 from sidecar.constants import LEVELS, MESSAGE_TYPES
 from sidecar.sources import SourceTypeUnknown, source_class
+from sidecar.sources.base import SettingsFromEnvironment
 from sidecar.sources.tcp import TcpSettings
 from sidecar.suggestions import did_you_mean
 from sidecar.transforms import TRANSFORM_TYPES, TransformSpec, TransformTypeUnknown, transform_class
@@ -185,9 +186,16 @@ def _read_source(reader: DocumentReader, name: str, node, where: Where) -> Sourc
         return None
     options = submapping(node, [k for k in node if k != "type"])
     try:
-        return SourceSpec(name, type_name, reader.build(cls.Settings, options, where, f"sources.{name}"), where)
+        settings = reader.build(cls.Settings, options, where, f"sources.{name}")
     except Invalid:
         return None
+    if hasattr(settings, "from_environment"):
+        try:
+            settings = settings.from_environment(reader.environ)
+        except SettingsFromEnvironment as exc:
+            reader.problem(reader.value_where(node, exc.key) if exc.key in node else where, f"sources.{name}.{exc}")
+            return None
+    return SourceSpec(name, type_name, settings, where)
 
 
 def _read_backends(reader: DocumentReader, main) -> _Backends:

@@ -9,6 +9,7 @@ from sidecar.suggestions import did_you_mean
 # type name -> (module, class)
 SOURCE_TYPES = {
     "tcp": ("sidecar.sources.tcp", "TcpSource"),
+    "forward": ("sidecar.sources.forward", "ForwardSource"),
     "otlp": ("sidecar.sources.otlp", "OtlpSource"),
 }
 

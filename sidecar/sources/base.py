@@ -22,6 +22,15 @@ class CannotListen(OSError):
     """A source could not open its address: what the operator reads, naming the source."""
 
 
+class SettingsFromEnvironment(ValueError):
+    """A source's setting that names an environment variable (a secret) or a file could not be
+    resolved; `key` is the setting, for the problem's line."""
+
+    def __init__(self, key: str, detail: str):
+        super().__init__(detail)
+        self.key = key
+
+
 class Intake:
     """Where a source hands what it decoded: counted under the source's name (the `input`
     label), stamped with the time it arrived, and sent to the correlator. `hand_over` waits
@@ -83,7 +92,9 @@ class Intake:
 
 class Source:
     """Base of every source. A subclass sets `type_name` and `Settings` (a frozen attrs class
-    read from the config with file:line errors) and implements `run`."""
+    read from the config with file:line errors) and implements `run`. `Settings` may have
+    `from_environment(environ)`, which the config loader calls to read the secrets its settings
+    name (raising SettingsFromEnvironment)."""
 
     type_name: ClassVar[str]
     Settings: ClassVar[type]

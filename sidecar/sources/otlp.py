@@ -20,7 +20,7 @@ from sidecar.logs import DistinctErrorLog, RateLimitedLog
 from sidecar.otlp import SIGNALS, Encoding, RequestError, decode, encoding_of, error_body, export, route
 from sidecar.otlp_mapping import MappingOptions
 from sidecar.sources.base import CannotListen, Source
-from sidecar.sources.tcp import _ACCEPT_RESOURCE_ERRORS, _peer_of
+from sidecar.sources.stream import _ACCEPT_RESOURCE_ERRORS, _peer_of
 from sidecar.units import ByteSize, Duration
 
 log = logging.getLogger("sidecar.listener")
