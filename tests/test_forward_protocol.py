@@ -421,13 +421,17 @@ def test_any_split_of_the_stream_gives_the_same_result(given_frames, cuts, damag
 
 
 @settings(max_examples=300)
-@given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=5))
-def test_arbitrary_bytes_never_raise_anything_but_a_violation(data, cuts):
+@given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=5), st.booleans(), st.booleans())
+def test_arbitrary_bytes_never_raise_anything_but_a_violation(data, cuts, with_auth, after_ping):
     points = sorted({cut % (len(data) + 1) for cut in cuts})
-    connection = ForwardConnection(MAPPING, max_frame_size=256)
+    connection = handshaking() if with_auth else ForwardConnection(MAPPING, max_frame_size=256, chunk_size=64)
+    if with_auth and after_ping:
+        connection.receive_data(ping(b"secret"))
     try:
         for a, b in zip([0, *points], [*points, len(data)]):
             connection.receive_data(data[a:b])
+            while connection.pending:
+                connection.receive_more()
         connection.receive_eof()
     except ForwardViolation:
         pass
@@ -439,3 +443,15 @@ def test_a_forward_frame_of_anything_never_closes_the_connection(entries_):
     messages, errors, _ = decode(msgpack.packb(["t", entries_], use_bin_type=True) + msgpack.packb(["t", 1, {"log": "next"}]))
     assert messages[-1]["data"]["message"] == "next"
     assert len(messages) - 1 + sum(count for _r, count, _d in errors) == len(entries_)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(frames, st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=3))
+def test_a_damaged_stream_never_raises_anything_but_a_violation(given_frames, flips):
+    stream = bytearray(b"".join(encode_frame(tag, mode, batch, chunk) for tag, mode, batch, chunk in given_frames))
+    for at, value in flips:
+        stream[at % len(stream)] = value
+    try:
+        decode(bytes(stream))
+    except ForwardViolation:
+        pass
