@@ -6,12 +6,16 @@ delivered messages, checked against the lines in the file), and the sidecar's pe
 
 With `--protocol otlp` the same events are then sent again, to the same sidecar, as OTLP/HTTP
 log exports (protobuf, `--batch` records a request, as an OpenTelemetry SDK batches them, over
-keep-alive connections), and both runs are printed with the ratio of OTLP to JSON lines.
+keep-alive connections), and both runs are printed with the ratio of OTLP to JSON lines. With
+`--protocol forward` they are sent again as Fluent forward records (PackedForward frames of 1000
+entries, or `--forward-mode`) to a forward source of the same sidecar, compared the same way.
 
-    .venv/bin/python bench/ingest.py [--messages 2000000] [--connections 8] [--format json|msgpack] [--odd-every N] [--python-path] [--queue disk|memory] [--protocol otlp [--batch 512]]
+    .venv/bin/python bench/ingest.py [--messages 2000000] [--connections 8] [--format json|msgpack] [--odd-every N] [--python-path] [--queue disk|memory]
+        [--protocol otlp [--batch 512] | --protocol forward [--forward-mode message|forward|packed|compressed]]
 """
 
 import argparse
+import gzip
 import http.client
 import os
 import platform
@@ -36,6 +40,7 @@ CONFIG = """
 tcp: {{host: 127.0.0.1, port: 0}}
 sources:
   otel: {{type: otlp, host: 127.0.0.1, port: 0, max_body_size: 16MiB}}
+  fluent: {{type: forward, host: 127.0.0.1, port: 0, max_frame_size: 64MiB}}
 shutdown: {{drain_timeout: 60}}
 backends:
   files:
@@ -114,6 +119,31 @@ def post_all(port: int, bodies: list[bytes]) -> None:
     connection.close()
 
 
+def forward_payload(connection: int, count: int, mode: str) -> bytes:
+    """The same messages as Fluent forward records: the tag is the source, the event's fields are
+    the record's (`log`, `level`, the context's keys), and EventTime carries the timestamp."""
+    tag = f"bench-{connection % 4}"
+    event_time = msgpack.ExtType(0, (1760956245).to_bytes(4, "big") + (123_000_000).to_bytes(4, "big"))
+    entries = []
+    for seq in range(count):
+        m = message(connection, seq)
+        entries.append([event_time, {"log": m["data"]["message"], "level": "info", "trace_id": m["trace_id"], "span_id": m["span_id"], **m["context"]}])
+    if mode == "message":
+        return b"".join(msgpack.packb([tag, t, record], use_bin_type=True) for t, record in entries)
+    frames = []
+    for start in range(0, count, 1000):
+        batch = entries[start : start + 1000]
+        if mode == "forward":
+            frames.append(msgpack.packb([tag, batch], use_bin_type=True))
+            continue
+        packed = b"".join(msgpack.packb(entry, use_bin_type=True) for entry in batch)
+        if mode == "compressed":
+            frames.append(msgpack.packb([tag, gzip.compress(packed, 1), {"compressed": "gzip", "size": len(batch)}], use_bin_type=True))
+        else:
+            frames.append(msgpack.packb([tag, packed, {"size": len(batch)}], use_bin_type=True))
+    return b"".join(frames)
+
+
 def count_lines(out: Path, offsets: dict[Path, int]) -> int:
     """Lines added to the output files since the offsets (updated)."""
     counted = 0
@@ -187,8 +217,9 @@ def main() -> int:
     parser.add_argument("--python-path", action="store_true", help="run the sidecar with `pipeline.native: false` (every message on the Python path)")
     parser.add_argument("--queue", choices=["disk", "memory"], default="disk", help="the backend's queue.mode (disk, the default: every message written to its log first)")
     parser.add_argument("--profile", metavar="FILE", help="record the sidecar with py-spy (raw, collapsed stacks) into FILE; needs `pip install -e '.[bench]'`")
-    parser.add_argument("--protocol", choices=["otlp"], help="then send the same events as OTLP/HTTP log exports to the same sidecar, and compare")
+    parser.add_argument("--protocol", choices=["otlp", "forward"], help="then send the same events as OTLP/HTTP log exports, or as Fluent forward records, to the same sidecar, and compare")
     parser.add_argument("--batch", type=int, default=512, help="log records per OTLP request (the OpenTelemetry SDKs' default batch: 512)")
+    parser.add_argument("--forward-mode", choices=["message", "forward", "packed", "compressed"], default="packed", help="the Fluent forward mode of --protocol forward")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as work:
@@ -203,6 +234,7 @@ def main() -> int:
         if args.protocol == "otlp":
             otlp_bodies = [otlp_requests(c, per_connection, args.batch) for c in range(args.connections)]
             print(f"  and as OTLP: {sum(map(len, otlp_bodies)):,} requests of {args.batch} records", flush=True)
+        forward_payloads = [forward_payload(c, per_connection, args.forward_mode) for c in range(args.connections)] if args.protocol == "forward" else None
 
         sidecar, port = start_sidecar(work, CONFIG.format(base=work / "out", native="false" if args.python_path else "true", queue_mode=", mode: memory" if args.queue == "memory" else ""))
         try:
@@ -221,6 +253,10 @@ def main() -> int:
             if otlp_bodies is not None:
                 otlp_port = int(orjson.loads((work / "status.json").read_bytes())["sources"]["otel"]["address"].rsplit(":", 1)[1])
                 otlp = measure(sidecar, work, [threading.Thread(target=post_all, args=(otlp_port, bodies)) for bodies in otlp_bodies], total, offsets)
+            forward = None
+            if forward_payloads is not None:
+                forward_port = int(orjson.loads((work / "status.json").read_bytes())["sources"]["fluent"]["address"].rsplit(":", 1)[1])
+                forward = measure(sidecar, work, senders(forward_port, forward_payloads), total, offsets)
             if profiler is not None:
                 profiler.send_signal(signal.SIGINT)
                 profiler.wait(30)
@@ -239,8 +275,16 @@ def main() -> int:
                 f" {(otlp['user'] + otlp['system']) / (lines['user'] + lines['system']):.2f}x the CPU per message"
             )
             complete = complete and otlp["counted"] == total
+        if forward is not None:
+            report(f"Fluent forward ({args.forward_mode})", forward, total, sum(map(len, forward_payloads)))
+            print(
+                f"forward / JSON lines: {lines['elapsed'] / forward['elapsed']:.2f}x the throughput,"
+                f" {(forward['user'] + forward['system']) / (lines['user'] + lines['system']):.2f}x the CPU per message"
+            )
+            complete = complete and forward["counted"] == total
+        second = otlp or forward
         print(f"sidecar peak RSS: {rss:.0f} MiB")
-        print(f"lines in the output files: {lines['counted'] + (otlp['counted'] if otlp else 0):,} of {total * (2 if otlp else 1):,}")
+        print(f"lines in the output files: {lines['counted'] + (second['counted'] if second else 0):,} of {total * (2 if second else 1):,}")
         return 0 if complete else 1
 
 

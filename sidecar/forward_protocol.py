@@ -45,7 +45,8 @@ from sidecar.message import MessageError, validate_message
 from sidecar.protocol import DecodeError, ProtocolViolation, msgpack_object_end
 
 DEFAULT_MAX_FRAME_SIZE = 8 * 1024 * 1024
-DEFAULT_MAX_DECOMPRESSED_SIZE = 32 * 1024 * 1024
+DEFAULT_MAX_DECOMPRESSED_SIZE = 16 * 1024 * 1024
+DEFAULT_CHUNK_SIZE = 1024 * 1024
 # What a client that has not passed the handshake may make the server hold (a PING is ~300 bytes).
 HANDSHAKE_FRAME_LIMIT = 64 * 1024
 
@@ -398,12 +399,14 @@ class ForwardReceived:
     errors: list = attrs.field(factory=list)
     acks: list = attrs.field(factory=list)
     reply: bytes = b""
+    size: int = 0  # bytes decoded: the frames, and what their packed payloads unzipped to
 
 
 class ForwardConnection:
     """One connection's server side. Feed it with `receive_data`; send `greeting()` first.
 
-    `nonce` and `auth_salt` (16 random bytes each, from the caller) are used only with `auth`.
+    `nonce` and `auth_salt` (16 random bytes each, from the caller) are used only with `auth`;
+    `chunk_size` bounds the bytes of frames one call decodes (see `receive_data`).
     `entries_seen` counts the entries read, valid or not, as `messages_seen` of the TCP
     decoder does; error details number them from 1.
     """
@@ -418,6 +421,7 @@ class ForwardConnection:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_decompressed_size: int = DEFAULT_MAX_DECOMPRESSED_SIZE,
         max_depth: int = DEFAULT_MAX_DEPTH,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ):
         self.mapping = mapping
         self.auth = auth
@@ -426,10 +430,13 @@ class ForwardConnection:
         self.max_frame_size = max_frame_size
         self.max_decompressed_size = max_decompressed_size
         self.max_depth = max_depth
+        self.chunk_size = chunk_size
         self.authenticated = auth is None
         self.username: str | None = None
         self.entries_seen = 0
         self.frames_seen = 0
+        self._unfed = bytearray()  # received, not yet given to the skipper
+        self._stopped_early = False
         self._buffer = bytearray()  # from where the next frame starts, and what follows
         self._buffer_offset = 0  # the stream's position of _buffer[0]
         self._frame_start = 0  # in _buffer, while frames are being taken from it
@@ -448,32 +455,49 @@ class ForwardConnection:
         return msgpack.packb(["HELO", {"nonce": self.nonce, "auth": self.auth_salt, "keepalive": True}], use_bin_type=True)
 
     def receive_data(self, data: bytes) -> ForwardReceived:
-        """The frames `data` completes. Raises ForwardViolation (with what was whole before it)
-        when the stream breaks; after that, every call raises it again."""
+        """The frames `data` completes, up to `chunk_size` bytes of them (frames and what their
+        packed payloads unzip to; a frame is never split): while `pending`, `receive_more()`
+        returns the next such chunk, so that a read of many small compressed frames never
+        becomes one huge chunk of messages. Raises ForwardViolation (with what was whole before
+        it) when the stream breaks; after that, every call raises it again."""
         if self._violation is not None:
             raise self._violation
         received = ForwardReceived()
-        if not data:
-            return received
-        if self.frames_seen == 0 and not self._buffer:
-            self._check_first_byte(data[0], received)
-        # Fed in pieces no larger than a frame, so that many small frames read at once never
-        # fill the skipper's buffer, which holds two frames at the limit.
-        step = self.max_frame_size
-        for start in range(0, len(data), step):
-            piece = data[start : start + step] if len(data) > step else data
-            self._buffer += piece
-            self._skipper.feed(piece)
-            self._frames(received)
-        return received
+        if data:
+            if self.frames_seen == 0 and not self._buffer and not self._unfed:
+                self._check_first_byte(data[0], received)
+            self._unfed += data
+        return self._receive(received)
+
+    @property
+    def pending(self) -> bool:
+        """Whether bytes already received may complete more frames: call `receive_more()`."""
+        return self._stopped_early or bool(self._unfed)
+
+    def receive_more(self) -> ForwardReceived:
+        """The next chunk of what was received already (see `receive_data`)."""
+        return self.receive_data(b"")
 
     def receive_eof(self) -> ForwardReceived:
-        """The peer closed: a frame cut off by the end of the stream is one `truncated` error."""
+        """The peer closed (call once nothing is `pending`): a frame cut off by the end of the
+        stream is one `truncated` error."""
         received = ForwardReceived()
         if self._violation is None and self._buffer:
             received.errors.append(DecodeError("truncated", f"frame {self.frames_seen + 1}: the stream ended {len(self._buffer)} bytes into it"))
             self._buffer = bytearray()
         return received
+
+    def _receive(self, received: ForwardReceived) -> ForwardReceived:
+        # Fed to the skipper in pieces no larger than a frame, so that many small frames read at
+        # once never fill its buffer, which holds two frames at the limit.
+        while True:
+            self._stopped_early = not self._frames(received)
+            if self._stopped_early or not self._unfed:
+                return received
+            piece = bytes(self._unfed[: self.max_frame_size])
+            del self._unfed[: self.max_frame_size]
+            self._buffer += piece
+            self._skipper.feed(piece)
 
     def _fail(self, received: ForwardReceived, reason: str, detail: str, reply: bytes = b""):
         self._violation = ForwardViolation(reason, detail, received.messages, received.errors, reply)
@@ -485,10 +509,15 @@ class ForwardConnection:
         if byte in _MAP_HEADERS:
             self._fail(received, "unknown_format", "first byte is a MessagePack map: this is a Fluent forward source ([tag, time, record] arrays); the SDKs' MessagePack maps go to a source of type tcp")
 
-    def _frames(self, received: ForwardReceived) -> None:
+    def _frames(self, received: ForwardReceived) -> bool:
+        """Decode the complete frames in `_buffer` until `chunk_size` is reached; whether all
+        were (False: stopped early, more may be complete)."""
         skipper = self._skipper
         buffer = self._buffer
         while True:
+            if received.size >= self.chunk_size:
+                self._trim()
+                return False
             try:
                 skipper.skip()
             except msgpack.OutOfData:
@@ -504,14 +533,21 @@ class ForwardConnection:
             self.frames_seen += 1
             if len(frame) > self.max_frame_size:
                 self._fail(received, "too_large", f"frame {self.frames_seen} is larger than {self.max_frame_size} bytes")
+            received.size += len(frame)
             self._frame(frame, received)
-        if self._frame_start:
-            del buffer[: self._frame_start]
-            self._buffer_offset += self._frame_start
-            self._frame_start = 0
+        self._trim()
+        # What is left is one frame, incomplete.
         limit = self.max_frame_size if self.authenticated else min(self.max_frame_size, HANDSHAKE_FRAME_LIMIT)
         if len(buffer) > limit:
             self._fail(received, "too_large", f"frame {self.frames_seen + 1} is larger than {limit} bytes{'' if self.authenticated else ' (before the handshake)'}")
+        return True
+
+    def _trim(self) -> None:
+        """Drop the frames taken from `_buffer`."""
+        if self._frame_start:
+            del self._buffer[: self._frame_start]
+            self._buffer_offset += self._frame_start
+            self._frame_start = 0
 
     def _frame(self, frame: bytes, received: ForwardReceived) -> None:
         if not self.authenticated:
@@ -551,7 +587,9 @@ class ForwardConnection:
             entries = _packed_entries(body)
             if option.get("compressed") == "gzip":
                 try:
-                    entries = _packed_entries(gunzip(body, self.max_decompressed_size))
+                    payload = gunzip(body, self.max_decompressed_size)
+                    received.size += len(payload)
+                    entries = _packed_entries(payload)
                 except GzipError as exc:
                     lost = size or 1
                     received.errors.append(DecodeError(exc.reason, f"frame {number}: {exc.detail}; its {size or 'unknown number of'} entries are lost", count=lost))

@@ -51,9 +51,13 @@ def decode(stream: bytes, connection: ForwardConnection | None = None, pieces=No
     messages, errors, acks = [], [], []
     for piece in pieces or [stream]:
         received = connection.receive_data(piece)
-        messages += received.messages
-        errors += [(e.reason, e.count, e.detail) for e in received.errors]
-        acks += [msgpack.unpackb(a) for a in received.acks]
+        while True:
+            messages += received.messages
+            errors += [(e.reason, e.count, e.detail) for e in received.errors]
+            acks += [msgpack.unpackb(a) for a in received.acks]
+            if not connection.pending:
+                break
+            received = connection.receive_more()
     end = connection.receive_eof()
     errors += [(e.reason, e.count, e.detail) for e in end.errors]
     return messages, errors, acks
@@ -172,6 +176,21 @@ def test_bad_gzip_and_a_zip_bomb_cost_their_entries_and_the_connection_goes_on()
     messages, errors, _ = decode(frames, connection)
     assert [m["data"]["message"] for m in messages] == ["still here"]
     assert [(reason, count) for reason, count, _d in errors] == [("too_large", 7), ("invalid_gzip", 1), ("invalid_gzip", 1)]
+
+
+def test_a_read_of_many_compressed_frames_comes_in_bounded_chunks():
+    entries = [[1700000000, {"log": "x" * 1000}] for _ in range(100)]
+    frame = msgpack.packb(["t", gzip.compress(packed(entries)), {"compressed": "gzip", "chunk": "c"}], use_bin_type=True)
+    assert len(frame) < 2000  # 100 KB of entries each
+    connection = ForwardConnection(MAPPING, chunk_size=256 * 1024)
+    received = connection.receive_data(frame * 50)
+    sizes = [len(received.messages)]
+    acks = len(received.acks)
+    while connection.pending:
+        received = connection.receive_more()
+        sizes.append(len(received.messages))
+        acks += len(received.acks)
+    assert sum(sizes) == 5000 and max(sizes) <= 300 and acks == 50  # three frames at most each
 
 
 def test_gunzip_stops_at_its_limit():
@@ -391,24 +410,28 @@ def test_every_mode_round_trips(given_frames):
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
-@given(frames, st.lists(st.integers(0, 10_000), max_size=12), st.booleans())
-def test_any_split_of_the_stream_gives_the_same_result(given_frames, cuts, damaged):
+@given(frames, st.lists(st.integers(0, 10_000), max_size=12), st.booleans(), st.sampled_from([1, 200, 1 << 20]))
+def test_any_split_of_the_stream_gives_the_same_result(given_frames, cuts, damaged, chunk_size):
     stream = b"".join(encode_frame(tag, mode, batch, chunk) for tag, mode, batch, chunk in given_frames)
     if damaged:  # an invalid entry in the middle, and a cut-off frame at the end
         stream += msgpack.packb(["t", [[1, "x"], [2, {"log": "y"}]]]) + msgpack.packb(["t", [[3, {"log": "z"}]]])[:-1]
     points = sorted({cut % (len(stream) + 1) for cut in cuts})
     pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)])]
-    assert decode(stream, pieces=pieces) == decode(stream)
+    assert decode(stream, ForwardConnection(MAPPING, chunk_size=chunk_size), pieces) == decode(stream)
 
 
 @settings(max_examples=300)
-@given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=5))
-def test_arbitrary_bytes_never_raise_anything_but_a_violation(data, cuts):
+@given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=5), st.booleans(), st.booleans())
+def test_arbitrary_bytes_never_raise_anything_but_a_violation(data, cuts, with_auth, after_ping):
     points = sorted({cut % (len(data) + 1) for cut in cuts})
-    connection = ForwardConnection(MAPPING, max_frame_size=256)
+    connection = handshaking() if with_auth else ForwardConnection(MAPPING, max_frame_size=256, chunk_size=64)
+    if with_auth and after_ping:
+        connection.receive_data(ping(b"secret"))
     try:
         for a, b in zip([0, *points], [*points, len(data)]):
             connection.receive_data(data[a:b])
+            while connection.pending:
+                connection.receive_more()
         connection.receive_eof()
     except ForwardViolation:
         pass
@@ -420,3 +443,15 @@ def test_a_forward_frame_of_anything_never_closes_the_connection(entries_):
     messages, errors, _ = decode(msgpack.packb(["t", entries_], use_bin_type=True) + msgpack.packb(["t", 1, {"log": "next"}]))
     assert messages[-1]["data"]["message"] == "next"
     assert len(messages) - 1 + sum(count for _r, count, _d in errors) == len(entries_)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(frames, st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=3))
+def test_a_damaged_stream_never_raises_anything_but_a_violation(given_frames, flips):
+    stream = bytearray(b"".join(encode_frame(tag, mode, batch, chunk) for tag, mode, batch, chunk in given_frames))
+    for at, value in flips:
+        stream[at % len(stream)] = value
+    try:
+        decode(bytes(stream))
+    except ForwardViolation:
+        pass

@@ -183,6 +183,7 @@ class ForwardSource(StreamSource):
             max_frame_size=settings.max_frame_size,
             max_decompressed_size=settings.max_decompressed_size,
             max_depth=settings.max_depth,
+            chunk_size=settings.read_size,
         )
         greeting = decoder.greeting()
         if greeting and not await self._send(connection, stream, greeting):
@@ -198,21 +199,28 @@ class ForwardSource(StreamSource):
                 received = decoder.receive_eof()
                 await self.hand_over(connection, send_channel, received.messages, received.errors)
                 return
-            try:
-                received = decoder.receive_data(data)
-            except ForwardViolation as violation:
-                await self.hand_over(connection, send_channel, violation.messages, [*violation.errors, violation])
-                self.intake.count("connections_closed_total", reason=violation.reason)
-                if violation.reply:
-                    await self._send(connection, stream, violation.reply)
-                await trio.aclose_forcefully(stream)
-                return
-            if received.reply and not await self._send(connection, stream, received.reply):
-                return
-            await self.hand_over(connection, send_channel, received.messages, received.errors)
-            # Only now: the messages are in the correlator's channel (see the module's doc).
-            if received.acks and not await self._send(connection, stream, b"".join(received.acks)):
-                return
+            received = None
+            while received is None or decoder.pending:
+                try:
+                    received = decoder.receive_data(data) if received is None else decoder.receive_more()
+                except ForwardViolation as violation:
+                    await self.hand_over(connection, send_channel, violation.messages, [*violation.errors, violation])
+                    self.intake.count("connections_closed_total", reason=violation.reason)
+                    if violation.reply:
+                        await self._send(connection, stream, violation.reply)
+                    await trio.aclose_forcefully(stream)
+                    return
+                if not await self._deliver(connection, stream, send_channel, received):
+                    return
+
+    async def _deliver(self, connection: Connection, stream: trio.abc.Stream, send_channel, received) -> bool:
+        """The handshake's reply, then the messages to the intake, then the acks: whether the
+        connection goes on."""
+        if received.reply and not await self._send(connection, stream, received.reply):
+            return False
+        await self.hand_over(connection, send_channel, received.messages, received.errors)
+        # Only now: the messages are in the correlator's channel (see the module's doc).
+        return not received.acks or await self._send(connection, stream, b"".join(received.acks))
 
     async def _send(self, connection: Connection, stream: trio.abc.Stream, data: bytes) -> bool:
         if await self.send(connection, stream, data, timeout=self.settings.send_timeout):
