@@ -158,6 +158,39 @@ def test_fluent_logger_over_a_unix_socket_with_a_tag_prefix(tmp_path):
     assert [m["data"]["message"] for m in read_jsonl(tmp_path / "out" / "web.jsonl")] == [f"line {seq}" for seq in range(5)]
 
 
+GO_CLIENT = REPO / "tests" / "clients" / "fluent_go"
+
+
+@pytest.fixture(scope="module")
+def go_fluent_client(tmp_path_factory):
+    """tests/clients/fluent_go built: fluent-logger-golang, the library of Docker's fluentd
+    log driver (from the Go module proxy, pinned by its go.sum)."""
+    binary = tmp_path_factory.mktemp("go") / "fluentclient"
+    built = subprocess.run(["go", "build", "-o", str(binary), "."], cwd=GO_CLIENT, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr
+    return binary
+
+
+@pytest.mark.parametrize("mode", ["ack", "subsecond", "async", "plain"])
+def test_the_go_library_of_dockers_fluentd_log_driver_delivers_every_record(tmp_path, go_fluent_client, mode):
+    sidecar = start(tmp_path, "tag_prefix: docker.")
+    try:
+        sent = subprocess.run(
+            [str(go_fluent_client)], env={**os.environ, "FLUENT_PORT": str(fluent_port(sidecar)), "COUNT": "300", "MODE": mode, "TAG": "docker.web"},
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )
+        assert sent.returncode == 0, sent.stderr
+        delivered(sidecar, 300)
+    finally:
+        assert sidecar.stop() == 0
+    messages = read_jsonl(tmp_path / "out" / "web.jsonl")
+    assert [m["data"]["message"] for m in messages] == [f"line {i}" for i in range(300)]
+    assert all(m["type"] == "event" and m["source"] == "web" for m in messages)
+    assert messages[0]["data"] | {"message": "x"} == {"level": "info", "message": "x", "container_id": "3f2a9c1b7d4e", "container_name": "/web", "source": "stdout"}
+    if mode in ("ack", "subsecond"):  # EventTime: milliseconds that are not all zero, in general
+        assert any(not m["timestamp"].endswith(".000Z") for m in messages)
+
+
 # -- a client after the spec --------------------------------------------------------------
 
 

@@ -115,6 +115,10 @@ def test_a_span_is_made_at_its_end_from_its_start_with_status_parent_and_both_da
     # an end without a start seen: the start comes from the duration
     [(_resource, alone)] = exported(Exporter(60.0, 10).requests([end], now=0.0))[1]
     assert alone.start_time_unix_nano == made.start_time_unix_nano
+    # an end before its start (out of order, or a resent start): the span goes out once
+    late = Exporter(60.0, 10)
+    assert len(exported(late.requests([end, start], now=0.0))[1]) == 1
+    assert exported(late.requests([start], now=1.0, flush=True))[1] == []
 
 
 @given(st.lists(st.tuples(st.sampled_from(["start", "end", "tick"]), st.integers(0, 7), st.floats(0, 5)), max_size=60), st.integers(1, 4))

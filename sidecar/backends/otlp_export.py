@@ -8,7 +8,8 @@ One batch (one source) becomes at most three requests, for logs, traces and metr
   `completed`/`done` as OK and a failed one (sidecar.jobs' FAILED_STATUSES) as ERROR with the
   status as its message, any other as UNSET; the data of its `start`, when that was seen, and of
   its end as attributes. A start waits in `HeldStarts` for its end; one not ended within the hold
-  time is sent as a span without an end time (`end_time_unix_nano` 0), counted.
+  time is sent as a span without an end time (`end_time_unix_nano` 0), counted; one that comes
+  after its end (remembered for the last `limit` spans) is not sent again.
 - `metric` -> a gauge point (`data.tags` as attributes, `unit` kept); `progress` -> a gauge
   `progress.percent` (unit `%`, `job_id` and `status` as attributes); `resource` -> one gauge per
   figure given, `resource.<name>`.
@@ -31,6 +32,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
 from sidecar import __version__
+from sidecar.bounded import ForgetfulCache
 from sidecar.jobs import FAILED_STATUSES
 from sidecar.message import parse_timestamp
 
@@ -202,6 +204,9 @@ class Exporter:
 
     def __init__(self, hold: float, limit: int):
         self.starts = HeldStarts(hold, limit)
+        # Spans already sent at their end: a start that comes later (out of order, or a client's
+        # resend) is not held, or the span would go out twice.
+        self._ended = ForgetfulCache(limit)
 
     def requests(self, messages: list[dict], now: float, *, flush: bool = False) -> Requests:
         """The requests for one batch, with the held starts whose time is up (`flush`: all of
@@ -222,12 +227,16 @@ class Exporter:
             if kind == "event":
                 group(message)["logs"].append(log_record_of(message))
             elif kind == "span":
+                key = (message.get("trace_id"), message.get("span_id"))
                 if message["data"]["phase"] == "start":
+                    if key in self._ended:
+                        continue
                     for pushed in self.starts.hold_start(message, now):
                         group(pushed)["spans"].append(span_of(None, pushed))
                         unended += 1
                 else:
                     group(message)["spans"].append(span_of(message, self.starts.take(message)))
+                    self._ended.remember(key, True)
             else:
                 group(message)["points"].extend(points_of(message))
         for start in self.starts.all() if flush else self.starts.expired(now):
