@@ -1,10 +1,13 @@
 """The OTLP/HTTP source (`type: otlp`): OpenTelemetry's own SDK and exporters send logs, spans
 and metrics to a real sidecar; hand-written requests per the spec check JSON, gzip, partial
 success and the error statuses; in-process runs on trio's MockClock check the timeouts, the
-connection limit, the 503 when the pipeline has no room, and shutdown."""
+connection limit, the 503 when the pipeline has no room, and shutdown; the standard library's
+HTTP client keeps a connection alive over a Unix socket."""
 
 import gzip
+import http.client
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -486,6 +489,48 @@ async def test_shutdown_closes_idle_connections_after_the_grace_and_run_returns(
         with pytest.raises(trio.EndOfChannel):
             await receive.receive()
     assert counters.get("connections_closed_total", input="otel", reason="shutdown") == 2 and source.active_connections == 0
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """The standard library's HTTP/1.1 client, connected to a Unix socket."""
+
+    def __init__(self, path: str):
+        super().__init__("sidecar", timeout=30)
+        self.socket_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+def post_twice_over_unix(path: str) -> list[tuple[int, bytes]]:
+    """Two requests on one keep-alive connection."""
+    client = UnixHTTPConnection(path)
+    answers = []
+    try:
+        for message in ("over a unix socket", "and again"):
+            client.request("POST", "/v1/logs", one_log(message), {"content-type": "application/x-protobuf"})
+            response = client.getresponse()
+            answers.append((response.status, response.read()))
+    finally:
+        client.close()
+    return answers
+
+
+async def test_a_unix_socket_source_keeps_alive_and_removes_its_socket_at_the_end(tmp_path):
+    path = tmp_path / "otlp.sock"
+    async with trio.open_nursery() as nursery:
+        source, counters, receive = await running_source(nursery, OtlpSettings(unix=str(path)))
+        assert source.address == f"unix:{path}" and oct(path.stat().st_mode & 0o777) == "0o660"
+        answers = await trio.to_thread.run_sync(post_twice_over_unix, str(path))
+        assert [status for status, _body in answers] == [200, 200]
+        assert ExportLogsServiceResponse.FromString(answers[0][1]).HasField("partial_success") is False
+        messages = [[m["data"]["message"] for m in (await receive.receive())[1]] for _ in range(2)]
+        assert messages == [["over a unix socket"], ["and again"]]
+        assert counters.get("connections_total", input="otel") == 1 and counters.get("otlp_requests_total", input="otel", path="/v1/logs", code="200") == 2
+        nursery.cancel_scope.cancel()
+    assert not path.exists()
 
 
 # ------------------------------------------------------------------ one trace across OTel and the Perl SDK

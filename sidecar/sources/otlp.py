@@ -4,11 +4,10 @@ One task per connection reads a request with h11, answers what its head settles 
 405, 413, 415), reads the body within `max_body_size` and `request_timeout`, and hands what
 sidecar.otlp decoded and mapped to the intake as one chunk. When the correlator's channel stays
 full for `busy_timeout`, the request is not kept waiting: it gets 503 with Retry-After, and its
-exporter retries it later (nothing of it was taken, nothing counted twice).
+exporter retries it later (nothing of it was taken, nothing counted twice). Listening (TCP or a
+Unix socket), the connection limit and shutdown are `StreamSource`'s (stream.py).
 """
 
-import itertools
-import logging
 import math
 
 import attrs
@@ -16,16 +15,12 @@ import h11
 import trio
 
 from sidecar.constants import DEFAULT_MAX_DEPTH, MAX_DEPTH_LIMIT, MAX_SOURCE_LENGTH
-from sidecar.logs import DistinctErrorLog, RateLimitedLog
+from sidecar.logs import RateLimitedLog
 from sidecar.otlp import SIGNALS, Encoding, RequestError, decode, encoding_of, error_body, export, route
 from sidecar.otlp_mapping import MappingOptions
-from sidecar.sources.base import CannotListen, Source
-from sidecar.sources.stream import _ACCEPT_RESOURCE_ERRORS, _peer_of
+from sidecar.sources.stream import Connection, StreamSource, log
 from sidecar.units import ByteSize, Duration
 
-log = logging.getLogger("sidecar.listener")
-
-READ_SIZE = 64 * 1024
 MAX_HEAD_SIZE = 16 * 1024  # request line and headers
 # Bodies from this size up are decoded in a worker thread (a 64 KiB body is some 5 ms of work).
 THREAD_THRESHOLD = 64 * 1024
@@ -41,6 +36,8 @@ def _valid_source(_instance, _attribute, value: str) -> None:
 class OtlpSettings:
     host: str = "127.0.0.1"
     port: int = attrs.field(default=4318, validator=attrs.validators.and_(attrs.validators.ge(0), attrs.validators.le(65535)))
+    # A Unix socket's path, in place of host and port.
+    unix: str | None = None
     max_connections: int = attrs.field(default=256, validator=attrs.validators.ge(1))
     # A request's body as sent, and again after gzip: beyond it, 413.
     max_body_size: ByteSize = attrs.field(default=4 * 1024 * 1024, validator=attrs.validators.ge(1024))
@@ -57,10 +54,11 @@ class OtlpSettings:
     # Attributes naming a message's job (context.job_id): the item's own, then the resource's.
     job_id_attributes: tuple[str, ...] = ("job.id", "job_id")
     max_depth: int = attrs.field(default=DEFAULT_MAX_DEPTH, validator=attrs.validators.and_(attrs.validators.ge(3), attrs.validators.le(MAX_DEPTH_LIMIT)))
+    read_size: ByteSize = attrs.field(default=64 * 1024, validator=attrs.validators.ge(1024))
 
     @property
     def where(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"unix:{self.unix}" if self.unix else f"{self.host}:{self.port}"
 
     @property
     def mapping(self) -> MappingOptions:
@@ -68,15 +66,8 @@ class OtlpSettings:
 
 
 @attrs.define
-class Connection:
-    id: int
-    peer: str
+class HttpConnection(Connection):
     requests: int = 0
-    messages: int = 0
-    errors: int = 0
-    bytes: int = 0
-    read_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    holds: list = attrs.field(factory=list)  # Events of backends under `block`, as for TCP
 
 
 class _Closed(Exception):
@@ -96,78 +87,31 @@ class _Response:
     close: bool = False  # the request's body was not read: the connection cannot go on
 
 
-class OtlpSource(Source):
+class OtlpSource(StreamSource):
     type_name = "otlp"
     Settings = OtlpSettings
+    protocol_name = f"OTLP/HTTP: POST {', '.join(SIGNALS)}, protobuf or JSON"
+    connection_type = HttpConnection
+    # A request waits for its holds within busy_timeout, in hand_over_within, and is answered
+    # 503 past it: the next request is read all the same.
+    reads_wait_for_holds = False
 
     def __init__(self, name: str, settings: OtlpSettings, intake, *, native: bool = False):
         super().__init__(name, settings, intake, native=native)
-        self.connections: dict[int, Connection] = {}
-        self._ids = itertools.count(1)
-        self._accept_scope = trio.CancelScope()
-        self._accepting = True
-        self._read_deadline = math.inf
         self._mapping = settings.mapping
-        self._bugs = DistinctErrorLog(log)
         self._errors_log = RateLimitedLog(log)
 
-    @property
-    def active_connections(self) -> int:
-        return len(self.connections)
-
-    async def run(self, send_channel: trio.MemorySendChannel, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
-        except OSError as exc:
-            send_channel.close()
-            raise CannotListen(exc.errno, f"source {self.name}: cannot listen on {self.settings.where}: {exc.strerror or exc}") from exc
-        host, port = listeners[0].socket.getsockname()[:2]
-        self.address = f"{host}:{port}"
-        log.info("source %s listening on %s (OTLP/HTTP: POST %s, protobuf or JSON)", self.name, self.address, ", ".join(SIGNALS))
-        async with send_channel, trio.open_nursery() as connections:
-            task_status.started(self.address)
-            with self._accept_scope:
-                async with trio.open_nursery() as acceptors:
-                    for listener in listeners:
-                        acceptors.start_soon(self._accept_loop, listener, connections, send_channel)
-
-    def stop_accepting(self) -> None:
-        self._accepting = False
-        self._accept_scope.cancel()
-
-    def close_connections(self, grace: float) -> None:
-        self._read_deadline = trio.current_time() + grace
-        for connection in self.connections.values():
-            connection.read_scope.deadline = self._read_deadline
-
-    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery, send_channel) -> None:
-        async with listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno not in _ACCEPT_RESOURCE_ERRORS:
-                        raise
-                    log.error("source %s: accept failed: %s; pausing 100 ms", self.name, exc)
-                    await trio.sleep(0.1)
-                    continue
-                if len(self.connections) >= self.settings.max_connections:
-                    self.intake.count("connections_refused_total", reason="limit")
-                    nursery.start_soon(self._refuse, stream)
-                    continue
-                nursery.start_soon(self._serve, stream, send_channel.clone())
-
-    async def _refuse(self, stream: trio.SocketStream) -> None:
+    async def refuse(self, stream: trio.abc.Stream, reason: str) -> None:
         """503 with Retry-After to a connection over the limit, once its request's head is in
         (within a second): an exporter retries it later."""
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
         with trio.move_on_after(1):
             try:
                 while (event := http.next_event()) is h11.NEED_DATA:
-                    http.receive_data(await stream.receive_some(READ_SIZE))
+                    http.receive_data(await stream.receive_some(self.settings.read_size))
                 if isinstance(event, h11.Request):
                     encoding = encoding_of(dict(event.headers).get(b"content-type", b"").decode("latin-1")) or Encoding.PROTOBUF
-                    body = error_body(503, f"too many connections (limit {self.settings.max_connections}): retry in {self._retry_after()}s", encoding)
+                    body = error_body(503, f"{reason}: retry in {self._retry_after()}s", encoding)
                     headers = [(b"content-type", encoding.value.encode()), (b"content-length", str(len(body)).encode()), (b"retry-after", str(self._retry_after()).encode()), (b"connection", b"close")]
                     await stream.send_all(http.send(h11.Response(status_code=503, headers=headers)) + http.send(h11.Data(data=body)) + http.send(h11.EndOfMessage()))
             except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
@@ -179,40 +123,26 @@ class OtlpSource(Source):
 
     # ------------------------------------------------------------ one connection
 
-    async def _serve(self, stream: trio.SocketStream, send_channel: trio.MemorySendChannel) -> None:
-        connection = Connection(next(self._ids), _peer_of(stream))
-        self.connections[connection.id] = connection
-        self.intake.count("connections_total")
+    async def converse(self, connection: HttpConnection, stream: trio.abc.Stream, send_channel: trio.MemorySendChannel) -> None:
+        connection.format = "http"
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
-        try:
-            async with send_channel, stream:
-                while True:
-                    try:
-                        await self._serve_request(connection, http, stream, send_channel)
-                    except _Closed as closed:
-                        if closed.reason is not None:
-                            self.intake.count("connections_closed_total", reason=closed.reason)
-                        break
-                    if not self._accepting:
-                        self.intake.count("connections_closed_total", reason="shutdown")
-                        break
-                    if http.our_state is h11.MUST_CLOSE:  # the client asked for it, or spoke HTTP/1.0
-                        break
-                    http.start_next_cycle()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.intake.count("connections_closed_total", reason="reset")
-            log.debug("connection %d from %s reset: %s", connection.id, connection.peer, exc)
-        except Exception as exc:
-            # A bug met by one connection ends that connection, loudly, not the sidecar.
-            self.intake.count("connections_closed_total", reason="internal_error")
-            self._bugs.log(exc, "connection %d from %s: internal error; connection closed", connection.id, connection.peer)
-        finally:
-            self.intake.count("bytes_received_total", connection.bytes)
-            del self.connections[connection.id]
+        while True:
+            try:
+                await self._serve_request(connection, http, stream, send_channel)
+            except _Closed as closed:
+                if closed.reason is not None:
+                    self.intake.count("connections_closed_total", reason=closed.reason)
+                return
+            if not self.accepting:
+                self.intake.count("connections_closed_total", reason="shutdown")
+                return
+            if http.our_state is h11.MUST_CLOSE:  # the client asked for it, or spoke HTTP/1.0
+                return
+            http.start_next_cycle()
 
-    async def _next_event(self, connection: Connection, http: h11.Connection, stream, deadline: float):
-        """h11's next event, reading as it needs, until `deadline` (raises _Closed then, or at
-        shutdown's deadline, or when the peer is gone)."""
+    async def _next_event(self, connection: HttpConnection, http: h11.Connection, stream, deadline: float):
+        """h11's next event, reading as it needs: TimeoutError past `deadline`, _Closed past
+        shutdown's read deadline or on bytes that are not HTTP (answered 400 first)."""
         while True:
             try:
                 event = http.next_event()
@@ -222,17 +152,14 @@ class OtlpSource(Source):
                 raise _Closed("http_protocol_error") from None
             if event is not h11.NEED_DATA:
                 return event
-            with trio.move_on_at(self._read_deadline) as connection.read_scope:
-                with trio.move_on_at(deadline) as timeout:
-                    data = await stream.receive_some(READ_SIZE)
-            if connection.read_scope.cancelled_caught:
-                raise _Closed("shutdown")
-            if timeout.cancelled_caught:
+            data = await self.receive(connection, stream, deadline=deadline)
+            if data is None:
+                if trio.current_time() >= self._read_deadline:
+                    raise _Closed("shutdown")
                 raise TimeoutError
-            connection.bytes += len(data)
             http.receive_data(data)
 
-    async def _serve_request(self, connection: Connection, http: h11.Connection, stream, send_channel) -> None:
+    async def _serve_request(self, connection: HttpConnection, http: h11.Connection, stream, send_channel) -> None:
         idle_deadline = trio.current_time() + self.settings.idle_timeout
         try:
             request = await self._next_event(connection, http, stream, idle_deadline)
@@ -258,30 +185,29 @@ class OtlpSource(Source):
         signal_path = path.split("?", 1)[0]
         self.intake.count("otlp_requests_total", path=signal_path if signal_path in SIGNALS else "other", code=str(response.status))
         headers_out = [(b"content-type", response.encoding.value.encode()), (b"content-length", str(len(response.body)).encode()), *response.headers]
-        if response.close or not self._accepting:
+        if response.close or not self.accepting:
             headers_out.append((b"connection", b"close"))
-        with trio.move_on_after(self.settings.request_timeout) as sending:
-            await stream.send_all(http.send(h11.Response(status_code=response.status, headers=headers_out)) + http.send(h11.Data(data=response.body)) + http.send(h11.EndOfMessage()))
-        if sending.cancelled_caught:
-            raise _Closed("timeout")
+        answer = http.send(h11.Response(status_code=response.status, headers=headers_out)) + http.send(h11.Data(data=response.body)) + http.send(h11.EndOfMessage())
+        if not await self.send(connection, stream, answer, timeout=self.settings.request_timeout):
+            raise _Closed("shutdown" if trio.current_time() >= self._read_deadline else "timeout")
         if response.close:
-            await self._linger(stream)
+            await self._linger(connection, stream)
             raise _Closed("timeout" if response.status == 408 else f"http_{response.status}")
 
-    async def _linger(self, stream) -> None:
+    async def _linger(self, connection: HttpConnection, stream) -> None:
         """Before closing on a body left unread: end our side, then read and drop what the client
         still sends, for a second at most (and not past shutdown's deadline). Closing with unread
         bytes would reset the connection, and the client could lose the response it has not
         read yet."""
-        with trio.move_on_at(min(trio.current_time() + 1, self._read_deadline)):
+        with trio.move_on_at(min(trio.current_time() + 1, self._read_deadline)) as connection.read_scope:
             try:
                 await stream.send_eof()
-                while await stream.receive_some(READ_SIZE):
+                while await stream.receive_some(self.settings.read_size):
                     pass
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # gone already: nothing left to protect
 
-    async def _answer(self, connection: Connection, http, stream, send_channel, request: h11.Request, headers: dict, deadline: float) -> _Response:
+    async def _answer(self, connection: HttpConnection, http, stream, send_channel, request: h11.Request, headers: dict, deadline: float) -> _Response:
         """The response to one request whose head has arrived (RequestError or TimeoutError
         for the ones answered with an error)."""
         signal, encoding = route(request.method.decode("latin-1"), request.target.decode("latin-1"), headers.get(b"content-type", ""), headers.get(b"content-encoding", ""))
@@ -339,7 +265,7 @@ class OtlpSource(Source):
             except h11.LocalProtocolError:
                 pass  # the head was too broken for h11 to answer it; the connection closes anyway
 
-    def _log_rejection(self, reason: str, connection: Connection, detail: str) -> None:
+    def _log_rejection(self, reason: str, connection: HttpConnection, detail: str) -> None:
         self._errors_log.warning(reason, "source %s: %s (connection %d): %s", self.name, connection.peer, connection.id, detail)
 
     def statistics(self) -> dict:
@@ -347,9 +273,4 @@ class OtlpSource(Source):
         for (source, path, code), count in sorted(self.intake.counters.by_labels("otlp_requests_total", ("input", "path", "code")).items()):
             if source == self.name:
                 requests.setdefault(path, {})[code] = count
-        return {
-            **super().statistics(),
-            "connections_active": len(self.connections),
-            "requests": requests,
-            "connections": [attrs.asdict(c, filter=lambda a, _v: a.name not in ("read_scope", "holds")) for c in self.connections.values()],
-        }
+        return {**super().statistics(), "requests": requests}

@@ -2,8 +2,8 @@
 connection limit, one task per connection with its bookkeeping and counters, backpressure
 through the intake, and the read deadline that ends connections at shutdown.
 
-A stream source (tcp, forward) is a `StreamSource` subclass that implements `converse`: what
-one connection says, read with `receive` and handed over with `hand_over`.
+A stream source (tcp, forward, otlp) is a `StreamSource` subclass that implements `converse`:
+what one connection says, read with `receive` and handed over with `hand_over`.
 """
 
 import contextlib
@@ -46,9 +46,14 @@ class Connection:
 class StreamSource(Source):
     """A source of byte streams. Its settings have `host`, `port`, `unix` (a path in place of
     host and port), `max_connections`, `read_size` and `where`. A subclass sets `protocol_name`
-    (for the log) and implements `converse`; `refusal` is what a refused client is told."""
+    (for the log) and implements `converse`; `refusal` is what a refused client is told, or
+    `refuse` itself is overridden where the refusal is a conversation (otlp's HTTP 503)."""
 
     protocol_name = "a byte stream"
+    connection_type = Connection  # a subclass of Connection, for a protocol's own fields
+    # False for a source that waits on its connections' holds itself (otlp: within a patience,
+    # then it answers "retry later"): its reads are not held back.
+    reads_wait_for_holds = True
 
     def __init__(self, name: str, settings, intake, *, native: bool = False):
         super().__init__(name, settings, intake, native=native)
@@ -105,6 +110,11 @@ class StreamSource(Source):
         self.address = f"unix:{path}"
         return [trio.SocketListener(sock)]
 
+    @property
+    def accepting(self) -> bool:
+        """False once shutdown began (a protocol that can say so tells its clients)."""
+        return not self._accept_scope.cancel_called
+
     def stop_accepting(self) -> None:
         self._accept_scope.cancel()
 
@@ -146,7 +156,7 @@ class StreamSource(Source):
         await trio.aclose_forcefully(stream)
 
     async def _serve(self, stream: trio.SocketStream, send_channel: trio.MemorySendChannel) -> None:
-        connection = Connection(next(self._ids), _peer_of(stream))
+        connection = self.connection_type(next(self._ids), _peer_of(stream))
         self.connections[connection.id] = connection
         self.intake.count("connections_total")
         try:
@@ -177,7 +187,7 @@ class StreamSource(Source):
         with trio.move_on_at(min(deadline, self._read_deadline)) as connection.read_scope:
             # A backend under `block` that had no room for this connection's last messages
             # holds its next read back (backpressure for this client only).
-            while connection.holds:
+            while self.reads_wait_for_holds and connection.holds:
                 connection.held_back = True
                 await connection.holds[0].wait()
                 connection.holds.pop(0)
