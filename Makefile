@@ -3,7 +3,8 @@
 #   make test   installs what the tests need (pip into .venv, Debian packages), then runs every suite
 SHELL := /bin/bash
 # The Rust toolchain of a rustup install, for the native hot path (sidecar/_native, built by pip).
-export PATH := $(HOME)/.cargo/bin:$(PATH)
+# Go's, for the Fluent client of Docker's log driver that a forward-source test builds.
+export PATH := $(HOME)/.cargo/bin:$(PATH):/usr/local/go/bin
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
