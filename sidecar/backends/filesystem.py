@@ -79,7 +79,10 @@ class FilesystemBackend(Backend):
         return path
 
     async def open(self) -> None:
-        if not os.path.isdir(self.base):
+        # Also the probe while the circuit is open: on a network filesystem a hung server must
+        # stall this backend's thread, not the event loop.
+        present = await self.run_blocking(os.path.isdir, self.base) if self._in_thread else os.path.isdir(self.base)
+        if not present:
             if not self.settings.create_base_path:
                 raise RetryableError(f"base_path {self.base} does not exist (not mounted?): mount or create it, or set create_base_path: true")
             await self.run_blocking(os.makedirs, self.base, 0o777, True)
