@@ -20,6 +20,7 @@ import orjson
 import trio
 
 from sidecar import __version__, places, stored_view
+from sidecar.aggregate import Aggregation
 from sidecar.config import BackendSpec, ConfigError, SidecarConfig, load_config
 from sidecar.correlator import Correlator, Routing
 from sidecar.delivery import BackendSupervisor
@@ -224,6 +225,8 @@ class Sidecar:
     async def run(self, *, handle_signals: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
         send_channel, receive_channel = trio.open_memory_channel(self.config.pipeline.channel_size)
         async with trio.open_nursery() as nursery:
+            if handle_signals:  # before anything listens: a SIGTERM from then on is a drain
+                await nursery.start(self._handle_signals)
             # Listen first: a port in use ends the start before any backend or disk log is opened
             # (what is sent meanwhile waits in the channel for the correlator). Each source sends
             # through a clone: the correlator's input ends when the last is closed.
@@ -236,16 +239,15 @@ class Sidecar:
             index = LiveIndex(index_settings.max_jobs, index_settings.max_traces, index_settings.max_age, trio.current_time)
             supervisors = self.topology.apply(table, Path(self.config.storage.data_dir), self.config.storage.max_bytes, self.config.storage.sync_interval)
             routing = Routing(table, supervisors, TransformStage(self.config.transforms))
-            self.correlator = Correlator(routing, self.counters, index, trace_cache_size=self.config.pipeline.trace_cache_size)
+            self.correlator = Correlator(routing, self.counters, index, trace_cache_size=self.config.pipeline.trace_cache_size, aggregation=Aggregation(self.config.aggregate))
             nursery.start_soon(self._run_correlator, receive_channel)
+            await nursery.start(self.correlator.close_windows)
             await nursery.start(self.watcher.run)
             nursery.start_soon(self._expire_index)
             if self.http_settings.enabled:
                 self.view = ViewServer(self, self.http_settings)
                 self.correlator.observers.append(self.view.publish)
                 await nursery.start(self.view.run)
-            if handle_signals:
-                await nursery.start(self._handle_signals)
             if self.status_file is not None:
                 nursery.start_soon(self._write_status_periodically)
             log.info("monitoring-sidecar %s ready: %d rules, %d backends, config %s", __version__, len(self.config.rules), len(self.topology.supervisors), ", ".join(self.config.files))
@@ -262,7 +264,9 @@ class Sidecar:
 
     async def _run_correlator(self, receive_channel) -> None:
         await self.correlator.run(receive_channel)
-        # The channel is closed and drained: nothing more can reach the backends.
+        # The channel is closed and drained: the aggregate steps' open windows are the last
+        # messages, and then nothing more can reach the backends.
+        self.correlator.flush_windows()
         self.topology.close_all()
 
     async def _shutdown(self) -> None:
@@ -313,6 +317,9 @@ class Sidecar:
                 if signum == signal.SIGHUP:
                     self.watcher.request_reload("SIGHUP")
                 elif signum == signal.SIGUSR1:
+                    if self.correlator is None:
+                        log.info("statistics: none yet, the sidecar is starting")
+                        continue
                     log.info("statistics: %s", orjson.dumps(self.statistics()).decode())
                     if self.status_file is not None:
                         self._write_status(self.statistics())
@@ -344,6 +351,7 @@ class Sidecar:
         _warn_of_shared_places(table)
         supervisors = self.topology.apply(table, Path(config.storage.data_dir), config.storage.max_bytes, config.storage.sync_interval)
         self.correlator.routing = Routing(table, supervisors, TransformStage(config.transforms))
+        self.correlator.reconfigure_aggregation(config.aggregate)
         self.config = config  # as loaded; the sources keep the settings they started with
         self.watcher.settings = config.reload
         self.last_reload_error = None
@@ -365,6 +373,8 @@ class Sidecar:
             "routed": counters.get("routed_messages_total"),
             "unrouted": counters.get("unrouted_messages_total"),
             "removed_by_transforms": counters.by_label("transform_removed_messages_total", "transform"),
+            "aggregates_emitted": counters.get("aggregates_emitted_total"),
+            "aggregates_unrouted": counters.get("unrouted_aggregates_total"),
             "correlator_dropped": counters.by_label("correlator_dropped_messages_total", "reason"),
             "view_errors": counters.get("view_errors_total"),
             "http_not_found": counters.get("http_not_found_total"),

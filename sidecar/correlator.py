@@ -13,6 +13,8 @@ import socket
 import attrs
 import trio
 
+from sidecar.aggregate import Aggregation
+from sidecar.batch import Batch
 from sidecar.ingest import Chunk, Enriched, TraceJobs
 from sidecar.jobs import LiveIndex
 from sidecar.logs import DistinctErrorLog
@@ -33,12 +35,15 @@ class Routing:
 
 
 class Correlator:
-    def __init__(self, routing: Routing, counters: Counters, index: LiveIndex, *, trace_cache_size: int, host: str | None = None):
+    def __init__(self, routing: Routing, counters: Counters, index: LiveIndex, *, trace_cache_size: int, host: str | None = None, aggregation: Aggregation | None = None):
         self.routing = routing
         self.index = index
         self.observers: list = []  # callables given each enriched chunk (the HTTP tap)
         self.counters = counters
         self.host = host or socket.gethostname()
+        # The aggregate steps' windows: fed after the transforms, closed by `close_windows`.
+        self.aggregation = aggregation if aggregation is not None else Aggregation(host=self.host)
+        self.aggregation.host = self.host
         # trace_id -> job_id, bounded so a flood of traces cannot grow it.
         self.trace_jobs = TraceJobs(trace_cache_size)
         self.chunks = 0
@@ -71,6 +76,7 @@ class Correlator:
         for observer in self.observers:
             self._view(observer, batches)
         routing = self.routing
+        aggregation = self.aggregation
         for batch in batches:
             if routing.transforms:
                 try:
@@ -81,27 +87,79 @@ class Correlator:
                     continue
                 if not len(batch):
                     continue
-            targets = routing.table.targets_for(batch.source)
-            if not targets:
-                self.counters.inc("unrouted_messages_total", len(batch))
-                continue
-            for target in targets:
+            if aggregation:
                 try:
-                    selected = target.select(batch)
-                except Exception as exc:  # a filter's bug: this backend misses the batch, counted
+                    batch = aggregation.apply(batch, self._removed_by_label)
+                except Exception as exc:  # a bug in the step: the batch goes no further, counted
                     self.counters.inc("correlator_dropped_messages_total", len(batch), reason="internal_error")
-                    self._bugs.log(exc, "internal error while filtering %d messages from %s for %s; they are dropped for it", len(batch), batch.source, target.spec.label)
+                    self._bugs.log(exc, "internal error while aggregating %d messages from %s; they are dropped", len(batch), batch.source)
                     continue
-                if len(selected):
-                    admitted = routing.supervisors[target.spec].offer(selected)
-                    if admitted is not None and holds is not None:
-                        holds.append(admitted)
-                    selected.record = None  # in every log it goes to: the memory queues keep only the lines
+                if not len(batch):
+                    continue
+            if self._route(routing, batch, holds):
+                self.counters.inc("routed_messages_total", len(batch))
+            else:
+                self.counters.inc("unrouted_messages_total", len(batch))
+
+    def _route(self, routing: Routing, batch: Batch, holds: list | None) -> int:
+        """Offer `batch` to the backends its source's rules name; how many targets it had."""
+        targets = routing.table.targets_for(batch.source)
+        if not targets:
             batch.record = None
-            self.counters.inc("routed_messages_total", len(batch))
+            return 0
+        for target in targets:
+            try:
+                selected = target.select(batch)
+            except Exception as exc:  # a filter's bug: this backend misses the batch, counted
+                self.counters.inc("correlator_dropped_messages_total", len(batch), reason="internal_error")
+                self._bugs.log(exc, "internal error while filtering %d messages from %s for %s; they are dropped for it", len(batch), batch.source, target.spec.label)
+                continue
+            if len(selected):
+                admitted = routing.supervisors[target.spec].offer(selected)
+                if admitted is not None and holds is not None:
+                    holds.append(admitted)
+                selected.record = None  # in every log it goes to: the memory queues keep only the lines
+        batch.record = None
+        return len(targets)
+
+    def route_aggregates(self, messages: list[dict]) -> None:
+        """The aggregate step's messages, routed like any message of their source (the
+        transforms and the aggregate steps do not see them again), counted apart from what
+        the sources received."""
+        self.counters.inc("aggregates_emitted_total", len(messages))
+        routing = self.routing
+        for batch in Batch.runs(messages):
+            try:
+                if not self._route(routing, batch, None):
+                    self.counters.inc("unrouted_aggregates_total", len(batch))
+            except Exception as exc:
+                self.counters.inc("correlator_dropped_messages_total", len(batch), reason="internal_error")
+                self._bugs.log(exc, "internal error while routing %d aggregates from %s; they are dropped", len(batch), batch.source)
+
+    async def close_windows(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The aggregate steps' timer: routes each window's aggregates as it ends, until
+        `flush_windows`."""
+        await self.aggregation.run(self.route_aggregates, task_status=task_status)
+
+    def flush_windows(self) -> None:
+        """At shutdown, once the sources' channel is drained: every open window, partial ones
+        marked, goes to the backends before their queues close."""
+        messages = self.aggregation.flush()
+        if messages:
+            self.route_aggregates(messages)
+
+    def reconfigure_aggregation(self, specs) -> None:
+        """A reload's aggregate steps (after its routing is in place): unchanged steps keep
+        their windows, the windows of the others are routed now."""
+        messages = self.aggregation.reconfigure(specs)
+        if messages:
+            self.route_aggregates(messages)
 
     def _removed_by(self, spec, count: int) -> None:
         self.counters.inc("transform_removed_messages_total", count, transform=spec.label)
+
+    def _removed_by_label(self, label: str, count: int) -> None:
+        self.counters.inc("transform_removed_messages_total", count, transform=label)
 
     def _view(self, update, chunk) -> None:
         """Feed the live index or a tap: what they show is not worth a message."""
@@ -112,4 +170,4 @@ class Correlator:
             self._bugs.log(exc, "internal error while updating the view (%s); the messages are delivered all the same", getattr(update, "__qualname__", update))
 
     def statistics(self) -> dict:
-        return {"chunks": self.chunks, "traces_with_jobs": len(self.trace_jobs), "index": self.index.statistics()}
+        return {"chunks": self.chunks, "traces_with_jobs": len(self.trace_jobs), "index": self.index.statistics(), "aggregation": self.aggregation.statistics()}

@@ -19,6 +19,7 @@ import attrs
 import pytest
 from ruamel.yaml import YAML
 
+from sidecar.aggregate import AggregateSettings
 from sidecar.backends import BACKEND_TYPES, backend_class
 from sidecar.config.loader import _RULE_KEYS, _TOP_LEVEL
 from sidecar.config.settings import DeliverySettings
@@ -251,6 +252,10 @@ def test_every_transform_type_setting_is_documented():
     for type_name in TRANSFORM_TYPES:
         fields = {f.name for f in attrs.fields(transform_class(type_name).Settings)}
         assert fields <= set(code(rows[type_name][1])), f"transform {type_name}: {fields} not all in {rows[type_name][1]!r}"
+
+
+def test_every_aggregate_setting_is_documented_with_its_default():
+    assert_documented(AggregateSettings, documented(table_rows(DOC["Aggregate"])), "aggregate")
 
 
 def test_the_rules_example_holds_every_rule_key_and_filter_key():

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import trio
 
 from sidecar.protocol import NATIVE_AVAILABLE
 
@@ -282,6 +283,29 @@ def test_a_failing_backend_retries_and_opens_its_circuit_while_others_deliver(st
     assert sidecar.backend("broken")["circuit"] == "closed"
     assert stats["received"] == 300
     assert sidecar.stop() == 0
+
+
+async def test_the_signal_handler_is_in_place_before_any_source_listens(tmp_path):
+    # The sources listen before the backends start (a port in use ends the start at once); a
+    # SIGTERM from the moment a client can connect must be a drain, not the default death.
+    from sidecar.app import Sidecar
+
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(FILES_CONFIG.format(base=tmp_path / "out", max_connections=16, drain_timeout=5, batch_timeout=0.05) + "http: {enabled: false}\n")
+    sidecar = Sidecar(config, None)
+    seen = []
+    for source in sidecar.sources.values():
+        listen = source.run
+
+        async def run(send_channel, *, task_status=trio.TASK_STATUS_IGNORED, listen=listen):
+            seen.append(signal.getsignal(signal.SIGTERM))
+            await listen(send_channel, task_status=task_status)
+
+        source.run = run
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sidecar.run)
+        sidecar.stop()
+    assert seen and all(handler not in (signal.SIG_DFL, None) for handler in seen), seen
 
 
 def test_sigterm_drains_every_queued_message_then_exits_zero(start_sidecar, tmp_path):

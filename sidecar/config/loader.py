@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 from ruamel.yaml.comments import CommentedMap
 
+from sidecar.aggregate import AggregateSettings, AggregateSpec
 from sidecar.backends import BackendTypeUnknown, backend_class
 from sidecar.config.settings import (
     DELIVERY_KEYS,
@@ -37,6 +38,7 @@ from sidecar.sources.base import SettingsFromEnvironment
 from sidecar.sources.tcp import TcpSettings
 from sidecar.suggestions import did_you_mean
 from sidecar.transforms import TRANSFORM_TYPES, TransformSpec, TransformTypeUnknown, transform_class
+from sidecar.transforms.filter import FILTER_KEYS
 
 
 ROUTE_FILE_PATTERNS = ("*.yaml", "*.yml")
@@ -51,7 +53,7 @@ _TOP_LEVEL = {
     "reload": ReloadSettings,
     "shutdown": ShutdownSettings,
 }
-_MAIN_KEYS = (*_TOP_LEVEL, "sources", "backends", "transforms", "routing")
+_MAIN_KEYS = (*_TOP_LEVEL, "sources", "backends", "transforms", "aggregate", "routing")
 _RULE_KEYS = ("backend", "enabled", "priority", "filter", "config")
 
 
@@ -96,6 +98,7 @@ def load_config(config_path: Path | None, routes_dir: Path | None, environ=os.en
     documents, files = _routing_documents(reader, main, routes_dir, sections["reload"])
     rules = _read_routing(documents, backends)
     transforms = _read_transforms(reader, main)
+    aggregate = _read_aggregate(reader, main)
     if reader.problems:
         raise ConfigError(list(dict.fromkeys(reader.problems)))
     return SidecarConfig(
@@ -110,6 +113,7 @@ def load_config(config_path: Path | None, routes_dir: Path | None, environ=os.en
         rules=rules,
         files=tuple(files),
         transforms=transforms,
+        aggregate=aggregate,
     )
 
 
@@ -362,12 +366,15 @@ def _read_filter(reader: DocumentReader, node, where: Where) -> MessageFilter:
     if node is None:
         return MessageFilter()
     if not isinstance(node, dict):
-        reader.fail(where, "filter must be a mapping with types, levels and/or names")
+        reader.fail(where, "filter must be a mapping with types, levels, names and/or aggregated")
     values = {}
     for key, value in node.items():
         key_where = reader.key_where(node, key)
-        if key not in ("types", "levels", "names"):
-            reader.fail(key_where, f"unknown filter key {key!r} (known keys: types, levels, names){did_you_mean(key, ('types', 'levels', 'names'))}")
+        if key not in FILTER_KEYS:
+            reader.fail(key_where, f"unknown filter key {key!r} (known keys: {', '.join(FILTER_KEYS)}){did_you_mean(key, FILTER_KEYS)}")
+        if key == "aggregated":
+            values[key] = reader.convert(bool, value, reader.value_where(node, key), f"filter.{key}")
+            continue
         items = reader.convert(tuple[str, ...], value, reader.value_where(node, key), f"filter.{key}")
         allowed = {"types": MESSAGE_TYPES, "levels": LEVELS}.get(key)
         if allowed is not None:
@@ -415,6 +422,35 @@ def _read_transform(reader: DocumentReader, source: str, node, where: Where) -> 
     except Invalid:
         return None
     return TransformSpec(source, cls.type_name, settings, where)
+
+
+def _read_aggregate(reader: DocumentReader, main) -> tuple[AggregateSpec, ...]:
+    """`aggregate:`, source key -> the list of aggregate steps for it (sidecar.aggregate)."""
+    node = main.get("aggregate")
+    if node is None:
+        return ()
+    if not isinstance(node, dict):
+        reader.problem(reader.value_where(main, "aggregate"), "aggregate must be a mapping of source key -> list of aggregate steps")
+        return ()
+    specs = []
+    for source, steps in node.items():
+        source_where = reader.key_where(node, source)
+        if not isinstance(source, str) or not source:
+            reader.problem(source_where, f"source key must be a non-empty string, got {source!r}")
+        elif not isinstance(steps, list):
+            reader.problem(source_where, f"aggregate for {source!r} must be a list of steps, each a mapping like {{metrics: [NAME, ...], window: 60s}}")
+        else:
+            for index, step in enumerate(steps):
+                where = reader.item_where(steps, index)
+                if not isinstance(step, dict):
+                    reader.problem(where, f"an aggregate step for {source!r} must be a mapping like {{metrics: [NAME, ...], window: 60s}}")
+                    continue
+                try:
+                    settings = reader.build(AggregateSettings, step, where, f"aggregate.{source}")
+                except Invalid:
+                    continue
+                specs.append(AggregateSpec(source, settings, where, index + 1))
+    return tuple(specs)
 
 
 def _backend_spec(reader: DocumentReader, definition: BackendDefinition, overrides, where: Where) -> BackendSpec | None:

@@ -212,6 +212,7 @@ class SidecarConfig:
     rules: tuple
     files: tuple  # every file read, main file first
     transforms: tuple = ()  # of TransformSpec, in the order configured
+    aggregate: tuple = ()  # of sidecar.aggregate.AggregateSpec, in the order configured
 
     @property
     def specs(self) -> set:

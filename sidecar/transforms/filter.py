@@ -20,28 +20,39 @@ from sidecar.constants import LEVELS, MESSAGE_TYPES
 from sidecar.transforms.base import Transform
 
 
+FILTER_KEYS = ("types", "levels", "names", "aggregated")
+
+
+def is_aggregate(message: dict) -> bool:
+    """A metric the aggregate step emitted (sidecar.aggregate): it has `data.aggregation`."""
+    return message["type"] == "metric" and "aggregation" in message["data"]
+
+
 @attrs.frozen
 class MessageFilter:
-    """Which messages a rule passes. `levels` applies to events, `names` (globs) to metrics."""
+    """Which messages a rule passes. `levels` applies to events, `names` (globs) to metrics;
+    `aggregated` true passes only the aggregate step's metrics, false everything else."""
 
     types: frozenset | None = None
     levels: frozenset | None = None
     names: tuple[str, ...] | None = None
     _names_regex: Any = attrs.field(default=None, eq=False, repr=False)
+    aggregated: bool | None = None
 
     @classmethod
-    def build(cls, types=None, levels=None, names=None) -> "MessageFilter":
+    def build(cls, types=None, levels=None, names=None, aggregated=None) -> "MessageFilter":
         regex = re.compile("|".join(fnmatch.translate(n) for n in names)) if names else None
         return cls(
             frozenset(types) if types is not None else None,
             frozenset(levels) if levels is not None else None,
             tuple(names) if names is not None else None,
             regex,
+            aggregated,
         )
 
     @property
     def passes_all(self) -> bool:
-        return self.types is None and self.levels is None and self.names is None
+        return self.types is None and self.levels is None and self.names is None and self.aggregated is None
 
     def passes(self, message: dict) -> bool:
         kind = message["type"]
@@ -50,6 +61,8 @@ class MessageFilter:
         if self.levels is not None and kind == "event" and message["data"]["level"] not in self.levels:
             return False
         if self._names_regex is not None and kind == "metric" and not self._names_regex.match(message["data"]["name"]):
+            return False
+        if self.aggregated is not None and is_aggregate(message) != self.aggregated:
             return False
         return True
 
@@ -61,6 +74,8 @@ class MessageFilter:
             parts.append("levels=" + ",".join(sorted(self.levels, key=LEVELS.index)))
         if self.names is not None:
             parts.append("names=" + ",".join(self.names))
+        if self.aggregated is not None:
+            parts.append(f"aggregated={str(self.aggregated).lower()}")
         return " ".join(parts) or "all messages"
 
 
@@ -87,6 +102,7 @@ class FilterSettings:
     types: tuple[str, ...] | None = attrs.field(default=None, validator=_known(MESSAGE_TYPES))
     levels: tuple[str, ...] | None = attrs.field(default=None, validator=_known(LEVELS))
     names: tuple[str, ...] | None = None  # globs of metric names
+    aggregated: bool | None = None  # true: only the aggregate step's metrics; false: all but them
 
 
 class Filter(Transform):
@@ -95,7 +111,7 @@ class Filter(Transform):
 
     def __init__(self, settings: FilterSettings):
         super().__init__(settings)
-        self.filter = MessageFilter.build(settings.types, settings.levels, settings.names)
+        self.filter = MessageFilter.build(settings.types, settings.levels, settings.names, settings.aggregated)
 
     def apply(self, batch: Batch) -> Batch:
         return keep_passing(batch, () if self.filter.passes_all else (self.filter,))

@@ -1,0 +1,261 @@
+"""The aggregate step: metric points and span durations of a source, in tumbling windows per
+group, emitted at each window's end as one `metric` message per group.
+
+    aggregate:                                  # main file; the source keys are routing's
+      queue-service:
+        - metrics: ["jobs_*", rows_loaded]      # metric-name globs
+          spans: [process_job]                  # span names (globs): duration_ms of their ends
+          window: 10s
+          by: [source, name, tags.env]          # default: source, name and all tags
+          stats: [count, sum, min, max, avg, last, p50, p90, p99]
+          keep_raw: true
+
+The windows are `sidecar.aggregation`'s (pure); this module picks the points out of a batch,
+names the groups, turns closed windows into messages and closes the windows on trio's clock
+(`Aggregation.run`, a task the correlator's owner starts). The correlator routes what it emits
+like any message, without the transform stage (an aggregate is not aggregated again).
+"""
+
+import fnmatch
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+
+import attrs
+import trio
+
+from sidecar.aggregation import LATE_POLICIES, MAX_GROUP_BYTES, ClosedGroup, GroupKey, Windows, check_stats
+from sidecar.batch import Batch
+from sidecar.message import epoch_ms, format_timestamp
+from sidecar.source_keys import SourceKeys
+from sidecar.units import Duration
+
+import datetime as dt
+
+log = logging.getLogger("sidecar.aggregate")
+
+DEFAULT_STATS = ("count", "sum", "min", "max", "avg", "last", "p50", "p90", "p99")
+SPAN_SUFFIX = ".duration_ms"  # an aggregate of span durations is the metric `NAME.duration_ms`
+
+
+def _check_by(_instance, _attribute, by) -> None:
+    wrong = [key for key in by if key not in ("source", "name", "tags") and not (key.startswith("tags.") and len(key) > 5)]
+    if wrong:
+        raise ValueError(f"unknown group key {', '.join(map(repr, wrong))} (known: source, name, tags for all tags, tags.NAME for one)")
+    if "source" not in by or "name" not in by:
+        raise ValueError("must hold source and name: an aggregate is routed by its source and named by its metric")
+
+
+def _check_stats(_instance, _attribute, stats) -> None:
+    if not stats:
+        raise ValueError("must name at least one statistic")
+    check_stats(stats)
+
+
+def _check_late(_instance, _attribute, late) -> None:
+    if late not in LATE_POLICIES:
+        raise ValueError(f"must be one of {', '.join(LATE_POLICIES)}, got {late!r}")
+
+
+def _positive(_instance, attribute, value) -> None:
+    if value <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+
+
+@attrs.frozen
+class AggregateSettings:
+    metrics: tuple[str, ...] | None = None  # metric-name globs
+    spans: tuple[str, ...] | None = None  # span-name globs: their ends' duration_ms
+    window: Duration = attrs.field(default=60.0, validator=_positive)
+    by: tuple[str, ...] = attrs.field(default=("source", "name", "tags"), validator=_check_by)
+    stats: tuple[str, ...] = attrs.field(default=DEFAULT_STATS, validator=_check_stats)
+    keep_raw: bool = True
+    late: str = attrs.field(default="current", validator=_check_late)
+    max_groups: int = attrs.field(default=10_000, validator=_positive)
+
+    def __attrs_post_init__(self):
+        if not self.metrics and not self.spans:
+            raise ValueError("a step needs metrics (name globs) or spans (names), or both")
+
+
+@attrs.frozen
+class AggregateSpec:
+    source: str  # a source key, as in routing
+    settings: AggregateSettings
+    where: object = attrs.field(eq=False)  # file:line of the step: moving it changes nothing
+    position: int = 1  # among its key's steps
+
+
+def _names_regex(globs: tuple[str, ...] | None):
+    return re.compile("|".join(fnmatch.translate(g) for g in globs)) if globs else None
+
+
+class AggregateStep:
+    """One configured step, running: its windows and what it counted."""
+
+    def __init__(self, spec: AggregateSpec, now: float):
+        self.spec = spec
+        settings = spec.settings
+        self.label = f"{spec.source}[aggregate]" if spec.position == 1 else f"{spec.source}[aggregate {spec.position}]"
+        self.windows = Windows(settings.window, settings.stats, late=settings.late, max_groups=settings.max_groups, now=now)
+        self.emitted = 0
+        self._metrics = _names_regex(settings.metrics)
+        self._spans = _names_regex(settings.spans)
+        self._all_tags = "tags" in settings.by
+        self._tags = tuple(key[5:] for key in settings.by if key.startswith("tags."))
+
+    def take(self, batch: Batch, now: float) -> Batch:
+        """Add the batch's points to the windows; the batch to pass on (without them when
+        `keep_raw` is false)."""
+        taken = []
+        metrics, spans = self._metrics, self._spans
+        source = batch.source
+        for index, message in enumerate(batch.messages()):
+            kind = message["type"]
+            data = message["data"]
+            if kind == "metric" and metrics is not None and "aggregation" not in data and metrics.match(data["name"]):
+                key = (source, data["name"], self._tags_of(data.get("tags")))
+                value = data["value"]
+            elif kind == "span" and spans is not None and data.get("phase") == "end" and spans.match(data["name"]):
+                key = (source, data["name"] + SPAN_SUFFIX, (("status", data["status"]),))
+                value = data["duration_ms"]
+            else:
+                continue
+            stamped = epoch_ms(message["timestamp"])
+            self.windows.add(key, stamped / 1000 if stamped is not None else now, float(value), now)
+            taken.append(index)
+        if taken and not self.spec.settings.keep_raw:
+            chosen = set(taken)
+            return batch.pick([i for i in range(len(batch)) if i not in chosen])
+        return batch
+
+    def _tags_of(self, tags: dict | None) -> tuple:
+        if not tags:
+            return ()
+        if self._all_tags:
+            return tuple(sorted(tags.items()))
+        return tuple((name, tags[name]) for name in self._tags if name in tags)
+
+    def statistics(self) -> dict:
+        counts = self.windows.counts
+        return {**attrs.asdict(counts), "open_groups": self.windows.groups, "emitted": self.emitted, "max_bytes_per_group": MAX_GROUP_BYTES}
+
+
+def _iso(seconds: float) -> str:
+    return format_timestamp(dt.datetime.fromtimestamp(seconds, dt.timezone.utc))
+
+
+def aggregate_message(closed: ClosedGroup, host: str, now: float) -> dict:
+    """One closed group as the `metric` message the pipeline routes (docs/protocol.md)."""
+    source, name, tags = closed.key
+    aggregation = {"window_start": _iso(closed.window_start), "window_end": _iso(closed.window_end), "partial": closed.partial, **closed.stats}
+    data = {"name": name, "value": closed.sum, "tags": dict(tags), "aggregation": aggregation}
+    if name.endswith(SPAN_SUFFIX):
+        data["unit"] = "ms"
+    return {"source": source, "type": "metric", "timestamp": aggregation["window_start"], "data": data, "received_at": _iso(now), "host": host}
+
+
+class Aggregation:
+    """Every source key's aggregate steps and their open windows.
+
+    Time: the points' timestamps are the wall clock's; the windows close on trio's clock (so
+    tests can run them on a MockClock), through a fixed offset between the two taken when first
+    needed (inside trio's run): `now() = epoch + clock()`.
+    """
+
+    def __init__(self, specs: Iterable[AggregateSpec] = (), *, host: str = "", clock: Callable[[], float] = trio.current_time, epoch: float | None = None):
+        self.clock = clock
+        self._epoch = epoch
+        self.host = host
+        self.steps: list[AggregateStep] = [AggregateStep(spec, self.now()) for spec in specs]
+        self._keys = SourceKeys((step.spec.source, step) for step in self.steps)
+        self._changed = trio.Event()
+        self._scope = trio.CancelScope()
+
+    def __bool__(self) -> bool:
+        return bool(self.steps)
+
+    @property
+    def epoch(self) -> float:
+        if self._epoch is None:
+            self._epoch = time.time() - self.clock()
+        return self._epoch
+
+    def now(self) -> float:
+        return self.epoch + self.clock()
+
+    def apply(self, batch: Batch, removed: Callable) -> Batch:
+        """Add the batch's points to its source's steps; `removed(label, count)` hears of the
+        raw points a step with `keep_raw: false` kept from going further."""
+        steps = self._keys.for_source(batch.source)
+        if not steps:
+            return batch
+        now = self.now()
+        for step in steps:
+            before = len(batch)
+            batch = step.take(batch, now)
+            if len(batch) < before:
+                removed(step.label, before - len(batch))
+            if not len(batch):
+                break
+        return batch
+
+    def reconfigure(self, specs: Iterable[AggregateSpec]) -> list[dict]:
+        """Take a reload's steps: an unchanged step (same source key and settings) keeps its
+        open windows and counts; those of a changed or removed step are emitted now, as partial
+        where they had not ended (returned, for the caller to route)."""
+        now = self.now()
+        running: dict[AggregateSpec, list[AggregateStep]] = {}
+        for step in self.steps:
+            running.setdefault(attrs.evolve(step.spec, position=1), []).append(step)
+        steps = []
+        for spec in specs:
+            kept = running.get(attrs.evolve(spec, position=1))
+            if kept:
+                step = kept.pop(0)
+                step.spec = spec
+                step.label = AggregateStep(spec, now).label
+                steps.append(step)
+            else:
+                steps.append(AggregateStep(spec, now))
+        flushed = [self._messages(step, step.windows.flush(now), now) for left in running.values() for step in left]
+        self.steps = steps
+        self._keys = SourceKeys((step.spec.source, step) for step in self.steps)
+        self._changed.set()
+        return [message for messages in flushed for message in messages]
+
+    def close_due(self) -> list[dict]:
+        """The messages of every window that has ended."""
+        now = self.now()
+        return [message for step in self.steps for message in self._messages(step, step.windows.close(now), now)]
+
+    def flush(self) -> list[dict]:
+        """Stop the timer and close every window, partial ones included (shutdown)."""
+        self._scope.cancel()
+        now = self.now()
+        return [message for step in self.steps for message in self._messages(step, step.windows.flush(now), now)]
+
+    def _messages(self, step: AggregateStep, closed: list[ClosedGroup], now: float) -> list[dict]:
+        step.emitted += len(closed)
+        return [aggregate_message(group, self.host, now) for group in closed]
+
+    async def run(self, emit: Callable[[list[dict]], None], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Close the windows as they end, handing each round's messages to `emit`, until
+        `flush`; a reload wakes it to look at its new steps."""
+        task_status.started()
+        with self._scope:
+            while True:
+                due = min((step.windows.next_close() for step in self.steps), default=None)
+                self._changed = trio.Event()
+                if due is None:
+                    await self._changed.wait()
+                    continue
+                with trio.move_on_at(due - self.epoch):
+                    await self._changed.wait()
+                messages = self.close_due()
+                if messages:
+                    emit(messages)
+
+    def statistics(self) -> dict:
+        return {step.label: step.statistics() for step in self.steps}

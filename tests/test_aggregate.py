@@ -1,0 +1,383 @@
+"""The aggregate step: the pure windows (hypothesis against an exact reference), the timer on
+trio's MockClock, and a real sidecar's aggregates written by the files backend."""
+
+import functools
+import math
+import operator
+
+from hypothesis import given, settings, strategies as st
+
+from sidecar.aggregation import OVERFLOW, RELATIVE_ACCURACY, GroupStats, Windows, check_stats, quantile_of
+
+import pytest
+
+STATS = ("count", "sum", "min", "max", "avg", "last", "p0", "p50", "p90", "p99", "p100")
+
+# Magnitudes within the sketch's full-accuracy range (SKETCH_RANGE, about 8e8), and zero.
+values = st.one_of(
+    st.just(0.0),
+    st.floats(min_value=1e-3, max_value=1e5),
+    st.floats(min_value=-1e5, max_value=-1e-3),
+    st.integers(min_value=-10**5, max_value=10**5).map(float),
+)
+
+
+def exact_quantile(ordered: list[float], q: float) -> float:
+    """The value DDSketch estimates: the one of rank floor(q * (n - 1))."""
+    return ordered[math.floor(q * (len(ordered) - 1))]
+
+
+def assert_matches(result: dict, points: list[float]) -> None:
+    assert result["count"] == len(points)
+    assert result["sum"] == functools.reduce(operator.add, points, 0.0)  # in arrival order
+    assert result["min"] == min(points)
+    assert result["max"] == max(points)
+    assert result["last"] == points[-1]
+    assert result["avg"] == result["sum"] / len(points)
+    ordered = sorted(points)
+    for stat in ("p0", "p50", "p90", "p99", "p100"):
+        exact = exact_quantile(ordered, quantile_of(stat))
+        assert abs(result[stat] - exact) <= RELATIVE_ACCURACY * abs(exact) + 1e-12, (stat, result[stat], exact)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(values, min_size=1, max_size=400))
+def test_a_groups_statistics_are_exact_and_its_quantiles_within_the_sketchs_error(points):
+    stats = GroupStats(quantiles=True)
+    for value in points:
+        stats.add(value)
+    assert_matches(stats.result(STATS), points)
+
+
+# (group index, seconds into the run, value); the clock only moves forward, points may lag it.
+point_strategy = st.tuples(st.integers(0, 5), st.floats(0, 3.0), st.floats(-2.0, 0.0), values)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(point_strategy, min_size=1, max_size=300), st.sampled_from(["current", "drop"]), st.sampled_from([0.5, 1.0, 10.0]))
+def test_windows_hold_every_point_once_in_its_window_or_count_it(steps, late, window):
+    start = 1_700_000_000.0
+    windows = Windows(window, STATS, late=late, max_groups=100, now=start)
+    reference: dict[tuple, list[float]] = {}
+    emitted: dict[tuple, dict] = {}
+    late_points = dropped = 0
+    now = start
+    for group, advance, lag, value in sorted(steps, key=lambda s: s[1]):
+        now = max(now, start + advance)
+        for closed in windows.close(now):
+            emitted[closed.key, closed.window_start] = closed
+        timestamp = now + lag
+        key = ("svc", f"m{group}", (("g", str(group)),))
+        window_start = math.floor(timestamp / window) * window
+        if window_start < windows.closed_until:
+            late_points += 1
+            if late == "drop":
+                dropped += 1
+                assert not windows.add(key, timestamp, value, now)
+                continue
+            window_start = max(math.floor(now / window) * window, windows.closed_until)
+        assert windows.add(key, timestamp, value, now)
+        reference.setdefault((key, window_start), []).append(value)
+    for closed in windows.flush(now):
+        emitted[closed.key, closed.window_start] = closed
+    assert set(emitted) == set(reference)
+    for place, closed in emitted.items():
+        assert_matches(closed.stats, reference[place])
+        assert closed.window_end == closed.window_start + window
+        assert closed.partial == (closed.window_end > now)
+    assert windows.counts.late == late_points
+    assert windows.counts.dropped == dropped
+    assert windows.counts.points == len(steps)
+    assert not windows.open
+
+
+@given(st.integers(1, 20), st.lists(st.integers(0, 40), min_size=1, max_size=200))
+def test_groups_past_max_groups_fold_into_their_sources_overflow_group(max_groups, groups):
+    windows = Windows(60.0, ("count", "sum"), max_groups=max_groups, now=0.0)
+    admitted: list[int] = []
+    for group in groups:
+        if group not in admitted and len(admitted) < max_groups:
+            admitted.append(group)
+        windows.add(("svc", f"m{group}", ()), 1.0, 1.0, 1.0)
+    closed = {c.key[1]: c.stats["count"] for c in windows.flush(1.0)}
+    folded = sum(1 for g in groups if g not in admitted)
+    assert windows.counts.overflow == folded
+    assert closed.pop(OVERFLOW, 0) == folded
+    assert closed == {f"m{g}": groups.count(g) for g in admitted}
+
+
+def test_points_stamped_more_than_a_window_ahead_are_early_and_follow_the_policy():
+    windows = Windows(10.0, ("count",), late="current", now=100.0)
+    windows.add(("s", "m", ()), 115.0, 1.0, 101.0)  # the next window: kept there
+    windows.add(("s", "m", ()), 125.0, 1.0, 101.0)  # two ahead: early, into the current one
+    assert windows.counts.early == 1
+    assert [(c.window_start, c.stats["count"]) for c in windows.flush(101.0)] == [(100.0, 1), (110.0, 1)]
+
+
+def test_unknown_statistics_are_named():
+    check_stats(["count", "p99.9", "p0"])
+    with pytest.raises(ValueError, match="'median'"):
+        check_stats(["median", "count"])
+    assert quantile_of("p99.9") == pytest.approx(0.999)
+
+
+# ---------------------------------------------------------------- the step and its timer
+
+import trio
+import trio.testing
+
+from sidecar.aggregate import AggregateSettings, AggregateSpec, Aggregation
+from sidecar.batch import Batch
+from sidecar.message import format_timestamp
+import datetime as dt
+
+EPOCH = 1_700_000_005.0  # the wall clock when the MockClock reads 0: 5 s into a 10 s window
+
+
+def stamp(seconds: float) -> str:
+    return format_timestamp(dt.datetime.fromtimestamp(seconds, dt.timezone.utc))
+
+
+def metric(name: str, value, at: float, source: str = "svc", **tags) -> dict:
+    return {"source": source, "type": "metric", "timestamp": stamp(at), "data": {"name": name, "value": value, "tags": tags}, "received_at": stamp(at), "host": "h"}
+
+
+def span_end(name: str, status: str, duration_ms: float, at: float) -> dict:
+    return {"source": "svc", "type": "span", "timestamp": stamp(at), "span_id": "a" * 16, "data": {"name": name, "phase": "end", "status": status, "duration_ms": duration_ms}}
+
+
+def spec(**settings) -> AggregateSpec:
+    return AggregateSpec("svc", AggregateSettings(**settings), where="test:1")
+
+
+async def test_windows_close_at_their_end_on_trios_clock_and_emit_one_message_per_group(autojump_clock):
+    aggregation = Aggregation([spec(metrics=("jobs_*",), spans=("process_job",), window=10.0, stats=("count", "sum", "max", "p50"))], host="h", epoch=EPOCH)
+    emitted: list[tuple[float, list[dict]]] = []
+    removed = []
+    batch = Batch.of([
+        metric("jobs_done", 1, EPOCH), metric("jobs_done", 3, EPOCH + 1, env="prod"), metric("other", 5, EPOCH),
+        metric("jobs_done", 2, EPOCH + 2, env="prod"), span_end("process_job", "ok", 12.5, EPOCH), span_end("process_job", "error", 40, EPOCH),
+    ])
+    assert aggregation.apply(batch, lambda label, count: removed.append((label, count))) is batch  # keep_raw
+    assert not removed
+    async with trio.open_nursery() as nursery:
+        await nursery.start(aggregation.run, lambda messages: emitted.append((trio.current_time(), messages)))
+        await trio.sleep(4.9)
+        assert not emitted
+        await trio.sleep(0.2)
+        assert [at for at, _ in emitted] == [5.0]  # 1_700_000_010: the window's end
+        aggregation.apply(Batch.of([metric("jobs_done", 7, EPOCH + 6)]), removed.append)
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    first = {(m["data"]["name"], tuple(sorted(m["data"]["tags"].items()))): m for m in emitted[0][1]}
+    assert set(first) == {("jobs_done", ()), ("jobs_done", (("env", "prod"),)), ("process_job.duration_ms", (("status", "ok"),)), ("process_job.duration_ms", (("status", "error"),))}
+    prod = first["jobs_done", (("env", "prod"),)]
+    assert prod["type"] == "metric" and prod["source"] == "svc" and prod["timestamp"] == "2023-11-14T22:13:20.000Z"
+    assert prod["data"]["value"] == 5
+    assert prod["data"]["aggregation"] == {"window_start": "2023-11-14T22:13:20.000Z", "window_end": "2023-11-14T22:13:30.000Z", "partial": False, "count": 2, "sum": 5.0, "max": 3.0, "p50": pytest.approx(2.0, rel=RELATIVE_ACCURACY)}
+    assert first["process_job.duration_ms", (("status", "error"),)]["data"]["unit"] == "ms"
+    assert [at for at, _ in emitted] == [5.0, 15.0]
+    assert emitted[1][1][0]["data"]["aggregation"]["count"] == 1
+
+
+async def test_keep_raw_false_takes_the_points_out_and_reports_them(autojump_clock):
+    aggregation = Aggregation([spec(metrics=("rows_loaded",), keep_raw=False)], epoch=EPOCH)
+    removed = []
+    out = aggregation.apply(Batch.of([metric("rows_loaded", 1, EPOCH), metric("kept", 1, EPOCH), metric("rows_loaded", 2, EPOCH)]), lambda label, count: removed.append((label, count)))
+    assert [m["data"]["name"] for m in out.messages()] == ["kept"]
+    assert removed == [("svc[aggregate]", 2)]
+
+
+async def test_flush_emits_partial_windows_and_stops_the_timer(autojump_clock):
+    aggregation = Aggregation([spec(metrics=("m",), window=10.0, stats=("count",))], epoch=EPOCH)
+    aggregation.apply(Batch.of([metric("m", 1, EPOCH)]), print)
+    emitted = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(aggregation.run, emitted.append)
+        await trio.sleep(2)
+        flushed = aggregation.flush()
+    assert not emitted
+    assert [(m["data"]["aggregation"]["partial"], m["data"]["aggregation"]["count"]) for m in flushed] == [(True, 1)]
+
+
+async def test_a_reload_keeps_the_windows_of_an_unchanged_step_and_emits_those_of_a_changed_one(autojump_clock):
+    kept, changed = spec(metrics=("a",), window=10.0), spec(metrics=("b",), window=10.0)
+    aggregation = Aggregation([kept, changed], epoch=EPOCH)
+    aggregation.apply(Batch.of([metric("a", 1, EPOCH), metric("b", 2, EPOCH)]), print)
+    emitted = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(aggregation.run, emitted.append)
+        await trio.sleep(1)
+        moved = AggregateSpec("svc", kept.settings, where="test:9")  # the same step, on another line
+        flushed = aggregation.reconfigure([moved, spec(metrics=("b",), window=20.0)])
+        assert [(m["data"]["name"], m["data"]["aggregation"]["partial"]) for m in flushed] == [("b", True)]
+        aggregation.apply(Batch.of([metric("a", 1, EPOCH + 2)]), print)
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+    assert [(m["data"]["name"], m["data"]["aggregation"]["count"]) for m in emitted[0]] == [("a", 2)]
+
+
+def test_the_settings_check_their_keys():
+    with pytest.raises(ValueError, match="metrics .* or spans"):
+        AggregateSettings()
+    with pytest.raises(ValueError, match="source and name"):
+        AggregateSettings(metrics=("m",), by=("name",))
+    with pytest.raises(ValueError, match="unknown group key 'env'"):
+        AggregateSettings(metrics=("m",), by=("source", "name", "env"))
+    with pytest.raises(ValueError, match="current, drop"):
+        AggregateSettings(metrics=("m",), late="later")
+
+
+# ---------------------------------------------------------------- the configuration
+
+from sidecar.config import ConfigError, load_config
+
+
+def test_the_aggregate_section_is_read_per_source_key_with_file_line_errors(tmp_path):
+    main = tmp_path / "sidecar.yaml"
+    main.write_text(
+        "aggregate:\n"
+        "  queue-service:\n"
+        "    - metrics: ['jobs_*', rows_loaded]\n"
+        "      window: 10s\n"
+        "      by: [source, name, tags.env]\n"
+        "      stats: [count, p99]\n"
+        "      keep_raw: false\n"
+        "routing:\n"
+        "  all:\n"
+        "    - backend: console\n"
+        "      filter: {aggregated: true}\n"
+        "backends:\n"
+        "  console: {type: console}\n"
+    )
+    config = load_config(main, None, {})
+    [step] = config.aggregate
+    assert (step.source, step.settings.metrics, step.settings.window, step.settings.by, step.settings.stats, step.settings.keep_raw) == ("queue-service", ("jobs_*", "rows_loaded"), 10.0, ("source", "name", "tags.env"), ("count", "p99"), False)
+    assert config.rules[0].filter.aggregated is True
+    main.write_text("aggregate:\n  svc:\n    - metrics: [m]\n      stats: [count, median]\n    - window: 10s\n    - {metrics: [m], late: later, max_groups: 0}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(main, None, {})
+    problems = "\n".join(map(str, caught.value.problems))
+    assert "sidecar.yaml:4" in problems and "'median'" in problems
+    assert "sidecar.yaml:5" in problems and "metrics (name globs) or spans" in problems
+    assert "sidecar.yaml:6" in problems and "aggregate.svc.late" in problems and "aggregate.svc.max_groups" in problems
+
+
+# ---------------------------------------------------------------- through a real sidecar
+
+import random
+import signal
+import time as wall
+
+from tests.harness import SidecarProcess, read_jsonl
+
+E2E_CONFIG = """
+tcp: {{host: 127.0.0.1, port: 0}}
+shutdown: {{connection_grace: 0.2, drain_timeout: 10}}
+backends:
+  raw:
+    type: filesystem
+    base_path: {base}/raw
+    create_base_path: true
+    fsync: never
+    batch: {{max_messages: 500, timeout: 0.05}}
+  aggregates:
+    type: filesystem
+    base_path: {base}/aggregates
+    create_base_path: true
+    fsync: never
+    batch: {{max_messages: 500, timeout: 0.05}}
+aggregate:
+  "svc-*":
+    - metrics: ["jobs_*", rows_loaded]
+      window: 10000h                    # one window for the whole test: flushed at SIGTERM
+      stats: [count, sum, min, max, avg, last, p50, p90, p99]
+    - spans: [process_job]
+      window: 10000h
+      stats: [count, max, p50]
+  svc-a:
+    - metrics: [late_one]
+      window: 10000h
+      late: drop
+      keep_raw: false
+    - metrics: [wide]
+      window: 10000h
+      by: [source, name, tags.k]
+      max_groups: 5
+      stats: [count]
+    - metrics: [ticks]
+      window: 1s
+      stats: [count, sum]
+routing:
+  all:
+    - backend: raw
+      filter: {{aggregated: false}}
+    - backend: aggregates
+      filter: {{aggregated: true}}
+"""
+
+
+def test_a_sidecars_aggregates_match_a_reference_and_split_from_the_raw_points(tmp_path):
+    sidecar = SidecarProcess(tmp_path, E2E_CONFIG.format(base=tmp_path / "out")).start()
+    try:
+        rng = random.Random(17)
+        now = wall.time()
+        points, reference = [], {}
+        for index in range(6000):
+            source = f"svc-{'abc'[index % 3]}"
+            name = rng.choice(["jobs_done", "jobs_failed", "rows_loaded"])
+            tags = rng.choice([{}, {"env": "prod"}, {"env": "dev", "zone": "z1"}])
+            value = rng.randint(1, 4000) / 4  # exact in binary: sums equal in any order
+            points.append(metric(name, value, now, source, **tags))
+            reference.setdefault((source, name, tuple(sorted(tags.items()))), []).append(value)
+        spans = [span_end("process_job", rng.choice(["ok", "error"]), rng.randint(1, 10**6) / 8, now) for _ in range(300)]
+        for message in spans:
+            message["source"] = "svc-b"
+            reference.setdefault(("svc-b", "process_job.duration_ms", (("status", message["data"]["status"]),)), []).append(message["data"]["duration_ms"])
+        late = [metric("late_one", 1, now - 10**8, "svc-a") for _ in range(7)]
+        wide = [metric("wide", 1, now, "svc-a", k=str(i % 8)) for i in range(80)]  # 8 groups, 5 allowed
+        ticks = [metric("ticks", 2, wall.time(), "svc-a") for _ in range(50)]
+        sidecar.send(points + spans + late + wide + ticks)
+        sent_raw = len(points) + len(spans) + len(wide) + len(ticks)  # late_one: keep_raw false
+        # The 1 s window closes on the timer, before any SIGTERM.
+        sidecar.wait_for(lambda s: s["aggregates_emitted"] >= 1 and s["backends"] and all(b["queued"] == 0 for b in s["backends"]), what="the ticks window to close")
+        assert sidecar.stop(signal.SIGTERM) == 0
+        stats = sidecar.stats()
+    finally:
+        if sidecar.process.poll() is None:
+            sidecar.stop(signal.SIGKILL)
+    raw = [m for path in sorted((tmp_path / "out" / "raw").glob("*.jsonl")) for m in read_jsonl(path)]
+    aggregates = [m for path in sorted((tmp_path / "out" / "aggregates").glob("*.jsonl")) for m in read_jsonl(path)]
+    assert len(raw) == sent_raw and not any("aggregation" in m["data"] for m in raw)
+    assert aggregates and all("aggregation" in m["data"] for m in aggregates)
+    found = {(m["source"], m["data"]["name"], tuple(sorted(m["data"]["tags"].items()))): m["data"] for m in aggregates if m["data"]["name"] not in ("ticks", "late_one", "wide", "__overflow__")}
+    assert set(found) == set(reference)
+    for key, values in reference.items():
+        data = found[key]
+        aggregation = data["aggregation"]
+        assert aggregation["partial"] is True  # flushed by SIGTERM
+        assert data["value"] == aggregation.get("sum", data["value"]) == sum(values)
+        assert aggregation["count"] == len(values)
+        assert aggregation["max"] == max(values)
+        if "min" in aggregation:
+            assert (aggregation["min"], aggregation["last"], aggregation["avg"]) == (min(values), values[-1], sum(values) / len(values))
+        ordered = sorted(values)
+        for stat in ("p50", "p90", "p99"):
+            if stat in aggregation:
+                exact = exact_quantile(ordered, quantile_of(stat))
+                assert abs(aggregation[stat] - exact) <= RELATIVE_ACCURACY * exact, (key, stat)
+    # Late points under `late: drop`: counted, not aggregated; their raw points removed.
+    step = stats["correlator"]["aggregation"]
+    assert step["svc-a[aggregate]"]["late"] == step["svc-a[aggregate]"]["dropped"] == 7
+    assert not [m for m in aggregates if m["data"]["name"] == "late_one"]
+    assert stats["removed_by_transforms"]["svc-a[aggregate]"] == 7
+    # Overflow: 5 groups of 10 points kept, 3 folded into svc-a's __overflow__ group.
+    assert step["svc-a[aggregate 2]"]["overflow"] == 30
+    wide_counts = {m["data"]["name"] + m["data"]["tags"].get("k", ""): m["data"]["aggregation"]["count"] for m in aggregates if m["data"]["name"] in ("wide", "__overflow__")}
+    assert wide_counts == {**{f"wide{k}": 10 for k in range(5)}, "__overflow__": 30}
+    # The 1 s windows: every tick in a window that closed on time or (arriving after its
+    # close) a later one; at least one closed by the timer rather than the flush.
+    ticks_out = [m["data"]["aggregation"] for m in aggregates if m["data"]["name"] == "ticks"]
+    assert sum(a["count"] for a in ticks_out) == 50 and sum(a["sum"] for a in ticks_out) == 100
+    assert any(not a["partial"] for a in ticks_out)
+    assert stats["aggregates_emitted"] == len(aggregates)
