@@ -247,6 +247,7 @@ class Sidecar:
             if self.http_settings.enabled:
                 self.view = ViewServer(self, self.http_settings)
                 self.correlator.observers.append(self.view.publish)
+                self.correlator.apps_metrics = self.view.apps_metrics
                 await nursery.start(self.view.run)
             if self.status_file is not None:
                 nursery.start_soon(self._write_status_periodically)

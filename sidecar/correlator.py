@@ -39,6 +39,9 @@ class Correlator:
         self.routing = routing
         self.index = index
         self.observers: list = []  # callables given each enriched chunk (the HTTP tap)
+        # The HTTP view's application metrics (sidecar.apps_metrics): given the aggregates
+        # routed and, when it takes raw points, each batch as it is routed.
+        self.apps_metrics = None
         self.counters = counters
         self.host = host or socket.gethostname()
         # The aggregate steps' windows: fed after the transforms, closed by `close_windows`.
@@ -96,6 +99,9 @@ class Correlator:
                     continue
                 if not len(batch):
                     continue
+            apps = self.apps_metrics
+            if apps is not None and apps.raw:
+                self._view(apps.add_points, batch.messages())
             if self._route(routing, batch, holds):
                 self.counters.inc("routed_messages_total", len(batch))
             else:
@@ -127,6 +133,8 @@ class Correlator:
         transforms and the aggregate steps do not see them again), counted apart from what
         the sources received."""
         self.counters.inc("aggregates_emitted_total", len(messages))
+        if self.apps_metrics is not None:
+            self._view(self.apps_metrics.add_aggregates, messages)
         routing = self.routing
         for batch in Batch.runs(messages):
             try:

@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from sidecar.apps_metrics import AppsMetrics
 from sidecar.config import display_value
 from sidecar.logs import RateLimitedLog
 from sidecar.sources.base import CannotListen
@@ -136,6 +137,27 @@ class SidecarCollector(Collector):
             evicted = CounterMetricFamily(f"sidecar_index_evicted_{key}", f"{key.capitalize()} evicted from the live index")
             evicted.add_metric([], index.get(f"evicted_{key}", 0))
             yield evicted
+        apps = self.sidecar.view.apps_metrics if self.sidecar.view is not None else None
+        if apps is not None:
+            series = GaugeMetricFamily("sidecar_apps_metrics_series", "Series held for the applications' metrics (aggregated groups and raw metrics; cap: http.apps_metrics_max_series)")
+            series.add_metric([], apps.series)
+            yield series
+            dropped = CounterMetricFamily("sidecar_apps_metrics_dropped_series", "Updates to the applications' metrics not held: a new series past http.apps_metrics_max_series")
+            dropped.add_metric([], apps.dropped)
+            yield dropped
+            conflicts = GaugeMetricFamily("sidecar_apps_metrics_name_conflicts", "Samples left out of the last scrape of the applications' metrics: their sanitized name was another metric's")
+            conflicts.add_metric([], apps.conflicts)
+            yield conflicts
+
+
+class AppsCollector(Collector):
+    """The applications' metrics (sidecar.apps_metrics), read when scraped."""
+
+    def __init__(self, apps_metrics: AppsMetrics):
+        self.apps_metrics = apps_metrics
+
+    def collect(self):
+        yield from self.apps_metrics.families()
 
 
 # Paths an OTLP/HTTP exporter posts to: a 404 there is a client pointed at the wrong place.
@@ -148,6 +170,9 @@ class ViewServer:
         self.settings = settings
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SidecarCollector(sidecar))
+        self.apps_metrics = AppsMetrics(settings.apps_metrics_max_series, raw=settings.apps_metrics_raw)
+        self.apps_registry = CollectorRegistry(auto_describe=False)
+        self.apps_registry.register(AppsCollector(self.apps_metrics))
         self.taps: set[Tap] = set()
         self._not_found_log = RateLimitedLog(log, interval=60.0)
         self.address: tuple[str, int] | None = None
@@ -156,6 +181,7 @@ class ViewServer:
             ("GET", "/healthz"): self.healthz,
             ("GET", "/readyz"): self.readyz,
             ("GET", "/metrics"): self.metrics,
+            ("GET", settings.apps_metrics_path): self.apps,
             ("GET", "/api/jobs"): self.jobs,
             ("GET", "/api/routes"): self.routes,
             ("GET", "/api/backends"): self.backends,
@@ -255,6 +281,9 @@ class ViewServer:
 
     async def metrics(self, send, query):
         await _respond_bytes(send, 200, generate_latest(self.registry), b"text/plain; version=0.0.4; charset=utf-8")
+
+    async def apps(self, send, query):
+        await _respond_bytes(send, 200, generate_latest(self.apps_registry), b"text/plain; version=0.0.4; charset=utf-8")
 
     async def jobs(self, send, query):
         await _respond(send, 200, {"jobs": self.sidecar.correlator.index.recent_jobs(query.get("since"))})

@@ -21,6 +21,14 @@ class PipelineSettings:
     native: bool = True
 
 
+def _check_apps_metrics_path(_instance, _attribute, path) -> None:
+    if not path.startswith("/") or path in _VIEW_PATHS or path.startswith(("/api/jobs/", "/api/traces/")):
+        raise ValueError(f"must be a path starting with / that the view does not serve already ({', '.join(_VIEW_PATHS)}), got {path!r}")
+
+
+_VIEW_PATHS = ("/", "/healthz", "/readyz", "/metrics", "/api/jobs", "/api/routes", "/api/backends", "/api/statistics", "/api/tap", "/api/reload")
+
+
 @attrs.frozen
 class HttpSettings:
     """The HTTP view: health, /metrics, the job and trace API, the web page."""
@@ -30,6 +38,10 @@ class HttpSettings:
     port: int = attrs.field(default=17001, validator=attrs.validators.and_(attrs.validators.ge(0), attrs.validators.le(65535)))
     # When this environment variable is set, POST /api/reload and /api/tap need `Bearer <value>`.
     token_env: str = "MONITORING_SIDECAR_TOKEN"
+    # The applications' metrics for Prometheus (sidecar.apps_metrics); /metrics stays the sidecar's.
+    apps_metrics_path: str = attrs.field(default="/metrics/apps", validator=_check_apps_metrics_path)
+    apps_metrics_raw: bool = False  # raw metric points too, as gauges of their last value
+    apps_metrics_max_series: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
 
 
 @attrs.frozen
