@@ -18,7 +18,7 @@ from sidecar.backends.cloudwatch_requests import LogNames, plan_batch
 from sidecar.backends.emf import NotPlaced, emf_document
 from sidecar.batch import Batch
 from sidecar.config import ConfigError, load_config
-from tests.harness import SidecarProcess, encode
+from tests.harness import SidecarProcess, encode, wait_until
 from tests.services.cloudwatch import ACCESS_KEY, SECRET_KEY, cloudwatch_server, logs_proxy  # noqa: F401 (fixtures)
 
 # MetricDatum's StandardUnit values, which the spec names for MetricDefinition.Unit.
@@ -123,8 +123,9 @@ def test_every_document_obeys_the_spec_and_carries_the_values(message):
     aggregation = data.get("aggregation")
     if aggregation is None:
         assert root["_aws"]["Timestamp"] == NOW_MS
-        assert defined == {data["name"][:255]: defined[data["name"][:255]]}
-        assert root[data["name"][:255]] == data["value"]
+        member = data["name"][:255]
+        member = f"metric.{member}" if member in ("_aws", "source", "aggregation") else member
+        assert list(defined) == [member] and root[member] == data["value"]
     else:
         assert root["_aws"]["Timestamp"] == int(dt.datetime.fromisoformat(aggregation["window_end"]).timestamp() * 1000)
         assert root["aggregation"] == {k: aggregation[k] for k in ("window_start", "window_end", "partial")}
@@ -211,6 +212,12 @@ backends:
     namespace: sidecar-test
     batch: {{max_messages: 100, timeout: 0.2}}
     retry: {{initial_backoff: 0.05, max_backoff: 0.3}}
+aggregate:
+  timer:
+    - metrics: [latency_ms]
+      window: 1s
+      stats: [count, sum, min, max, p50]
+      keep_raw: false
 routing:
   all:
     - backend: cloudwatch
@@ -230,9 +237,27 @@ def test_a_sidecar_writes_metrics_and_aggregates_as_emf_documents_to_cloudwatch_
             "aggregation": {"window_start": iso(now - 10_000), "window_end": iso(now), "partial": False,
                             "count": 3, "sum": 30.0, "min": 5.0, "max": 15.0, "avg": 10.0, "last": 15.0, "p99": 15.0}}}
         event = {"source": "jobs", "type": "event", "timestamp": iso(now), "data": {"level": "info", "message": "done"}}
+        # and points the sidecar's own aggregate step turns into one metric per 1 s window
+        points = [{"source": "timer", "type": "metric", "timestamp": iso(now), "data": {"name": "latency_ms", "value": v, "unit": "ms"}} for v in (2.0, 4.0, 8.0, 16.0)]
         with sidecar.connect() as conn:
-            conn.sendall(encode(raw + [aggregate, event]))
-        sidecar.wait_for(lambda s: s["backends"] and s["backends"][0]["delivered"] == 7, timeout=30, what="7 events delivered")
+            conn.sendall(encode(raw + [aggregate, event] + points))
+        sidecar.wait_for(lambda s: s["backends"] and s["backends"][0]["delivered"] >= 8, timeout=30, what="7 events and an aggregate delivered")
+
+        def step_documents():
+            if "timer" not in cloudwatch_server.streams(group):
+                return None
+            found = [validate_emf(e["message"]) for e in cloudwatch_server.events(group, "timer")]
+            return found if sum(d["latency_ms.count"] for d in found) == 4 else None
+
+        windows = wait_until(step_documents, 30, "the aggregate step's documents", interval=0.2)
+        assert sum(d["latency_ms.sum"] for d in windows) == 30.0
+        assert min(d["latency_ms.min"] for d in windows) == 2.0 and max(d["latency_ms.max"] for d in windows) == 16.0
+        for document in windows:
+            # the aggregate step keeps no unit for metric points (span durations get "ms"), so
+            # only NAME.count has one
+            assert {m["Name"]: m.get("Unit") for m in document["_aws"]["CloudWatchMetrics"][0]["Metrics"]} == {
+                "latency_ms.count": "Count", "latency_ms.sum": None, "latency_ms.min": None, "latency_ms.max": None, "latency_ms.p50": None}
+            assert document["_aws"]["Timestamp"] == int(dt.datetime.fromisoformat(document["aggregation"]["window_end"]).timestamp() * 1000)
         events = [orjson.loads(e["message"]) for e in cloudwatch_server.events(group, "jobs")]
         documents = [validate_emf(orjson.dumps(e).decode()) for e in events if "_aws" in e]
         assert len(documents) == 6 and [e["data"]["message"] for e in events if "_aws" not in e] == ["done"]
