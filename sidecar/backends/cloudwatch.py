@@ -1,4 +1,5 @@
-"""CloudWatch Logs: each message one log event, in a group and stream named from templates.
+"""CloudWatch Logs: each message one log event (its JSON line, or with `format: emf` a metric's
+Embedded Metric Format document: sidecar.backends.emf), in a group and stream named from templates.
 
 A batch is planned into requests within the service's limits (sidecar.backends.cloudwatch_requests);
 events it would refuse are dropped and counted, an oversized one truncated and logged. A missing
@@ -6,6 +7,7 @@ group or stream is created on write. The plan and how many of its requests were 
 attempt's state, so a retry resends only the rest and never duplicates events.
 """
 
+import functools
 import logging
 import time
 
@@ -14,9 +16,10 @@ import attrs
 from sidecar.backends import aws
 from sidecar.backends.base import Attempt, Backend, PartialDelivery, Place
 from sidecar.backends.cloudwatch_requests import (
-    MAX_EVENT_BYTES, RETENTION_DAYS, LogNames, PutRequest, RequestPlan, check_group, check_stream, error_code, plan_batch,
+    MAX_EVENT_BYTES, RETENTION_DAYS, LogNames, PutRequest, Sending, check_group, check_stream, error_code, plan_batch,
     refused_by_service, service_error, validate_template,
 )
+from sidecar.backends.emf import DEFAULT_NAMESPACE, NotPlaced, check_namespace, emf_document
 from sidecar.units import ByteSize, Duration
 
 log = logging.getLogger("sidecar.backends.cloudwatch")
@@ -33,16 +36,8 @@ class CloudWatchSettings:
     max_event_size: ByteSize = attrs.field(default=MAX_EVENT_BYTES, validator=[attrs.validators.ge(1024), attrs.validators.le(MAX_EVENT_BYTES)])
     connect_timeout: Duration = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     read_timeout: Duration = attrs.field(default=20.0, validator=attrs.validators.gt(0))
-
-
-@attrs.define
-class Sending:
-    """A batch's plan, how many of its requests the service has accepted, and the events it
-    refuses (an attempt's state)."""
-
-    plan: RequestPlan
-    rejected: dict[int, str]
-    accepted: int = 0
+    format: str = attrs.field(default="json", validator=attrs.validators.in_(("json", "emf")))
+    namespace: str = attrs.field(default=DEFAULT_NAMESPACE, validator=check_namespace)  # for format: emf
 
 
 class CloudWatchBackend(Backend):
@@ -60,6 +55,8 @@ class CloudWatchBackend(Backend):
         self._client = None
         self.names = LogNames(settings.log_group, settings.log_stream)
         self.truncated = 0
+        self.render = functools.partial(emf_document, namespace=settings.namespace) if settings.format == "emf" else None
+        self.not_placed = NotPlaced()
 
     async def open(self) -> None:
         if self._client is None:
@@ -71,12 +68,12 @@ class CloudWatchBackend(Backend):
         await self.run_blocking(aws.call, self._client.describe_log_groups, "DescribeLogGroups", service_error, limit=1)
 
     def statistics(self) -> dict:
-        return {"truncated_events": self.truncated}
+        return {"truncated_events": self.truncated, **(self.not_placed.counts if self.render else {})}
 
     async def write_batch(self, attempt: Attempt) -> None:
         if attempt.state is None:
             plan = await self.run_blocking(
-                plan_batch, self.names, attempt.source, attempt.batch, time.time_ns() // 1_000_000,
+                plan_batch, self.names, attempt.source, attempt.batch, time.time_ns() // 1_000_000, self.render,
                 max_event_size=self.settings.max_event_size, retention_days=self.settings.retention_days,
             )
             attempt.state = Sending(plan, dict(plan.rejected))
@@ -84,6 +81,8 @@ class CloudWatchBackend(Backend):
                 self.truncated += len(plan.truncated)
                 log.warning("backend %s: truncated %d event(s) from %s over %d bytes (%d truncated so far)",
                             self.label, len(plan.truncated), attempt.source, self.settings.max_event_size, self.truncated)
+            for first in self.not_placed.add(plan.documents):  # logged once per kind, counted always
+                log.warning("backend %s: %s", self.label, first)
         sending: Sending = attempt.state
         await self.run_blocking(self._send, sending)
         if sending.rejected:

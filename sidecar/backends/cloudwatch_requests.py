@@ -153,6 +153,19 @@ class RequestPlan:
     requests: tuple[PutRequest, ...]
     rejected: dict  # batch index -> reason, for events the service would refuse
     truncated: tuple[int, ...]  # batch indexes whose message was cut to fit
+    # EmfDocuments (without their text) of the events rendered with tags or statistics that
+    # could not all be dimensions or metrics
+    documents: tuple = ()
+
+
+@attrs.define
+class Sending:
+    """A batch's plan, how many of its requests the service has accepted, and the events it
+    refuses (an attempt's state)."""
+
+    plan: RequestPlan
+    rejected: dict[int, str]
+    accepted: int = 0
 
 
 def truncate_message(message: str, limit: int) -> str:
@@ -213,12 +226,14 @@ def plan_requests(entries: Iterable[tuple[int, str, str, int, str]], now_ms: int
 # ---------------------------------------------------------------- the backend
 
 
-def plan_batch(names: LogNames, source: str, batch: Batch, now_ms: int, **limits) -> RequestPlan:
+def plan_batch(names: LogNames, source: str, batch: Batch, now_ms: int, render=None, **limits) -> RequestPlan:
     """A batch's requests: each event is a message's JSON line as it is, at its timestamp (or
     the batch's received_at, or now, when unreadable); the messages are parsed only for names
-    that use their fields ({type}, {date}). `limits`: plan_requests' keywords."""
+    that use their fields ({type}, {date}) or for `render`: (message, timestamp ms) -> an
+    EmfDocument to send instead of the line, or None to keep it. `limits`: plan_requests' keywords."""
     default_names = None if names.per_message else names(source)
-    messages = batch.messages() if names.per_message else None
+    messages = batch.messages() if names.per_message or render else None
+    documents = []
     fallback = None
     entries = []
     last_text, last_ms = None, 0
@@ -229,8 +244,11 @@ def plan_batch(names: LogNames, source: str, batch: Batch, now_ms: int, **limits
                 fallback = fallback or epoch_ms(batch.received_at) or now_ms
                 last_ms = fallback
         group, stream = default_names or names(source, messages[index].get("type", ""), (text or "")[:10])
-        entries.append((index, group, stream, last_ms, line.decode()))
-    return plan_requests(entries, now_ms, **limits)
+        document = render(messages[index], last_ms) if render else None
+        if document is not None and (document.not_dimensions or document.left_out or document.not_metrics):
+            documents.append(attrs.evolve(document, text=""))  # what was not placed; the text is in the event
+        entries.append((index, group, stream, last_ms, line.decode() if document is None else document.text))
+    return attrs.evolve(plan_requests(entries, now_ms, **limits), documents=tuple(documents))
 
 
 def refused_by_service(request: PutRequest, info: dict) -> dict[int, str]:
