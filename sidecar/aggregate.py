@@ -27,6 +27,7 @@ import trio
 
 from sidecar.aggregation import LATE_POLICIES, MAX_GROUP_BYTES, ClosedGroup, GroupKey, Windows, check_stats
 from sidecar.batch import Batch
+from sidecar.bounded import ForgetfulCache
 from sidecar.message import epoch_ms, format_timestamp
 from sidecar.source_keys import SourceKeys
 from sidecar.units import Duration
@@ -103,6 +104,8 @@ class AggregateStep:
         self._metrics = _names_regex(settings.metrics)
         self._spans = _names_regex(settings.spans)
         self._all_tags = "tags" in settings.by
+        # (source, name) -> the unit its points gave (the last), for the aggregates' `unit`.
+        self.units = ForgetfulCache(settings.max_groups)
         self._tags = tuple(key[5:] for key in settings.by if key.startswith("tags."))
 
     def take(self, batch: Batch, now: float) -> Batch:
@@ -117,6 +120,8 @@ class AggregateStep:
             if kind == "metric" and metrics is not None and "aggregation" not in data and metrics.match(data["name"]):
                 key = (source, data["name"], self._tags_of(data.get("tags")))
                 value = data["value"]
+                if data.get("unit"):
+                    self.units.remember((source, data["name"]), data["unit"])
             elif kind == "span" and spans is not None and data.get("phase") == "end" and spans.match(data["name"]):
                 key = (source, data["name"] + SPAN_SUFFIX, (("status", data["status"]),))
                 value = data["duration_ms"]
@@ -146,13 +151,15 @@ def _iso(seconds: float) -> str:
     return format_timestamp(dt.datetime.fromtimestamp(seconds, dt.timezone.utc))
 
 
-def aggregate_message(closed: ClosedGroup, host: str, now: float) -> dict:
-    """One closed group as the `metric` message the pipeline routes (docs/protocol.md)."""
+def aggregate_message(closed: ClosedGroup, host: str, now: float, unit: str | None = None) -> dict:
+    """One closed group as the `metric` message the pipeline routes (docs/protocol.md); `unit`:
+    its points' (span durations are in ms)."""
     source, name, tags = closed.key
     aggregation = {"window_start": _iso(closed.window_start), "window_end": _iso(closed.window_end), "partial": closed.partial, **closed.stats}
     data = {"name": name, "value": closed.sum, "tags": dict(tags), "aggregation": aggregation}
-    if name.endswith(SPAN_SUFFIX):
-        data["unit"] = "ms"
+    unit = "ms" if name.endswith(SPAN_SUFFIX) else unit
+    if unit:
+        data["unit"] = unit
     return {"source": source, "type": "metric", "timestamp": aggregation["window_start"], "data": data, "received_at": _iso(now), "host": host}
 
 
@@ -238,7 +245,7 @@ class Aggregation:
 
     def _messages(self, step: AggregateStep, closed: list[ClosedGroup], now: float) -> list[dict]:
         step.emitted += len(closed)
-        return [aggregate_message(group, self.host, now) for group in closed]
+        return [aggregate_message(group, self.host, now, step.units.get(group.key[:2])) for group in closed]
 
     async def run(self, emit: Callable[[list[dict]], None], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Close the windows as they end, handing each round's messages to `emit`, until

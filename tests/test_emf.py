@@ -253,10 +253,9 @@ def test_a_sidecar_writes_metrics_and_aggregates_as_emf_documents_to_cloudwatch_
         assert sum(d["latency_ms.sum"] for d in windows) == 30.0
         assert min(d["latency_ms.min"] for d in windows) == 2.0 and max(d["latency_ms.max"] for d in windows) == 16.0
         for document in windows:
-            # the aggregate step keeps no unit for metric points (span durations get "ms"), so
-            # only NAME.count has one
+            # the aggregate carries its points' unit: ms for the statistics, Count for the count
             assert {m["Name"]: m.get("Unit") for m in document["_aws"]["CloudWatchMetrics"][0]["Metrics"]} == {
-                "latency_ms.count": "Count", "latency_ms.sum": None, "latency_ms.min": None, "latency_ms.max": None, "latency_ms.p50": None}
+                "latency_ms.count": "Count", "latency_ms.sum": "Milliseconds", "latency_ms.min": "Milliseconds", "latency_ms.max": "Milliseconds", "latency_ms.p50": "Milliseconds"}
             assert document["_aws"]["Timestamp"] == int(dt.datetime.fromisoformat(document["aggregation"]["window_end"]).timestamp() * 1000)
         events = [orjson.loads(e["message"]) for e in cloudwatch_server.events(group, "jobs")]
         documents = [validate_emf(orjson.dumps(e).decode()) for e in events if "_aws" in e]
