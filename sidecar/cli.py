@@ -286,6 +286,12 @@ def command_check(args) -> int:
             print(f"  {key}:")
             for spec, step in stage.steps_under(key):
                 print(f"    {spec.type}: {step.describe()}  ({spec.where})")
+    if config.aggregate:
+        print("\naggregate (per source key, after the transforms):")
+        for spec in config.aggregate:
+            step = spec.settings
+            what = " ".join(f"{kind}={','.join(globs)}" for kind, globs in (("metrics", step.metrics), ("spans", step.spans)) if globs)
+            print(f"  {spec.source}: {what} window={step.window:g}s by={','.join(step.by)} stats={','.join(step.stats)} keep_raw={str(step.keep_raw).lower()}  ({spec.where})")
     for source in args.source or ():
         for spec, step in stage.steps_for(source):
             print(f"\n{source} first passes {spec.label}: {step.describe()}")

@@ -192,3 +192,15 @@ def test_run_logs_the_warning_check_gives(tmp_path):
     logged = [line for line in err.splitlines() if "backend instances write file" in line]
     assert len(logged) == 4 and all("WARNING" in line or "warning" in line for line in logged), err
     assert f"files(path=file-receiver.jsonl) for file-receiver (file-receiver: {PERL_EXAMPLE / 'routes.d' / '20-file-receiver.yaml'}:3)" in err
+
+
+def test_check_lists_the_aggregate_steps_with_their_lines(tmp_path):
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(
+        "backends:\n  files: {type: filesystem, base_path: out}\n"
+        "aggregate:\n  queue-service:\n    - metrics: [\"jobs_*\"]\n      window: 1m\n      stats: [count, p99]\n"
+        "routing:\n  all: [{backend: files}]\n"
+    )
+    result = command("check", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"  queue-service: metrics=jobs_* window=60s by=source,name,tags stats=count,p99 keep_raw=true  ({config}:5)" in result.stdout
