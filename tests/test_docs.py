@@ -263,3 +263,19 @@ def test_the_rules_example_holds_every_rule_key_and_filter_key():
     rule = next(iter(YAML(typ="safe").load(example)["routing"].values()))[0]
     assert set(rule) == set(_RULE_KEYS)
     assert set(rule["filter"]) == {f.name for f in attrs.fields(FilterSettings)}
+
+
+def test_the_readmes_full_config_examples_load(tmp_path):
+    # Every ```yaml block of the README that is a main file (it defines backends) loads as written.
+    import textwrap
+
+    from sidecar.config import load_config
+
+    readme = (REPO / "README.md").read_text()
+    blocks = [textwrap.dedent(m.group(2)) for m in re.finditer(r"^( *)```yaml\n(.*?)^\1```", readme, re.S | re.M)]
+    mains = [block for block in blocks if re.search(r"^backends:", block, re.M)]
+    assert mains
+    for number, block in enumerate(mains):
+        path = tmp_path / f"example-{number}.yaml"
+        path.write_text(block)
+        load_config(path, None, {"PG_URL": "postgresql://user:secret@localhost:5432/monitoring"})
