@@ -477,3 +477,39 @@ def test_postgres_batches_default_to_5000_messages_and_the_config_still_wins(tmp
         "routing:\n  all:\n    - backend: pg\n"
     )
     assert load_config(tmp_path / "sidecar.yaml", None).backends["pg"].delivery.batch.max_messages == 300
+
+
+def test_aggregates_land_as_metric_rows_and_the_documented_query_reads_their_p99(tmp_path, postgres_server):
+    import re
+
+    table = unique_table()
+    config = f"""
+tcp: {{host: 127.0.0.1, port: 0}}
+backends:
+  timescaledb:
+    type: postgres
+    connection_string: "${{PG_URL}}"
+    table: {table}
+    batch: {{timeout: 0.05}}
+aggregate:
+  loader:
+    - metrics: [job_duration_ms]
+      window: 1h
+      by: [source, name]
+routing:
+  loader:
+    - backend: timescaledb
+      filter: {{aggregated: true}}
+"""
+    values = [float(v) for v in range(1, 201)]
+    sidecar = SidecarProcess(tmp_path, config, env={"PG_URL": postgres_server.url()}).start()
+    try:
+        sidecar.send([{"type": "metric", "source": "loader", "data": {"name": "job_duration_ms", "value": v, "unit": "ms"}} for v in values])
+        sidecar.wait_for(lambda s: s["correlator"]["aggregation"]["loader[aggregate]"]["points"] == len(values), what="the points taken")
+    finally:
+        assert sidecar.stop() == 0  # routes the open window, partial, before the backend drains
+    documented = (REPO / "docs" / "postgres.md").read_text()
+    query = re.search(r"```sql\n(SELECT time AS window_start.*?)```", documented, re.S).group(1).replace("monitoring_events", table)
+    [(_start, source, tags, points, p99, total)] = rows(postgres_server, query)
+    assert (source, tags, points, total) == ("loader", {}, 200, sum(values))
+    assert abs(p99 - 198.0) <= 0.01 * 198.0 + 2  # DDSketch: 1 % of the exact rank's value
