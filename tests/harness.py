@@ -102,10 +102,13 @@ class SidecarProcess:
         def listening():
             if self.process.poll() is not None:
                 raise AssertionError(f"sidecar exited with {self.process.returncode}:\n{self.log()}")
-            found = re.search(r"listening on [\d.]+:(\d+)", self.log())
-            return found and self.status_path.exists() and int(found.group(1))
+            log = self.log()
+            found = re.search(r"listening on [\d.]+:(\d+)", log)
+            # "ready": the sources listen before the backends start, and a status file may be
+            # a previous run's; the ready line comes once every part has started.
+            return found and " ready: " in log and self.status_path.exists() and int(found.group(1))
 
-        self.port = wait_until(listening, timeout, "the sidecar to listen")
+        self.port = wait_until(listening, timeout, "the sidecar to be ready")
         found = re.search(r"HTTP view on http://[\d.]+:(\d+)/", self.log())
         self.http_port = int(found.group(1)) if found else None
         return self
