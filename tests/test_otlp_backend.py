@@ -143,7 +143,7 @@ def test_held_starts_each_come_back_once_ended_pushed_out_expired_or_flushed(ste
         returned += back
         alive -= {m["span_id"] for m in back}
         assert len(held) == len(alive) <= limit
-    returned += held.all()
+    returned += held.take_all()
     assert len(held) == 0
     assert len({m["n"] for m in returned}) == len(returned) == started - replaced
 

@@ -118,7 +118,7 @@ class HeldStarts:
             found.append(message)
         return found
 
-    def all(self) -> list[dict]:
+    def take_all(self) -> list[dict]:
         found = [message for _held_at, message in self._starts.values()]
         self._starts.clear()
         return found
@@ -239,7 +239,7 @@ class Exporter:
                     self._ended.remember(key, True)
             else:
                 group(message)["points"].extend(points_of(message))
-        for start in self.starts.all() if flush else self.starts.expired(now):
+        for start in self.starts.take_all() if flush else self.starts.expired(now):
             group(start)["spans"].append(span_of(None, start))
             unended += 1
         return self._assemble(groups, unended)

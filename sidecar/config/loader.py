@@ -385,27 +385,31 @@ def _read_filter(reader: DocumentReader, node, where: Where) -> MessageFilter:
     return MessageFilter.build(**values)
 
 
-def _read_transforms(reader: DocumentReader, main) -> tuple[TransformSpec, ...]:
-    """`transforms:`, source key -> the list of steps for it, each `{type: NAME, ...settings}`."""
-    node = main.get("transforms")
+def _steps_by_source_key(reader: DocumentReader, main, section: str, example: str | None = None):
+    """The entries of a section that maps source keys to lists of steps (`transforms:`,
+    `aggregate:`), as (source key, position from 1, step node, its Where); shape problems are
+    reported at their lines and skip what they concern."""
+    node = main.get(section)
     if node is None:
-        return ()
+        return
     if not isinstance(node, dict):
-        reader.problem(reader.value_where(main, "transforms"), "transforms must be a mapping of source key -> list of steps")
-        return ()
-    specs = []
+        reader.problem(reader.value_where(main, section), f"{section} must be a mapping of source key -> list of steps")
+        return
     for source, steps in node.items():
         source_where = reader.key_where(node, source)
         if not isinstance(source, str) or not source:
             reader.problem(source_where, f"source key must be a non-empty string, got {source!r}")
         elif not isinstance(steps, list):
-            reader.problem(source_where, f"transforms for {source!r} must be a list of steps")
+            reader.problem(source_where, f"{section} for {source!r} must be a list of steps" + (f", each a mapping like {example}" if example else ""))
         else:
             for index, step in enumerate(steps):
-                spec = _read_transform(reader, source, step, reader.item_where(steps, index))
-                if spec is not None:
-                    specs.append(spec)
-    return tuple(specs)
+                yield source, index + 1, step, reader.item_where(steps, index)
+
+
+def _read_transforms(reader: DocumentReader, main) -> tuple[TransformSpec, ...]:
+    """`transforms:`, source key -> the list of steps for it, each `{type: NAME, ...settings}`."""
+    steps = _steps_by_source_key(reader, main, "transforms")
+    return tuple(spec for source, _position, step, where in steps if (spec := _read_transform(reader, source, step, where)) is not None)
 
 
 def _read_transform(reader: DocumentReader, source: str, node, where: Where) -> TransformSpec | None:
@@ -426,30 +430,16 @@ def _read_transform(reader: DocumentReader, source: str, node, where: Where) -> 
 
 def _read_aggregate(reader: DocumentReader, main) -> tuple[AggregateSpec, ...]:
     """`aggregate:`, source key -> the list of aggregate steps for it (sidecar.aggregate)."""
-    node = main.get("aggregate")
-    if node is None:
-        return ()
-    if not isinstance(node, dict):
-        reader.problem(reader.value_where(main, "aggregate"), "aggregate must be a mapping of source key -> list of aggregate steps")
-        return ()
     specs = []
-    for source, steps in node.items():
-        source_where = reader.key_where(node, source)
-        if not isinstance(source, str) or not source:
-            reader.problem(source_where, f"source key must be a non-empty string, got {source!r}")
-        elif not isinstance(steps, list):
-            reader.problem(source_where, f"aggregate for {source!r} must be a list of steps, each a mapping like {{metrics: [NAME, ...], window: 60s}}")
-        else:
-            for index, step in enumerate(steps):
-                where = reader.item_where(steps, index)
-                if not isinstance(step, dict):
-                    reader.problem(where, f"an aggregate step for {source!r} must be a mapping like {{metrics: [NAME, ...], window: 60s}}")
-                    continue
-                try:
-                    settings = reader.build(AggregateSettings, step, where, f"aggregate.{source}")
-                except Invalid:
-                    continue
-                specs.append(AggregateSpec(source, settings, where, index + 1))
+    for source, position, step, where in _steps_by_source_key(reader, main, "aggregate", "{metrics: [NAME, ...], window: 60s}"):
+        if not isinstance(step, dict):
+            reader.problem(where, f"an aggregate step for {source!r} must be a mapping like {{metrics: [NAME, ...], window: 60s}}")
+            continue
+        try:
+            settings = reader.build(AggregateSettings, step, where, f"aggregate.{source}")
+        except Invalid:
+            continue
+        specs.append(AggregateSpec(source, settings, where, position))
     return tuple(specs)
 
 
