@@ -8,9 +8,15 @@ Python path) and are otherwise parsed from the lines only when a backend that ne
 console, a filter or a tap wants one.
 """
 
+import re
+
 import orjson
 
 from sidecar.constants import URGENT_LEVELS
+
+# A line that may hold the key `aggregation` (written plainly, or with an escape in a key: the
+# native path keeps lines as the client wrote them).
+_MAY_HOLD_AGGREGATION = re.compile(rb'"aggregation"|\\u')
 
 
 def is_urgent(messages: list[dict]) -> bool:
@@ -69,6 +75,12 @@ class Batch:
             first = self._messages[0] if self._messages else orjson.loads(self.lines[0]) if self.lines else {}
             self._received_at = first.get("received_at") or ""
         return self._received_at
+
+    def may_hold_aggregates(self) -> bool:
+        """False when no message of the batch can be an aggregate (`data.aggregation`): a
+        filter on `aggregated` then decides for the whole batch without parsing a line."""
+        search = _MAY_HOLD_AGGREGATION.search
+        return any(search(line) for line in self.lines)
 
     def messages(self) -> list[dict]:
         """The messages as dicts: parsed from the lines on first use, then kept."""

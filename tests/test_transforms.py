@@ -4,13 +4,14 @@ routing, on both decode paths; the filter is the first step type."""
 import socket
 import urllib.request
 
+import orjson
 from hypothesis import given, strategies as st
 
 from sidecar.batch import Batch
 from sidecar.config import load_config
 from sidecar.source_keys import SourceKeys
 from sidecar.transforms import TransformSpec, TransformStage
-from sidecar.transforms.filter import FilterSettings
+from sidecar.transforms.filter import FilterSettings, MessageFilter, keep_passing
 from tests.harness import SidecarProcess, encode, event, read_jsonl, seqs
 from tests.test_config import problems_of
 
@@ -105,3 +106,52 @@ def test_a_filter_step_keeps_a_sources_noise_from_every_backend_on_both_decode_p
     finally:
         assert sidecar.stop() == 0
     assert stats["unrouted"] == 0 and stats["received"] == stats["routed"] + sum(stats["removed_by_transforms"].values())
+
+
+def _line_of(message: dict, escaped: bool) -> bytes:
+    """A message's line as a client may write it: the key `aggregation` plain or escaped."""
+    line = orjson.dumps(message)
+    return line.replace(b'"aggregation"', b'"aggreg\\u0061tion"') if escaped else line
+
+
+_MESSAGES = st.lists(
+    st.tuples(
+        st.sampled_from(["event", "metric", "aggregate"]),
+        st.sampled_from(["info", "error"]),
+        st.sampled_from(["rows", "jobs_done"]),
+        st.booleans(),  # the key `aggregation` escaped in the line
+    ),
+    max_size=12,
+)
+_FILTERS = st.lists(
+    st.builds(
+        MessageFilter.build,
+        st.none() | st.just(["metric"]) | st.just(["event"]),
+        st.none() | st.just(["error"]),
+        st.none() | st.just(["jobs_*"]),
+        st.none() | st.booleans(),
+    ),
+    max_size=3,
+)
+
+
+@given(_MESSAGES, _FILTERS, st.booleans())
+def test_a_filter_on_aggregated_decides_a_batch_without_aggregates_as_message_by_message(specs, filters, as_lines):
+    """The shortcut for batches with no `aggregation` key in any line (no line parsed) keeps
+    exactly what the per-message filter keeps, on the native path's lines as received too."""
+
+    messages = []
+    for number, (kind, level, name, _escaped) in enumerate(specs):
+        if kind == "event":
+            data = {"level": level, "message": f"m{number}"}
+        else:
+            data = {"name": name, "value": number}
+            if kind == "aggregate":
+                data["aggregation"] = {"count": 1}
+        messages.append({"source": "s", "type": "event" if kind == "event" else "metric", "timestamp": "2025-10-20T10:30:45.123Z", "data": data})
+    lines = [_line_of(m, escaped) for m, (*_, escaped) in zip(messages, specs)]
+    batch = Batch("s", lines, [m["timestamp"] for m in messages]) if as_lines else Batch.of(messages)
+    kept = keep_passing(batch, tuple(filters))
+    expected = [m for m in messages if not filters or any(f.passes(m) for f in filters)]
+    assert kept.messages() == expected
+    assert len(kept.lines) == len(expected)

@@ -52,7 +52,12 @@ class MessageFilter:
 
     @property
     def passes_all(self) -> bool:
-        return self.types is None and self.levels is None and self.names is None and self.aggregated is None
+        return self.aggregated is None and self.passes_all_plain
+
+    @property
+    def passes_all_plain(self) -> bool:
+        """Passes every message that is not an aggregate, or every aggregate, by `aggregated`."""
+        return self.types is None and self.levels is None and self.names is None
 
     def passes(self, message: dict) -> bool:
         kind = message["type"]
@@ -84,6 +89,14 @@ def keep_passing(batch: Batch, filters: tuple[MessageFilter, ...]) -> Batch:
     do, else a new batch."""
     if not filters:
         return batch
+    if any(f.aggregated is not None for f in filters) and not batch.may_hold_aggregates():
+        # No aggregate among them: the filters on `aggregated` decide without parsing a line
+        # (on the native path, the batch's lines need not become dicts at all).
+        filters = tuple(f for f in filters if not f.aggregated)
+        if not filters:
+            return Batch.empty(batch.source)
+        if any(f.passes_all_plain for f in filters):
+            return batch
     chosen = [i for i, m in enumerate(batch.messages()) if any(f.passes(m) for f in filters)]
     return batch if len(chosen) == len(batch) else batch.pick(chosen)
 
