@@ -1,7 +1,7 @@
 """The aggregate step: metric points and span durations of a source, in tumbling windows per
 group, emitted at each window's end as one `metric` message per group.
 
-    aggregate:                                  # main file; the source keys are routing's
+    aggregate:                                  # main file or a routing entry; keys are routing's
       queue-service:
         - metrics: ["jobs_*", rows_loaded]      # metric-name globs
           spans: [process_job]                  # span names (globs): duration_ms of their ends

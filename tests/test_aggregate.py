@@ -267,7 +267,10 @@ def test_the_aggregate_section_is_read_per_source_key_with_file_line_errors(tmp_
 
 import random
 import signal
+import socket
 import time as wall
+
+import orjson
 
 from tests.harness import SidecarProcess, read_jsonl
 
@@ -381,3 +384,144 @@ def test_a_sidecars_aggregates_match_a_reference_and_split_from_the_raw_points(t
     assert sum(a["count"] for a in ticks_out) == 50 and sum(a["sum"] for a in ticks_out) == 100
     assert any(not a["partial"] for a in ticks_out)
     assert stats["aggregates_emitted"] == len(aggregates)
+
+
+DROP_IN_MAIN = """
+tcp: {{host: 127.0.0.1, port: 0}}
+shutdown: {{connection_grace: 0.2, drain_timeout: 10}}
+reload: {{poll_interval: 0.1, settle_delay: 0.05}}
+backends:
+  raw: {{type: filesystem, base_path: {base}/raw, create_base_path: true, fsync: never, batch: {{max_messages: 500, timeout: 0.05}}}}
+  aggregates: {{type: filesystem, base_path: {base}/aggregates, create_base_path: true, fsync: never, batch: {{max_messages: 500, timeout: 0.05}}}}
+"""
+
+DROP_IN = """
+svc:
+  routes:
+    - backend: raw
+      filter: {{aggregated: false}}
+    - backend: aggregates
+      filter: {{aggregated: true}}
+  aggregate:
+    - metrics: [rows]
+      window: 10000h
+      stats: [{stats}]
+"""
+
+
+def test_a_drop_ins_entry_holds_routes_and_aggregate_steps_with_its_own_file_lines(tmp_path):
+    main = tmp_path / "sidecar.yaml"
+    main.write_text(DROP_IN_MAIN.format(base=tmp_path / "out"))
+    routes = tmp_path / "routes.d"
+    routes.mkdir()
+    (routes / "svc.yaml").write_text(DROP_IN.format(stats="count, sum"))
+    config = load_config(main, routes, {})
+    [step] = config.aggregate
+    assert (step.source, step.settings.metrics, step.settings.stats) == ("svc", ("rows",), ("count", "sum"))
+    assert str(step.where) == f"{routes / 'svc.yaml'}:9"
+    assert [(rule.backend, rule.filter.aggregated) for rule in config.rules] == [("raw", False), ("aggregates", True)]
+    (routes / "svc.yaml").write_text(DROP_IN.format(stats="count, median") + "  transfroms: []\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(main, routes, {})
+    problems = "\n".join(map(str, caught.value.problems))
+    assert "svc.yaml:11" in problems and "'median'" in problems
+    assert "svc.yaml:12" in problems and "'transfroms'" in problems and "did you mean 'transforms'" in problems
+
+
+def test_windows_survive_a_reload_that_keeps_their_step_and_are_routed_partial_when_it_changes(tmp_path):
+    """Through a real sidecar, the step in a drop-in: a reload that leaves the step as it was
+    (another drop-in added) keeps the window's points; one that changes the step routes the
+    window at once, partial, and the new step starts empty."""
+    out = tmp_path / "out"
+    sidecar = SidecarProcess(tmp_path, DROP_IN_MAIN.format(base=out), routes={"svc.yaml": DROP_IN.format(stats="count, sum")}).start()
+    try:
+        now = wall.time()
+        sidecar.send([metric("rows", 1, now) for _ in range(100)])
+        sidecar.wait_for(lambda s: s["routed"] == 100, what="the first points")
+        sidecar.write_route("other.yaml", "other:\n  - backend: raw\n")
+        sidecar.wait_for(lambda s: s["reloads"] == 1, what="the reload that keeps the step")
+        sidecar.send([metric("rows", 2, now) for _ in range(50)])
+        sidecar.wait_for(lambda s: s["routed"] == 150, what="the points after the first reload")
+        assert sidecar.stats()["aggregates_emitted"] == 0
+        sidecar.write_route("svc.yaml", DROP_IN.format(stats="count, sum, max"))
+        sidecar.wait_for(lambda s: s["reloads"] == 2 and s["aggregates_emitted"] == 1, what="the reload that changes the step")
+        sidecar.send([metric("rows", 4, now) for _ in range(25)])
+        sidecar.wait_for(lambda s: s["routed"] == 175, what="the points after the second reload")
+        assert sidecar.stop(signal.SIGTERM) == 0
+    finally:
+        if sidecar.process.poll() is None:
+            sidecar.stop(signal.SIGKILL)
+    aggregates = [m["data"] for path in sorted((out / "aggregates").glob("*.jsonl")) for m in read_jsonl(path)]
+    assert [a["aggregation"] for a in aggregates] == [
+        {"window_start": aggregates[0]["aggregation"]["window_start"], "window_end": aggregates[0]["aggregation"]["window_end"], "partial": True, "count": 150, "sum": 200.0},
+        {"window_start": aggregates[0]["aggregation"]["window_start"], "window_end": aggregates[0]["aggregation"]["window_end"], "partial": True, "count": 25, "sum": 100.0, "max": 4.0},
+    ]
+    assert len([m for path in (out / "raw").glob("*.jsonl") for m in read_jsonl(path)]) == 175
+
+
+EXACTNESS_CONFIG = """
+tcp: {{host: 127.0.0.1, port: 0}}
+shutdown: {{connection_grace: 0.2, drain_timeout: 60}}
+backends:
+  aggregates: {{type: filesystem, base_path: {base}, create_base_path: true, fsync: never}}
+aggregate:
+  all:
+    - metrics: ["*"]
+      window: 10000h                    # the current window and the next: flushed at SIGTERM
+      stats: [count, sum, min, max, avg, last, p50, p90, p99, p99.9]
+      keep_raw: false
+routing:
+  all:
+    - backend: aggregates
+"""
+
+
+def test_a_million_points_aggregate_exactly_through_a_real_sidecar(tmp_path):
+    """1,000,000 points of 3 sources, 20 names and 50 tag sets over two windows (stamped in the
+    current one and the next): every window's count, sum, min, max and last equal the
+    reference, every quantile within the sketch's relative error of the exact one."""
+    sidecar = SidecarProcess(tmp_path, EXACTNESS_CONFIG.format(base=tmp_path / "out")).start()
+    window = 10000 * 3600
+    rng = random.Random(1_000_000)
+    now = wall.time()
+    stamps = [stamp(now), stamp(now + window)]
+    reference: dict[tuple, list[float]] = {}
+    try:
+        for source_number in range(3):
+            source = f"svc-{source_number}"
+            lines = []
+            for seq in range(1_000_000 // 3 + (source_number < 1_000_000 % 3)):
+                name = f"m{rng.randrange(20)}"
+                tags = {"table": f"t{rng.randrange(50)}"}
+                later = rng.random() < 0.5
+                value = rng.lognormvariate(3, 2) if seq % 4 else rng.randint(-400, 4000) / 4
+                lines.append(orjson.dumps({"source": source, "type": "metric", "timestamp": stamps[later], "data": {"name": name, "value": value, "tags": tags}}) + b"\n")
+                reference.setdefault((later, source, name, tags["table"]), []).append(value)
+            with socket.create_connection(("127.0.0.1", sidecar.port), timeout=120) as connection:
+                connection.sendall(b"".join(lines))
+                connection.shutdown(socket.SHUT_WR)
+                connection.recv(1)
+        assert sum(map(len, reference.values())) == 1_000_000
+        sidecar.wait_for(lambda s: s["received"] == 1_000_000, timeout=120, what="every point")
+        assert sidecar.stop(signal.SIGTERM, timeout=120) == 0
+        stats = sidecar.stats()
+    finally:
+        if sidecar.process.poll() is None:
+            sidecar.stop(signal.SIGKILL)
+    aggregates = [m for path in sorted((tmp_path / "out").glob("*.jsonl")) for m in read_jsonl(path)]
+    starts = sorted({m["data"]["aggregation"]["window_start"] for m in aggregates})
+    assert len(starts) == 2 and len(aggregates) == len(reference) == 6000
+    step = stats["correlator"]["aggregation"]["all[aggregate]"]
+    assert (step["points"], step["late"], step["early"], step["overflow"]) == (1_000_000, 0, 0, 0)
+    for message in aggregates:
+        data = message["data"]
+        aggregation = data["aggregation"]
+        values = reference[(aggregation["window_start"] == starts[1], message["source"], data["name"], data["tags"]["table"])]
+        assert aggregation["count"] == len(values)
+        assert data["value"] == aggregation["sum"] == functools.reduce(operator.add, values, 0.0)  # in arrival order
+        assert (aggregation["min"], aggregation["max"], aggregation["last"]) == (min(values), max(values), values[-1])
+        assert aggregation["avg"] == aggregation["sum"] / len(values)
+        ordered = sorted(values)
+        for stat in ("p50", "p90", "p99", "p99.9"):
+            exact = exact_quantile(ordered, quantile_of(stat))
+            assert abs(aggregation[stat] - exact) <= RELATIVE_ACCURACY * abs(exact), (message["source"], data["name"], data["tags"], stat)

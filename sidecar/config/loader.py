@@ -96,9 +96,10 @@ def load_config(config_path: Path | None, routes_dir: Path | None, environ=os.en
     sources = _read_sources(reader, main, sections["tcp"])
     backends = _read_backends(reader, main)
     documents, files = _routing_documents(reader, main, routes_dir, sections["reload"])
-    rules = _read_routing(documents, backends)
-    transforms = _read_transforms(reader, main)
-    aggregate = _read_aggregate(reader, main)
+    steps: list[_SourceSteps] = []  # the transforms and aggregate steps of routing entries
+    rules = _read_routing(documents, backends, steps)
+    transforms = _read_transforms(reader, main, steps)
+    aggregate = _read_aggregate(reader, main, steps)
     if reader.problems:
         raise ConfigError(list(dict.fromkeys(reader.problems)))
     return SidecarConfig(
@@ -272,17 +273,35 @@ def _routing_documents(reader: DocumentReader, main, routes_dir: Path | None, li
     return documents, files
 
 
-def _read_routing(documents: list, backends: _Backends) -> tuple[Rule, ...]:
+@attrs.frozen
+class _SourceSteps:
+    """A routing entry's `transforms:` or `aggregate:` (the mapping form of a source key's
+    entry), read with the sections of the same name after the main file's own."""
+
+    reader: DocumentReader
+    section: str  # "transforms" or "aggregate"
+    source: str
+    steps: Any  # the node: a list of steps, checked where it is read
+    where: Where
+
+
+# A source key's entry in routing is a list of rules, or a mapping of these.
+_ENTRY_KEYS = ("routes", "transforms", "aggregate")
+
+
+def _read_routing(documents: list, backends: _Backends, steps: list[_SourceSteps]) -> tuple[Rule, ...]:
     """Every rule of every routing document, by priority; the sort is stable, so rules of equal
-    priority keep the order of the files and of their lines."""
+    priority keep the order of the files and of their lines. The entries' steps go to `steps`."""
     rules: list[Rule] = []
     for reader, routing, where, drop_in in documents:
-        rules.extend(_read_routing_document(reader, routing, where, backends, drop_in))
+        rules.extend(_read_routing_document(reader, routing, where, backends, drop_in, steps))
     return tuple(sorted(rules, key=lambda rule: rule.priority))
 
 
-def _read_routing_document(reader: DocumentReader, routing, where: Where, backends: _Backends, drop_in: bool = False) -> list[Rule]:
-    """One mapping of source key -> list of rules: the main file's `routing:`, or a drop-in."""
+def _read_routing_document(reader: DocumentReader, routing, where: Where, backends: _Backends, drop_in: bool = False, steps: list | None = None) -> list[Rule]:
+    """One mapping of source key -> its entry: the main file's `routing:`, or a drop-in. An
+    entry is a list of rules, or a mapping with `routes` (that list), `transforms` and
+    `aggregate` (lists of steps, as in the sections of those names)."""
     if not isinstance(routing, dict):
         reader.problem(where, "routing must be a mapping of source -> list of rules" + ("; a drop-in is that mapping itself, e.g. `svc: [{backend: files}]`" if drop_in else ""))
         return []
@@ -292,6 +311,17 @@ def _read_routing_document(reader: DocumentReader, routing, where: Where, backen
         if not isinstance(source, str) or not source:
             reader.problem(source_where, f"source key must be a non-empty string, got {source!r}")
             continue
+        if isinstance(rule_list, dict) and "backend" not in rule_list and any(key in _ENTRY_KEYS for key in rule_list):
+            for key in rule_list:
+                if key not in _ENTRY_KEYS:
+                    reader.problem(reader.key_where(rule_list, key), f"unknown key {key!r} in the entry of {source!r} (an entry is a list of rules, or a mapping of {', '.join(_ENTRY_KEYS)}){did_you_mean(key, _ENTRY_KEYS)}")
+            for section in ("transforms", "aggregate"):
+                if section in rule_list and steps is not None:
+                    steps.append(_SourceSteps(reader, section, source, rule_list[section], reader.key_where(rule_list, section)))
+            if "routes" not in rule_list:
+                continue
+            source_where = reader.key_where(rule_list, "routes")
+            rule_list = rule_list["routes"]
         if not isinstance(rule_list, list):
             reader.problem(source_where, f"rules for {source!r} must be a list{_rules_hint(source, rule_list, drop_in)}")
             continue
@@ -385,31 +415,35 @@ def _read_filter(reader: DocumentReader, node, where: Where) -> MessageFilter:
     return MessageFilter.build(**values)
 
 
-def _steps_by_source_key(reader: DocumentReader, main, section: str, example: str | None = None):
-    """The entries of a section that maps source keys to lists of steps (`transforms:`,
-    `aggregate:`), as (source key, position from 1, step node, its Where); shape problems are
-    reported at their lines and skip what they concern."""
+def _steps_by_source_key(reader: DocumentReader, main, section: str, more: list[_SourceSteps], example: str | None = None):
+    """The steps of a section that maps source keys to lists of steps (`transforms:`,
+    `aggregate:`), then those of the routing entries (`more`), as (their reader, source key,
+    position from 1 among that key's steps, step node, its Where); shape problems are reported
+    at their lines and skip what they concern."""
+    entries: list[tuple[DocumentReader, str, Any, Where]] = []
     node = main.get(section)
-    if node is None:
-        return
-    if not isinstance(node, dict):
+    if node is not None and not isinstance(node, dict):
         reader.problem(reader.value_where(main, section), f"{section} must be a mapping of source key -> list of steps")
-        return
-    for source, steps in node.items():
-        source_where = reader.key_where(node, source)
+    elif node is not None:
+        for source, steps in node.items():
+            entries.append((reader, source, steps, reader.key_where(node, source)))
+    entries.extend((s.reader, s.source, s.steps, s.where) for s in more if s.section == section)
+    positions: dict[str, int] = {}
+    for entry_reader, source, steps, source_where in entries:
         if not isinstance(source, str) or not source:
-            reader.problem(source_where, f"source key must be a non-empty string, got {source!r}")
+            entry_reader.problem(source_where, f"source key must be a non-empty string, got {source!r}")
         elif not isinstance(steps, list):
-            reader.problem(source_where, f"{section} for {source!r} must be a list of steps" + (f", each a mapping like {example}" if example else ""))
+            entry_reader.problem(source_where, f"{section} for {source!r} must be a list of steps" + (f", each a mapping like {example}" if example else ""))
         else:
             for index, step in enumerate(steps):
-                yield source, index + 1, step, reader.item_where(steps, index)
+                positions[source] = positions.get(source, 0) + 1
+                yield entry_reader, source, positions[source], step, entry_reader.item_where(steps, index)
 
 
-def _read_transforms(reader: DocumentReader, main) -> tuple[TransformSpec, ...]:
+def _read_transforms(reader: DocumentReader, main, more: list[_SourceSteps]) -> tuple[TransformSpec, ...]:
     """`transforms:`, source key -> the list of steps for it, each `{type: NAME, ...settings}`."""
-    steps = _steps_by_source_key(reader, main, "transforms")
-    return tuple(spec for source, _position, step, where in steps if (spec := _read_transform(reader, source, step, where)) is not None)
+    steps = _steps_by_source_key(reader, main, "transforms", more)
+    return tuple(spec for step_reader, source, _position, step, where in steps if (spec := _read_transform(step_reader, source, step, where)) is not None)
 
 
 def _read_transform(reader: DocumentReader, source: str, node, where: Where) -> TransformSpec | None:
@@ -428,15 +462,15 @@ def _read_transform(reader: DocumentReader, source: str, node, where: Where) -> 
     return TransformSpec(source, cls.type_name, settings, where)
 
 
-def _read_aggregate(reader: DocumentReader, main) -> tuple[AggregateSpec, ...]:
+def _read_aggregate(reader: DocumentReader, main, more: list[_SourceSteps]) -> tuple[AggregateSpec, ...]:
     """`aggregate:`, source key -> the list of aggregate steps for it (sidecar.aggregate)."""
     specs = []
-    for source, position, step, where in _steps_by_source_key(reader, main, "aggregate", "{metrics: [NAME, ...], window: 60s}"):
+    for step_reader, source, position, step, where in _steps_by_source_key(reader, main, "aggregate", more, "{metrics: [NAME, ...], window: 60s}"):
         if not isinstance(step, dict):
-            reader.problem(where, f"an aggregate step for {source!r} must be a mapping like {{metrics: [NAME, ...], window: 60s}}")
+            step_reader.problem(where, f"an aggregate step for {source!r} must be a mapping like {{metrics: [NAME, ...], window: 60s}}")
             continue
         try:
-            settings = reader.build(AggregateSettings, step, where, f"aggregate.{source}")
+            settings = step_reader.build(AggregateSettings, step, where, f"aggregate.{source}")
         except Invalid:
             continue
         specs.append(AggregateSpec(source, settings, where, position))
