@@ -2,9 +2,12 @@
 window of each aggregated group and, optionally, each raw metric's last value.
 
 Pure state, fed by the correlator (the aggregate step's messages as they are routed, and the
-raw points it routes), read by `families()` when scraped. Bounded: at most `max_series` entries
-(one per aggregated group, one per raw metric name and tag set); past it a new entry is not
-added and is counted in `dropped`, while those already held keep updating.
+raw points it routes), read by `families()` when scraped; every call is given the time (seconds
+since the epoch). Bounded: at most `max_series` entries (one per aggregated group, one per raw
+metric name and tag set); past it a new entry is not added and is counted in `dropped`, while
+those already held keep updating. A series goes when it is stale (counted in `expired`): an
+aggregated group two windows after its latest window ended without a newer one, a raw series
+`raw_max_age` seconds after its last point.
 
 Per aggregated metric NAME (its name sanitized to Prometheus's alphabet):
     NAME{quantile="0.99",source=...,TAGS}   summary: the window's p-statistics
@@ -22,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from prometheus_client.metrics_core import Metric
 
 from sidecar.aggregation import quantile_of
+from sidecar.message import epoch_ms
 
 _NAME_WRONG = re.compile(r"[^a-zA-Z0-9_:]")
 _LABEL_WRONG = re.compile(r"[^a-zA-Z0-9_]")
@@ -67,28 +71,55 @@ def _format_quantile(stat: str) -> str:
     return format(Decimal(stat[1:]) / 100, "f")
 
 
+def _stale_after(aggregation: dict) -> float:
+    """When an aggregated group's series is stale: two windows after its window ended."""
+    start = epoch_ms(aggregation["window_start"]) or 0
+    end = epoch_ms(aggregation["window_end"]) or start
+    return (end + 2 * (end - start)) / 1000
+
+
 class AppsMetrics:
-    def __init__(self, max_series: int = 10_000, *, raw: bool = False):
+    def __init__(self, max_series: int = 10_000, *, raw: bool = False, raw_max_age: float = 300.0):
         self.max_series = max_series
         self.raw = raw
-        # (source, name, tags) -> (window_start, value, aggregation)
-        self.aggregates: dict[tuple, tuple[str, float, dict]] = {}
-        # (source, name, tags) -> last value
-        self.points: dict[tuple, float] = {}
+        self.raw_max_age = raw_max_age
+        # (source, name, tags) -> (window_start, value, aggregation, stale after)
+        self.aggregates: dict[tuple, tuple[str, float, dict, float]] = {}
+        # (source, name, tags) -> (last value, stale after); oldest update first
+        self.points: dict[tuple, tuple[float, float]] = {}
         self.dropped = 0  # updates not held: a new series past max_series
+        self.expired = 0  # series let go when stale
         self.conflicts = 0  # samples left out of the last scrape: their family name was taken
 
     @property
     def series(self) -> int:
         return len(self.aggregates) + len(self.points)
 
-    def _room_for(self, table: dict, key: tuple) -> bool:
+    def _room_for(self, table: dict, key: tuple, now: float) -> bool:
         if key in table or self.series < self.max_series:
+            return True
+        self.expire(now)  # full: the stale go first
+        if self.series < self.max_series:
             return True
         self.dropped += 1
         return False
 
-    def add_aggregates(self, messages: Iterable[dict]) -> None:
+    def expire(self, now: float) -> None:
+        """Let go of the stale series."""
+        stale = [key for key, held in self.aggregates.items() if held[3] <= now]
+        for key in stale:
+            del self.aggregates[key]
+        expired = len(stale)
+        # Raw series are kept in order of their last update: the stale ones are in front.
+        while self.points:
+            key = next(iter(self.points))
+            if self.points[key][1] > now:
+                break
+            del self.points[key]
+            expired += 1
+        self.expired += expired
+
+    def add_aggregates(self, messages: Iterable[dict], now: float) -> None:
         """The aggregate step's messages (docs/protocol.md): each group keeps its latest
         window (by window_start; of two with one start, the later given)."""
         for message in messages:
@@ -98,11 +129,12 @@ class AppsMetrics:
             held = self.aggregates.get(key)
             if held is not None and held[0] > aggregation["window_start"]:
                 continue
-            if self._room_for(self.aggregates, key):
-                self.aggregates[key] = (aggregation["window_start"], float(data["value"]), aggregation)
+            if self._room_for(self.aggregates, key, now):
+                self.aggregates[key] = (aggregation["window_start"], float(data["value"]), aggregation, _stale_after(aggregation))
 
-    def add_points(self, messages: Iterable[dict]) -> None:
+    def add_points(self, messages: Iterable[dict], now: float) -> None:
         """Raw messages: each metric point (not an aggregate) sets its series' last value."""
+        points = self.points
         for message in messages:
             if message["type"] != "metric":
                 continue
@@ -110,11 +142,13 @@ class AppsMetrics:
             if "aggregation" in data:
                 continue
             key = (message["source"], data["name"], labels_of(message["source"], data.get("tags")))
-            if self._room_for(self.points, key):
-                self.points[key] = float(data["value"])
+            if self._room_for(points, key, now):
+                points.pop(key, None)  # to the end: the order is that of the last updates
+                points[key] = (float(data["value"]), now + self.raw_max_age)
 
-    def families(self) -> Iterator[Metric]:
-        """The metric families to expose, in a stable order."""
+    def families(self, now: float) -> Iterator[Metric]:
+        """The metric families to expose, in a stable order (the stale let go first)."""
+        self.expire(now)
         families: dict[str, Metric] = {}
         owners: dict[str, str] = {}
         conflicts = 0
@@ -128,7 +162,7 @@ class AppsMetrics:
                 families[name] = Metric(name, documentation, kind)
             return families[name]
 
-        for (source, name, labels), (_start, value, aggregation) in sorted(self.aggregates.items()):
+        for (source, name, labels), (_start, value, aggregation, _stale) in sorted(self.aggregates.items()):
             base = metric_name(name)
             owner = "aggregate " + name
             label_map = dict(labels)
@@ -146,7 +180,7 @@ class AppsMetrics:
                 gauge = family(f"{base}_{stat}", owner, "gauge", f"{name}: the latest window's {stat}")
                 if gauge is not None:
                     gauge.add_sample(f"{base}_{stat}", label_map, float(aggregation[stat]))
-        for (source, name, labels), value in sorted(self.points.items()):
+        for (source, name, labels), (value, _stale) in sorted(self.points.items()):
             full = metric_name(name) + RAW_SUFFIX
             gauge = family(full, "raw " + name, "gauge", f"{name}: the last point received")
             if gauge is not None:

@@ -9,6 +9,7 @@ it costs only the view (`view_errors_total`), and the traceback of each is logge
 
 import logging
 import socket
+import time
 
 import attrs
 import trio
@@ -101,7 +102,7 @@ class Correlator:
                     continue
             apps = self.apps_metrics
             if apps is not None and apps.raw:
-                self._view(apps.add_points, batch.messages())
+                self._view(apps.add_points, batch.messages(), time.time())
             if self._route(routing, batch, holds):
                 self.counters.inc("routed_messages_total", len(batch))
             else:
@@ -134,7 +135,7 @@ class Correlator:
         the sources received."""
         self.counters.inc("aggregates_emitted_total", len(messages))
         if self.apps_metrics is not None:
-            self._view(self.apps_metrics.add_aggregates, messages)
+            self._view(self.apps_metrics.add_aggregates, messages, time.time())
         routing = self.routing
         for batch in Batch.runs(messages):
             try:
@@ -169,10 +170,10 @@ class Correlator:
     def _removed_by_label(self, label: str, count: int) -> None:
         self.counters.inc("transform_removed_messages_total", count, transform=label)
 
-    def _view(self, update, chunk) -> None:
+    def _view(self, update, chunk, *args) -> None:
         """Feed the live index or a tap: what they show is not worth a message."""
         try:
-            update(chunk)
+            update(chunk, *args)
         except Exception as exc:
             self.counters.inc("view_errors_total")
             self._bugs.log(exc, "internal error while updating the view (%s); the messages are delivered all the same", getattr(update, "__qualname__", update))

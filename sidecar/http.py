@@ -9,6 +9,7 @@ import functools
 import hmac
 import logging
 import os
+import time
 import urllib.parse
 
 import orjson
@@ -145,6 +146,9 @@ class SidecarCollector(Collector):
             dropped = CounterMetricFamily("sidecar_apps_metrics_dropped_series", "Updates to the applications' metrics not held: a new series past http.apps_metrics_max_series")
             dropped.add_metric([], apps.dropped)
             yield dropped
+            expired = CounterMetricFamily("sidecar_apps_metrics_expired_series", "Series of the applications' metrics let go when stale (an aggregated group two windows after its latest window, a raw series after http.apps_metrics_raw_max_age)")
+            expired.add_metric([], apps.expired)
+            yield expired
             conflicts = GaugeMetricFamily("sidecar_apps_metrics_name_conflicts", "Samples left out of the last scrape of the applications' metrics: their sanitized name was another metric's")
             conflicts.add_metric([], apps.conflicts)
             yield conflicts
@@ -153,11 +157,12 @@ class SidecarCollector(Collector):
 class AppsCollector(Collector):
     """The applications' metrics (sidecar.apps_metrics), read when scraped."""
 
-    def __init__(self, apps_metrics: AppsMetrics):
+    def __init__(self, apps_metrics: AppsMetrics, clock=time.time):
         self.apps_metrics = apps_metrics
+        self.clock = clock  # the wall clock, whose time the windows' ends are in
 
     def collect(self):
-        yield from self.apps_metrics.families()
+        yield from self.apps_metrics.families(self.clock())
 
 
 # Paths an OTLP/HTTP exporter posts to: a 404 there is a client pointed at the wrong place.
@@ -170,7 +175,7 @@ class ViewServer:
         self.settings = settings
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SidecarCollector(sidecar))
-        self.apps_metrics = AppsMetrics(settings.apps_metrics_max_series, raw=settings.apps_metrics_raw)
+        self.apps_metrics = AppsMetrics(settings.apps_metrics_max_series, raw=settings.apps_metrics_raw, raw_max_age=settings.apps_metrics_raw_max_age)
         self.apps_registry = CollectorRegistry(auto_describe=False)
         self.apps_registry.register(AppsCollector(self.apps_metrics))
         self.taps: set[Tap] = set()

@@ -23,17 +23,24 @@ names = st.text(min_size=1, max_size=12)
 tag_sets = st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=3)
 
 
+# The time the pure state is given: no window below (10 s each, from 10:00:00 to 10:00:50) is
+# stale yet, the earliest from 10:00:30.
+NOW = 1796292000.0 + 20  # 2026-12-03T10:00:20Z
+
+
 def aggregate(source: str, name: str, tags: dict, start: int, value: float, **stats) -> dict:
     window_start = f"2026-12-03T10:{start // 60:02d}:{start % 60:02d}.000Z"
-    aggregation = {"window_start": window_start, "window_end": window_start, "partial": False, **stats}
+    end = start + 10
+    window_end = f"2026-12-03T10:{end // 60:02d}:{end % 60:02d}.000Z"
+    aggregation = {"window_start": window_start, "window_end": window_end, "partial": False, **stats}
     return {"source": source, "type": "metric", "timestamp": window_start, "data": {"name": name, "value": value, "tags": tags, "aggregation": aggregation}}
 
 
-def scrape(apps: AppsMetrics) -> dict:
-    """What a Prometheus scrape of `apps` reads, by the client's own parser: {(sample name,
-    labels): value}."""
+def scrape(apps: AppsMetrics, now: float = NOW) -> dict:
+    """What a Prometheus scrape of `apps` at `now` reads, by the client's own parser: {(sample
+    name, labels): value}."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AppsCollector(apps))
+    registry.register(AppsCollector(apps, clock=lambda: now))
     text = generate_latest(registry).decode()
     found = {}
     for family in text_string_to_metric_families(text):
@@ -80,7 +87,7 @@ def test_the_latest_window_wins_within_the_cap_and_the_scrape_parses(updates, ma
             reference[key] = (start, value / 4, start + 1)
         else:
             refused += 1
-        apps.add_aggregates([message])
+        apps.add_aggregates([message], NOW)
     assert apps.series == len(reference) <= max_series
     assert apps.dropped == refused
     found = scrape(apps)
@@ -98,7 +105,7 @@ def test_the_latest_window_wins_within_the_cap_and_the_scrape_parses(updates, ma
 
 def test_names_that_clean_to_one_family_keep_the_first_and_count_the_other():
     apps = AppsMetrics()
-    apps.add_aggregates([aggregate("s", "a.b", {}, 0, 1, count=1), aggregate("s", "a_b", {}, 0, 2, count=1)])
+    apps.add_aggregates([aggregate("s", "a.b", {}, 0, 1, count=1), aggregate("s", "a_b", {}, 0, 2, count=1)], NOW)
     found = scrape(apps)
     assert found[("a_b_sum", (("source", "s"),))] == 1  # "a.b" sorts first
     assert apps.conflicts == 1
@@ -107,14 +114,40 @@ def test_names_that_clean_to_one_family_keep_the_first_and_count_the_other():
 def test_raw_points_are_gauges_of_their_last_value_apart_from_aggregates():
     apps = AppsMetrics(3, raw=True)
     point = lambda name, value, **tags: {"source": "s", "type": "metric", "data": {"name": name, "value": value, "tags": tags}}
-    apps.add_points([point("rows", 1, env="prod"), point("rows", 5, env="prod"), point("rows", 2), {"source": "s", "type": "log", "data": {}}])
-    apps.add_aggregates([aggregate("s", "rows", {}, 0, 7, count=2, last=5)])
-    apps.add_points([point("other", 1)])  # a fourth series: past the cap
+    apps.add_points([point("rows", 1, env="prod"), point("rows", 5, env="prod"), point("rows", 2), {"source": "s", "type": "log", "data": {}}], NOW)
+    apps.add_aggregates([aggregate("s", "rows", {}, 0, 7, count=2, last=5)], NOW)
+    apps.add_points([point("other", 1)], NOW)  # a fourth series: past the cap
     found = scrape(apps)
     assert found[("rows_raw", (("env", "prod"), ("source", "s")))] == 5
     assert found[("rows_raw", (("source", "s"),))] == 2
     assert found[("rows_sum", (("source", "s"),))] == 7 and found[("rows_last", (("source", "s"),))] == 5
     assert apps.dropped == 1 and not any(name == "other_raw" for name, _ in found)
+
+
+def test_stale_series_are_let_go_and_make_room_under_the_cap():
+    """An aggregated group two windows after its latest window's end, a raw series
+    `raw_max_age` after its last point: gone from the scrape, counted, their room free."""
+    now = NOW + 50  # 10:01:10
+    apps = AppsMetrics(4, raw=True, raw_max_age=60)
+    point = lambda name, value: {"source": "s", "type": "metric", "data": {"name": name, "value": value, "tags": {}}}
+    # Windows ending 10:00:10 and 10:01:00: stale from 10:00:30 and 10:01:20.
+    apps.add_aggregates([aggregate("s", "old", {}, 0, 1, count=1), aggregate("s", "kept", {}, 50, 2, count=1)], now)
+    apps.add_points([point("quiet", 1)], now - 60)  # stale from 10:01:10
+    apps.add_points([point("busy", 1)], now - 65)
+    apps.add_points([point("busy", 2)], now - 5)  # updated: stale from 10:02:05
+    found = scrape(apps, now + 5)
+    assert {name for name, _ in found} == {"kept_sum", "kept_count", "busy_raw"}
+    assert found[("busy_raw", (("source", "s"),))] == 2
+    assert (apps.expired, apps.series) == (2, 2)
+    assert scrape(apps, now + 60) == {}
+    assert (apps.expired, apps.series) == (4, 0)
+    # Full, with a stale series: the new one takes its room.
+    apps = AppsMetrics(1, raw=True, raw_max_age=60)
+    apps.add_points([point("first", 1)], now)
+    apps.add_points([point("second", 1)], now + 30)
+    assert apps.dropped == 1
+    apps.add_points([point("second", 1)], now + 61)
+    assert (apps.dropped, apps.expired, list(scrape(apps, now + 61))) == (1, 1, [("second_raw", (("source", "s"),))])
 
 
 # ---------------------------------------------------------------- through a real sidecar

@@ -42,6 +42,8 @@ class HttpSettings:
     apps_metrics_path: str = attrs.field(default="/metrics/apps", validator=_check_apps_metrics_path)
     apps_metrics_raw: bool = False  # raw metric points too, as gauges of their last value
     apps_metrics_max_series: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
+    # A raw series without a point for this long is let go (aggregated groups: two windows).
+    apps_metrics_raw_max_age: Duration = attrs.field(default=300.0, validator=attrs.validators.gt(0))
 
 
 @attrs.frozen
