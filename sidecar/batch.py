@@ -8,15 +8,9 @@ Python path) and are otherwise parsed from the lines only when a backend that ne
 console, a filter or a tap wants one.
 """
 
-import re
-
 import orjson
 
 from sidecar.constants import URGENT_LEVELS
-
-# A line that may hold the key `aggregation` (written plainly, or with an escape in a key: the
-# native path keeps lines as the client wrote them).
-_MAY_HOLD_AGGREGATION = re.compile(rb'"aggregation"|\\u')
 
 
 def is_urgent(messages: list[dict]) -> bool:
@@ -25,11 +19,11 @@ def is_urgent(messages: list[dict]) -> bool:
 
 
 class Batch:
-    __slots__ = ("source", "lines", "timestamps", "urgent", "_messages", "record", "_received_at")
+    __slots__ = ("source", "lines", "timestamps", "urgent", "_messages", "record", "_received_at", "_aggregates")
 
     # `urgent`: an error or critical event is among them, so the batcher flushes at once. A part
     # of an urgent batch (head, tail) stays urgent: at worst a flush comes early.
-    def __init__(self, source: str, lines: list[bytes], timestamps: list[str], urgent: bool = False, messages: list[dict] | None = None, received_at: str | None = None):
+    def __init__(self, source: str, lines: list[bytes], timestamps: list[str], urgent: bool = False, messages: list[dict] | None = None, received_at: str | None = None, aggregates: bool | None = None):
         self.source = source
         self.lines = lines
         self.timestamps = timestamps
@@ -39,6 +33,9 @@ class Batch:
         # the backends' logs it goes to, and let go once it is offered to them.
         self.record = None
         self._received_at = received_at  # the first message's; None: read from it when asked
+        # Whether an aggregate (a metric with `data.aggregation`) may be among them: known from
+        # the native decoder, else found out when first asked.
+        self._aggregates = aggregates
 
     @classmethod
     def of(cls, messages: list[dict]) -> "Batch":
@@ -77,10 +74,19 @@ class Batch:
         return self._received_at
 
     def may_hold_aggregates(self) -> bool:
-        """False when no message of the batch can be an aggregate (`data.aggregation`): a
-        filter on `aggregated` then decides for the whole batch without parsing a line."""
-        search = _MAY_HOLD_AGGREGATION.search
-        return any(search(line) for line in self.lines)
+        """False when no message of the batch is an aggregate (`data.aggregation`): a filter on
+        `aggregated` then decides for the whole batch without parsing a line."""
+        if self._aggregates is None:
+            if self._messages is not None:
+                self._aggregates = any(m["type"] == "metric" and "aggregation" in m["data"] for m in self._messages)
+            else:
+                # Lines are the decoders' (the native one declines a key written with escapes,
+                # the Python one writes none), so the key is there as written; a backslash
+                # anywhere sends the batch the slow way all the same. Searched in one buffer:
+                # a search per line costs several times more.
+                joined = b"\n".join(self.lines)
+                self._aggregates = b'"aggregation"' in joined or b"\\" in joined
+        return self._aggregates
 
     def messages(self) -> list[dict]:
         """The messages as dicts: parsed from the lines on first use, then kept."""
@@ -91,12 +97,12 @@ class Batch:
     def head(self, count: int) -> "Batch":
         """The first `count` messages (a new batch; this one is unchanged)."""
         messages = self._messages[:count] if self._messages is not None else None
-        return Batch(self.source, self.lines[:count], self.timestamps[:count], self.urgent, messages, self._received_at)
+        return Batch(self.source, self.lines[:count], self.timestamps[:count], self.urgent, messages, self._received_at, self._part_aggregates)
 
     def tail(self, count: int) -> "Batch":
         """All but the first `count` messages (a new batch)."""
         messages = self._messages[count:] if self._messages is not None else None
-        return Batch(self.source, self.lines[count:], self.timestamps[count:], self.urgent, messages)
+        return Batch(self.source, self.lines[count:], self.timestamps[count:], self.urgent, messages, aggregates=self._part_aggregates)
 
     def last(self, count: int) -> "Batch":
         return self.tail(max(len(self.lines) - count, 0))
@@ -105,7 +111,12 @@ class Batch:
         """The messages at these positions, in order."""
         messages = self.messages()
         chosen = [messages[i] for i in indices]
-        return Batch(self.source, [self.lines[i] for i in indices], [self.timestamps[i] for i in indices], is_urgent(chosen), chosen)
+        return Batch(self.source, [self.lines[i] for i in indices], [self.timestamps[i] for i in indices], is_urgent(chosen), chosen, aggregates=self._part_aggregates)
+
+    @property
+    def _part_aggregates(self) -> bool | None:
+        """What a part of this batch is known to hold: no aggregate if this one has none."""
+        return False if self._aggregates is False else None
 
     def extend(self, other: "Batch") -> None:
         """Append another batch's messages to this one (which must not be shared)."""
@@ -115,6 +126,7 @@ class Batch:
         self.lines += other.lines
         self.timestamps += other.timestamps
         self.urgent = self.urgent or other.urgent
+        self._aggregates = False if self._aggregates is False and other._aggregates is False else None
         if self._messages is not None and other._messages is not None:
             self._messages += other._messages
         else:

@@ -153,7 +153,7 @@ class NativeChunk:
 
     def enrich(self, received_at: str, host: str, trace_jobs: TraceJobs) -> Enriched:
         enrichment = self._chunk.enrich(received_at, host, trace_jobs)
-        batches = [Batch(group.source, group.lines, group.timestamps, group.urgent, None, received_at) for group in enrichment.groups]
+        batches = [Batch(group.source, group.lines, group.timestamps, group.urgent, None, received_at, group.aggregates) for group in enrichment.groups]
         return Enriched(batches, _summaries(enrichment.cells))
 
 

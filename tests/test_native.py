@@ -73,8 +73,9 @@ class Side:
         batches = enriched.batches
         lines = {b.source: [normalised(line) for line in b.lines] for b in batches}
         timestamps = {b.source: b.timestamps for b in batches}
-        urgent = {b.source: b.urgent for b in batches}
-        return (lines, timestamps, urgent), [(e.reason, e.detail) for e in errors]
+        # Per source: urgent, and whether an aggregate is among them (the native decoder says).
+        flags = {b.source: (b.urgent, b.may_hold_aggregates()) for b in batches}
+        return (lines, timestamps, flags), [(e.reason, e.detail) for e in errors]
 
     def views(self) -> dict:
         return {
@@ -371,8 +372,19 @@ def test_a_message_without_timestamp_gets_the_receive_time_and_lines_keep_key_or
 
 def test_error_events_mark_their_source_urgent():
     side = Side(native=True)
-    (_lines, _timestamps, urgent), _ = side.feed(encode([canonical_event("a"), canonical_event("b", data={"level": "error", "message": "x"})]))
-    assert urgent == {"a": False, "b": True}
+    (_lines, _timestamps, flags), _ = side.feed(encode([canonical_event("a"), canonical_event("b", data={"level": "error", "message": "x"})]))
+    assert flags == {"a": (False, False), "b": (True, False)}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_batch_knows_whether_an_aggregate_is_among_its_messages_on_both_paths(native):
+    side = Side(native=native)
+    point = {"source": "p", "type": "metric", "timestamp": "2025-10-20T10:30:45.123Z", "data": {"name": "rows", "value": 1}}
+    aggregate = {**point, "source": "a", "data": {**point["data"], "aggregation": {"count": 1}}}
+    quoted = {**point, "source": "q", "data": {**point["data"], "tags": {"k": "\"aggregation\""}}}
+    (lines, _timestamps, flags), errors = side.feed(encode([point, aggregate, point, quoted]))
+    assert not errors and side.native_chunks == native
+    assert {source: aggregates for source, (_urgent, aggregates) in flags.items()} == {"p": False, "a": True, "q": False}
 
 
 def test_the_native_copies_of_the_constants_are_sidecar_constants():

@@ -36,7 +36,8 @@ pub trait Host {
 /// One source's messages of a chunk (their lines went to the host).
 pub struct Group {
     pub source: Range,
-    pub urgent: bool, // an event of one of URGENT_LEVELS among them
+    pub urgent: bool,     // an event of one of URGENT_LEVELS among them
+    pub aggregates: bool, // a metric with `data.aggregation` among them
 }
 
 /// What one (job, trace, source) cell of a chunk did, for the live index.
@@ -178,6 +179,7 @@ pub fn enrich<H: Host>(
                     groups.push(Group {
                         source: message.source,
                         urgent: false,
+                        aggregates: false,
                     });
                     groups.len() - 1
                 }
@@ -187,6 +189,7 @@ pub fn enrich<H: Host>(
         if message.kind == MessageType::Event && urgent_levels[message.level] {
             groups[last_group].urgent = true;
         }
+        groups[last_group].aggregates |= message.aggregate;
 
         // Its cell of the live index.
         if job.is_none() && message.kind == MessageType::Progress {

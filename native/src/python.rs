@@ -121,6 +121,7 @@ struct Group {
     lines: Py<PyList>,      // bytes, one JSON line per message
     timestamps: Py<PyList>, // str, each message's canonical timestamp
     urgent: bool,
+    aggregates: bool, // a metric with `data.aggregation` among them
 }
 
 /// What one (job, trace, source) cell of an enriched chunk did, as
@@ -259,6 +260,7 @@ impl Chunk {
                 lines: lines.unbind(),
                 timestamps: timestamps.unbind(),
                 urgent: group.urgent,
+                aggregates: group.aggregates,
             };
             groups.append(Py::new(py, group)?)?;
         }

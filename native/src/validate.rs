@@ -73,6 +73,7 @@ pub struct Message {
     pub text: Option<Text>,                          // an event's message
     pub metric: Option<(Text, Range, Option<Text>)>, // name, value, unit
     pub progress: Option<(Text, Range, Text)>,       // job_id, percent, status
+    pub aggregate: bool, // a metric with `data.aggregation`: what filter.aggregated tells apart
 }
 
 fn is_lower_hex(bytes: &[u8], span: Range, length: usize) -> bool {
@@ -130,6 +131,7 @@ pub fn accept(
         text: None,
         metric: None,
         progress: None,
+        aggregate: false,
     };
     let mut data = false;
     let mut span_id = false;
@@ -262,6 +264,7 @@ pub fn accept(
                 }
             }
             message.metric = Some((name, value, unit));
+            message.aggregate = field(b"aggregation").is_some();
         }
         MessageType::Progress => {
             let job = text_of(field(b"job_id").ok_or(Decline)?)?;
