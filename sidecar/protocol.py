@@ -8,6 +8,7 @@ incomplete tail is kept, so the cost is linear in the bytes read.
 """
 
 import enum
+import hmac
 import re
 
 import attrs
@@ -475,3 +476,76 @@ class StreamDecoder:
         errors.append(self._bad_message)
         self._bad_message = None
         return end
+
+
+# The first message of a connection to a source with a token; longer, it is refused unread.
+MAX_AUTH_MESSAGE_SIZE = 4096
+_AUTH_FORM = 'the first message must be {"auth": "<token>"} (a JSON line or a MessagePack map): this source takes only connections that authenticate (docs/protocol.md)'
+
+
+class AuthRefused(Exception):
+    """A connection's first message is not the auth message, or carries another token. `detail`
+    is what the client is told; it never holds either token."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class AuthCheck:
+    """Sans-IO check of a connection's first message against the source's token, before its
+    bytes reach a StreamDecoder (which then sees the stream from the message after it, and so
+    keeps its fast path). `receive_data()` returns None while the auth message is incomplete,
+    then the bytes that followed it; it raises AuthRefused when the message is anything else."""
+
+    def __init__(self, token: bytes, max_size: int = MAX_AUTH_MESSAGE_SIZE):
+        self._token = token
+        self._max_size = max_size
+        self._buffer = b""
+
+    @property
+    def pending(self) -> bool:
+        """Part of a first message arrived."""
+        return bool(self._buffer)
+
+    def receive_data(self, data: bytes) -> bytes | None:
+        buffer = self._buffer + bytes(data) if self._buffer else bytes(data)
+        if not buffer:
+            return None
+        form = detect_format(buffer[0])
+        if form is StreamFormat.JSON_LINES:
+            end = buffer.find(b"\n", 0, self._max_size + 1)
+            if end < 0:
+                return self._wait(buffer)
+            rest = buffer[end + 1 :]
+            try:
+                value = orjson.loads(buffer[:end])
+            except orjson.JSONDecodeError:
+                raise AuthRefused(_AUTH_FORM) from None
+        elif form is StreamFormat.MSGPACK:
+            try:
+                end = msgpack_object_end(buffer, 0)
+            except ValueError:
+                raise AuthRefused(_AUTH_FORM) from None
+            if end is None or end > self._max_size:
+                return self._wait(buffer)
+            rest = buffer[end:]
+            try:
+                value = msgpack.unpackb(buffer[:end], raw=False, strict_map_key=False)
+            except (ValueError, TypeError, msgpack.UnpackException):
+                raise AuthRefused(_AUTH_FORM) from None
+        else:
+            raise AuthRefused(_AUTH_FORM)
+        token = value.get("auth") if type(value) is dict and len(value) == 1 else None
+        if type(token) is not str:
+            raise AuthRefused(_AUTH_FORM)
+        if not hmac.compare_digest(token.encode("utf-8", "surrogatepass"), self._token):
+            raise AuthRefused("authentication failed: wrong token")
+        self._buffer = b""
+        return rest
+
+    def _wait(self, buffer: bytes) -> None:
+        if len(buffer) > self._max_size:
+            raise AuthRefused(f"{_AUTH_FORM}; no auth message within its first {self._max_size} bytes")
+        self._buffer = buffer
+        return None
