@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from sidecar.config import ConfigError, load_config
 from sidecar.metrics import Counters
 from sidecar.ingest import NATIVE_AVAILABLE, TraceJobs
-from sidecar.protocol import MAX_AUTH_MESSAGE_SIZE, AuthCheck, AuthRefused
+from sidecar.protocol import MAX_AUTH_MESSAGE_SIZE, AuthCheck, AuthRefused, UnusedAuth
 from sidecar.sources import Intake
 from sidecar.sources.tcp import TcpSettings, TcpSource
 from tests.harness import SidecarProcess, encode, event, read_jsonl, seqs, wait_until
@@ -107,6 +107,34 @@ def test_a_first_message_longer_than_the_bound_is_refused_unread():
         check.receive_data(b"x" * 100)
     with pytest.raises(AuthRefused, match="within its first"):
         AuthCheck(TOKEN.encode()).receive_data(msgpack.packb({"auth": "x" * (2 * MAX_AUTH_MESSAGE_SIZE)}))
+
+
+def through_unused_auth(pieces: list[bytes]) -> bytes:
+    unused, out = UnusedAuth(), b""
+    for piece in pieces:
+        if piece:
+            passed = unused.receive_data(piece)
+            out += passed if passed is not None else b""
+    return out + unused.receive_eof()
+
+
+@given(token=st.text(max_size=100), encoding=st.sampled_from(["json", "msgpack"]), rest=st.binary(max_size=300), cuts=st.lists(st.integers(0, 800), max_size=6))
+def test_without_a_token_an_auth_message_first_is_dropped_however_it_is_split(token, encoding, rest, cuts):
+    assert through_unused_auth(split(auth_message(token, encoding) + rest, cuts)) == rest
+
+
+@given(data=st.one_of(
+    st.binary(max_size=600),
+    st.lists(st.builds(lambda seq, auth: {**event("svc", seq), **({"auth": "x"} if auth else {})}, st.integers(0, 99), st.booleans()), max_size=4).map(encode),
+    st.lists(st.builds(lambda seq: event("svc", seq), st.integers(0, 99)), max_size=4).map(lambda m: encode(m, "msgpack")),
+), cuts=st.lists(st.integers(0, 800), max_size=6))
+def test_without_a_token_nothing_but_a_leading_auth_message_is_ever_dropped(data, cuts):
+    out = through_unused_auth(split(data, cuts))
+    assert data.endswith(out)
+    if out != data:  # what was dropped is exactly one auth message
+        dropped = data[: len(data) - len(out)]
+        value = orjson.loads(dropped) if dropped[:1] == b"{" else msgpack.unpackb(dropped)
+        assert set(value) == {"auth"} and isinstance(value["auth"], str)
 
 
 # -- settings -------------------------------------------------------------------------------------
@@ -248,12 +276,21 @@ async def test_a_wrong_or_missing_token_is_refused_counted_and_nothing_it_sent_a
     assert "refused" in caplog.text and TOKEN not in caplog.text and "guessed" not in caplog.text
 
 
-async def test_without_a_token_the_source_takes_any_first_message(tmp_path):
+async def test_without_a_token_the_source_takes_any_first_message_and_drops_an_auth_message(tmp_path):
     async with trio.open_nursery() as nursery:
         running = await start(nursery, tmp_path, "tcp")
         await exchange(running, encode([event("svc", 1)]))
         assert seqs((await running.next_messages())[1]) == [1]
-        assert running.source.statistics()["authenticates"] is False
+        # An SDK given a token before its sidecar requires one: no error for the auth line.
+        await exchange(running, auth_message("not needed") + encode([event("svc", 2)]))
+        path, messages = await running.next_messages()
+        assert seqs(messages) == [2] and path == ("native" if NATIVE_AVAILABLE else "python")
+        # A message that merely begins like one is a message.
+        await exchange(running, encode([{"auth": "x", **event("svc", 3)}]))
+        assert seqs((await running.next_messages())[1]) == [3]
+        await exchange(running, b'{"auth": "alone, and no newline"}')
+        assert running.counters.get("decode_errors_total", input="tcp", reason="missing_field") == 0
+        assert running.source.statistics()["authenticates"] is False and running.refused() == 0
         nursery.cancel_scope.cancel()
 
 

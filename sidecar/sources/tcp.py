@@ -8,6 +8,7 @@ clients do. Listening, the connection limit and shutdown are `StreamSource`'s (s
 
 With a token (`token_env`), a connection's first message must be `{"auth": TOKEN}`
 (protocol.AuthCheck); anything else is refused before one byte of it reaches the decoder.
+Without one, an auth message a client sends anyway is dropped (protocol.UnusedAuth).
 """
 
 import os
@@ -17,7 +18,7 @@ import trio
 
 from sidecar.constants import DEFAULT_MAX_DEPTH, MAX_DEPTH_LIMIT
 from sidecar.logs import RateLimitedLog
-from sidecar.protocol import AuthCheck, AuthRefused, ProtocolViolation, StreamDecoder
+from sidecar.protocol import AuthCheck, AuthRefused, ProtocolViolation, StreamDecoder, UnusedAuth
 from sidecar.sources.base import SettingsFromEnvironment
 from sidecar.sources.stream import DEFAULT_UNIX_MODE, Connection, StreamSource, log, unix_mode
 from sidecar.units import ByteSize
@@ -84,10 +85,13 @@ class TcpSource(StreamSource):
     async def converse(self, connection: Connection, stream: trio.abc.Stream, send_channel: trio.MemorySendChannel) -> None:
         decoder = StreamDecoder(self.settings.max_message_size, native=self.native, max_depth=self.settings.max_depth)
         pending = b""
+        unused_auth = None
         if self._token is not None:
             pending = await self._authenticate(connection, stream)
             if pending is None:
                 return
+        else:
+            unused_auth = UnusedAuth()
         while True:
             if pending:
                 data, pending = pending, b""
@@ -96,19 +100,37 @@ class TcpSource(StreamSource):
             if data is None:
                 self.intake.count("connections_closed_total", reason="shutdown")
                 return
+            if unused_auth is not None:  # only until the first message is told apart
+                held = unused_auth.receive_data(data) if data else unused_auth.receive_eof()
+                if held is None:
+                    continue
+                unused_auth = None
+                if data and not held:
+                    continue  # that was the auth message alone
+                if held and not await self._decode(connection, stream, send_channel, decoder, held):
+                    return
+                if data:
+                    continue
             if not data:
                 messages, errors = decoder.receive_eof()
                 await self.hand_over(connection, send_channel, messages, errors)
                 return
-            try:
-                messages, errors = decoder.receive_data(data)
-            except ProtocolViolation as violation:
-                await self.hand_over(connection, send_channel, violation.messages, [*violation.errors, violation])
-                self.intake.count("connections_closed_total", reason=violation.reason)
-                await self.refuse(stream, violation.detail)
+            if not await self._decode(connection, stream, send_channel, decoder, data):
                 return
-            connection.format = decoder.format.value
-            await self.hand_over(connection, send_channel, messages, errors)
+
+    async def _decode(self, connection: Connection, stream: trio.abc.Stream, send_channel, decoder: StreamDecoder, data: bytes) -> bool:
+        """Decode and hand over what `data` completes; False when the stream broke its framing
+        and the connection is closed."""
+        try:
+            messages, errors = decoder.receive_data(data)
+        except ProtocolViolation as violation:
+            await self.hand_over(connection, send_channel, violation.messages, [*violation.errors, violation])
+            self.intake.count("connections_closed_total", reason=violation.reason)
+            await self.refuse(stream, violation.detail)
+            return False
+        connection.format = decoder.format.value
+        await self.hand_over(connection, send_channel, messages, errors)
+        return True
 
     async def _authenticate(self, connection: Connection, stream: trio.abc.Stream) -> bytes | None:
         """Read the connection's auth message: the bytes that came after it, or None when the
