@@ -8,6 +8,7 @@ incomplete tail is kept, so the cost is linear in the bytes read.
 """
 
 import enum
+import hmac
 import re
 
 import attrs
@@ -475,3 +476,133 @@ class StreamDecoder:
         errors.append(self._bad_message)
         self._bad_message = None
         return end
+
+
+# The first message of a connection to a source with a token; longer, it is refused unread.
+MAX_AUTH_MESSAGE_SIZE = 4096
+_AUTH_FORM = 'the first message must be {"auth": "<token>"} (a JSON line or a MessagePack map): this source takes only connections that authenticate (docs/protocol.md)'
+
+
+class AuthRefused(Exception):
+    """A connection's first message is not the auth message, or carries another token. `detail`
+    is what the client is told; it never holds either token."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+def _auth_message(buffer: bytes, max_size: int) -> tuple[str, bytes] | None:
+    """The token of the auth message that begins `buffer`, and the bytes after it; None while it
+    is incomplete (and within `max_size`); AuthRefused when it is something else."""
+    form = detect_format(buffer[0])
+    if form is StreamFormat.JSON_LINES:
+        end = buffer.find(b"\n", 0, max_size + 1)
+        if end < 0:
+            return _incomplete(buffer, max_size)
+        rest = buffer[end + 1 :]
+        try:
+            value = orjson.loads(buffer[:end])
+        except orjson.JSONDecodeError:
+            raise AuthRefused(_AUTH_FORM) from None
+    elif form is StreamFormat.MSGPACK:
+        try:
+            end = msgpack_object_end(buffer, 0)
+        except ValueError:
+            raise AuthRefused(_AUTH_FORM) from None
+        if end is None or end > max_size:
+            return _incomplete(buffer, max_size)
+        rest = buffer[end:]
+        try:
+            value = msgpack.unpackb(buffer[:end], raw=False, strict_map_key=False)
+        except (ValueError, TypeError, msgpack.UnpackException):
+            raise AuthRefused(_AUTH_FORM) from None
+    else:
+        raise AuthRefused(_AUTH_FORM)
+    token = value.get("auth") if type(value) is dict and len(value) == 1 else None
+    if type(token) is not str:
+        raise AuthRefused(_AUTH_FORM)
+    return token, rest
+
+
+def _incomplete(buffer: bytes, max_size: int) -> None:
+    if len(buffer) > max_size:
+        raise AuthRefused(f"{_AUTH_FORM}; no auth message within its first {max_size} bytes")
+    return None
+
+
+class AuthCheck:
+    """Sans-IO check of a connection's first message against the source's token, before its
+    bytes reach a StreamDecoder (which then sees the stream from the message after it, and so
+    keeps its fast path). `receive_data()` returns None while the auth message is incomplete,
+    then the bytes that followed it; it raises AuthRefused when the message is anything else."""
+
+    def __init__(self, token: bytes, max_size: int = MAX_AUTH_MESSAGE_SIZE):
+        self._token = token
+        self._max_size = max_size
+        self._buffer = b""
+
+    @property
+    def pending(self) -> bool:
+        """Part of a first message arrived."""
+        return bool(self._buffer)
+
+    def receive_data(self, data: bytes) -> bytes | None:
+        buffer = self._buffer + bytes(data) if self._buffer else bytes(data)
+        if not buffer:
+            return None
+        found = _auth_message(buffer, self._max_size)
+        if found is None:
+            self._buffer = buffer
+            return None
+        token, rest = found
+        if not hmac.compare_digest(token.encode("utf-8", "surrogatepass"), self._token):
+            raise AuthRefused("authentication failed: wrong token")
+        self._buffer = b""
+        return rest
+
+
+# How an SDK begins the auth message: {"auth": as a JSON line, or a one-entry map, key "auth".
+_AUTH_STARTS = (b'{"auth":', b"\x81\xa4auth")
+
+
+class UnusedAuth:
+    """Sans-IO, for a source without a token: the auth message of a client that sends one anyway
+    (an SDK given a token before its sidecar requires one) is dropped without an error, and every
+    other stream passes untouched. Only a stream that begins as an SDK writes the auth message is
+    held, until that first message is complete (at most MAX_AUTH_MESSAGE_SIZE bytes)."""
+
+    def __init__(self, max_size: int = MAX_AUTH_MESSAGE_SIZE):
+        self._max_size = max_size
+        self._buffer = b""
+
+    def receive_data(self, data: bytes) -> bytes | None:
+        """The bytes for the decoder, or None while they may still begin with an auth message."""
+        buffer = self._buffer + data if self._buffer else data
+        self._buffer = b""
+        start = next((start for start in _AUTH_STARTS if buffer[: len(start)] == start[: len(buffer)]), None)
+        if start is None:
+            return buffer
+        if len(buffer) < len(start):  # not yet told apart from a message
+            self._buffer = buffer
+            return None
+        try:
+            found = _auth_message(buffer, self._max_size)
+        except AuthRefused:
+            return buffer  # not an auth message after all: the decoder judges it
+        if found is None:
+            self._buffer = buffer
+            return None
+        return found[1]
+
+    def receive_eof(self) -> bytes:
+        """What was held when the stream ended, for the decoder: nothing when it is an auth line
+        the end of the stream completes (the decoder takes such a last line as a message)."""
+        held, self._buffer = self._buffer, b""
+        if held[:1] == b"{" and b"\n" not in held:
+            try:
+                if _auth_message(held + b"\n", self._max_size + 1) is not None:
+                    return b""
+            except AuthRefused:
+                pass
+        return held

@@ -68,7 +68,7 @@ def test_every_problem_is_reported_with_file_and_line(write):
     problems = problems_of(main)
     assert problems == [
         f"{main}:2: tcp.port: 'port' must be <= 65535: 99999",
-        f"{main}:3: unknown key tcp.colour (known keys: host, port, unix, max_connections, max_message_size, read_size, max_depth)",
+        f"{main}:3: unknown key tcp.colour (known keys: host, port, unix, mode, max_connections, max_message_size, read_size, max_depth, token_env)",
         f"{main}:8: backends.files.fsync must be one of batch, interval, never, got 'sometimes'",
         f"{main}:10: unknown backend type 'carrier-pigeon' (known types: cloudwatch, console, filesystem, otlp, postgres, s3)",
     ] + [p for p in problems[4:]]

@@ -61,7 +61,7 @@ def test_source_mistakes_are_reported_at_their_lines(write):
         f"{main}:4: unknown source type 'carrier-pigeon' (known types: forward, otlp, tcp)",
         f"{main}:5: source 'untyped' needs a type",
         f"{main}:6: source name 'a b' must be letters, digits, '.', '_' or '-'",
-        f"{main}:7: unknown key sources.apps.colour (known keys: host, port, unix, max_connections, max_message_size, read_size, max_depth)",
+        f"{main}:7: unknown key sources.apps.colour (known keys: host, port, unix, mode, max_connections, max_message_size, read_size, max_depth, token_env)",
     ]
 
 

@@ -28,6 +28,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -68,6 +69,10 @@ struct mon_client {
     char *source, *host, *source_json; /* source_json: the encoded string, quotes included */
     size_t source_json_len;
     int port, source_big;
+    char *unix_path;  /* the sidecar's Unix socket, in place of host and port; NULL: TCP */
+    char *auth;       /* the auth line {"auth":TOKEN}\n sent first on every connection, or NULL */
+    size_t auth_len;
+    int env_token;    /* the token came from MONITORING_SIDECAR_TOKEN, which mon_set_token does not override */
     ctx_t *ctx;
     size_t nctx;
     char *ctx_obj; /* the context as one JSON object ({...}), or NULL: not built (out of memory) */
@@ -775,7 +780,55 @@ static int abandoned(mon_client *m) {
     return a;
 }
 
-static int dial(mon_client *m, char *err, size_t errlen) {
+/* A socket for one connection attempt: non-blocking, closed on exec, never raising SIGPIPE. */
+static int open_socket(int family) {
+    int fd = socket(family, SOCK_STREAM, 0);
+    if (fd < 0) return -1;
+    fcntl(fd, F_SETFD, FD_CLOEXEC);
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+#ifdef SO_NOSIGPIPE
+    setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &(int){1}, sizeof(int));
+#endif
+    return fd;
+}
+
+/* A non-blocking connect, waited for up to CONNECT_TIMEOUT_MS while it is in progress (TCP; a
+ * Unix socket connects or fails at once, EAGAIN when the sidecar's backlog is full). 0 or an
+ * errno. */
+static int connect_within(mon_client *m, int fd, const struct sockaddr *sa, socklen_t len) {
+    int rc = connect(fd, sa, len);
+    int e = rc == 0 ? 0 : errno;
+    for (int waited = 0; rc != 0 && (e == EINPROGRESS || e == EINTR) && waited < CONNECT_TIMEOUT_MS && !abandoned(m); waited += 100) {
+        struct pollfd p = {fd, POLLOUT, 0};
+        if (poll(&p, 1, 100) > 0) {
+            socklen_t sl = sizeof e;
+            if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &sl) != 0) e = errno;
+            rc = e ? -1 : 0;
+            break;
+        }
+        e = ETIMEDOUT;
+    }
+    return rc == 0 ? 0 : (e ? e : ETIMEDOUT);
+}
+
+static int dial_unix(mon_client *m, char *err, size_t errlen) {
+    struct sockaddr_un sa;
+    size_t n = strlen(m->unix_path);
+    int fd, e;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    if (n >= sizeof sa.sun_path) {
+        snprintf(err, errlen, "unix socket path too long (%zu bytes, at most %zu): %.60s...", n, sizeof sa.sun_path - 1, m->unix_path);
+        return -1;
+    }
+    memcpy(sa.sun_path, m->unix_path, n);
+    if ((fd = open_socket(AF_UNIX)) < 0) e = errno;
+    else if ((e = connect_within(m, fd, (const struct sockaddr *)&sa, (socklen_t)sizeof sa)) != 0) { close(fd); fd = -1; }
+    if (fd < 0) snprintf(err, errlen, "connect to unix:%.100s failed (errno %d)", m->unix_path, e);
+    return fd;
+}
+
+static int dial_tcp(mon_client *m, char *err, size_t errlen) {
     struct addrinfo hints, *res = NULL, *ai;
     char port[16];
     int fd = -1, e = 0;
@@ -789,31 +842,50 @@ static int dial(mon_client *m, char *err, size_t errlen) {
     e = 0;
     for (int pass = 0; pass < 2 && fd < 0; pass++) /* IPv4 first */
         for (ai = res; ai && fd < 0; ai = ai->ai_next) {
-            if ((ai->ai_family == AF_INET) != (pass == 0) || (fd = socket(ai->ai_family, SOCK_STREAM, 0)) < 0) continue;
-            fcntl(fd, F_SETFD, FD_CLOEXEC);
-            fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-#ifdef SO_NOSIGPIPE
-            setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &(int){1}, sizeof(int));
-#endif
-            int rc = connect(fd, ai->ai_addr, ai->ai_addrlen);
-            e = rc == 0 ? 0 : errno;
-            for (int waited = 0; rc != 0 && (e == EINPROGRESS || e == EINTR) && waited < CONNECT_TIMEOUT_MS && !abandoned(m); waited += 100) {
-                struct pollfd p = {fd, POLLOUT, 0};
-                if (poll(&p, 1, 100) > 0) {
-                    socklen_t sl = sizeof e;
-                    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &sl) != 0) e = errno;
-                    rc = e ? -1 : 0;
-                    break;
-                }
-                e = ETIMEDOUT;
-            }
-            if (rc != 0) { close(fd); fd = -1; }
+            if ((ai->ai_family == AF_INET) != (pass == 0) || (fd = open_socket(ai->ai_family)) < 0) continue;
+            if ((e = connect_within(m, fd, ai->ai_addr, ai->ai_addrlen)) != 0) { close(fd); fd = -1; }
         }
     freeaddrinfo(res);
     if (fd < 0) snprintf(err, errlen, "connect to %s:%d failed (errno %d)", m->host, m->port, e);
     return fd;
 }
 
+/* Writes the auth line on a new connection, within CONNECT_TIMEOUT_MS (an empty socket buffer
+ * takes it at once). 0, or -1 with the connection's failure in err; the token is never in it. */
+static int send_auth(mon_client *m, int fd, char *err, size_t errlen) {
+    lock(m);
+    size_t n = m->auth_len;
+    char *line = n ? malloc(n) : NULL; /* a copy: mon_set_token may replace it meanwhile */
+    if (line) memcpy(line, m->auth, n);
+    unlock(m);
+    if (n && !line) { snprintf(err, errlen, "out of memory for the auth line"); return -1; }
+    size_t w = 0;
+    int waited = 0, e = 0;
+    while (w < n) {
+        ssize_t r = send(fd, line + w, n - w, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (r > 0) { w += (size_t)r; continue; }
+        e = r < 0 ? errno : EPIPE;
+        if (r < 0 && e == EINTR) continue;
+        if (r < 0 && (e == EAGAIN || e == EWOULDBLOCK) && waited < CONNECT_TIMEOUT_MS && !abandoned(m)) {
+            struct pollfd p = {fd, POLLOUT, 0};
+            poll(&p, 1, 100);
+            waited += 100;
+            continue;
+        }
+        break;
+    }
+    free(line);
+    if (w == n) return 0;
+    snprintf(err, errlen, "sending the auth line to the sidecar failed (errno %d)", e);
+    return -1;
+}
+
+/* A new connection to the sidecar, the auth line written first when there is a token. */
+static int dial(mon_client *m, char *err, size_t errlen) {
+    int fd = m->unix_path ? dial_unix(m, err, errlen) : dial_tcp(m, err, errlen);
+    if (fd >= 0 && send_auth(m, fd, err, errlen) != 0) { close(fd); fd = -1; }
+    return fd;
+}
 
 enum { W_DONE, W_BLOCKED, W_FAILED }; /* all written; the socket is full; the connection is gone */
 
@@ -1119,7 +1191,18 @@ static void destroy(mon_client *m) {
     buf_free(&m->rest);
     buf_free(&m->rep);
     free(m->ctx_obj); free(m->spans); free(m->ring); free(m->lens);
-    free(m->source); free(m->source_json); free(m->host); free(m);
+    free(m->source); free(m->source_json); free(m->host); free(m->unix_path); free(m->auth); free(m);
+}
+
+/* The auth line for token ({"auth":TOKEN}\n, the token JSON-escaped), or NULL when memory is short. */
+static char *auth_line(const char *token, size_t *len) {
+    buf_t b = {0};
+    put(&b, "{\"auth\":", 8);
+    put_str(&b, token);
+    put(&b, "}\n", 2);
+    if (b.oom || b.big) { free(b.p); return NULL; }
+    *len = b.len;
+    return b.p;
 }
 
 /* mon_init with the queue's sizes given (the tests use small ones). */
@@ -1128,6 +1211,7 @@ static mon_client *create(const char *source, const char *host, int port, const 
     mon_client *m = calloc(1, sizeof *m);
     if (!m) return NULL;
     const char *env_source = getenv("MONITORING_SOURCE"), *sidecar = getenv("MONITORING_SIDECAR");
+    const char *env_token = getenv("MONITORING_SIDECAR_TOKEN");
     const char *bad = NULL, *bad_ctx = NULL;
     buf_t sj = {0};
     m->fd = -1;
@@ -1135,18 +1219,27 @@ static mon_client *create(const char *source, const char *host, int port, const 
     m->ts_sec = INT64_MIN;
     m->source = strdup(env_source && *env_source ? env_source : source ? source : "unknown");
     m->host = strdup(host && *host ? host : MON_DEFAULT_HOST);
-    if (sidecar && *sidecar) {
+    int oom = !m->host;
+    if (host && strncmp(host, "unix:", 5) == 0 && host[5]) oom |= !(m->unix_path = strdup(host + 5));
+    if (sidecar && strncmp(sidecar, "unix:", 5) == 0 && sidecar[5]) {
+        free(m->unix_path);
+        oom |= !(m->unix_path = strdup(sidecar + 5));
+    } else if (sidecar && *sidecar) {
         const char *colon = strrchr(sidecar, ':');
         char *end = NULL;
         long p = colon ? strtol(colon + 1, &end, 10) : 0;
-        if (!colon || !colon[1] || *end || p <= 0 || p > 65535) bad = "ignoring malformed MONITORING_SIDECAR (expected host:port)";
+        if (!colon || !colon[1] || *end || p <= 0 || p > 65535) bad = "ignoring malformed MONITORING_SIDECAR (expected host:port or unix:/path)";
         else {
             const char *h = sidecar;
             size_t hl = (size_t)(colon - sidecar);
             if (hl >= 2 && h[0] == '[' && h[hl - 1] == ']') { h++; hl -= 2; }
             char *nh = hl ? strndup(h, hl) : strdup(MON_DEFAULT_HOST);
-            if (nh) { free(m->host); m->host = nh; m->port = (int)p; }
+            if (nh) { free(m->host); m->host = nh; m->port = (int)p; free(m->unix_path); m->unix_path = NULL; }
         }
+    }
+    if (env_token && *env_token) {
+        oom |= !(m->auth = auth_line(env_token, &m->auth_len));
+        m->env_token = 1;
     }
     if (m->source) put_str(&sj, m->source);
     m->source_json = sj.p;
@@ -1164,8 +1257,8 @@ static mon_client *create(const char *source, const char *host, int port, const 
         memset(m->ring, '\n', (size_t)m->cap); /* not 0: malloc+memset(0) may become a lazy calloc */
         memset(m->lens, 0xff, (size_t)m->lcap * sizeof *m->lens);
     }
-    if (!m->source || !m->host || sj.oom || !m->ring || !m->lens) {
-        free(m->source); free(m->host); free(m->source_json); free(m->ring); free(m->lens); free(m);
+    if (!m->source || oom || sj.oom || !m->ring || !m->lens) {
+        free(m->source); free(m->host); free(m->source_json); free(m->ring); free(m->lens); free(m->unix_path); free(m->auth); free(m);
         return NULL;
     }
     pthread_mutex_init(&m->lock, NULL);
@@ -1207,6 +1300,25 @@ mon_client *mon_init(const char *source, const char *host, int port) {
     /* the queue's bounds, plus room for the batch being written (at most one whole message) */
     static const ring_cfg cfg = {MON_MAX_BYTES + MON_MAX_MESSAGE_BYTES, MON_MAX_MESSAGES, MON_MAX_BYTES};
     return create(source, host, port, &cfg);
+}
+
+int mon_set_token(mon_client *m, const char *token) {
+    if (!m) return -1;
+    size_t len = 0;
+    char *line = token && *token ? auth_line(token, &len) : NULL;
+    if (token && *token && !line) return -1;
+    lock(m);
+    if (m->env_token) { /* MONITORING_SIDECAR_TOKEN wins, as MONITORING_SIDECAR does over mon_init's address */
+        unlock(m);
+        free(line);
+        return 0;
+    }
+    char *old = m->auth;
+    m->auth = line;
+    m->auth_len = len;
+    unlock(m);
+    free(old);
+    return 0;
 }
 
 void mon_set_error_handler(mon_client *m, mon_error_fn fn, void *arg) {

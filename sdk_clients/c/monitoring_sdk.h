@@ -2,7 +2,7 @@
 /* monitoring_sdk.h: thin, non-blocking C client of the monitoring sidecar (wire protocol v1).
  *
  * Every call encodes one JSON line and appends it to a bounded in-memory queue; a background
- * thread owns the TCP connection. No call waits for the network, and no failure (sidecar down,
+ * thread owns the connection (TCP, or the sidecar's Unix socket). No call waits for the network, and no failure (sidecar down,
  * out of memory, a peer that stops reading) reaches the host program other than through a
  * return value and the counters of mon_statistics(). All functions are thread-safe and accept
  * a NULL client (they then do nothing and return -1).
@@ -44,10 +44,16 @@ typedef struct mon_stats {
 typedef void (*mon_error_fn)(void *arg, const char *what);
 
 /* Creates a client; never connects (the sender thread does, on the first message). host NULL
- * means "localhost", port <= 0 means 17000. MONITORING_SIDECAR=host:port and MONITORING_SOURCE
- * win over the arguments; TRACEPARENT and MONITORING_CONTEXT are read here. NULL only when
- * memory is exhausted. */
+ * means "localhost", port <= 0 means 17000; host "unix:/path" is the sidecar's Unix socket (an
+ * AF_UNIX stream, port unused). MONITORING_SIDECAR=host:port (or unix:/path) and
+ * MONITORING_SOURCE win over the arguments; MONITORING_SIDECAR_TOKEN, TRACEPARENT and
+ * MONITORING_CONTEXT are read here. NULL only when memory is exhausted. */
 mon_client *mon_init(const char *source, const char *host, int port);
+
+/* The sidecar's ingest token: the sender writes {"auth":"TOKEN"} first on every connection made
+ * from now on (a connection already open stays as it is); NULL or "" removes it. A token from
+ * MONITORING_SIDECAR_TOKEN wins: then this does nothing. 0, or -1 when memory is short. */
+int mon_set_token(mon_client *mon, const char *token);
 
 /* Replaces the default error reporting (one line on stderr for the first error, then only
  * counting). fn NULL restores it. */

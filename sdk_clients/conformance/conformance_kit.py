@@ -7,6 +7,7 @@ conftest so the suite runs alone or together with the repository's tests/.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
@@ -28,7 +29,9 @@ SCHEMA_PATH = HERE / "schema" / "wire-protocol-v1.schema.json"
 SCENARIO_DIR = HERE / "scenarios"
 
 # Variables the suite controls: never inherited from the environment pytest runs in.
-CONTROLLED_ENV = ("MONITORING_SIDECAR", "MONITORING_SOURCE", "MONITORING_CONTEXT", "TRACEPARENT", "TRACESTATE")
+CONTROLLED_ENV = ("MONITORING_SIDECAR", "MONITORING_SIDECAR_TOKEN", "MONITORING_SOURCE", "MONITORING_CONTEXT", "TRACEPARENT", "TRACESTATE")
+# How a driver reaches its sidecar: every scenario is replayed over each.
+TRANSPORTS = ("tcp", "unix")
 DRIVER_TIMEOUT = float(os.environ.get("CONFORMANCE_DRIVER_TIMEOUT", "60"))
 API_CALLS = ("set_context", "log_event", "log_metric", "log_progress", "log_resource", "start_span", "end_span")
 SUITE_CALLS = API_CALLS + ("print_env",)
@@ -103,8 +106,11 @@ def scenario_problems(scenario: dict) -> list[str]:
     for key in ("name", "description", "source", "calls", "expect"):
         if key not in scenario:
             problems.append(f"missing key {key!r}")
-    if "MONITORING_SIDECAR" in scenario.get("env", {}):
-        problems.append("env must not set MONITORING_SIDECAR (the suite sets it)")
+    for variable in ("MONITORING_SIDECAR", "MONITORING_SIDECAR_TOKEN"):
+        if variable in scenario.get("env", {}):
+            problems.append(f"env must not set {variable} (the suite sets it{': use the key token' if 'TOKEN' in variable else ''})")
+    if "token" in scenario and not (isinstance(scenario["token"], str) and scenario["token"]):
+        problems.append("token must be a non-empty string")
     problems += _calls_problems(scenario.get("calls", []), "calls")
     child = scenario.get("child")
     if child is not None:
@@ -144,15 +150,21 @@ def _calls_problems(calls: list, where: str) -> list[str]:
 # -- capture server -------------------------------------------------------------------------------
 
 class CaptureServer:
-    """A TCP listener on 127.0.0.1 at a free port that records the bytes of each connection."""
+    """A listener that records the bytes of each connection: TCP on 127.0.0.1 at a free port,
+    or a Unix socket at `unix` (a path). `address` is what MONITORING_SIDECAR says for it."""
 
-    def __init__(self) -> None:
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
+    def __init__(self, unix: str | os.PathLike | None = None) -> None:
+        if unix is not None:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(str(unix))
+            self.address = f"unix:{unix}"
+        else:
+            self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.listener.bind(("127.0.0.1", 0))
+            self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.listener.listen(128)
         self.listener.setblocking(False)
-        self.port = self.listener.getsockname()[1]
         self.connections: list[bytearray] = []  # in the order they were accepted
         self._open = 0
         self._lock = threading.Lock()
@@ -228,6 +240,9 @@ class CaptureServer:
         self._stop.set()
         self._thread.join(5)
         self.listener.close()
+        if self.address.startswith("unix:"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.address[5:])  # the path is free for the next server
 
     def __enter__(self) -> "CaptureServer":
         return self
@@ -252,19 +267,23 @@ class DriverRun:
         return f"{self.language} driver exit status {self.returncode}" + (f"; stderr:\n{err[-4000:]}" if err else "")
 
 
-def driver_env(scenario_env: dict[str, str], port: int) -> dict[str, str]:
+def driver_env(scenario_env: dict[str, str], address: str, token: str | None = None) -> dict[str, str]:
+    """The driver's environment: `address` is MONITORING_SIDECAR (`127.0.0.1:PORT` or
+    `unix:/path`), `token` MONITORING_SIDECAR_TOKEN when given."""
     env = {k: v for k, v in os.environ.items() if k not in CONTROLLED_ENV}
     env.update(scenario_env)
-    env["MONITORING_SIDECAR"] = f"127.0.0.1:{port}"
+    env["MONITORING_SIDECAR"] = address
+    if token is not None:
+        env["MONITORING_SIDECAR_TOKEN"] = token
     return env
 
 
-def run_driver(language: Language, scenario_file: Path, scenario_env: dict[str, str], port: int,
-               timeout: float = DRIVER_TIMEOUT) -> DriverRun:
+def run_driver(language: Language, scenario_file: Path, scenario_env: dict[str, str], address: str,
+               timeout: float = DRIVER_TIMEOUT, token: str | None = None) -> DriverRun:
     started = time.time()
     try:
         done = subprocess.run(language.command() + [str(scenario_file)], cwd=REPO,
-                              env=driver_env(scenario_env, port), stdin=subprocess.DEVNULL,
+                              env=driver_env(scenario_env, address, token), stdin=subprocess.DEVNULL,
                               capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"{language.name} driver did not finish within {timeout}s on {scenario_file.name}; "
@@ -305,18 +324,25 @@ def _lone_surrogates(value, path="") -> list[str]:
     return []
 
 
-def parse_connections(connections: list[bytes]) -> tuple[list[dict], list[str]]:
+def parse_connections(connections: list[bytes], token: str | None = None) -> tuple[list[dict], list[str]]:
     """Split every connection's bytes into JSON lines and parse them strictly.
 
     Returns the messages in order (connections in accept order) and the framing problems:
     a stream not starting with '{', a message not terminated by '\\n', '\\r\\n', an empty line,
     invalid UTF-8, invalid JSON, duplicate keys, NaN/Infinity, lone surrogates, a non-object.
+    With `token`, every connection must begin with the auth line `{"auth": token}` (its one
+    key), which is not a message.
     """
     messages, problems = [], []
     for c, data in enumerate(connections):
         if not data:
             continue  # a connection that sent nothing is harmless
         where = f"connection {c + 1}"
+        if token is not None:
+            first, _, data = bytes(data).partition(b"\n")
+            problems += [f"{where}: {p}" for p in auth_line_problems(first, token)]
+            if not data:
+                continue
         if data[:1] != b"{":
             problems.append(f"{where}: stream starts with {data[:1]!r}, not '{{' (JSON lines)")
         if not data.endswith(b"\n"):
@@ -348,6 +374,18 @@ def parse_connections(connections: list[bytes]) -> tuple[list[dict], list[str]]:
             problems += [f"{at}: {p}" for p in _lone_surrogates(value)]
             messages.append(value)
     return messages, problems
+
+
+def auth_line_problems(line: bytes, token: str) -> list[str]:
+    """What is wrong with a connection's first line as the auth line for `token`."""
+    try:
+        value = json.loads(line.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except ValueError as exc:
+        return [f"the first line is not the auth line {{\"auth\": TOKEN}} ({exc}): {line[:200]!r}"]
+    if value != {"auth": token}:
+        shown = json.dumps(value, ensure_ascii=False)[:200] if not (isinstance(value, dict) and "auth" in value) else "an auth line with another token or other keys"
+        return [f"the first line must be the auth line {{\"auth\": MONITORING_SIDECAR_TOKEN}} (one key), got {shown}"]
+    return []
 
 
 # -- schema ---------------------------------------------------------------------------------------

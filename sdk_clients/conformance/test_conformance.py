@@ -1,5 +1,7 @@
-"""SDK conformance suite: every language's driver replays every scenario against a capture server;
-what arrives must match the scenario's expectations and the wire protocol v1 schema.
+"""SDK conformance suite: every language's driver replays every scenario against a capture server,
+over TCP and over a Unix socket; what arrives must match the scenario's expectations and the wire
+protocol v1 schema. End to end, drivers send through a real sidecar over both transports, and
+with the ingest token (right: delivered; wrong: refused, counted, nothing delivered).
 
     .venv/bin/python -m pytest sdk_clients/conformance -q
 
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +38,18 @@ def require(language: kit.Language) -> None:
     problem = language.problem()
     if problem:
         pytest.fail(problem, pytrace=False)
+
+
+@pytest.fixture
+def socket_dir():
+    """A short directory for Unix sockets (a socket's path is limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="conformance-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def capture_server(transport: str, socket_dir: Path) -> kit.CaptureServer:
+    return kit.CaptureServer(unix=socket_dir / "sidecar.sock" if transport == "unix" else None)
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +129,14 @@ def test_scenario_file_is_well_formed(scenario):
 # -- replaying scenarios --------------------------------------------------------------------------
 
 def replay(language: kit.Language, scenario: dict, scenario_file: Path, matcher: kit.Matcher, validator,
-           label: str = "message") -> tuple[list[str], list[dict], kit.DriverRun]:
+           transport: str, socket_dir: Path, label: str = "message") -> tuple[list[str], list[dict], kit.DriverRun]:
     """Run one driver against a fresh capture server; the problems found, the messages, the run."""
-    with kit.CaptureServer() as server:
-        run = kit.run_driver(language, scenario_file, scenario.get("env", {}), server.port)
+    token = scenario.get("token")
+    with capture_server(transport, socket_dir) as server:
+        run = kit.run_driver(language, scenario_file, scenario.get("env", {}), server.address, token=token)
         connections = server.settle()
     matcher.window = (run.started, run.ended)
-    messages, problems = kit.parse_connections(connections)
+    messages, problems = kit.parse_connections(connections, token)
     if run.returncode != 0:
         problems.insert(0, f"the driver exited with status {run.returncode} (expected 0)")
     problems += kit.schema_problems(validator, messages, label)
@@ -128,16 +145,16 @@ def replay(language: kit.Language, scenario: dict, scenario_file: Path, matcher:
     return problems, messages, run
 
 
-CASES = [pytest.param(lang, scenario, id=f"{lang.name}-{scenario['name']}")
-         for lang in kit.LANGUAGES for scenario in SCENARIOS]
+CASES = [pytest.param(lang, scenario, transport, id=f"{lang.name}-{scenario['name']}-{transport}")
+         for lang in kit.LANGUAGES for scenario in SCENARIOS for transport in kit.TRANSPORTS]
 
 
-@pytest.mark.parametrize("language,scenario", CASES)
-def test_conformance(language: kit.Language, scenario: dict, validator, tmp_path):
+@pytest.mark.parametrize("language,scenario,transport", CASES)
+def test_conformance(language: kit.Language, scenario: dict, transport: str, validator, tmp_path, socket_dir):
     require(language)
-    title = f"{language.name} / {scenario['name']}"
+    title = f"{language.name} / {scenario['name']} over {transport}"
     matcher = kit.Matcher()
-    problems, messages, run = replay(language, scenario, scenario["_path"], matcher, validator)
+    problems, messages, run = replay(language, scenario, scenario["_path"], matcher, validator, transport, socket_dir)
     if problems:
         pytest.fail(kit.render(title, problems, scenario["expect"], messages, run), pytrace=False)
 
@@ -151,7 +168,8 @@ def test_conformance(language: kit.Language, scenario: dict, validator, tmp_path
     child_file = tmp_path / "child-scenario.json"
     child_file.write_text(json.dumps(child_scenario, ensure_ascii=False), encoding="utf-8")
     child_matcher = kit.Matcher(ids=matcher.ids)  # the child's ids must be the parent's
-    problems, messages, run = replay(language, child_scenario, child_file, child_matcher, validator, "child message")
+    problems, messages, run = replay(language, child_scenario, child_file, child_matcher, validator, transport, socket_dir,
+                                     "child message")
     if problems:
         pytest.fail(kit.render(f"{title} (child started with {env})", problems, child["expect"], messages, run),
                     pytrace=False)
@@ -160,39 +178,77 @@ def test_conformance(language: kit.Language, scenario: dict, validator, tmp_path
 # -- end to end through a real sidecar ------------------------------------------------------------
 
 E2E_SCENARIOS = [s for s in SCENARIOS if s.get("end_to_end")]
+TOKEN_SCENARIOS = [s for s in SCENARIOS if s.get("token")]
+LANGUAGE_TRANSPORTS = [pytest.param(lang, transport, id=f"{lang.name}-{transport}")
+                       for lang in kit.LANGUAGES for transport in kit.TRANSPORTS]
+
+# The filesystem backend under {base}, flushed within 50 ms; the `tcp:` section's source and one
+# on a Unix socket, both with the token when {token} says so.
+SIDECAR_CONFIG = """
+tcp: {{host: 127.0.0.1, port: 0{token}}}
+sources:
+  local: {{type: tcp, unix: {socket}{token}}}
+backends:
+  files: {{type: filesystem, base_path: {base}, create_base_path: true, batch: {{timeout: 0.05}}}}
+routing:
+  all: [{{backend: files}}]
+"""
 
 
-@pytest.mark.parametrize("language", kit.LANGUAGES, ids=[lang.name for lang in kit.LANGUAGES])
-def test_end_to_end_through_a_real_sidecar(language: kit.Language, validator, tmp_path):
+def start_sidecar(tmp_path: Path, socket_dir: Path, token: str | None = None):
+    from tests.harness import SidecarProcess
+
+    config = SIDECAR_CONFIG.format(base=tmp_path / "out", socket=socket_dir / "sidecar.sock",
+                                   token=", token_env: INGEST_TOKEN" if token else "")
+    return SidecarProcess(tmp_path, config, env={"INGEST_TOKEN": token} if token else None).start()
+
+
+def sidecar_address(sidecar, transport: str, socket_dir: Path) -> tuple[str, str]:
+    """MONITORING_SIDECAR for `transport`, and the name of the source behind it."""
+    if transport == "unix":
+        return f"unix:{socket_dir / 'sidecar.sock'}", "local"
+    return f"127.0.0.1:{sidecar.port}", "tcp"
+
+
+def delivered_messages(tmp_path: Path) -> list[dict]:
+    """What the filesystem backend wrote, without the sidecar's received_at and host (checked)."""
+    from tests.harness import read_jsonl
+
+    messages = [m for path in sorted((tmp_path / "out").rglob("*.jsonl")) for m in read_jsonl(path)]
+    for i, message in enumerate(messages, 1):
+        received, host = message.pop("received_at", None), message.pop("host", None)
+        assert isinstance(received, str) and kit.TIMESTAMP_RE.fullmatch(received), f"message {i}: received_at {received!r}"
+        assert isinstance(host, str) and host, f"message {i}: host {host!r}"
+    return messages
+
+
+@pytest.mark.parametrize("language,transport", LANGUAGE_TRANSPORTS)
+def test_end_to_end_through_a_real_sidecar(language: kit.Language, transport: str, validator, tmp_path, socket_dir):
     """The driver sends to a real sidecar (filesystem backend); what lands in the JSONL file is
     the scenario's expectation plus the sidecar's received_at and host."""
     require(language)
     from sidecar.protocol import NATIVE_AVAILABLE
-    from tests.harness import FILES_CONFIG, SidecarProcess, read_jsonl
 
     assert E2E_SCENARIOS, "no scenario has \"end_to_end\": true"
-    out = tmp_path / "out"
-    sidecar = SidecarProcess(tmp_path, FILES_CONFIG.format(base=out)).start()
+    sidecar = start_sidecar(tmp_path, socket_dir)
+    address, source = sidecar_address(sidecar, transport, socket_dir)
     runs = []
     try:
         for scenario in E2E_SCENARIOS:
-            run = kit.run_driver(language, scenario["_path"], scenario.get("env", {}), sidecar.port)
+            run = kit.run_driver(language, scenario["_path"], scenario.get("env", {}), address)
             assert run.returncode == 0, f"{scenario['name']}: {run.describe()}"
             runs.append(run)
         expected = sum(len(s["expect"]) for s in E2E_SCENARIOS)
         stats = sidecar.wait_for(lambda s: sum(b.get("delivered", 0) for b in s["backends"]) >= expected,
                                  timeout=30, what=f"{expected} messages delivered to the file")
         assert not stats.get("decode_errors"), stats
+        assert stats["sources"][source]["received"] == expected, stats["sources"]
         if NATIVE_AVAILABLE:
             # What an SDK sends is canonical protocol v1: none of it needs the Python path.
             assert stats["decoded_by_path"] == {"native": expected}, stats["decoded_by_path"]
     finally:
         assert sidecar.stop() == 0, sidecar.log()[-3000:]
-    messages = [m for path in sorted(out.rglob("*.jsonl")) for m in read_jsonl(path)]
-    for i, message in enumerate(messages, 1):
-        received, host = message.pop("received_at", None), message.pop("host", None)
-        assert isinstance(received, str) and kit.TIMESTAMP_RE.fullmatch(received), f"message {i}: received_at {received!r}"
-        assert isinstance(host, str) and host, f"message {i}: host {host!r}"
+    messages = delivered_messages(tmp_path)
     problems = kit.schema_problems(validator, messages)
     start = 0
     for scenario, run in zip(E2E_SCENARIOS, runs):
@@ -203,5 +259,39 @@ def test_end_to_end_through_a_real_sidecar(language: kit.Language, validator, tm
     if len(messages) != start:
         problems.append(f"the file holds {len(messages)} messages, the scenarios expect {start}")
     if problems:
-        pytest.fail(kit.render(f"{language.name} end to end", problems,
+        pytest.fail(kit.render(f"{language.name} end to end over {transport}", problems,
                                [e for s in E2E_SCENARIOS for e in s["expect"]], messages, None), pytrace=False)
+
+
+@pytest.mark.parametrize("language,transport", LANGUAGE_TRANSPORTS)
+def test_the_token_through_a_real_sidecar(language: kit.Language, transport: str, validator, tmp_path, socket_dir):
+    """A sidecar whose sources require the token: the driver with the right token delivers the
+    scenario's messages; the same driver with another token is refused, the refusal counted,
+    and nothing of it delivered."""
+    require(language)
+    assert TOKEN_SCENARIOS, "no scenario has a \"token\""
+    scenario = TOKEN_SCENARIOS[0]
+    token = scenario["token"]
+    sidecar = start_sidecar(tmp_path, socket_dir, token)
+    address, source = sidecar_address(sidecar, transport, socket_dir)
+    expected = len(scenario["expect"])
+    try:
+        run = kit.run_driver(language, scenario["_path"], scenario.get("env", {}), address, token=token)
+        assert run.returncode == 0, run.describe()
+        sidecar.wait_for(lambda s: sum(b.get("delivered", 0) for b in s["backends"]) >= expected,
+                         timeout=30, what=f"{expected} messages delivered to the file")
+        wrong = kit.run_driver(language, scenario["_path"], scenario.get("env", {}), address, token=token + " (wrong)")
+        assert wrong.returncode == 0, wrong.describe()
+        stats = sidecar.wait_for(lambda s: s["connections_refused"].get("auth", 0) >= 1,
+                                 timeout=30, what="the wrong token's connection refused and counted")
+        assert stats["sources"][source]["authenticates"] is True
+    finally:
+        assert sidecar.stop() == 0, sidecar.log()[-3000:]
+    stats = sidecar.stats()  # as the sidecar left it: every connection it took is accounted for
+    assert stats["sources"][source]["received"] == expected and not stats.get("decode_errors"), stats
+    messages = delivered_messages(tmp_path)
+    matcher = kit.Matcher(window=(run.started, run.ended))
+    problems = kit.schema_problems(validator, messages) + kit.match_messages(matcher, scenario["expect"], messages)
+    if problems:
+        pytest.fail(kit.render(f"{language.name} with the token over {transport}", problems, scenario["expect"], messages, run),
+                    pytrace=False)

@@ -156,7 +156,10 @@ def _read_sources(reader: DocumentReader, main, tcp: TcpSettings) -> dict[str, S
     sources: dict[str, SourceSpec] = {}
     node = main.get("sources")
     if "tcp" in main or node is None:
-        sources["tcp"] = SourceSpec("tcp", "tcp", tcp, reader.key_where(main, "tcp") if "tcp" in main else Where(reader.file, 1))
+        where = reader.key_where(main, "tcp") if "tcp" in main else Where(reader.file, 1)
+        tcp_node = main.get("tcp")
+        resolved = _from_environment(reader, tcp, tcp_node if isinstance(tcp_node, dict) else {}, where, "tcp")
+        sources["tcp"] = SourceSpec("tcp", "tcp", resolved or tcp, where)
     if node is None:
         return sources
     if not isinstance(node, dict) or not node:
@@ -194,13 +197,20 @@ def _read_source(reader: DocumentReader, name: str, node, where: Where) -> Sourc
         settings = reader.build(cls.Settings, options, where, f"sources.{name}")
     except Invalid:
         return None
-    if hasattr(settings, "from_environment"):
-        try:
-            settings = settings.from_environment(reader.environ)
-        except SettingsFromEnvironment as exc:
-            reader.problem(reader.value_where(node, exc.key) if exc.key in node else where, f"sources.{name}.{exc}")
-            return None
-    return SourceSpec(name, type_name, settings, where)
+    settings = _from_environment(reader, settings, node, where, f"sources.{name}")
+    return SourceSpec(name, type_name, settings, where) if settings is not None else None
+
+
+def _from_environment(reader: DocumentReader, settings, node: dict, where: Where, label: str):
+    """A source's settings with the secrets they name read from the environment; None after a
+    problem, reported at the line of the key at fault."""
+    if not hasattr(settings, "from_environment"):
+        return settings
+    try:
+        return settings.from_environment(reader.environ)
+    except SettingsFromEnvironment as exc:
+        reader.problem(reader.value_where(node, exc.key) if exc.key in node else where, f"{label}.{exc}")
+        return None
 
 
 def _read_backends(reader: DocumentReader, main) -> _Backends:

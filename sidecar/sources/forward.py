@@ -31,7 +31,7 @@ from sidecar.forward_protocol import (
     SharedKeyAuth,
 )
 from sidecar.sources.base import SettingsFromEnvironment
-from sidecar.sources.stream import Connection, StreamSource, log
+from sidecar.sources.stream import DEFAULT_UNIX_MODE, Connection, StreamSource, log, unix_mode
 from sidecar.units import ByteSize, Duration
 
 
@@ -54,8 +54,9 @@ class ForwardTls:
 class ForwardSettings:
     host: str = "127.0.0.1"
     port: int = attrs.field(default=24224, validator=attrs.validators.and_(attrs.validators.ge(0), attrs.validators.le(65535)))
-    # A Unix socket's path, in place of host and port.
+    # A Unix socket's path, in place of host and port, and its permissions (octal).
     unix: str | None = None
+    mode: str = attrs.field(default=DEFAULT_UNIX_MODE, validator=unix_mode)
     max_connections: int = attrs.field(default=1024, validator=attrs.validators.ge(1))
     # A larger frame (one MessagePack array: a Message, or a whole Forward or packed chunk)
     # closes the connection, as a too large MessagePack message does on the tcp source.

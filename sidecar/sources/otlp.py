@@ -18,7 +18,7 @@ from sidecar.constants import DEFAULT_MAX_DEPTH, MAX_DEPTH_LIMIT, MAX_SOURCE_LEN
 from sidecar.logs import RateLimitedLog
 from sidecar.otlp import SIGNALS, Encoding, RequestError, decode, encoding_of, error_body, export, route
 from sidecar.otlp_mapping import MappingOptions
-from sidecar.sources.stream import Connection, StreamSource, log
+from sidecar.sources.stream import DEFAULT_UNIX_MODE, Connection, StreamSource, log, unix_mode
 from sidecar.units import ByteSize, Duration
 
 MAX_HEAD_SIZE = 16 * 1024  # request line and headers
@@ -36,8 +36,9 @@ def _valid_source(_instance, _attribute, value: str) -> None:
 class OtlpSettings:
     host: str = "127.0.0.1"
     port: int = attrs.field(default=4318, validator=attrs.validators.and_(attrs.validators.ge(0), attrs.validators.le(65535)))
-    # A Unix socket's path, in place of host and port.
+    # A Unix socket's path, in place of host and port, and its permissions (octal).
     unix: str | None = None
+    mode: str = attrs.field(default=DEFAULT_UNIX_MODE, validator=unix_mode)
     max_connections: int = attrs.field(default=256, validator=attrs.validators.ge(1))
     # A request's body as sent, and again after gzip: beyond it, 413.
     max_body_size: ByteSize = attrs.field(default=4 * 1024 * 1024, validator=attrs.validators.ge(1024))

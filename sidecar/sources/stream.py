@@ -11,6 +11,7 @@ import errno
 import itertools
 import logging
 import os
+import re
 import socket
 import stat
 
@@ -23,6 +24,14 @@ from sidecar.sources.base import CannotListen, Source
 log = logging.getLogger("sidecar.listener")
 
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+DEFAULT_UNIX_MODE = "0660"  # the owner and its group: the services beside it
+
+
+def unix_mode(_instance, _attribute, value: str) -> None:
+    """The validator of the `mode` setting of a stream source's settings: its Unix socket's
+    permissions, in octal."""
+    if not re.fullmatch(r"0?[0-7]{3}", value):
+        raise ValueError(f'must be a file mode in octal digits, in quotes (e.g. "0660"), got {value!r}')
 
 
 @attrs.define
@@ -102,7 +111,7 @@ class StreamSource(Source):
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             await sock.bind(path)
-            os.chmod(path, 0o660)  # the owner and its group: the services beside it
+            os.chmod(path, int(settings.mode, 8))  # before listen(): until then, connects are refused
             sock.listen(socket.SOMAXCONN)
         except BaseException:
             sock.close()

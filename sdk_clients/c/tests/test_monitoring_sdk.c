@@ -1,4 +1,4 @@
-/* Tests of the C SDK against a real TCP capture server (a thread on 127.0.0.1). Run by
+/* Tests of the C SDK against a real capture server (a thread on 127.0.0.1, or on a Unix socket). Run by
  * `make test` under AddressSanitizer + UBSan; the last line is "N passed, M failed".
  *
  * The SDK's source is included, not linked: the ring tests make clients with small queues
@@ -26,6 +26,7 @@ static void *test_malloc(size_t n) { return malloc_fail_in > 0 && --malloc_fail_
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -64,6 +65,7 @@ static mon_client *client(const char *source, int port) {
 enum { CAPTURE, NO_READ, RESET, PAUSED }; /* PAUSED: not reading yet, normal socket buffers */
 typedef struct { int fd; char *buf; size_t len; } conn_t;
 typedef struct {
+    char unix_path[108]; /* set: listen on this Unix socket, not on 127.0.0.1 */
     int port, lfd, mode, wake[2];
     pthread_t thread;
     pthread_mutex_t mu;
@@ -160,15 +162,25 @@ static void server_start(server_t *s, int port, int mode) {
     int one = 1;
     if (!s->data) { pthread_mutex_init(&s->mu, NULL); pthread_cond_init(&s->cv, NULL); }
     server_set_mode(s, mode);
-    s->lfd = socket(AF_INET, SOCK_STREAM, 0);
-    setsockopt(s->lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    a.sin_port = htons((uint16_t)port);
-    if (bind(s->lfd, (struct sockaddr *)&a, sizeof a) || listen(s->lfd, 64)) { perror("capture server"); exit(2); }
-    getsockname(s->lfd, (struct sockaddr *)&a, &al);
-    s->port = ntohs(a.sin_port);
+    if (s->unix_path[0]) {
+        struct sockaddr_un u;
+        memset(&u, 0, sizeof u);
+        u.sun_family = AF_UNIX;
+        memcpy(u.sun_path, s->unix_path, strlen(s->unix_path));
+        unlink(s->unix_path); /* the previous start's */
+        s->lfd = socket(AF_UNIX, SOCK_STREAM, 0);
+        if (bind(s->lfd, (struct sockaddr *)&u, sizeof u) || listen(s->lfd, 64)) { perror("capture server (unix)"); exit(2); }
+    } else {
+        s->lfd = socket(AF_INET, SOCK_STREAM, 0);
+        setsockopt(s->lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        memset(&a, 0, sizeof a);
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        a.sin_port = htons((uint16_t)port);
+        if (bind(s->lfd, (struct sockaddr *)&a, sizeof a) || listen(s->lfd, 64)) { perror("capture server"); exit(2); }
+        getsockname(s->lfd, (struct sockaddr *)&a, &al);
+        s->port = ntohs(a.sin_port);
+    }
     if (pipe(s->wake)) exit(2);
     if (!s->data) { s->data = calloc(1, 1); s->len = 0; }
     pthread_create(&s->thread, NULL, server_main, s);
@@ -179,6 +191,7 @@ static void server_stop(server_t *s) {
     pthread_join(s->thread, NULL);
     close(s->wake[0]);
     close(s->wake[1]);
+    if (s->unix_path[0]) unlink(s->unix_path); /* nothing listens there now */
 }
 
 static void server_free(server_t *s) {
@@ -701,6 +714,121 @@ static void test_environment(void) {
     unsetenv("MONITORING_SOURCE");
     unsetenv("TRACEPARENT");
     unsetenv("MONITORING_CONTEXT");
+}
+
+static void log_numbered(mon_client *m, const char *prefix, int from, int to) {
+    for (int i = from; i < to; i++) {
+        char msg[32];
+        snprintf(msg, sizeof msg, "%s%d", prefix, i);
+        mon_log_event(m, "info", msg, NULL);
+    }
+}
+
+static void test_unix_socket(void) {
+    char dir[] = "/tmp/mon-c-sdk-XXXXXX", where[160];
+    server_t s = {0};
+    if (!mkdtemp(dir)) { CHECK(0, "mkdtemp: errno %d", errno); return; }
+    snprintf(s.unix_path, sizeof s.unix_path, "%s/sidecar.sock", dir);
+    snprintf(where, sizeof where, "unix:%s", s.unix_path);
+    /* no socket file yet: calls return at once, the sender retries with backoff */
+    mon_client *m = mon_init("svc", where, 0);
+    mon_set_error_handler(m, count_error, NULL);
+    double worst = 0;
+    int slow = 0, before = __atomic_load_n(&errors_seen, __ATOMIC_RELAXED);
+    for (int i = 0; i < 500; i++) {
+        char msg[32];
+        snprintf(msg, sizeof msg, "u-%d", i);
+        double a = now_s();
+        mon_log_event(m, "info", msg, NULL);
+        slow += timed(a, &worst);
+    }
+    CHECK(slow <= 3 && worst < 1.0, "unix, sidecar down: calls return at once (%d over 20 ms, worst %.3f ms)", slow, worst * 1e3);
+    CHECK(mon_flush(m, 200) == -1, "nothing to connect to yet");
+    CHECK(__atomic_load_n(&errors_seen, __ATOMIC_RELAXED) > before, "the failed connection is reported");
+    server_start(&s, 0, CAPTURE);
+    CHECK(mon_flush(m, 10000) == 0, "flush once the socket listens");
+    wait_lines(&s, 500, 5);
+    check_sequence(&s, "u-", 0, 500, 0, "unix: down then up");
+    /* restarted: the client reconnects to the new socket and sends nothing twice */
+    server_stop(&s);
+    log_numbered(m, "u-", 500, 550);
+    usleep(50000);
+    server_start(&s, 0, CAPTURE);
+    CHECK(mon_flush(m, 10000) == 0, "flush after the restart");
+    wait_lines(&s, 550, 5);
+    check_sequence(&s, "u-", 0, 550, 0, "unix: restart");
+    mon_close(m, 2000);
+    server_stop(&s);
+    server_free(&s);
+
+    /* MONITORING_SIDECAR=unix:PATH wins over mon_init's host and port */
+    snprintf(s.unix_path, sizeof s.unix_path, "%s/sidecar.sock", dir);
+    server_start(&s, 0, CAPTURE);
+    setenv("MONITORING_SIDECAR", where, 1);
+    m = mon_init("svc", "no-such-host.invalid", 1);
+    mon_set_error_handler(m, count_error, NULL);
+    log_numbered(m, "e-", 0, 3);
+    CHECK(mon_close(m, 5000) == 0, "delivered over MONITORING_SIDECAR's socket");
+    wait_lines(&s, 3, 5);
+    check_sequence(&s, "e-", 0, 3, 0, "unix from MONITORING_SIDECAR");
+    unsetenv("MONITORING_SIDECAR");
+    server_stop(&s);
+    server_free(&s);
+    rmdir(dir);
+}
+
+static void test_token(void) {
+    const char *auth = "{\"auth\":\"tok\\\"en\\\\\"}"; /* tok"en\ escaped */
+    server_t s = {0};
+    server_start(&s, 0, CAPTURE);
+    int port = s.port;
+    mon_client *m = client("svc", port);
+    CHECK(mon_set_token(m, "tok\"en\\") == 0, "token set");
+    CHECK(mon_set_token(NULL, "x") == -1, "a NULL client is refused");
+    log_numbered(m, "t-", 0, 2);
+    CHECK(mon_flush(m, 5000) == 0, "first connection");
+    wait_lines(&s, 3, 5);
+    server_stop(&s); /* the sidecar restarts: the next connection authenticates again */
+    log_numbered(m, "t-", 2, 4);
+    usleep(50000);
+    server_start(&s, port, CAPTURE);
+    CHECK(mon_flush(m, 10000) == 0, "second connection");
+    mon_close(m, 2000);
+    wait_lines(&s, 6, 5);
+    int n;
+    char **got = lines_of(&s, &n);
+    CHECK(n == 6, "token: %d lines, expected 6 (two auth lines, four messages)", n);
+    for (int i = 0; i < n; i++) {
+        json_object *o = parse(got[i]);
+        CHECK(o != NULL, "token: line %d is not strict JSON: %s", i, got[i]);
+        if (i == 0 || i == 3) CHECK(!strcmp(got[i], auth), "line %d is the auth line: %s", i, got[i]);
+        else CHECK(o && get(o, "data.message") && !strncmp(get(o, "data.message"), "t-", 2), "line %d is a message: %s", i, got[i]);
+        json_object_put(o);
+    }
+    free_lines(got, n);
+    server_stop(&s);
+    server_free(&s);
+
+    /* MONITORING_SIDECAR_TOKEN wins over mon_set_token; without a token, no auth line */
+    server_start(&s, 0, CAPTURE);
+    setenv("MONITORING_SIDECAR_TOKEN", "from-env", 1);
+    m = client("svc", s.port);
+    mon_set_token(m, "ignored");
+    log_numbered(m, "v-", 0, 1);
+    mon_close(m, 5000);
+    unsetenv("MONITORING_SIDECAR_TOKEN");
+    m = client("svc", s.port);
+    mon_set_token(m, "dropped again");
+    CHECK(mon_set_token(m, NULL) == 0, "token removed");
+    log_numbered(m, "w-", 0, 1);
+    mon_close(m, 5000);
+    wait_lines(&s, 3, 5);
+    got = lines_of(&s, &n);
+    CHECK(n == 3 && !strcmp(got[0], "{\"auth\":\"from-env\"}") && strstr(got[1], "\"v-0\"") && strstr(got[2], "\"w-0\""),
+          "the environment's token, then none: %d lines, first %s", n, n ? got[0] : "");
+    free_lines(got, n);
+    server_stop(&s);
+    server_free(&s);
 }
 
 static void test_fork(void) {
@@ -1294,13 +1422,14 @@ static void test_ring_stalled(void) {
 
 int main(int argc, char **argv) { /* argv[1]: run only the tests whose name holds it */
     unsetenv("MONITORING_SIDECAR");
+    unsetenv("MONITORING_SIDECAR_TOKEN");
     unsetenv("MONITORING_SOURCE");
     unsetenv("TRACEPARENT");
     unsetenv("MONITORING_CONTEXT");
     static const struct { const char *name; void (*fn)(void); } tests[] = {
         {"exact messages", test_exact_messages}, {"escaping", test_escaping}, {"sidecar down, up, restarted", test_down_then_up},
         {"overflow", test_overflow}, {"8 threads", test_threads}, {"spans", test_spans},
-        {"environment", test_environment}, {"fork", test_fork}, {"bad servers", test_bad_servers}, {"NULL safety", test_null_safety},
+        {"environment", test_environment}, {"unix socket", test_unix_socket}, {"token", test_token}, {"fork", test_fork}, {"bad servers", test_bad_servers}, {"NULL safety", test_null_safety},
         {"context and spans", test_context_scope},
         {"ring: wraparound, drop oldest", test_ring_wrap_and_drop}, {"ring: pinned batch", test_ring_pinned},
         {"ring: delivery after a wrap", test_ring_delivery}, {"ring: message larger than the ring", test_ring_too_large},

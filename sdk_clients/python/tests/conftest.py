@@ -1,4 +1,4 @@
-"""A capture server on a real TCP socket, and helpers to wait on it with deadlines."""
+"""A capture server on a real TCP or Unix socket, and helpers to wait on it with deadlines."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Callable
 
 import pytest
 
-PROPAGATED = ("TRACEPARENT", "MONITORING_CONTEXT", "MONITORING_SIDECAR", "MONITORING_SOURCE")
+PROPAGATED = ("TRACEPARENT", "MONITORING_CONTEXT", "MONITORING_SIDECAR", "MONITORING_SOURCE", "MONITORING_SIDECAR_TOKEN")
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -31,19 +31,26 @@ def free_port() -> int:
 
 
 class CaptureServer:
-    """Listens on 127.0.0.1 and records every byte of every connection, in accept order.
+    """Listens on 127.0.0.1 (or on the Unix socket ``unix``) and records every byte of every
+    connection, in accept order.
 
     With ``read=False`` it accepts connections but never reads from them.
     """
 
-    def __init__(self, port: int = 0, read: bool = True, rcvbuf: int | None = None) -> None:
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if rcvbuf:
-            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.listener.bind(("127.0.0.1", port))
+    def __init__(self, port: int = 0, read: bool = True, rcvbuf: int | None = None, unix: str | None = None) -> None:
+        if unix is not None:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(unix)
+            self.port = 0
+        else:
+            self.listener = socket.socket()
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if rcvbuf:
+                self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.listener.bind(("127.0.0.1", port))
+            self.port = self.listener.getsockname()[1]
         self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
+        self.unix = unix
         self.read = read
         self.streams: list[bytearray] = []
         self.conns: list[socket.socket] = []
@@ -78,6 +85,10 @@ class CaptureServer:
         with self.lock:
             return b"".join(bytes(s) for s in self.streams)
 
+    def connection_bytes(self) -> list[bytes]:
+        with self.lock:
+            return [bytes(s) for s in self.streams]
+
     def lines(self) -> list[bytes]:
         """Complete lines of all connections, in order (an unterminated tail is left out)."""
         with self.lock:
@@ -101,6 +112,8 @@ class CaptureServer:
         except OSError:
             pass
         self.listener.close()
+        if self.unix is not None and os.path.exists(self.unix):
+            os.unlink(self.unix)  # a restarted server binds the path again
         with self.lock:
             for conn in self.conns:
                 try:

@@ -559,3 +559,88 @@ def test_context_values_that_can_change_are_read_per_message(server, client):
     one, two = server.wait_messages(2)
     assert one["context"] == {"files": ["a.csv"], "job_id": "job-1"}
     assert two["context"] == {"files": ["a.csv", "b.csv"], "job_id": "job-1", "file": "c.csv"}
+
+
+# -- transports: a Unix socket, the ingest token -------------------------------------------------
+
+
+def test_a_unix_socket_from_monitoring_sidecar_or_the_argument(tmp_path):
+    path = str(tmp_path / "sidecar.sock")
+    server = CaptureServer(unix=path)
+    try:
+        mon = MonitoringClient("svc", host="10.255.255.1", port=1, unix_socket=path)
+        mon.log_event("info", "by argument")
+        assert mon.flush(timeout=5)
+        mon.close(timeout=1)
+        os.environ["MONITORING_SIDECAR"] = f"unix:{path}"
+        mon = MonitoringClient("svc", host="10.255.255.1", port=1)  # the variable wins over host and port
+        assert mon.unix_socket == path
+        mon.log_event("info", "by MONITORING_SIDECAR")
+        mon.close(timeout=5)
+        assert [m["data"]["message"] for m in server.wait_messages(2)] == ["by argument", "by MONITORING_SIDECAR"]
+        assert len(server.connection_bytes()) == 2
+    finally:
+        server.stop()
+
+
+def test_a_unix_socket_sidecar_down_then_back_blocks_no_call_and_loses_nothing(tmp_path):
+    path = str(tmp_path / "sidecar.sock")
+    errors = []
+    mon = MonitoringClient("svc", unix_socket=path, on_error=errors.append)
+    slowest = 0.0
+    for i in range(500):
+        started = time.perf_counter()
+        mon.log_event("info", str(i))
+        slowest = max(slowest, time.perf_counter() - started)
+    assert slowest < 0.05
+    assert wait_until(lambda: mon._retry_at > 0)  # the connection was refused: no socket file yet
+    assert errors and isinstance(errors[0], FileNotFoundError)
+    server = CaptureServer(unix=path)
+    try:
+        assert mon.flush(timeout=5)
+        assert [m["data"]["message"] for m in server.wait_messages(500)] == [str(i) for i in range(500)]
+    finally:
+        mon.close(timeout=1)
+        server.stop()
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_the_token_goes_first_on_every_connection_and_the_variable_wins(tmp_path, encoding):
+    if encoding == "msgpack":
+        msgpack = pytest.importorskip("msgpack")
+    path = str(tmp_path / "sidecar.sock")
+    os.environ["MONITORING_SIDECAR_TOKEN"] = "from-the-environment"
+    server = CaptureServer(unix=path)
+    mon = MonitoringClient("svc", unix_socket=path, token="from-the-argument", encoding=encoding)
+    try:
+        mon.log_event("info", "one")
+        assert mon.flush(timeout=5)
+        assert wait_until(lambda: b"one" in server.raw())
+        server.stop()  # the sidecar restarts: the new connection authenticates again
+        mon.log_event("info", "two")
+        assert mon.flush(timeout=0.3) is False
+        server = CaptureServer(unix=path)
+        mon.log_event("info", "three")
+        assert mon.flush(timeout=5)
+        mon.close(timeout=1)
+        assert wait_until(lambda: b"three" in server.raw())
+        [stream] = server.connection_bytes()
+        if encoding == "json":
+            values = [json.loads(line) for line in stream.splitlines()]
+        else:
+            unpacker = msgpack.Unpacker(raw=False)
+            unpacker.feed(stream)
+            values = list(unpacker)
+        assert values[0] == {"auth": "from-the-environment"}
+        assert [m["data"]["message"] for m in values[1:]] == ["two", "three"]
+    finally:
+        mon.close(timeout=1)
+        server.stop()
+    del os.environ["MONITORING_SIDECAR_TOKEN"]
+    server = CaptureServer()
+    mon = MonitoringClient("svc", host="127.0.0.1", port=server.port, token="from-the-argument")  # over TCP too
+    mon.log_event("info", "four")
+    mon.close(timeout=5)
+    assert wait_until(lambda: len(server.lines()) == 2)
+    assert server.lines()[0] == b'{"auth":"from-the-argument"}' and json.loads(server.lines()[1])["data"]["message"] == "four"
+    server.stop()

@@ -1,4 +1,4 @@
-# Thin client for the monitoring sidecar (wire protocol v1, JSON lines over TCP).
+# Thin client for the monitoring sidecar (wire protocol v1, JSON lines over TCP or a Unix socket).
 #
 # R has no cheap threads, so, like the Perl SDK, each call encodes its message into a bounded
 # in-process buffer and then writes what a non-blocking socket accepts at that moment. There is
@@ -21,7 +21,8 @@
 monitoring_client <- function(source = NULL, host = "localhost", port = 17000L,
                               max_messages = 10000L, max_bytes = 8 * 1024^2,
                               max_message_bytes = 1024^2, flush_timeout = 2,
-                              connect_timeout = 1, on_error = NULL) {
+                              connect_timeout = 1, on_error = NULL,
+                              unix_socket = NULL, token = NULL) {
   self <- new.env(parent = emptyenv())
   class(self) <- "monitoring_client"
   self$on_error <- on_error
@@ -33,16 +34,22 @@ monitoring_client <- function(source = NULL, host = "localhost", port = 17000L,
   self$source <- as.character(source[[1]])
   self$host <- as.character(host)
   self$port <- as.integer(port)
+  self$unix_socket <- if (length(unix_socket) && !is.na(unix_socket[[1]]) && nzchar(unix_socket[[1]])) as.character(unix_socket[[1]])
   sidecar <- Sys.getenv("MONITORING_SIDECAR")
   if (nzchar(sidecar)) {
     m <- regmatches(sidecar, regexec("^\\[?([^][]*?)\\]?:([0-9]+)$", sidecar))[[1]]
-    if (length(m) == 3L) {
+    if (startsWith(sidecar, "unix:") && nchar(sidecar) > 5L) {
+      self$unix_socket <- substring(sidecar, 6L)
+    } else if (length(m) == 3L) {
       self$host <- if (nzchar(m[2])) m[2] else "localhost"
       self$port <- as.integer(m[3])
+      self$unix_socket <- NULL
     } else {
-      .problem(self, "config", sprintf("ignoring MONITORING_SIDECAR='%s': expected host:port", sidecar))
+      .problem(self, "config", sprintf("ignoring MONITORING_SIDECAR='%s': expected host:port or unix:/path", sidecar))
     }
   }
+  env_token <- Sys.getenv("MONITORING_SIDECAR_TOKEN")
+  if (nzchar(env_token)) token <- env_token
   self$flush_timeout <- as.double(flush_timeout)
   self$context <- list()
   self$remote <- NULL
@@ -51,6 +58,10 @@ monitoring_client <- function(source = NULL, host = "localhost", port = 17000L,
                     as.double(max_message_bytes), as.double(if (is.null(connect_timeout)) 1 else connect_timeout),
                     !l10n_info()[["UTF-8"]] && isTRUE(l10n_info()[["Latin-1"]]))
   .Call(C_set_source, self, .json_str(self$source))
+  # The auth line goes first on every connection; the token is kept nowhere else.
+  has_token <- length(token) && !is.na(token[[1]]) && nzchar(token[[1]])
+  .Call(C_set_transport, self, self$unix_socket,
+        if (has_token) paste0('{"auth":', .json_str(as.character(token[[1]])), "}\n"))
   .inbound(self)
   .context_changed(self)
   .spans_changed(self, export = FALSE)
@@ -226,7 +237,8 @@ statistics <- function(mon) {
 
 print.monitoring_client <- function(x, ...) {
   s <- .Call(C_stats, x)
-  cat(sprintf("<monitoring_client %s -> %s:%d, %d queued, %s>\n", x$source, x$host, x$port, as.integer(s[[1]]),
+  where <- if (is.null(x$unix_socket)) sprintf("%s:%d", x$host, x$port) else paste0("unix:", x$unix_socket)
+  cat(sprintf("<monitoring_client %s -> %s, %d queued, %s>\n", x$source, where, as.integer(s[[1]]),
               if (s[[8]] > 0) "connected" else "not connected"))
   invisible(x)
 }

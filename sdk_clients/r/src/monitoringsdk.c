@@ -33,6 +33,7 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -57,6 +58,10 @@ typedef struct {
     pid_t pid;
     /* connection */
     char host[256], port[16];
+    char unix_path[108];          /* set: the sidecar's Unix socket, in place of host and port */
+    char *auth;                   /* the auth line written first on every connection, or NULL */
+    size_t auth_n, auth_off;
+    int auth_due;                 /* this connection has not had all of it yet */
     int fd;                       /* -1: none */
     int connecting;               /* a non-blocking connect is in progress on fd */
     struct addrinfo *addrs, *addr;  /* the resolved addresses and the one being tried */
@@ -339,6 +344,7 @@ static void disconnect(client *c) {
     if (c->fd >= 0) close(c->fd);
     c->fd = -1;
     c->connecting = 0;
+    c->auth_due = 0;
     free_addrs(c);
     if (!c->front) return;
     /* A started message goes back to the front of the buffer, to be sent whole on the next
@@ -368,6 +374,8 @@ static int fail(client *c, const char *why) {
 
 static void connected(client *c) {
     c->connecting = 0;
+    c->auth_due = c->auth != NULL;  /* the auth line goes ahead of everything on this connection */
+    c->auth_off = 0;
     free_addrs(c);
     c->backoff = BACKOFF_MIN;
     c->connects++;
@@ -397,8 +405,36 @@ static int try_addresses(client *c) {
     return 0;
 }
 
+/* A Unix socket connects or fails at once (EAGAIN: the sidecar's backlog is full, retried with
+ * the backoff), so the non-blocking connect never waits; what follows is the TCP path's. */
+static int start_connect_unix(client *c) {
+    char text[400];
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    memcpy(sa.sun_path, c->unix_path, strlen(c->unix_path));
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), flags = fd < 0 ? -1 : fcntl(fd, F_GETFL, 0);
+    if (flags >= 0 && fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0) {
+        if (connect(fd, (struct sockaddr *) &sa, sizeof sa) == 0) {
+            c->fd = fd;
+            connected(c);
+            return 1;
+        }
+        if (errno == EINPROGRESS) {
+            c->fd = fd;
+            c->connecting = 1;
+            c->connect_deadline = now() + c->connect_timeout;
+            return 0;
+        }
+    }
+    snprintf(text, sizeof text, "cannot connect to unix:%s: %s", c->unix_path, strerror(errno));
+    if (fd >= 0) close(fd);
+    return fail(c, text);
+}
+
 static int start_connect(client *c) {
     char text[400];
+    if (c->unix_path[0]) return start_connect_unix(c);
     snprintf(text, sizeof text, "cannot connect to %s:%s", c->host, c->port);
     free_addrs(c);
     struct addrinfo hints;
@@ -420,7 +456,8 @@ static int start_connect(client *c) {
 /* Checks a connect in progress, waiting up to `wait` seconds. 1 once connected. */
 static int check_connect(client *c, double wait) {
     char text[400];
-    snprintf(text, sizeof text, "cannot connect to %s:%s", c->host, c->port);
+    if (c->unix_path[0]) snprintf(text, sizeof text, "cannot connect to unix:%s", c->unix_path);
+    else snprintf(text, sizeof text, "cannot connect to %s:%s", c->host, c->port);
     double left = c->connect_deadline - now();
     if (wait > left) wait = left;
     if (wait < 0) wait = 0;
@@ -483,13 +520,19 @@ static int more_flag(client *c, int push) {
 /* Sends what the kernel holds back after writes made with MSG_MORE. */
 static void push_out(client *c) {
     int off = 0;
-    if (c->fd >= 0 && !c->connecting) setsockopt(c->fd, IPPROTO_TCP, TCP_CORK, &off, sizeof off);
+    if (c->fd >= 0 && !c->connecting && !c->unix_path[0]) setsockopt(c->fd, IPPROTO_TCP, TCP_CORK, &off, sizeof off);
     c->last_push = now();
 }
 
 /* Accounts for `k` bytes written from the front: the front, then whole messages; a message
  * written in part moves ahead of the buffer, so that dropping the oldest never cuts a line. */
 static void consume(client *c, size_t k) {
+    if (c->auth_due) { /* the auth line, which is no message */
+        size_t left = c->auth_n - c->auth_off;
+        if (k < left) { c->auth_off += k; return; }
+        k -= left;
+        c->auth_due = 0;
+    }
     if (c->front) {
         size_t left = c->front_n - c->front_off;
         if (k < left) { c->front_off += k; return; }
@@ -574,6 +617,11 @@ static void pump(client *c, double budget, double deadline, int push) {
         struct iovec iov[MAX_IOV];
         int k = 0;
         size_t total = 0;
+        if (c->auth_due) {
+            iov[k].iov_base = c->auth + c->auth_off;
+            iov[k].iov_len = c->auth_n - c->auth_off;
+            total += iov[k++].iov_len;
+        }
         if (c->front) {
             iov[k].iov_base = c->front + c->front_off;
             iov[k].iov_len = c->front_n - c->front_off;
@@ -589,7 +637,8 @@ static void pump(client *c, double budget, double deadline, int push) {
         memset(&mh, 0, sizeof mh);
         mh.msg_iov = iov;
         mh.msg_iovlen = (size_t) k;
-        ssize_t w = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT | more_flag(c, push));
+        /* MSG_MORE holds small TCP writes back; a Unix socket has no segments to fill */
+        ssize_t w = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT | (c->unix_path[0] ? 0 : more_flag(c, push)));
         if (w < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) { writable = 0; continue; }
@@ -771,6 +820,7 @@ static void finalize(SEXP p) {
     ring_clear(c);
     free(c->ring);
     free(c->front);
+    free(c->auth);
     sb_free(&c->prefix);
     sb_free(&c->ctx);
     sb_free(&c->ctx_keys);
@@ -800,6 +850,29 @@ SEXP C_new(SEXP host, SEXP port, SEXP max_messages, SEXP max_bytes, SEXP max_mes
     R_RegisterCFinalizerEx(p, finalize, FALSE);
     UNPROTECT(1);
     return p;
+}
+
+/* Where the client connects and what it says first: `unix_path` (NULL: host and port) and the
+ * auth line (NULL: none), from the next connection on. */
+SEXP C_set_transport(SEXP env, SEXP unix_path, SEXP auth_line) {
+    client *c = get(env);
+    if (!c) return R_NilValue;
+    c->unix_path[0] = 0;
+    if (unix_path != R_NilValue) {
+        const char *path = Rf_translateCharUTF8(STRING_ELT(unix_path, 0));
+        if (strlen(path) >= sizeof c->unix_path) Rf_error("unix socket path too long (at most %d bytes)", (int) sizeof c->unix_path - 1);
+        snprintf(c->unix_path, sizeof c->unix_path, "%s", path);
+    }
+    free(c->auth);
+    c->auth = NULL;
+    c->auth_n = 0;
+    if (auth_line != R_NilValue) {
+        SEXP line = STRING_ELT(auth_line, 0);
+        c->auth_n = (size_t) LENGTH(line);
+        if (!(c->auth = malloc(c->auth_n))) { c->auth_n = 0; Rf_error("out of memory"); }
+        memcpy(c->auth, CHAR(line), c->auth_n);
+    }
+    return R_NilValue;
 }
 
 /* The constant parts: the source (encoded), the context (encoded object or NULL, and its keys,
@@ -1051,6 +1124,7 @@ SEXP C_numbers(SEXP x) {
 static const R_CallMethodDef CALLS[] = {
     {"C_new", (DL_FUNC) &C_new, 7},
     {"C_set_source", (DL_FUNC) &C_set_source, 2},
+    {"C_set_transport", (DL_FUNC) &C_set_transport, 3},
     {"C_set_context", (DL_FUNC) &C_set_context, 3},
     {"C_set_ids", (DL_FUNC) &C_set_ids, 2},
     {"C_event", (DL_FUNC) &C_event, 4},

@@ -8,9 +8,10 @@ our $VERSION = '0.1.0';
 
 use Errno qw(EAGAIN EINPROGRESS EINTR EWOULDBLOCK);
 use IO::Handle ();
+use IO::Socket::UNIX ();
 use List::Util qw(min);
 use Scalar::Util qw(looks_like_number refaddr weaken);
-use Socket qw(AF_INET SOCK_STREAM SOL_SOCKET SO_ERROR getaddrinfo);
+use Socket qw(AF_INET SOCK_STREAM SOL_SOCKET SO_ERROR getaddrinfo pack_sockaddr_un);
 use Time::HiRes ();
 
 # The JSON encoder is chosen once; tests may set this before new() to exercise the fallback.
@@ -29,6 +30,8 @@ my %DEFAULTS = (
     source              => undef,
     tcp_host            => 'localhost',
     tcp_port            => 17000,
+    unix_socket         => undef,
+    token               => undef,
     encoding            => 'json',
     max_buffer_messages => 10_000,
     max_buffer_bytes    => 8 * 1024 * 1024,
@@ -48,7 +51,7 @@ sub new {
     my $self = bless {
         %DEFAULTS,
         pid => $$, queue => [], qbytes => 0, head_off => 0, report_at_head => undef,
-        state => 'down', sock => undef, next_try => 0, backoff => $BACKOFF_MIN, addr_i => 0,
+        state => 'down', sock => undef, preamble => '', next_try => 0, backoff => $BACKOFF_MIN, addr_i => 0,
         spans => [], context => {}, ctx_seen => '', remote => undef, tp_outer => undef,
         pending_drops => {}, closed => 0, warned => 0,
         stats => { sent => 0, connects => 0, errors => 0, dropped => {} },
@@ -61,9 +64,13 @@ sub new {
     $self->{source} //= ($0 =~ m{([^/]+)\z})[0] // 'perl';
     $self->{source} = "$self->{source}";
     if (length(my $hp = $ENV{MONITORING_SIDECAR} // '')) {
-        if ($hp =~ /\A\[?([^\[\]]+?)\]?:(\d+)\z/) { @$self{qw(tcp_host tcp_port)} = ($1, $2) }
-        else { $self->_error("ignoring MONITORING_SIDECAR='$hp': expected host:port") }
+        if ($hp =~ /\Aunix:(.+)\z/s) { $self->{unix_socket} = $1 }
+        elsif ($hp =~ /\A\[?([^\[\]]+?)\]?:(\d+)\z/) { @$self{qw(tcp_host tcp_port unix_socket)} = ($1, $2, undef) }
+        else { $self->_error("ignoring MONITORING_SIDECAR='$hp': expected host:port or unix:/path") }
     }
+    $self->{token} = $ENV{MONITORING_SIDECAR_TOKEN} if length($ENV{MONITORING_SIDECAR_TOKEN} // '');
+    $self->{where} = length($self->{unix_socket} // '') ? "unix:$self->{unix_socket}"
+                                                        : "$self->{tcp_host}:$self->{tcp_port}";
     $self->_error("unknown option(s) ignored: @unknown") if @unknown;
 
     $self->{json} = $JSON_CLASS->new->utf8->canonical->allow_nonref->allow_blessed->allow_unknown;
@@ -72,6 +79,11 @@ sub new {
     } else {
         $self->_error("encoding '$self->{encoding}' unavailable, using json") if $self->{encoding} ne 'json';
         $self->{encoding} = 'json';
+    }
+    # The auth message, sent first on every connection; the token is never in a message or an error.
+    if (length(my $token = $self->{token} // '')) {
+        utf8::decode($token) unless utf8::is_utf8($token);    # %ENV holds bytes
+        $self->{auth} = $self->_encode({ auth => $token });
     }
     $self->_inbound;
     weaken($LIVE{ refaddr $self } = $self);
@@ -288,6 +300,7 @@ sub _pump {
 
 sub _connect {
     my $self = shift;
+    return $self->_connect_unix if length($self->{unix_socket} // '');
     $self->{addrs} //= do {
         my ($err, @ai) = getaddrinfo($self->{tcp_host}, $self->{tcp_port}, { socktype => SOCK_STREAM });
         return $self->_fail("cannot resolve $self->{tcp_host}: $err") if $err || !@ai;
@@ -297,7 +310,20 @@ sub _connect {
     socket(my $fh, $ai->{family}, SOCK_STREAM, 0) or return $self->_fail("socket: $!");
     $fh->blocking(0);
     if (!connect($fh, $ai->{addr}) && $! != EINPROGRESS && $! != EINTR) {
-        return $self->_fail("connect to $self->{tcp_host}:$self->{tcp_port}: $!");
+        return $self->_fail("connect to $self->{where}: $!");
+    }
+    @$self{qw(sock state connect_t0)} = ($fh, 'connecting', Time::HiRes::time());
+    return 1;
+}
+
+# A Unix socket connects at once or fails at once (EAGAIN: the sidecar's backlog is full), so a
+# non-blocking connect never waits; what follows is the TCP path's.
+sub _connect_unix {
+    my $self = shift;
+    my $fh = IO::Socket::UNIX->new(Type => SOCK_STREAM) or return $self->_fail("socket: $!");
+    $fh->blocking(0);
+    if (!$fh->connect(pack_sockaddr_un($self->{unix_socket})) && $! != EINPROGRESS && $! != EINTR) {
+        return $self->_fail("connect to $self->{where}: $!");
     }
     @$self{qw(sock state connect_t0)} = ($fh, 'connecting', Time::HiRes::time());
     return 1;
@@ -309,13 +335,14 @@ sub _check_connect {
     vec(my $w = '', fileno $fh, 1) = 1;
     if (select(undef, $w, undef, $wait) <= 0) {
         return 0 if Time::HiRes::time() - $self->{connect_t0} < $self->{connect_timeout};
-        return $self->_fail("connect to $self->{tcp_host}:$self->{tcp_port}: timed out");
+        return $self->_fail("connect to $self->{where}: timed out");
     }
     if (my $err = unpack 'i', getsockopt($fh, SOL_SOCKET, SO_ERROR) // pack 'i', 0) {
         local $! = $err;
-        return $self->_fail("connect to $self->{tcp_host}:$self->{tcp_port}: $!");
+        return $self->_fail("connect to $self->{where}: $!");
     }
     @$self{qw(state backoff addr_i)} = ('up', $BACKOFF_MIN, 0);
+    $self->{preamble} = $self->{auth} // '';    # the auth message goes first on every connection
     $self->{stats}{connects}++;
     return 1;
 }
@@ -323,7 +350,7 @@ sub _check_connect {
 sub _fail {
     my ($self, $why) = @_;
     CORE::close($self->{sock}) if $self->{sock};
-    @$self{qw(sock state head_off)} = (undef, 'down', 0);
+    @$self{qw(sock state head_off preamble)} = (undef, 'down', 0, '');
     my $n = $self->{addrs} ? @{ $self->{addrs} } : 1;
     if (++$self->{addr_i} % $n) {
         $self->{next_try} = 0;    # another address of the same host is worth trying at once
@@ -351,6 +378,15 @@ sub _write {
         return $self->_fail("connection to sidecar lost: $!");
     }
     local $SIG{PIPE} = 'IGNORE' if !$NOSIGNAL;
+    while (length $self->{preamble}) {
+        my $n = send($fh, $self->{preamble}, $NOSIGNAL);
+        if (!defined $n) {
+            next if $! == EINTR;
+            return 1 if $! == EAGAIN || $! == EWOULDBLOCK;
+            return $self->_fail("write to sidecar failed: $!");
+        }
+        substr($self->{preamble}, 0, $n, '');
+    }
     while (@$q) {
         my $chunk = $self->{head_off} ? substr($q->[0], $self->{head_off}) : $q->[0];
         for my $i (1 .. $#$q) {
@@ -421,7 +457,7 @@ sub _close {
     $self->_count_drop(unsent_at_close => $unsent) if $unsent > 0;
     CORE::close($self->{sock}) if $self->{sock};
     @{ $self->{queue} } = ();
-    @$self{qw(sock state qbytes head_off report_at_head next_try closed)} = (undef, 'down', 0, 0, undef, 0, 1);
+    @$self{qw(sock state qbytes head_off report_at_head next_try closed preamble)} = (undef, 'down', 0, 0, undef, 0, 1, '');
     return $ok;
 }
 
@@ -432,8 +468,8 @@ sub _after_fork {
     @{ $self->{queue} } = ();
     %{ $self->{pending_drops} } = ();
     $self->{stats} = { sent => 0, connects => 0, errors => 0, dropped => {} };
-    @$self{qw(pid sock state qbytes head_off report_at_head next_try backoff)}
-        = ($$, undef, 'down', 0, 0, undef, 0, $BACKOFF_MIN);
+    @$self{qw(pid sock state qbytes head_off report_at_head next_try backoff preamble)}
+        = ($$, undef, 'down', 0, 0, undef, 0, $BACKOFF_MIN, '');
 }
 
 sub statistics {
@@ -658,6 +694,21 @@ Service or script name (default: the script's file name).
 
 The sidecar (default C<localhost>, C<17000>). IPv4 addresses are tried first.
 
+=item unix_socket
+
+The path of the sidecar's Unix socket, in place of C<tcp_host> and C<tcp_port> (connected with
+L<IO::Socket::UNIX>, non-blocking). The recommended transport beside an application: no port,
+and the socket file's mode decides who may connect. A missing socket file or a refused
+connection is retried with the same backoff as over TCP.
+
+=item token
+
+The sidecar's ingest token. Sent first on every connection and reconnection, before any
+message, as the auth message C<{"auth":"TOKEN"}> (a MessagePack map with
+C<< encoding => 'msgpack' >>); it is never put in a message or in an error. A sidecar that
+refuses it answers one C<error:> line and closes: the SDK reports it like a lost connection
+and reconnects with backoff.
+
 =item encoding
 
 C<json> (default) or C<msgpack>. Keep C<json> for throughput: the sidecar decodes JSON lines in
@@ -692,8 +743,13 @@ A code ref called with a one-line description of each problem, instead of the si
 
 =item MONITORING_SIDECAR
 
-C<host:port> (or C<[v6addr]:port>). Wins over C<tcp_host>/C<tcp_port>, so programs that
-hard-code C<localhost:17000> can be pointed at another sidecar.
+C<host:port> (or C<[v6addr]:port>), or C<unix:/path> for a Unix socket. Wins over
+C<tcp_host>/C<tcp_port> and C<unix_socket>, so programs that hard-code C<localhost:17000> can be
+pointed at another sidecar.
+
+=item MONITORING_SIDECAR_TOKEN
+
+The ingest token; wins over C<token>.
 
 =item MONITORING_SOURCE
 

@@ -1,7 +1,7 @@
 package TestServer;
 
-# A stand-in sidecar for the tests: a forked listener on 127.0.0.1 that records what it
-# receives. Modes: 'lines' (JSON lines, one record per line with its connection number),
+# A stand-in sidecar for the tests: a forked listener on 127.0.0.1 (or on the Unix socket
+# `unix => $path`) that records what it receives. Modes: 'lines' (JSON lines, one record per line with its connection number),
 # 'raw' (bytes per connection, for MessagePack), 'stall' (accepts, never reads) and
 # 'close' (accepts and hangs up at once).
 
@@ -11,6 +11,8 @@ use JSON::PP ();
 use File::Temp qw(tempdir);
 use IO::Select;
 use IO::Socket::INET;
+use IO::Socket::UNIX;
+use Socket qw(SOCK_STREAM);
 use POSIX ();
 use Time::HiRes qw(sleep time);
 
@@ -28,11 +30,18 @@ sub dir  { $_[0]{dir} }
 
 sub start {
     my $self = shift;
-    my $listener = IO::Socket::INET->new(
-        LocalAddr => '127.0.0.1', LocalPort => $self->{port}, Proto => 'tcp',
-        Listen => 128, ReuseAddr => 1,
-    ) or die "TestServer: cannot listen: $!";
-    $self->{port} = $listener->sockport;
+    my $listener;
+    if (defined $self->{unix}) {
+        unlink $self->{unix};    # a previous start's socket
+        $listener = IO::Socket::UNIX->new(Local => $self->{unix}, Type => SOCK_STREAM, Listen => 128)
+            or die "TestServer: cannot listen on $self->{unix}: $!";
+    } else {
+        $listener = IO::Socket::INET->new(
+            LocalAddr => '127.0.0.1', LocalPort => $self->{port}, Proto => 'tcp',
+            Listen => 128, ReuseAddr => 1,
+        ) or die "TestServer: cannot listen: $!";
+        $self->{port} = $listener->sockport;
+    }
     defined(my $pid = fork) or die "TestServer: fork: $!";
     if (!$pid) {
         eval { $self->_serve($listener) };
@@ -49,6 +58,7 @@ sub stop {
     my $pid = delete $self->{pid} or return;
     kill 'KILL', $pid;
     waitpid $pid, 0;
+    unlink $self->{unix} if defined $self->{unix};    # nothing listens there now
 }
 
 sub DESTROY { local $?; $_[0]->stop }

@@ -125,8 +125,9 @@ def _utf8(line: str) -> bytes:
 class MonitoringClient:
     """Client for one source (service or script name).
 
-    ``MONITORING_SIDECAR`` ("host:port") and ``MONITORING_SOURCE`` in the environment win over
-    the arguments. ``TRACEPARENT`` and ``MONITORING_CONTEXT`` are read at construction, so a
+    ``MONITORING_SIDECAR`` ("host:port", or "unix:/path" for a Unix socket, as ``unix_socket``
+    gives it), ``MONITORING_SIDECAR_TOKEN`` (the ingest token, as ``token``; sent first on every
+    connection) and ``MONITORING_SOURCE`` in the environment win over the arguments. ``TRACEPARENT`` and ``MONITORING_CONTEXT`` are read at construction, so a
     child process joins its parent's trace and context. Context set inside a root span (one
     started while no span of this client is open) is undone when that span ends; see
     :meth:`set_context`. ``on_error`` is called with every internal error (connect, send, a
@@ -136,19 +137,24 @@ class MonitoringClient:
 
     def __init__(self, source: str, host: str = "localhost", port: int = 17000, *, encoding: str = "json",
                  max_messages: int = 10000, max_bytes: int = 8 << 20, connect_timeout: float = 1.0,
-                 atexit_timeout: float = 2.0, on_error: Callable[[BaseException], None] | None = None) -> None:
+                 atexit_timeout: float = 2.0, on_error: Callable[[BaseException], None] | None = None,
+                 unix_socket: str | None = None, token: str | None = None) -> None:
         self._warned: set[str] = set()
         self._on_error = on_error
         self._errors = 0
         self.source = os.environ.get("MONITORING_SOURCE") or source
         self.host, self.port = host, int(port)
+        self.unix_socket = unix_socket or None  # a path: the sidecar's Unix socket, in place of host and port
         sidecar = os.environ.get("MONITORING_SIDECAR")
         if sidecar:
             env_host, _, env_port = sidecar.rpartition(":")
-            if env_port.isdigit():
-                self.host, self.port = env_host.strip("[]") or "localhost", int(env_port)
+            if sidecar.startswith("unix:") and len(sidecar) > 5:
+                self.unix_socket = sidecar[5:]
+            elif env_port.isdigit():
+                self.host, self.port, self.unix_socket = env_host.strip("[]") or "localhost", int(env_port), None
             else:
                 self._report("config", ValueError(f"ignoring malformed MONITORING_SIDECAR={sidecar!r}"))
+        token = os.environ.get("MONITORING_SIDECAR_TOKEN") or token
         self.encoding = "json"
         self._pack: Callable[[dict[str, Any]], bytes] = _pack_json
         self._binary = False  # True: messages are dicts packed by self._pack, not JSON text
@@ -159,6 +165,8 @@ class MonitoringClient:
                 self._binary = True
             except ImportError as exc:
                 self._report("config", exc)
+        # The auth message, in the stream's encoding; never logged, never in an error.
+        self._auth = self._pack({"auth": str(token)}) if token else b""
         self._max_messages, self._max_bytes = max_messages, max_bytes
         self._connect_timeout, self._atexit_timeout = connect_timeout, atexit_timeout
         context: dict[str, Any] = {}
@@ -653,11 +661,21 @@ class MonitoringClient:
         self._disconnect()
 
     def _connect(self) -> socket.socket | None:
+        sock = None
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=self._connect_timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.unix_socket is not None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self._connect_timeout)
+                sock.connect(self.unix_socket)
+            else:
+                sock = socket.create_connection((self.host, self.port), timeout=self._connect_timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._auth:  # first on every connection; a fresh socket's buffer takes it at once
+                sock.sendall(self._auth)
             sock.settimeout(_SEND_POLL)
         except OSError as exc:
+            if sock is not None:
+                sock.close()
             self._report("connect", exc)
             return None
         with self._lock:

@@ -2,12 +2,16 @@ package io.monitoring.sdk;
 
 import java.io.IOException;
 import java.net.InetSocketAddress;
+import java.net.SocketAddress;
+import java.net.StandardProtocolFamily;
+import java.net.UnixDomainSocketAddress;
 import java.net.UnknownHostException;
 import java.nio.ByteBuffer;
 import java.nio.channels.SelectionKey;
 import java.nio.channels.Selector;
 import java.nio.channels.SocketChannel;
 import java.nio.charset.StandardCharsets;
+import java.nio.file.Path;
 import java.time.Duration;
 import java.time.LocalDateTime;
 import java.time.ZoneOffset;
@@ -38,8 +42,10 @@ import java.util.regex.Pattern;
  * lazily, reconnects with capped backoff and writes the queue in batches. No call blocks on the
  * network or throws into the host program.
  *
- * <p>{@code MONITORING_SIDECAR} ({@code host:port}) and {@code MONITORING_SOURCE} in the
- * environment win over the constructor's arguments. {@code TRACEPARENT} and
+ * <p>{@code MONITORING_SIDECAR} ({@code host:port}, or {@code unix:/path} for the sidecar's Unix
+ * socket), {@code MONITORING_SIDECAR_TOKEN} (the ingest token, sent first on every connection) and
+ * {@code MONITORING_SOURCE} in the environment win over the constructor's and the builder's
+ * arguments. {@code TRACEPARENT} and
  * {@code MONITORING_CONTEXT} are read at construction, so a child process joins its parent's
  * trace and context; {@link #childEnvironment()} gives the values to pass on to a child.
  *
@@ -95,6 +101,8 @@ public final class MonitoringClient implements AutoCloseable {
     private final String header; // {"source":...,"type":" — every message starts with it
     private final String host;
     private final int port;
+    private final Path unixSocket; // the sidecar's Unix socket in place of host and port, or null
+    private final byte[] auth; // the auth line written first on every connection, or null
     private final int maxMessages;
     private final long maxBytes;
     private final Duration connectTimeout;
@@ -169,20 +177,31 @@ public final class MonitoringClient implements AutoCloseable {
         this.header = h.append(",\"type\":\"").toString();
         String useHost = b.host == null || b.host.isEmpty() ? DEFAULT_HOST : b.host;
         int usePort = b.port;
+        Path useUnix = b.unixSocket;
         String sidecar = env.get("MONITORING_SIDECAR");
-        if (sidecar != null && !sidecar.isBlank()) {
+        if (sidecar != null && sidecar.startsWith("unix:") && sidecar.length() > 5) {
+            useUnix = unixPath(sidecar.substring(5));
+        } else if (sidecar != null && !sidecar.isBlank()) {
             int colon = sidecar.lastIndexOf(':');
             String envPort = colon < 0 ? "" : sidecar.substring(colon + 1).trim();
             if (envPort.matches("[0-9]{1,5}") && Integer.parseInt(envPort) > 0 && Integer.parseInt(envPort) < 65536) {
                 String envHost = sidecar.substring(0, colon).trim().replace("[", "").replace("]", "");
                 useHost = envHost.isEmpty() ? DEFAULT_HOST : envHost;
                 usePort = Integer.parseInt(envPort);
+                useUnix = null;
             } else {
-                report("config", new IllegalArgumentException("ignoring malformed MONITORING_SIDECAR=" + sidecar));
+                report("config", new IllegalArgumentException("ignoring malformed MONITORING_SIDECAR=" + sidecar
+                        + " (expected host:port or unix:/path)"));
             }
         }
         this.host = useHost;
         this.port = usePort;
+        this.unixSocket = useUnix;
+        String token = env.get("MONITORING_SIDECAR_TOKEN");
+        if (token == null || token.isEmpty()) {
+            token = b.token;
+        }
+        this.auth = token == null || token.isEmpty() ? null : authLine(token);
         this.maxMessages = Math.max(1, b.maxMessages);
         this.maxBytes = Math.max(1, b.maxBytes);
         this.connectTimeout = b.connectTimeout;
@@ -206,6 +225,22 @@ public final class MonitoringClient implements AutoCloseable {
         this.remote = parseTraceparent(env.get("TRACEPARENT"));
     }
 
+    private Path unixPath(String path) {
+        try {
+            return Path.of(path);
+        } catch (RuntimeException e) { // an invalid path: reported, and the sender reports each failed connect
+            report("config", e);
+            return null;
+        }
+    }
+
+    /** {@code {"auth":TOKEN}} and a newline: the token JSON-escaped, as every string the SDK sends. */
+    private static byte[] authLine(String token) {
+        StringBuilder sb = new StringBuilder("{\"auth\":");
+        Json.string(sb, token);
+        return sb.append("}\n").toString().getBytes(StandardCharsets.UTF_8);
+    }
+
     /** Options beyond source, host and port. */
     public static Builder builder(String source) {
         return new Builder(source);
@@ -222,6 +257,8 @@ public final class MonitoringClient implements AutoCloseable {
         private Duration closeTimeout = Duration.ofSeconds(2);
         private Consumer<Throwable> onError;
         private Map<String, String> environment;
+        private Path unixSocket;
+        private String token;
 
         private Builder(String source) {
             this.source = source;
@@ -234,6 +271,25 @@ public final class MonitoringClient implements AutoCloseable {
 
         public Builder port(int port) {
             this.port = port;
+            return this;
+        }
+
+        /**
+         * The sidecar's Unix socket, in place of host and port ({@code MONITORING_SIDECAR=unix:/path}
+         * wins): connected with a {@link SocketChannel} to a {@link UnixDomainSocketAddress}, by the
+         * sender thread, with the same backoff as TCP.
+         */
+        public Builder unixSocket(Path unixSocket) {
+            this.unixSocket = unixSocket;
+            return this;
+        }
+
+        /**
+         * The sidecar's ingest token ({@code MONITORING_SIDECAR_TOKEN} wins): {@code {"auth":"TOKEN"}}
+         * is written first on every connection and reconnection, before any message.
+         */
+        public Builder token(String token) {
+            this.token = token;
             return this;
         }
 
@@ -293,6 +349,11 @@ public final class MonitoringClient implements AutoCloseable {
     /** The sidecar's port (after {@code MONITORING_SIDECAR}). */
     public int port() {
         return port;
+    }
+
+    /** The sidecar's Unix socket (after {@code MONITORING_SIDECAR}), or null when it is reached over TCP. */
+    public Path unixSocket() {
+        return unixSocket;
     }
 
     /** Logs an event; {@code level} is debug, info, warning ("warn" accepted), error or critical. */
@@ -1011,19 +1072,32 @@ public final class MonitoringClient implements AutoCloseable {
 
     private SocketChannel connect() {
         SocketChannel ch = null;
+        Selector sel = null;
         try {
-            InetSocketAddress address = new InetSocketAddress(host, port);
-            if (address.isUnresolved()) {
-                throw new UnknownHostException(host);
+            long deadline = System.nanoTime() + connectTimeout.toNanos();
+            if (unixSocket != null) {
+                ch = SocketChannel.open(StandardProtocolFamily.UNIX);
+                ch.configureBlocking(false);
+                sel = Selector.open();
+                connectWithin(ch, sel, UnixDomainSocketAddress.of(unixSocket), deadline);
+            } else {
+                InetSocketAddress address = new InetSocketAddress(host, port);
+                if (address.isUnresolved()) {
+                    throw new UnknownHostException(host);
+                }
+                ch = SocketChannel.open();
+                ch.socket().setTcpNoDelay(true);
+                ch.socket().connect(address, (int) Math.max(1, Math.min(Integer.MAX_VALUE, connectTimeout.toMillis())));
+                ch.configureBlocking(false);
+                sel = Selector.open();
             }
-            ch = SocketChannel.open();
-            ch.socket().setTcpNoDelay(true);
-            ch.socket().connect(address, (int) Math.max(1, Math.min(Integer.MAX_VALUE, connectTimeout.toMillis())));
-            ch.configureBlocking(false);
-            Selector sel = Selector.open();
             ch.register(sel, SelectionKey.OP_WRITE);
+            if (auth != null) {
+                writeAuth(ch, sel, deadline);
+            }
             selector = sel;
         } catch (IOException | RuntimeException e) {
+            closeQuietly(sel);
             closeQuietly(ch);
             report("connect", e);
             return null;
@@ -1036,6 +1110,38 @@ public final class MonitoringClient implements AutoCloseable {
             lock.unlock();
         }
         return ch;
+    }
+
+    /** A non-blocking connect, finished within the deadline (a Unix socket connects or fails at once). */
+    private void connectWithin(SocketChannel ch, Selector sel, SocketAddress address, long deadline) throws IOException {
+        if (ch.connect(address)) {
+            return;
+        }
+        SelectionKey key = ch.register(sel, SelectionKey.OP_CONNECT);
+        while (!ch.finishConnect()) {
+            long left = deadline - System.nanoTime();
+            if (left <= 0 || abandon) {
+                throw new IOException("connect to unix:" + unixSocket + " timed out");
+            }
+            sel.select(Math.max(1, TimeUnit.NANOSECONDS.toMillis(left)));
+            sel.selectedKeys().clear();
+        }
+        key.interestOps(0);
+    }
+
+    /** The auth line, first on the new connection; its empty socket buffer takes it at once. */
+    private void writeAuth(SocketChannel ch, Selector sel, long deadline) throws IOException {
+        ByteBuffer line = ByteBuffer.wrap(auth);
+        while (line.hasRemaining()) {
+            if (ch.write(line) == 0) {
+                long left = deadline - System.nanoTime();
+                if (left <= 0 || abandon) {
+                    throw new IOException("the sidecar did not take the auth line in time");
+                }
+                sel.select(Math.max(1, TimeUnit.NANOSECONDS.toMillis(left)));
+                sel.selectedKeys().clear();
+            }
+        }
     }
 
     private void disconnect() {
