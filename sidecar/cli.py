@@ -390,11 +390,18 @@ def _message_hint(detail: str, kind: str) -> str | None:
 
 def command_send(args) -> int:
     address = os.environ.get("MONITORING_SIDECAR")
-    if address:  # wins over --host and --port, as in the SDKs
+    unix_path = None
+    if address and address.startswith("unix:"):  # a Unix socket, as in the SDKs
+        unix_path = address[len("unix:"):]
+        if not unix_path:
+            raise OperatorError("$MONITORING_SIDECAR takes unix:PATH or HOST:PORT, got 'unix:'", "for example MONITORING_SIDECAR=unix:/run/monitoring/sidecar.sock", EXIT_CONFIG_ERROR)
+        host, port = None, None
+    elif address:  # wins over --host and --port, as in the SDKs
         host, port = _host_port(address, "$MONITORING_SIDECAR")
         host = host or "127.0.0.1"
     else:
         host, port = args.host, args.port
+    target = f"unix:{unix_path}" if unix_path else f"{host}:{port}"
     message: dict = {"source": args.source or os.environ.get("MONITORING_SOURCE", "shell"), "type": args.type}
     message["timestamp"] = format_timestamp(dt.datetime.now(dt.timezone.utc))
     data = {
@@ -416,20 +423,34 @@ def command_send(args) -> int:
         validate_message(message)
     except MessageError as exc:
         raise OperatorError(f"not a valid message: {exc.detail}", _message_hint(exc.detail, args.type), EXIT_CONFIG_ERROR) from exc
+    # The auth message first when a token is set (docs/protocol.md); a sidecar without one
+    # drops it unread.
+    token = os.environ.get("MONITORING_SIDECAR_TOKEN")
+    payload = (orjson.dumps({"auth": token}) + b"\n" if token else b"") + orjson.dumps(message) + b"\n"
     try:
-        with socket.create_connection((host, port), timeout=args.timeout) as conn:
-            conn.sendall(orjson.dumps(message) + b"\n")
+        if unix_path:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.settimeout(args.timeout)
+            try:
+                conn.connect(unix_path)
+            except BaseException:
+                conn.close()
+                raise
+        else:
+            conn = socket.create_connection((host, port), timeout=args.timeout)
+        with conn:
+            conn.sendall(payload)
             conn.shutdown(socket.SHUT_WR)
     except OSError as exc:
         where = "$MONITORING_SIDECAR" if address else "--host and --port"
         raise OperatorError(
-            f"cannot send to the sidecar at {host}:{port}: {exc.strerror or exc}",
+            f"cannot send to the sidecar at {target}: {exc.strerror or exc}",
             f"is the sidecar running there (`make run`, or `monitoring-sidecar run`)? {where} say where send goes (the sidecar's tcp: address, 127.0.0.1:17000 by default)",
         ) from exc
     if args.verbose:
         print(json.dumps(message))
     if not args.quiet:
-        print(f"sent 1 message to {host}:{port}" + (" (from $MONITORING_SIDECAR)" if address else ""))
+        print(f"sent 1 message to {target}" + (" (from $MONITORING_SIDECAR)" if address else ""))
     return 0
 
 
@@ -628,7 +649,8 @@ Exit 2 with every problem at its file:line; nothing is started.""",
   monitoring-sidecar send --type progress --job-id nightly-42 --percent 50 --status running
   monitoring-sidecar send -q --port 17100 --message "to another sidecar, silently"
 
-$MONITORING_SIDECAR (HOST:PORT) wins over --host and --port, as in the SDKs.""",
+$MONITORING_SIDECAR (HOST:PORT, or unix:PATH for a Unix socket) wins over --host and --port,
+as in the SDKs; with $MONITORING_SIDECAR_TOKEN set, the auth message goes first.""",
     "trace": """examples:
   monitoring-sidecar trace job-12345                      # sources, status, what failed
   monitoring-sidecar trace job-12345 --spans              # ... and the span tree

@@ -410,3 +410,25 @@ def test_a_sidecar_with_a_token_refuses_counts_and_never_shows_it(tmp_path):
     assert not [s for s in shown if TOKEN in s]
     refused = cli("check", "--config", str(sidecar.config_path), env={"INGEST_TOKEN": ""})
     assert refused.returncode != 0 and f"{sidecar.config_path}:2: tcp.token_env: environment variable INGEST_TOKEN is empty" in refused.stderr + refused.stdout
+
+
+def test_send_goes_over_a_unix_socket_and_sends_the_token_first(tmp_path):
+    """`monitoring-sidecar send` takes MONITORING_SIDECAR=unix:PATH as the SDKs do, and sends
+    MONITORING_SIDECAR_TOKEN's auth message first; a wrong token delivers nothing."""
+    path = tmp_path / "local.sock"
+    sidecar = SidecarProcess(tmp_path, SIDECAR.format(socket=path, base=tmp_path / "out"), env={"INGEST_TOKEN": TOKEN}).start()
+    try:
+        sent = cli("send", "--source", "svc", "--message", "over unix", env={"MONITORING_SIDECAR": f"unix:{path}", "MONITORING_SIDECAR_TOKEN": TOKEN})
+        assert sent.returncode == 0, sent.stderr
+        assert sent.stdout.strip() == f"sent 1 message to unix:{path} (from $MONITORING_SIDECAR)"
+        refused = cli("send", "--source", "svc", "--message", "wrong token", env={"MONITORING_SIDECAR": f"unix:{path}", "MONITORING_SIDECAR_TOKEN": "nope"})
+        assert refused.returncode == 0  # the refusal comes after the write: counted by the sidecar
+        sidecar.wait_for(lambda s: s["backends"][0]["delivered"] == 1, what="the message sent with the token")
+        wait_until(lambda: 'sidecar_connections_refused_total{input="local",reason="auth"} 1.0' in sidecar.http("/metrics")[1].decode(), 10, "the refusal to be counted")
+        [delivered] = read_jsonl(tmp_path / "out" / "svc.jsonl")
+        assert delivered["data"]["message"] == "over unix"
+        missing = cli("send", "--message", "x", env={"MONITORING_SIDECAR": f"unix:{tmp_path / 'none.sock'}"})
+        assert missing.returncode == 1 and f"cannot send to the sidecar at unix:{tmp_path / 'none.sock'}" in missing.stderr
+    finally:
+        assert sidecar.stop() == 0
+    assert TOKEN not in sidecar.log()
