@@ -6,6 +6,7 @@ from typing import Any, Literal
 import attrs
 
 from sidecar.config.yaml_reader import Where, display_value
+from sidecar.tls import TlsSettings
 from sidecar.transforms.filter import MessageFilter  # noqa: F401 (a rule's filter)
 from sidecar.units import ByteSize, Duration
 
@@ -42,6 +43,17 @@ class HttpSettings:
     apps_metrics_path: str = attrs.field(default="/metrics/apps", validator=_check_apps_metrics_path)
     apps_metrics_raw: bool = False  # raw metric points too, as gauges of their last value
     apps_metrics_max_series: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
+    # HTTPS in place of HTTP; with client_ca, only clients with a certificate it signed.
+    tls: TlsSettings | None = None
+
+
+@attrs.frozen
+class SecuritySettings:
+    """What the sidecar insists on for listeners beyond loopback (sidecar.config.exposure)."""
+
+    # false: a source or the HTTP view open beyond loopback without authentication is a
+    # warning from `check` and `run`; true: a config error at its host setting's line.
+    require_auth_beyond_loopback: bool = False
 
 
 @attrs.frozen
@@ -225,6 +237,7 @@ class SidecarConfig:
     files: tuple  # every file read, main file first
     transforms: tuple = ()  # of TransformSpec, in the order configured
     aggregate: tuple = ()  # of sidecar.aggregate.AggregateSpec, in the order configured
+    security: SecuritySettings = SecuritySettings()
 
     @property
     def specs(self) -> set:

@@ -12,8 +12,10 @@ import trio
 
 from sidecar.constants import DEFAULT_MAX_DEPTH, MAX_DEPTH_LIMIT
 from sidecar.protocol import ProtocolViolation, StreamDecoder
-from sidecar.sources.stream import Connection, StreamSource
-from sidecar.units import ByteSize
+from sidecar.ratelimit import RateLimitSettings
+from sidecar.sources.stream import DEFAULT_MAX_INFLIGHT_BYTES, Connection, StreamSource, check_inflight_room
+from sidecar.tls import TlsSettings
+from sidecar.units import ByteSize, Duration
 
 
 @attrs.frozen
@@ -27,10 +29,21 @@ class TcpSettings:
     read_size: ByteSize = attrs.field(default=256 * 1024, validator=attrs.validators.ge(1024))
     # Levels of nesting a message may have (itself level 1); deeper ones are rejected as too_deep.
     max_depth: int = attrs.field(default=DEFAULT_MAX_DEPTH, validator=attrs.validators.and_(attrs.validators.ge(3), attrs.validators.le(MAX_DEPTH_LIMIT)))
+    # The limits against hostile or broken clients, the same for every stream source (stream.py).
+    tls: TlsSettings | None = None
+    max_connections_per_peer: int = attrs.field(default=256, validator=attrs.validators.ge(1))
+    idle_timeout: Duration = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+    partial_timeout: Duration = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+    rate_limit: RateLimitSettings | None = None
+    max_inflight_bytes: ByteSize = attrs.field(default=DEFAULT_MAX_INFLIGHT_BYTES, validator=attrs.validators.ge(64 * 1024))
+
+    def __attrs_post_init__(self):
+        check_inflight_room(self.max_inflight_bytes, self.max_message_size, "max_message_size", self.read_size)
 
     @property
     def where(self) -> str:
-        return f"unix:{self.unix}" if self.unix else f"{self.host}:{self.port}"
+        place = f"unix:{self.unix}" if self.unix else f"{self.host}:{self.port}"
+        return f"{place} (TLS)" if self.tls else place
 
 
 class TcpSource(StreamSource):
@@ -40,6 +53,7 @@ class TcpSource(StreamSource):
 
     async def converse(self, connection: Connection, stream: trio.abc.Stream, send_channel: trio.MemorySendChannel) -> None:
         decoder = StreamDecoder(self.settings.max_message_size, native=self.native, max_depth=self.settings.max_depth)
+        connection.decoder = decoder  # what it holds counts against the limits
         while True:
             data = await self.receive(connection, stream)
             if data is None:
