@@ -242,7 +242,7 @@ def _warn_of_exposures(sidecar) -> None:
             EXIT_CONFIG_ERROR,
         )
     for exposure in found:
-        logging.getLogger("sidecar").warning("warning: %s", exposure.warning)
+        logging.getLogger("sidecar").warning("%s", exposure.warning)
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:

@@ -70,7 +70,10 @@ class TokenBucket:
     def delay(self, now: float) -> float:
         """Seconds until the bucket is out of debt (0 when it is)."""
         self.refill(now)
-        return max(0.0, -self.tokens / self.rate)
+        # A debt of rounding is none: waiting it out would not move a clock that reads 1e6.
+        if self.tokens >= -_EPSILON * max(1.0, self.capacity):
+            return 0.0
+        return -self.tokens / self.rate
 
 
 class RateLimiter:
@@ -121,5 +124,5 @@ async def pace(limiter: RateLimiter) -> float:
     """Wait until `limiter` is out of debt; the seconds waited."""
     started = trio.current_time()
     while (delay := limiter.delay(trio.current_time())) > 0:
-        await trio.sleep(delay)
+        await trio.sleep(max(delay, 1e-6))  # at least a step any clock can take
     return trio.current_time() - started

@@ -44,7 +44,7 @@ log = logging.getLogger("sidecar.listener")
 
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
-DEFAULT_MAX_INFLIGHT_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_INFLIGHT_BYTES = 16 * 1024 * 1024
 # What each connection may hold outside max_inflight_bytes (see the module's doc).
 OWN_ALLOWANCE = 16 * 1024
 
@@ -363,6 +363,7 @@ class StreamSource(Source):
             connection.unfinished_for = 0.0
             patience, reason = self.settings.idle_timeout, "idle"
         started = trio.current_time()
+        data = None
         with trio.move_on_at(min(deadline, self._read_deadline, started + patience)) as connection.read_scope:
             if isinstance(stream, trio.SocketStream):
                 # No room is taken while the client says nothing: the read is sized once bytes
@@ -373,16 +374,17 @@ class StreamSource(Source):
                 self.intake.count("reads_waited_total", reason="inflight")
             data = await stream.receive_some(size)
             self.inflight.set(connection, connection.inflight - size + len(data))
+        now = trio.current_time()
+        if unfinished:
+            connection.unfinished_for += now - started
+        if data is not None:
             connection.bytes += len(data)
             if self._limiter is not None:
                 if self._limiter.drops:
                     connection.unadmitted_bytes += len(data)
                 else:
-                    self._limiter.charge(0, len(data), trio.current_time())
+                    self._limiter.charge(0, len(data), now)
             return data
-        now = trio.current_time()
-        if unfinished:
-            connection.unfinished_for += now - started
         if now >= self._read_deadline or now >= deadline:
             return None
         if reason == "slow":
