@@ -13,8 +13,8 @@ clients:
   unfinished messages, chunks waiting for the pipeline). Each connection holds up to
   `OWN_ALLOWANCE` outside it, so that clients with short messages go on while unfinished long
   ones fill it; beyond that a connection takes from the cap, and waits to read while it is full.
-  A connection waiting for the client's bytes takes nothing: on a plain socket the read is
-  sized only once bytes are there.
+  A connection waiting for the client's bytes takes nothing from the cap: on a plain socket
+  the read is sized only once bytes are there, under TLS it asks for 16 KiB (one record).
 
 A stream source (tcp, forward, otlp) is a `StreamSource` subclass that implements `converse`:
 what one connection says, read with `receive` and handed over with `hand_over`, with
@@ -367,9 +367,15 @@ class StreamSource(Source):
         with trio.move_on_at(min(deadline, self._read_deadline, started + patience)) as connection.read_scope:
             if isinstance(stream, trio.SocketStream):
                 # No room is taken while the client says nothing: the read is sized once bytes
-                # are there. (A TLS stream may hold decrypted bytes already: it reads at once.)
+                # are there.
                 await trio.lowlevel.wait_readable(stream.socket)
-            size, waited = await self.inflight.reserve(connection, self._read_size())
+                wanted = self._read_size()
+            else:
+                # A TLS stream may hold decrypted bytes already, so it reads at once; a read
+                # returns one record, 16 KiB at most: asking no more, a connection waiting for
+                # its client holds its own allowance only.
+                wanted = min(self._read_size(), OWN_ALLOWANCE)
+            size, waited = await self.inflight.reserve(connection, wanted)
             if waited:
                 self.intake.count("reads_waited_total", reason="inflight")
             data = await stream.receive_some(size)
