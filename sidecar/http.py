@@ -212,7 +212,7 @@ class ViewServer:
         if tls is not None:
             # hypercorn serves TLS when both files are set; the context is the sources' own
             # (hypercorn's would trust the system's CAs for client certificates too).
-            config.certfile, config.keyfile, config.ca_certs = tls.cert, tls.key, tls.client_ca
+            config.certfile, config.keyfile = tls.cert, tls.key
             config.ssl_handshake_timeout = tls.handshake_timeout
             context = server_context(tls)
             context.set_alpn_protocols(config.alpn_protocols)

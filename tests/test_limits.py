@@ -18,7 +18,6 @@ import time
 import orjson
 import pytest
 import trio
-import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
