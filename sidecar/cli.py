@@ -25,6 +25,7 @@ from sidecar import __version__
 from sidecar.ingest import NATIVE_AVAILABLE
 from sidecar.backends import backend_class
 from sidecar.config import ConfigError, display_value, load_config
+from sidecar.config.exposure import exposures, token_configured
 from sidecar.constants import LEVELS, MESSAGE_TYPES
 from sidecar.message import MessageError, format_timestamp, validate_message
 from sidecar import places
@@ -205,6 +206,7 @@ def command_run(args) -> int:
             sidecar.listen_on(listen[0] or None, listen[1])
         except ValueError as exc:
             raise OperatorError(f"--listen: {exc}", "--listen moves a source of type tcp: configure one (tcp: or sources:), or leave --listen out", EXIT_CONFIG_ERROR) from exc
+    _warn_of_exposures(sidecar)
     # The hot path allocates many short-lived dicts and builds no reference cycles: freeze what
     # start-up allocated and collect the young generation less often (docs/performance.md).
     gc.freeze()
@@ -225,6 +227,22 @@ def command_run(args) -> int:
             _print_error(exc.strerror, _listen_hint(exc))
         return EXIT_RUNTIME_ERROR
     return 0
+
+
+def _warn_of_exposures(sidecar) -> None:
+    """What listens beyond loopback without authentication, where --listen and --http put it:
+    a warning each, or with security.require_auth_beyond_loopback a refusal (the config's own
+    addresses were refused by the loader already; these come from the command line)."""
+    found = exposures({name: source.settings for name, source in sidecar.sources.items()}, sidecar.http_settings, token_configured(sidecar.http_settings, os.environ))
+    if found and sidecar.config.security.require_auth_beyond_loopback:
+        first = found[0]
+        raise OperatorError(
+            f"{first.what} would listen on {first.address} (from --listen or --http), beyond loopback, without authentication, and security.require_auth_beyond_loopback is true",
+            "listen on 127.0.0.1, or configure authentication for it (docs/security.md)",
+            EXIT_CONFIG_ERROR,
+        )
+    for exposure in found:
+        logging.getLogger("sidecar").warning("%s", exposure.warning)
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
@@ -302,6 +320,8 @@ def command_check(args) -> int:
         for target in targets:
             filters = " or ".join(f.describe() for f in target.filters) or "all messages"
             print(f"    -> {target.spec.label}: {filters}; {_describe_settings(target.spec)}")
+    for exposure in exposures({name: spec.settings for name, spec in config.sources.items()}, config.http, token_configured(config.http, os.environ)):
+        print(f"\nwarning: {exposure.warning}")
     shared = places.shared_places(table, places.sources_to_try(table, tuple(args.source or ())), now)
     for headline, *details in places.warnings_for(shared):
         print(f"\nwarning: {headline}")

@@ -470,6 +470,11 @@ class ForwardConnection:
         return self._receive(received)
 
     @property
+    def buffered(self) -> int:
+        """Bytes held that no complete frame has taken yet (0 at a frame boundary)."""
+        return len(self._buffer) - self._frame_start + len(self._unfed)
+
+    @property
     def pending(self) -> bool:
         """Whether bytes already received may complete more frames: call `receive_more()`."""
         return self._stopped_early or bool(self._unfed)

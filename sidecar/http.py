@@ -24,6 +24,7 @@ from sidecar.apps_metrics import AppsMetrics
 from sidecar.config import display_value
 from sidecar.logs import RateLimitedLog
 from sidecar.sources.base import CannotListen
+from sidecar.tls import server_context
 
 log = logging.getLogger("sidecar.http")
 
@@ -81,6 +82,8 @@ class SidecarCollector(Collector):
             ("decode_errors_total", ("input", "reason"), "Messages rejected by the decoder, by source and reason"),
             ("connections_refused_total", ("input", "reason"), "Connections refused, by source and reason"),
             ("connections_closed_total", ("input", "reason"), "Connections closed by the sidecar, by source and reason"),
+            ("reads_waited_total", ("input", "reason"), "Reads that waited for a source's limit, by source and limit (rate_limit, inflight: max_inflight_bytes)"),
+            ("rate_limited_messages_total", ("input",), "Messages dropped over a source's rate limit (when_over: drop), by source"),
             ("otlp_requests_total", ("input", "path", "code"), "OTLP/HTTP requests answered, by source, path (other: any but the three signals') and status code"),
         ):
             family = CounterMetricFamily(f"sidecar_{name.removesuffix('_total')}", help_text, labels=list(labels))
@@ -99,6 +102,12 @@ class SidecarCollector(Collector):
         for name, source in sidecar.sources.items():
             active.add_metric([name], source.active_connections)
         yield active
+        inflight = GaugeMetricFamily("sidecar_inflight_bytes", "Bytes read and not handed over yet (unfinished messages, chunks waiting), by source", labels=["input"])
+        for name, source in sidecar.sources.items():
+            budget = getattr(source, "inflight", None)
+            if budget is not None:
+                inflight.add_metric([name], budget.held)
+        yield inflight
         supervisors = sidecar.topology.all_supervisors()
         per_backend = {
             "routed": CounterMetricFamily("sidecar_backend_routed", "Messages routed to a backend instance", labels=["backend", "type"]),
@@ -204,6 +213,15 @@ class ViewServer:
         config.accesslog = None
         config.errorlog = logging.getLogger("sidecar.http.server")
         config.graceful_timeout = 1.0
+        tls = self.settings.tls
+        if tls is not None:
+            # hypercorn serves TLS when both files are set; the context is the sources' own
+            # (hypercorn's would trust the system's CAs for client certificates too).
+            config.certfile, config.keyfile = tls.cert, tls.key
+            config.ssl_handshake_timeout = tls.handshake_timeout
+            context = server_context(tls)
+            context.set_alpn_protocols(config.alpn_protocols)
+            config.create_ssl_context = lambda: context
         # Bound here, so that an address in use is one line naming the view (as for a source),
         # not hypercorn's traceback from inside its nursery; serve then listens on these.
         try:
@@ -213,9 +231,10 @@ class ViewServer:
         config.create_sockets = lambda: sockets
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(functools.partial(serve, self, config, shutdown_trigger=self._stop.wait))
-            host, port = bound[0].removeprefix("http://").rsplit(":", 1)
+            scheme, _, address = bound[0].partition("://")
+            host, port = address.rsplit(":", 1)
             self.address = (host.strip("[]"), int(port))
-            log.info("HTTP view on http://%s:%d/", *self.address)
+            log.info("HTTP view on %s://%s:%d/", scheme, *self.address)
             task_status.started(self.address)
 
     def stop(self) -> None:

@@ -221,6 +221,11 @@ class StreamDecoder:
         self._bad_message: DecodeError | None = None
         self._violation: ProtocolViolation | None = None
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held of a message not complete yet (0 at a message boundary)."""
+        return len(self._tail) + len(self._unconsumed)
+
     def receive_data(self, data: bytes) -> tuple[Chunk, list[DecodeError]]:
         if self._violation is not None:
             raise self._violation

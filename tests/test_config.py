@@ -1,10 +1,14 @@
 """Loading configuration: the seed's example as written, file:line errors, secrets."""
 
+import attrs
 import pytest
 
 from sidecar.config import ConfigError, display_value, load_config
 from sidecar.routing import RouteTable
 from tests.conftest import SEED_CONFIG
+from sidecar.sources.tcp import TcpSettings
+
+TCP_KEYS = ", ".join(f.name for f in attrs.fields(TcpSettings))
 
 
 def test_the_seeds_config_loads_unchanged_and_routes_as_its_text_says():
@@ -68,7 +72,7 @@ def test_every_problem_is_reported_with_file_and_line(write):
     problems = problems_of(main)
     assert problems == [
         f"{main}:2: tcp.port: 'port' must be <= 65535: 99999",
-        f"{main}:3: unknown key tcp.colour (known keys: host, port, unix, mode, max_connections, max_message_size, read_size, max_depth, token_env)",
+        f"{main}:3: unknown key tcp.colour (known keys: {TCP_KEYS})",
         f"{main}:8: backends.files.fsync must be one of batch, interval, never, got 'sometimes'",
         f"{main}:10: unknown backend type 'carrier-pigeon' (known types: cloudwatch, console, filesystem, otlp, postgres, s3)",
     ] + [p for p in problems[4:]]

@@ -2,11 +2,15 @@
 "did you mean" for near-miss names, the usual shape mistakes of drop-ins and rules named as
 such, and YAML syntax errors said in plain words beside the parser's own."""
 
+import attrs
 import pytest
 
 from sidecar.suggestions import did_you_mean
 from tests.test_cli import cli
 from tests.test_config import problems_of
+from sidecar.sources.tcp import TcpSettings
+
+TCP_KEYS = ", ".join(f.name for f in attrs.fields(TcpSettings))
 
 BACKENDS = "backends:\n  files: {type: filesystem, base_path: /tmp/x}\n  console: {type: console}\n"
 
@@ -27,8 +31,8 @@ def test_did_you_mean_only_for_a_near_miss():
         ("backends:\n  db: {type: timescale, connection_string: x}\n", 2, "did you mean 'timescaledb'?"),
         ("sources:\n  apps: {type: tpc}\n", 2, "unknown source type 'tpc' (known types: forward, otlp, tcp); did you mean 'tcp'?"),
         ("transforms:\n  svc: [{type: fliter}]\n", 2, "unknown transform type 'fliter' (known types: filter); did you mean 'filter'?"),
-        ("routng: {}\n", 1, "unknown top-level key 'routng' (known keys: tcp, http, pipeline, index, storage, reload, shutdown, sources, backends, transforms, aggregate, routing); did you mean 'routing'?"),
-        ("tcp:\n  prot: 1\n", 2, "unknown key tcp.prot (known keys: host, port, unix, mode, max_connections, max_message_size, read_size, max_depth, token_env); did you mean 'port'?"),
+        ("routng: {}\n", 1, "unknown top-level key 'routng' (known keys: tcp, http, pipeline, index, storage, reload, shutdown, security, sources, backends, transforms, aggregate, routing); did you mean 'routing'?"),
+        ("tcp:\n  prot: 1\n", 2, f"unknown key tcp.prot (known keys: {TCP_KEYS}); did you mean 'port'?"),
         ("storage: {data_dri: ./var}\n", 1, "unknown key storage.data_dri (known keys: data_dir, max_bytes, sync_interval); did you mean 'data_dir'?"),
         ("backends:\n  files: {type: filesystem, base_path: /tmp/x, fsnyc: true}\n", 2, "unknown key backends.files.fsnyc (known keys: base_path, path, create_base_path, fsync, fsync_interval, rotate_bytes, rotate_keep, max_open_files, io); did you mean 'fsync'?"),
         ("backends:\n  files: {type: filesystem, base_path: /tmp/x, batch: {max_mesages: 5}}\n", 2, "did you mean 'max_messages'?"),

@@ -332,7 +332,7 @@ def test_tls_with_the_handshake(tmp_path):
     certificate = authority.issue_cert("localhost", "127.0.0.1")
     certificate.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
     certificate.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    extra = f"shared_key_env: FLUENT_SHARED_KEY\ntls: {{cert_file: {tmp_path / 'cert.pem'}, key_file: {tmp_path / 'key.pem'}}}"
+    extra = f"shared_key_env: FLUENT_SHARED_KEY\ntls: {{cert: {tmp_path / 'cert.pem'}, key: {tmp_path / 'key.pem'}}}"
     sidecar = start(tmp_path, extra, env={"FLUENT_SHARED_KEY": "k"})
     try:
         context = ssl.create_default_context()
@@ -346,7 +346,7 @@ def test_tls_with_the_handshake(tmp_path):
         plaintext.send(["secure", 1, {"log": "not TLS"}])
         assert plaintext.read() is None
         delivered(sidecar, 1)
-        wait_until(lambda: metric(sidecar, 'sidecar_connections_closed_total{input="fluent",reason="tls_failed"} 1.0'), what="the plaintext client counted")
+        wait_until(lambda: metric(sidecar, 'sidecar_connections_refused_total{input="fluent",reason="tls"} 1.0'), what="the plaintext client counted")
         assert sidecar.stats()["sources"]["fluent"]["tls"] is True
     finally:
         assert sidecar.stop() == 0

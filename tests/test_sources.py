@@ -3,9 +3,11 @@ each source's counters under its name."""
 
 import socket
 
+import attrs
 import pytest
 
 from sidecar.config import load_config
+from sidecar.sources.tcp import TcpSettings
 from tests.harness import SidecarProcess, encode, event, read_jsonl, seqs
 from tests.test_config import problems_of
 
@@ -61,7 +63,7 @@ def test_source_mistakes_are_reported_at_their_lines(write):
         f"{main}:4: unknown source type 'carrier-pigeon' (known types: forward, otlp, tcp)",
         f"{main}:5: source 'untyped' needs a type",
         f"{main}:6: source name 'a b' must be letters, digits, '.', '_' or '-'",
-        f"{main}:7: unknown key sources.apps.colour (known keys: host, port, unix, mode, max_connections, max_message_size, read_size, max_depth, token_env)",
+        f"{main}:7: unknown key sources.apps.colour (known keys: {', '.join(f.name for f in attrs.fields(TcpSettings))})",
     ]
 
 

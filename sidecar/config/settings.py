@@ -6,6 +6,7 @@ from typing import Any, Literal
 import attrs
 
 from sidecar.config.yaml_reader import Where, display_value
+from sidecar.tls import TlsSettings
 from sidecar.transforms.filter import MessageFilter  # noqa: F401 (a rule's filter)
 from sidecar.units import ByteSize, Duration
 
@@ -44,6 +45,17 @@ class HttpSettings:
     apps_metrics_max_series: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
     # A raw series without a point for this long is let go (aggregated groups: two windows).
     apps_metrics_raw_max_age: Duration = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+    # HTTPS in place of HTTP; with client_ca, only clients with a certificate it signed.
+    tls: TlsSettings | None = None
+
+
+@attrs.frozen
+class SecuritySettings:
+    """What the sidecar insists on for listeners beyond loopback (sidecar.config.exposure)."""
+
+    # false: a source or the HTTP view open beyond loopback without authentication is a
+    # warning from `check` and `run`; true: a config error at its host setting's line.
+    require_auth_beyond_loopback: bool = False
 
 
 @attrs.frozen
@@ -227,6 +239,7 @@ class SidecarConfig:
     files: tuple  # every file read, main file first
     transforms: tuple = ()  # of TransformSpec, in the order configured
     aggregate: tuple = ()  # of sidecar.aggregate.AggregateSpec, in the order configured
+    security: SecuritySettings = SecuritySettings()
 
     @property
     def specs(self) -> set:

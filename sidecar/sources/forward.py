@@ -14,13 +14,11 @@ channel holds.
 
 import os
 import socket
-import ssl
 from typing import Literal
 
 import attrs
 import trio
 
-from sidecar.logs import RateLimitedLog
 from sidecar.constants import DEFAULT_MAX_DEPTH, LEVELS, MAX_DEPTH_LIMIT
 from sidecar.forward_protocol import (
     DEFAULT_MAX_DECOMPRESSED_SIZE,
@@ -30,8 +28,10 @@ from sidecar.forward_protocol import (
     ForwardViolation,
     SharedKeyAuth,
 )
+from sidecar.ratelimit import RateLimitSettings
 from sidecar.sources.base import SettingsFromEnvironment
-from sidecar.sources.stream import DEFAULT_UNIX_MODE, Connection, StreamSource, log, unix_mode
+from sidecar.sources.stream import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_UNIX_MODE, Connection, StreamSource, check_inflight_room, log, unix_mode
+from sidecar.tls import TlsSettings
 from sidecar.units import ByteSize, Duration
 
 
@@ -42,12 +42,6 @@ class ForwardUser:
     username: str
     password_env: str | None = None
     password: str | None = attrs.field(default=None, repr=False)
-
-
-@attrs.frozen
-class ForwardTls:
-    cert_file: str
-    key_file: str
 
 
 @attrs.frozen
@@ -77,17 +71,25 @@ class ForwardSettings:
     shared_key: str | None = attrs.field(default=None, repr=False)
     self_hostname: str | None = None  # in PONG; default: this machine's hostname
     users: tuple[ForwardUser, ...] = ()
-    tls: ForwardTls | None = None
-    # A client must finish TLS and the handshake within this; acks and replies are sent within
-    # send_timeout, or the connection is closed (a client that never reads).
+    # A client must finish the handshake within this (after TLS's, tls.handshake_timeout); acks
+    # and replies are sent within send_timeout, or the connection is closed (a client that
+    # never reads).
     handshake_timeout: Duration = attrs.field(default=10.0, validator=attrs.validators.gt(0))
     send_timeout: Duration = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    # The limits against hostile or broken clients, as for every stream source (stream.py).
+    tls: TlsSettings | None = None
+    max_connections_per_peer: int = attrs.field(default=256, validator=attrs.validators.ge(1))
+    idle_timeout: Duration = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+    partial_timeout: Duration = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+    rate_limit: RateLimitSettings | None = None
+    max_inflight_bytes: ByteSize = attrs.field(default=DEFAULT_MAX_INFLIGHT_BYTES, validator=attrs.validators.ge(64 * 1024))
 
     def __attrs_post_init__(self):
         if self.users and not (self.shared_key_env or self.shared_key):
             raise ValueError("users need a shared key (shared_key_env): the handshake carries them")
         if not self.message_keys:
             raise ValueError("message_keys must name at least one key")
+        check_inflight_room(self.max_inflight_bytes, self.max_frame_size, "max_frame_size", self.read_size)
 
     @property
     def where(self) -> str:
@@ -96,7 +98,7 @@ class ForwardSettings:
 
     def from_environment(self, environ) -> "ForwardSettings":
         """The secrets that `*_env` settings name, read from `environ`; SettingsFromEnvironment
-        naming the key when one is not set, and when the TLS files cannot be loaded."""
+        naming the key when one is not set."""
         settings = self
         if self.shared_key_env:
             if self.shared_key is not None:
@@ -109,11 +111,6 @@ class ForwardSettings:
             elif user.password is None:
                 raise SettingsFromEnvironment("users", f"users[{index}] ({user.username}) needs password_env (or password)")
             users.append(user)
-        if self.tls is not None:
-            try:
-                tls_context(self.tls)
-            except (OSError, ssl.SSLError) as exc:
-                raise SettingsFromEnvironment("tls", f"tls: cannot load {self.tls.cert_file} and {self.tls.key_file}: {exc}") from None
         return attrs.evolve(settings, users=tuple(users))
 
 
@@ -122,12 +119,6 @@ def _secret(environ, key: str, label: str, name: str) -> str:
     if not value:
         raise SettingsFromEnvironment(key, f"{label}: environment variable {name} is {'empty' if value == '' else 'not set'}")
     return value
-
-
-def tls_context(tls: ForwardTls) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tls.cert_file, tls.key_file)
-    return context
 
 
 class ForwardSource(StreamSource):
@@ -152,8 +143,6 @@ class ForwardSource(StreamSource):
         if settings.shared_key is not None:
             users = {user.username: (user.password or "").encode() for user in settings.users}
             self.auth = SharedKeyAuth(settings.shared_key.encode(), settings.self_hostname or socket.gethostname(), users)
-        self.tls = tls_context(settings.tls) if settings.tls is not None else None
-        self._handshake_log = RateLimitedLog(log)
 
     def refusal(self, reason: str) -> bytes:
         return b""  # a forward client reads only MessagePack; the reason is in the log and the counters
@@ -162,20 +151,6 @@ class ForwardSource(StreamSource):
         settings = self.settings
         connection.format = "forward"
         handshake_deadline = trio.current_time() + settings.handshake_timeout
-        if self.tls is not None:
-            stream = trio.SSLStream(stream, self.tls, server_side=True)
-            # The connection's scope: shutdown's read deadline moves it too.
-            with trio.move_on_at(min(handshake_deadline, self._read_deadline)) as connection.read_scope:
-                try:
-                    await stream.do_handshake()
-                except trio.BrokenResourceError as exc:
-                    self.intake.count("connections_closed_total", reason="tls_failed")
-                    self._handshake_log.warning("tls_failed", "source %s: TLS handshake with %s failed: %s", self.name, connection.where, exc.__cause__ or exc)
-                    return
-            if connection.read_scope.cancelled_caught:
-                self.intake.count("connections_closed_total", reason="handshake_timeout" if trio.current_time() >= handshake_deadline else "shutdown")
-                return
-            connection.format = "forward+tls"
         decoder = ForwardConnection(
             self.mapping,
             auth=self.auth,
@@ -186,6 +161,7 @@ class ForwardSource(StreamSource):
             max_depth=settings.max_depth,
             chunk_size=settings.read_size,
         )
+        connection.decoder = decoder  # what it holds counts against the limits
         greeting = decoder.greeting()
         if greeting and not await self._send(connection, stream, greeting):
             return
@@ -230,4 +206,4 @@ class ForwardSource(StreamSource):
         return False
 
     def statistics(self) -> dict:
-        return {**super().statistics(), "tls": self.tls is not None, "handshake": self.auth is not None}
+        return {**super().statistics(), "handshake": self.auth is not None}

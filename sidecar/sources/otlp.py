@@ -18,7 +18,9 @@ from sidecar.constants import DEFAULT_MAX_DEPTH, MAX_DEPTH_LIMIT, MAX_SOURCE_LEN
 from sidecar.logs import RateLimitedLog
 from sidecar.otlp import SIGNALS, Encoding, RequestError, decode, encoding_of, error_body, export, route
 from sidecar.otlp_mapping import MappingOptions
-from sidecar.sources.stream import DEFAULT_UNIX_MODE, Connection, StreamSource, log, unix_mode
+from sidecar.ratelimit import RateLimitSettings
+from sidecar.sources.stream import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_UNIX_MODE, Connection, StreamSource, check_inflight_room, log, unix_mode
+from sidecar.tls import TlsSettings
 from sidecar.units import ByteSize, Duration
 
 MAX_HEAD_SIZE = 16 * 1024  # request line and headers
@@ -56,10 +58,25 @@ class OtlpSettings:
     job_id_attributes: tuple[str, ...] = ("job.id", "job_id")
     max_depth: int = attrs.field(default=DEFAULT_MAX_DEPTH, validator=attrs.validators.and_(attrs.validators.ge(3), attrs.validators.le(MAX_DEPTH_LIMIT)))
     read_size: ByteSize = attrs.field(default=64 * 1024, validator=attrs.validators.ge(1024))
+    # The limits against hostile or broken clients, as for every stream source (stream.py); a
+    # request's own timeouts above are its idle and partial ones.
+    tls: TlsSettings | None = None
+    max_connections_per_peer: int = attrs.field(default=256, validator=attrs.validators.ge(1))
+    rate_limit: RateLimitSettings | None = None
+    max_inflight_bytes: ByteSize = attrs.field(default=DEFAULT_MAX_INFLIGHT_BYTES, validator=attrs.validators.ge(64 * 1024))
+
+    def __attrs_post_init__(self):
+        check_inflight_room(self.max_inflight_bytes, self.max_body_size, "max_body_size", self.read_size)
 
     @property
     def where(self) -> str:
-        return f"unix:{self.unix}" if self.unix else f"{self.host}:{self.port}"
+        place = f"unix:{self.unix}" if self.unix else f"{self.host}:{self.port}"
+        return f"{place} (TLS)" if self.tls else place
+
+    @property
+    def partial_timeout(self) -> float:
+        """A request's bytes must all come within request_timeout: its partial timeout."""
+        return self.request_timeout
 
     @property
     def mapping(self) -> MappingOptions:
@@ -69,6 +86,14 @@ class OtlpSettings:
 @attrs.define
 class HttpConnection(Connection):
     requests: int = 0
+
+
+class _RequestBody(bytearray):
+    """A request's body as it arrives: what the connection holds of an unfinished message."""
+
+    @property
+    def buffered(self) -> int:
+        return len(self)
 
 
 class _Closed(Exception):
@@ -161,6 +186,7 @@ class OtlpSource(StreamSource):
             http.receive_data(data)
 
     async def _serve_request(self, connection: HttpConnection, http: h11.Connection, stream, send_channel) -> None:
+        connection.decoder = None  # the last request's body is let go
         idle_deadline = trio.current_time() + self.settings.idle_timeout
         try:
             request = await self._next_event(connection, http, stream, idle_deadline)
@@ -218,7 +244,7 @@ class OtlpSource(StreamSource):
             raise RequestError(413, f"the body is {declared} bytes, more than {limit} (the source's max_body_size)", "too_large")
         if http.they_are_waiting_for_100_continue:
             await stream.send_all(http.send(h11.InformationalResponse(status_code=100, headers=[])))
-        body = bytearray()
+        body = connection.decoder = _RequestBody()
         while True:
             event = await self._next_event(connection, http, stream, deadline)
             if isinstance(event, h11.EndOfMessage):
@@ -230,13 +256,14 @@ class OtlpSource(StreamSource):
                 raise RequestError(413, f"the body is more than {limit} bytes (the source's max_body_size)", "too_large")
         exported = await self._decode(signal, bytes(body), encoding, headers.get(b"content-encoding", ""))
         where = f"{connection.peer} (connection {connection.id}, {signal.path})"
-        if exported.messages:
-            taken = await self.intake.hand_over_within(self.settings.busy_timeout, send_channel, exported.messages, exported.errors, peer=where, holds=connection.holds)
+        messages = self.admit(connection, exported.messages)
+        if messages:
+            taken = await self.intake.hand_over_within(self.settings.busy_timeout, send_channel, messages, exported.errors, peer=where, holds=connection.holds)
             if not taken:
                 self._log_rejection("busy", connection, f"the pipeline had no room within {self.settings.busy_timeout:g}s (busy_timeout); answered 503")
                 message = f"the sidecar is busy: retry in {self._retry_after()}s"
                 return _Response(503, error_body(503, message, encoding), encoding, ((b"retry-after", str(self._retry_after()).encode()),))
-            connection.messages += len(exported.messages)
+            connection.messages += len(messages)
         elif exported.errors:
             self.intake.reject(exported.errors, where)
         connection.errors += exported.rejected

@@ -19,9 +19,11 @@ import trio
 from sidecar.constants import DEFAULT_MAX_DEPTH, MAX_DEPTH_LIMIT
 from sidecar.logs import RateLimitedLog
 from sidecar.protocol import AuthCheck, AuthRefused, ProtocolViolation, StreamDecoder, UnusedAuth
+from sidecar.ratelimit import RateLimitSettings
 from sidecar.sources.base import SettingsFromEnvironment
-from sidecar.sources.stream import DEFAULT_UNIX_MODE, Connection, StreamSource, log, unix_mode
-from sidecar.units import ByteSize
+from sidecar.sources.stream import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_UNIX_MODE, Connection, StreamSource, check_inflight_room, log, unix_mode
+from sidecar.tls import TlsSettings
+from sidecar.units import ByteSize, Duration
 
 
 def _not_empty(_instance, _attribute, value: str | None) -> None:
@@ -44,10 +46,21 @@ class TcpSettings:
     max_depth: int = attrs.field(default=DEFAULT_MAX_DEPTH, validator=attrs.validators.and_(attrs.validators.ge(3), attrs.validators.le(MAX_DEPTH_LIMIT)))
     # The environment variable holding the shared token every connection must send first.
     token_env: str | None = attrs.field(default=None, validator=_not_empty)
+    # The limits against hostile or broken clients, the same for every stream source (stream.py).
+    tls: TlsSettings | None = None
+    max_connections_per_peer: int = attrs.field(default=256, validator=attrs.validators.ge(1))
+    idle_timeout: Duration = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+    partial_timeout: Duration = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+    rate_limit: RateLimitSettings | None = None
+    max_inflight_bytes: ByteSize = attrs.field(default=DEFAULT_MAX_INFLIGHT_BYTES, validator=attrs.validators.ge(64 * 1024))
+
+    def __attrs_post_init__(self):
+        check_inflight_room(self.max_inflight_bytes, self.max_message_size, "max_message_size", self.read_size)
 
     @property
     def where(self) -> str:
-        return f"unix:{self.unix}" if self.unix else f"{self.host}:{self.port}"
+        place = f"unix:{self.unix}" if self.unix else f"{self.host}:{self.port}"
+        return f"{place} (TLS)" if self.tls else place
 
     @property
     def authenticates(self) -> bool:
@@ -84,6 +97,7 @@ class TcpSource(StreamSource):
 
     async def converse(self, connection: Connection, stream: trio.abc.Stream, send_channel: trio.MemorySendChannel) -> None:
         decoder = StreamDecoder(self.settings.max_message_size, native=self.native, max_depth=self.settings.max_depth)
+        connection.decoder = decoder  # what it holds counts against the limits
         pending = b""
         unused_auth = None
         if self._token is not None:
