@@ -1,16 +1,27 @@
 """The HTTP side: health, Prometheus metrics, the unified view's JSON API and a live tap.
 
 A small ASGI application served by hypercorn's trio worker inside the sidecar's nursery (no web
-framework: a dozen routes do not need one). Read-only except `POST /api/reload`; reload and tap
-can require a bearer token taken from the environment.
+framework: a dozen routes do not need one). Safe by default (docs/http-api.md): a request whose
+Host does not name this view (DNS rebinding) or that comes from another origin is refused; every
+/api route needs the bearer token when there is one, from the environment or made in
+`storage.data_dir` when the view listens beyond loopback; the one route that changes anything,
+`POST /api/reload`, takes only JSON. `/healthz`, `/readyz` and the metrics stay open for probes
+and Prometheus. Jobs and traces are answered in pages and the tap's subscribers are bounded, each
+with a buffer of its own, so that no client makes a huge answer or slows ingestion.
 """
 
+import collections
 import functools
 import hmac
+import ipaddress
 import logging
 import os
+import re
+import secrets
+import stat
 import time
 import urllib.parse
+from pathlib import Path
 
 import orjson
 import trio
@@ -22,34 +33,266 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from sidecar.apps_metrics import AppsMetrics
 from sidecar.config import display_value
+from sidecar.constants import MESSAGE_TYPES
 from sidecar.logs import RateLimitedLog
 from sidecar.sources.base import CannotListen
 
 log = logging.getLogger("sidecar.http")
 
-TAP_BUFFER = 1000  # messages a slow tap client may lag behind before it loses some (counted)
+TOKEN_FILE = ".http-token"  # in storage.data_dir; backends' logs there are directories
+_TOKEN_TEXT = re.compile(r"[!-~]{16,512}")  # printable ASCII without spaces
+
+
+# ---------------------------------------------------------------- the token
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a view listening on `host` is reachable from this machine only: `localhost` or a
+    loopback address; not `0.0.0.0`, `::`, "" (every interface) or another name."""
+    name = host.strip("[]").lower().rstrip(".")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class TokenFileError(Exception):
+    """The generated token's file cannot be read or made; the message names it and says why."""
+
+
+def view_token(settings, data_dir: Path, environ) -> tuple[str | None, str]:
+    """The bearer token every /api route of the view needs, and where it comes from (to name it,
+    never to show it): the value of `http.token_env` when set; else, for a view that listens
+    beyond loopback, the one made in `data_dir` (`stored_token`); else none."""
+    if settings.token_env and environ.get(settings.token_env):
+        return environ[settings.token_env], f"${settings.token_env}"
+    if is_loopback(settings.host):
+        return None, "none: the view listens on loopback only"
+    path = Path(data_dir) / TOKEN_FILE
+    return stored_token(path), f"made for this view in {path} (`monitoring-sidecar token` prints it)"
+
+
+def stored_token(path: Path) -> str:
+    """The token in the file `path`, made first when there is none: random, mode 0600, created
+    whole in one step (written to a temporary file beside it, then linked to its name, so that no
+    reader sees part of one and of two starts at once one makes it), reused by every later start."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _read_token(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise TokenFileError(f"cannot read the HTTP view's token file {path}: {exc.strerror or exc}") from exc
+    token = secrets.token_urlsafe(32)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(descriptor, token.encode() + b"\n")
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return _read_token(path)  # another start made it first: the token is that one
+    except OSError as exc:
+        raise TokenFileError(f"cannot make the HTTP view's token file {path}: {exc.strerror or exc}") from exc
+    finally:
+        temporary.unlink(missing_ok=True)
+    return token
+
+
+def _read_token(path: Path) -> str:
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise TokenFileError(f"the HTTP view's token file {path} is not a regular file")
+        if status.st_mode & 0o077:
+            os.fchmod(descriptor, 0o600)
+            log.warning("HTTP view: the token file %s could be read by others (mode %o): it is 0600 now", path, stat.S_IMODE(status.st_mode))
+        text = os.read(descriptor, 1024)
+    finally:
+        os.close(descriptor)
+    token = text.decode("ascii", "replace").strip()
+    if not _TOKEN_TEXT.fullmatch(token):
+        raise TokenFileError(f"the HTTP view's token file {path} holds no token (16 to 512 printable ASCII characters): remove it, and the next start makes a new one")
+    return token
+
+
+# ---------------------------------------------------------------- who may ask
+
+
+def _headers(scope, name: bytes) -> list[bytes]:
+    return [value for key, value in scope["headers"] if key == name]
+
+
+def _host_name(authority: str) -> str:
+    """The host of a Host header (`name`, `name:port`, `[v6]:port`), lower case, no final dot."""
+    if authority.startswith("["):
+        name = authority[1 : authority.find("]")] if "]" in authority else authority
+    else:
+        name = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+    return name.lower().rstrip(".")
+
+
+def _address(text: str):
+    try:
+        return ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _origin(scheme: str, authority: str) -> str:
+    """An origin as browsers write it: the default port left out."""
+    authority = authority.lower()
+    default = {"http": ":80", "https": ":443"}.get(scheme)
+    if default and authority.endswith(default):
+        authority = authority.removesuffix(default)
+    return f"{scheme}://{authority}"
+
+
+class RequestGuard:
+    """Whether a request may be answered, from its ASGI scope alone (pure: tested by property).
+
+    - Host must name this view: `localhost`, a loopback address, the address the view was told
+      to listen on, the address the request arrived at, or a name in `http.allowed_hosts`. A page
+      of another site whose name was made to resolve to this machine (DNS rebinding) sends its
+      own name, and is refused.
+    - Origin, when sent, must be the view's own (the scheme and the Host): a page of another
+      site cannot drive the view from a visitor's browser.
+    - with a token, every /api route needs `Authorization: Bearer <token>` (any bytes compared
+      as bytes in constant time, so a header that is not ASCII is refused, not an error).
+    """
+
+    def __init__(self, host: str, allowed_hosts=(), token: str | None = None):
+        self.names = {"localhost", *(name.lower().rstrip(".") for name in allowed_hosts)}
+        own = host.strip("[]").lower().rstrip(".")
+        if own:
+            self.names.add(own)
+        self.token = token.encode() if token else None
+
+    def host_allowed(self, scope) -> bool:
+        given = _headers(scope, b"host") or _headers(scope, b":authority")
+        if len(given) != 1:
+            return False
+        name = _host_name(given[0].decode("latin-1"))
+        if name in self.names:
+            return True
+        address = _address(name)
+        if address is None:
+            return False
+        server = scope.get("server")
+        return address.is_loopback or (server is not None and address == _address(str(server[0])))
+
+    def origin_allowed(self, scope) -> bool:
+        origins = _headers(scope, b"origin")
+        if not origins:
+            return True
+        hosts = _headers(scope, b"host") or _headers(scope, b":authority")
+        own = _origin(scope.get("scheme", "http"), hosts[0].decode("latin-1")) if hosts else None
+        return len(origins) == 1 and origins[0].decode("latin-1").lower() == own
+
+    def authorised(self, scope) -> bool:
+        if self.token is None:
+            return True
+        given = _headers(scope, b"authorization")
+        if len(given) != 1:
+            return False
+        scheme, _space, credentials = given[0].strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self.token)
+
+
+def is_json(scope) -> bool:
+    """The request's body is declared JSON (`application/json`, parameters allowed): a type a
+    page of another site cannot send without the browser asking first (CORS), and being told no."""
+    given = _headers(scope, b"content-type")
+    return len(given) == 1 and given[0].split(b";", 1)[0].strip().lower() == b"application/json"
+
+
+class BadRequest(Exception):
+    """A query the view cannot answer (400); the message says which parameter and why."""
+
+
+def page_of(query: dict, most: int) -> tuple[int, int]:
+    """`?page=` (from 1, default 1) and `?limit=` (default and at most `most`)."""
+
+    def positive(name: str, default: int) -> int:
+        text = query.get(name)
+        if text is None:
+            return default
+        if not text.isdigit() or len(text) > 12 or int(text) < 1:
+            raise BadRequest(f"{name} must be a whole number from 1, got {text[:40]!r}")
+        return int(text)
+
+    return positive("page", 1), min(positive("limit", most), most)
+
+
+# ---------------------------------------------------------------- the tap
 
 
 class Tap:
-    """One live-stream subscriber: a filter and a bounded channel."""
+    """One live-stream subscriber: its filter, and a buffer of its own that holds whole batches'
+    lines up to `capacity` bytes (or one batch, when a single one is larger). Offering a batch
+    costs the same whatever the subscriber does: past the capacity the batch is dropped for this
+    subscriber alone (counted); lines are filtered by type, and sent, in the subscriber's task."""
 
-    def __init__(self, source: str | None, kind: str | None):
+    def __init__(self, source: str | None, kind: str | None, capacity: int):
         self.source = source
         self.kind = kind
-        self.send, self.receive = trio.open_memory_channel(TAP_BUFFER)
-        self.dropped = 0
+        self.capacity = capacity
+        self._needle = f'"type":"{kind}"'.encode() if kind else None
+        self._pending: collections.deque = collections.deque()  # (lines, bytes, dropped before them)
+        self.held = 0  # bytes in _pending
+        self.dropped = 0  # messages dropped for this subscriber
+        self.sent = 0
+        self._wakeup = trio.Event()
+        self._closed = False
 
-    def offer(self, batches: list) -> None:
-        """A chunk's batches (one per source); messages are decoded for a tap only."""
-        for batch in batches:
-            if self.source is not None and batch.source != self.source:
-                continue
-            for message in batch.messages():
-                if self.kind is None or message["type"] == self.kind:
-                    try:
-                        self.send.send_nowait(message)
-                    except trio.WouldBlock:
-                        self.dropped += 1
+    def wants(self, source: str) -> bool:
+        return self.source is None or source == self.source
+
+    def offer(self, lines: list[bytes], size: int) -> int:
+        """A batch's lines (never changed once the correlator made them) and their bytes; the
+        number of messages dropped for this subscriber (0 when they were taken)."""
+        if self.held and self.held + size > self.capacity:
+            self.dropped += len(lines)
+            return len(lines)
+        self._pending.append((lines, size, self.dropped))
+        self.held += size
+        self._wakeup.set()
+        return 0
+
+    def close(self) -> None:
+        self._closed = True
+        self._wakeup.set()
+
+    async def next_lines(self) -> tuple[list[bytes], int] | None:
+        """The oldest batch's lines, waiting for one, and the messages dropped for this
+        subscriber before they came; None once closed."""
+        while not self._pending:
+            if self._closed:
+                return None
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+        lines, size, dropped = self._pending.popleft()
+        self.held -= size
+        return lines, dropped
+
+    def frames(self, lines: list[bytes]) -> bytes:
+        """The Server-Sent Events of those lines that pass the type filter: one `data:` each
+        (an enriched line is compact JSON, without a newline)."""
+        if self._needle is not None:
+            needle, kind = self._needle, self.kind
+            lines = [line for line in lines if needle in line and orjson.loads(line)["type"] == kind]
+        self.sent += len(lines)
+        return b"".join(b"data: " + line + b"\n\n" for line in lines)
+
+    def statistics(self) -> dict:
+        return {"source": self.source, "type": self.kind, "held_bytes": self.held, "sent": self.sent, "dropped": self.dropped}
 
 
 class SidecarCollector(Collector):
@@ -68,6 +311,7 @@ class SidecarCollector(Collector):
             ("reload_failures_total", "Configuration reloads rejected"),
             ("view_errors_total", "Live index or tap updates that met a bug (their messages were delivered)"),
             ("http_not_found_total", "Requests to the HTTP view for paths it does not serve"),
+            ("tap_dropped_messages_total", "Messages a tap subscriber missed: it lagged behind by more than http.tap_buffer"),
         ):
             family = CounterMetricFamily(f"sidecar_{name.removesuffix('_total')}", help_text)
             family.add_metric([], counters.get(name))
@@ -90,6 +334,7 @@ class SidecarCollector(Collector):
         for name, label, help_text in (
             ("correlator_dropped_messages_total", "reason", "Valid messages the correlator dropped, by reason (internal_error: a bug met while enriching them)"),
             ("decoded_messages_total", "path", "Valid messages by the path that decoded them: native (the Rust hot path) or python"),
+            ("http_refused_total", "reason", "Requests the HTTP view refused, by reason: host (421), origin (403), token (401), content_type (415), bad_request (400), tap_limit (503)"),
         ):
             family = CounterMetricFamily(f"sidecar_{name.removesuffix('_total')}", help_text, labels=[label])
             for value, count in sorted(counters.by_label(name, label).items()):
@@ -138,6 +383,17 @@ class SidecarCollector(Collector):
             evicted = CounterMetricFamily(f"sidecar_index_evicted_{key}", f"{key.capitalize()} evicted from the live index")
             evicted.add_metric([], index.get(f"evicted_{key}", 0))
             yield evicted
+        spans = CounterMetricFamily("sidecar_index_evicted_spans", "Spans a job or trace let go for newer ones (index.max_spans_per_job, index.max_spans_per_trace)", labels=["of"])
+        for key in ("jobs", "traces"):
+            spans.add_metric([key], index.get(f"evicted_spans_of_{key}", 0))
+        yield spans
+        links = CounterMetricFamily("sidecar_index_dropped_links", "Traces of a job (or jobs of a trace) not kept: it held as many as its spans may be")
+        links.add_metric([], index.get("dropped_links", 0))
+        yield links
+        if self.sidecar.view is not None:
+            taps = GaugeMetricFamily("sidecar_tap_subscribers", "Open /api/tap streams (cap: http.max_tap_subscribers)")
+            taps.add_metric([], len(self.sidecar.view.taps))
+            yield taps
         apps = self.sidecar.view.apps_metrics if self.sidecar.view is not None else None
         if apps is not None:
             series = GaugeMetricFamily("sidecar_apps_metrics_series", "Series held for the applications' metrics (aggregated groups and raw metrics; cap: http.apps_metrics_max_series)")
@@ -180,8 +436,10 @@ class ViewServer:
         self.apps_registry.register(AppsCollector(self.apps_metrics))
         self.taps: set[Tap] = set()
         self._not_found_log = RateLimitedLog(log, interval=60.0)
+        self._refused_log = RateLimitedLog(log, interval=60.0)
         self.address: tuple[str, int] | None = None
         self._stop = trio.Event()
+        self.guard = RequestGuard(settings.host, settings.allowed_hosts, self._token())
         self._routes = {
             ("GET", "/healthz"): self.healthz,
             ("GET", "/readyz"): self.readyz,
@@ -192,9 +450,25 @@ class ViewServer:
             ("GET", "/api/backends"): self.backends,
             ("GET", "/api/statistics"): self.statistics,
             ("GET", "/api/tap"): self.tap,
+            ("GET", "/api/taps"): self.tap_statistics,
             ("POST", "/api/reload"): self.reload,
             ("GET", "/"): self.page,
         }
+        # What changes something: POST with a JSON body only (is_json).
+        self._changes = {self.reload}
+
+    def _token(self) -> str | None:
+        try:
+            token, origin = view_token(self.settings, Path(self.sidecar.config.storage.data_dir), self.sidecar.environ)
+        except TokenFileError as exc:
+            # Closed rather than open: a token no one knows, until the variable is set.
+            log.warning("HTTP view: %s; every /api route refuses until $%s is set", exc, self.settings.token_env)
+            return secrets.token_urlsafe(32)
+        if token is None:
+            log.info("HTTP view: /api needs no token (%s; $%s sets one)", origin, self.settings.token_env)
+        else:
+            log.info("HTTP view: every /api route needs the bearer token, %s", origin)
+        return token
 
     # ------------------------------------------------------------ serving
 
@@ -221,11 +495,22 @@ class ViewServer:
     def stop(self) -> None:
         self._stop.set()
         for tap in list(self.taps):
-            tap.send.close()
+            tap.close()
 
     def publish(self, batches: list) -> None:
-        for tap in self.taps:
-            tap.offer(batches)
+        """A chunk's batches to every tap: per batch and tap a test and at most one append, so
+        that a subscriber that reads slowly, or not at all, costs ingestion nothing more."""
+        if not self.taps:
+            return
+        for batch in batches:
+            size = -1
+            for tap in self.taps:
+                if tap.wants(batch.source):
+                    if size < 0:
+                        size = sum(map(len, batch.lines))
+                    dropped = tap.offer(batch.lines, size)
+                    if dropped:
+                        self.sidecar.counters.inc("tap_dropped_messages_total", dropped)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -236,7 +521,19 @@ class ViewServer:
         if scope["type"] != "http":
             return
         path = scope["path"]
-        query = dict(urllib.parse.parse_qsl(scope.get("query_string", b"").decode()))
+        guard = self.guard
+        if not guard.host_allowed(scope):
+            hosts = _headers(scope, b"host")
+            given = hosts[0].decode("latin-1")[:100] if len(hosts) == 1 else f"{len(hosts)} Host headers"
+            await self._refuse(send, 421, "host", f"this view answers to localhost, its own address and the names in http.allowed_hosts, not to {given!r}")
+            return
+        if not guard.origin_allowed(scope):
+            await self._refuse(send, 403, "origin", "requests from another origin (a page of another site) are refused")
+            return
+        if (path == "/api" or path.startswith("/api/")) and not guard.authorised(scope):
+            await self._refuse(send, 401, "token", "a bearer token is required (`monitoring-sidecar token` prints it)", [(b"www-authenticate", b"Bearer")])
+            return
+        query = dict(urllib.parse.parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         handler = self._routes.get((scope["method"], path))
         argument = None
         if handler is None:
@@ -246,27 +543,29 @@ class ViewServer:
         if handler is None:
             allowed = [m for (m, p) in self._routes if p == path]
             if allowed:
-                await _respond(send, 405, {"error": f"use {', '.join(allowed)}"})
+                await _respond(send, 405, {"error": f"use {', '.join(allowed)}"}, headers=[(b"allow", ", ".join(allowed).encode())])
             else:
                 self._not_found(scope["method"], path)
                 await _respond(send, 404, {"error": f"no such resource: {path}"})
             return
-        if handler in (self.reload, self.tap) and not self._authorised(scope):
-            await _respond(send, 401, {"error": "a bearer token is required"}, headers=[(b"www-authenticate", b"Bearer")])
+        if handler in self._changes and not is_json(scope):
+            await self._refuse(send, 415, "content_type", "send Content-Type: application/json")
             return
-        if argument is not None:
-            await handler(send, argument)
-        elif handler == self.tap:
-            await handler(send, receive, query)
-        else:
-            await handler(send, query)
+        try:
+            if argument is not None:
+                await handler(send, argument, query, path)
+            elif handler == self.tap:
+                await handler(send, receive, query)
+            else:
+                await handler(send, query)
+        except BadRequest as exc:
+            await self._refuse(send, 400, "bad_request", str(exc))
 
-    def _authorised(self, scope) -> bool:
-        token = os.environ.get(self.settings.token_env) if self.settings.token_env else None
-        if not token:
-            return True
-        given = dict(scope["headers"]).get(b"authorization", b"").decode()
-        return hmac.compare_digest(given, f"Bearer {token}")
+    async def _refuse(self, send, status: int, reason: str, message: str, headers=()) -> None:
+        """Answer `status`, counted by reason, logged at most once a minute per reason."""
+        self.sidecar.counters.inc("http_refused_total", reason=reason)
+        self._refused_log.warning(reason, "HTTP view: refused a request (%s, counted in http_refused_total): %s", reason, message)
+        await _respond(send, status, {"error": message}, headers=headers)
 
     # ------------------------------------------------------------ routes
 
@@ -291,15 +590,29 @@ class ViewServer:
         await _respond_bytes(send, 200, generate_latest(self.apps_registry), b"text/plain; version=0.0.4; charset=utf-8")
 
     async def jobs(self, send, query):
-        await _respond(send, 200, {"jobs": self.sidecar.correlator.index.recent_jobs(query.get("since"))})
+        number, limit = page_of(query, self.settings.max_page_items)
+        since = query.get("since")
+        found = self.sidecar.correlator.index.jobs_page(since, number, limit)
+        found["page"]["next"] = _next_page("/api/jobs", found["page"], since=since)
+        await _respond(send, 200, found)
 
-    async def job(self, send, job_id):
-        view = await self.sidecar.job_view(job_id)
-        await _respond(send, 200, view) if view else await _respond(send, 404, {"error": f"no job {job_id!r} in the live index"})
+    async def job(self, send, job_id, query, path):
+        number, limit = page_of(query, self.settings.max_page_items)
+        view = await self.sidecar.job_view(job_id, number, limit)
+        if view is None:
+            await _respond(send, 404, {"error": f"no job {job_id!r} in the live index"})
+            return
+        view["page"]["next"] = _next_page(path, view["page"])
+        await _respond(send, 200, view)
 
-    async def trace(self, send, trace_id):
-        view = await self.sidecar.trace_view(trace_id)
-        await _respond(send, 200, view) if view else await _respond(send, 404, {"error": f"no trace {trace_id!r} in the live index"})
+    async def trace(self, send, trace_id, query, path):
+        number, limit = page_of(query, self.settings.max_page_items)
+        view = await self.sidecar.trace_view(trace_id, number, limit)
+        if view is None:
+            await _respond(send, 404, {"error": f"no trace {trace_id!r} in the live index"})
+            return
+        view["page"]["next"] = _next_page(path, view["page"])
+        await _respond(send, 200, view)
 
     async def routes(self, send, query):
         table = self.sidecar.correlator.routing.table
@@ -330,12 +643,21 @@ class ViewServer:
         applied = await self.sidecar.reload("HTTP request")
         await _respond(send, 200 if applied else 422, {"applied": applied, "error": self.sidecar.last_reload_error})
 
+    async def tap_statistics(self, send, query):
+        await _respond(send, 200, {"taps": [tap.statistics() for tap in self.taps], "max_tap_subscribers": self.settings.max_tap_subscribers, "tap_buffer": self.settings.tap_buffer})
+
     async def tap(self, send, receive, query):
-        tap = Tap(query.get("source"), query.get("type"))
+        kind = query.get("type")
+        if kind is not None and kind not in MESSAGE_TYPES:
+            raise BadRequest(f"type must be one of {', '.join(sorted(MESSAGE_TYPES))}, got {kind[:40]!r}")
+        if len(self.taps) >= self.settings.max_tap_subscribers:
+            await self._refuse(send, 503, "tap_limit", f"{len(self.taps)} tap subscribers already (http.max_tap_subscribers); try again later", [(b"retry-after", b"10")])
+            return
+        tap = Tap(query.get("source"), kind, self.settings.tap_buffer)
         self.taps.add(tap)
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store")]})
-        await send({"type": "http.response.body", "body": b": tap open\n\n", "more_body": True})
         try:
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store")]})
+            await send({"type": "http.response.body", "body": b": tap open\n\n", "more_body": True})
             async with trio.open_nursery() as nursery:
 
                 async def until_disconnect():
@@ -344,8 +666,15 @@ class ViewServer:
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(until_disconnect)
-                async for message in tap.receive:
-                    await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(message) + b"\n\n", "more_body": True})
+                reported = 0
+                while (taken := await tap.next_lines()) is not None:
+                    lines, dropped = taken
+                    body = tap.frames(lines)
+                    if dropped != reported:  # where the gap is: before these lines
+                        reported = dropped
+                        body = b"event: dropped\ndata: " + orjson.dumps({"dropped": dropped}) + b"\n\n" + body
+                    if body:
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
                 nursery.cancel_scope.cancel()
         finally:
             self.taps.discard(tap)
@@ -362,6 +691,14 @@ class ViewServer:
             await _respond(send, 404, {"error": "the web page is not part of this build"})
             return
         await _respond_bytes(send, 200, body, b"text/html; charset=utf-8")
+
+
+def _next_page(path: str, page: dict, **query) -> str | None:
+    """The path and query of the page after `page`, None on the last."""
+    if page["number"] >= page["pages"]:
+        return None
+    given = {k: v for k, v in query.items() if v is not None}
+    return f"{urllib.parse.quote(path)}?{urllib.parse.urlencode({**given, 'page': page['number'] + 1, 'limit': page['limit']})}"
 
 
 async def _respond(send, status: int, payload, headers=()) -> None:
