@@ -76,8 +76,8 @@ def view_token(settings, data_dir: Path, environ) -> tuple[str | None, str]:
 
 def stored_token(path: Path) -> str:
     """The token in the file `path`, made first when there is none: random, mode 0600, created
-    whole in one step (written to a temporary file beside it, then linked to its name, so that no
-    reader sees part of one and of two starts at once one makes it), reused by every later start."""
+    whole in one step (written to a temporary file beside it, then linked to its name: no reader
+    sees part of one, and of two starts at the same time only one makes it), reused ever after."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return _read_token(path)
@@ -236,35 +236,38 @@ def page_of(query: dict, most: int) -> tuple[int, int]:
 
 class Tap:
     """One live-stream subscriber: its filter, and a buffer of its own that holds whole batches'
-    lines up to `capacity` bytes (or one batch, when a single one is larger). Offering a batch
-    costs the same whatever the subscriber does: past the capacity the batch is dropped for this
-    subscriber alone (counted); lines are filtered by type, and sent, in the subscriber's task."""
+    lines up to `capacity` bytes (or one batch, when a single one is larger). Lines are filtered
+    by type, and sent, in the subscriber's own task; one that lags behind its buffer is set
+    aside by its TapHub until it has room again."""
 
-    def __init__(self, source: str | None, kind: str | None, capacity: int):
+    def __init__(self, hub: "TapHub", source: str | None, kind: str | None, capacity: int):
+        self.hub = hub
         self.source = source
         self.kind = kind
         self.capacity = capacity
         self._needle = f'"type":"{kind}"'.encode() if kind else None
         self._pending: collections.deque = collections.deque()  # (lines, bytes, dropped before them)
         self.held = 0  # bytes in _pending
-        self.dropped = 0  # messages dropped for this subscriber
+        self.dropped = 0  # messages dropped for this subscriber, up to when it was last set aside
+        self.stalled_at: int | None = None  # while set aside: its source's count (TapHub.seen) then
         self.sent = 0
         self._wakeup = trio.Event()
         self._closed = False
 
-    def wants(self, source: str) -> bool:
-        return self.source is None or source == self.source
-
-    def offer(self, lines: list[bytes], size: int) -> int:
-        """A batch's lines (never changed once the correlator made them) and their bytes; the
-        number of messages dropped for this subscriber (0 when they were taken)."""
+    def offer(self, lines: list[bytes], size: int) -> bool:
+        """A batch's lines (never changed once the correlator made them) and their bytes; False
+        when there is no room for them."""
         if self.held and self.held + size > self.capacity:
-            self.dropped += len(lines)
-            return len(lines)
+            return False
         self._pending.append((lines, size, self.dropped))
         self.held += size
         self._wakeup.set()
-        return 0
+        return True
+
+    @property
+    def dropped_now(self) -> int:
+        """Messages dropped for this subscriber so far, those of a stall still going on too."""
+        return self.dropped + (self.hub.seen(self.source) - self.stalled_at if self.stalled_at is not None else 0)
 
     def close(self) -> None:
         self._closed = True
@@ -278,8 +281,17 @@ class Tap:
                 return None
             self._wakeup = trio.Event()
             await self._wakeup.wait()
+        return self.next_lines_nowait()
+
+    def next_lines_nowait(self) -> tuple[list[bytes], int]:
+        """As `next_lines`, or trio.WouldBlock when none is held. Taking one makes room: a
+        subscriber set aside takes batches again."""
+        if not self._pending:
+            raise trio.WouldBlock
         lines, size, dropped = self._pending.popleft()
         self.held -= size
+        if self.stalled_at is not None:
+            self.hub.resume(self)
         return lines, dropped
 
     def frames(self, lines: list[bytes]) -> bytes:
@@ -292,7 +304,91 @@ class Tap:
         return b"".join(b"data: " + line + b"\n\n" for line in lines)
 
     def statistics(self) -> dict:
-        return {"source": self.source, "type": self.kind, "held_bytes": self.held, "sent": self.sent, "dropped": self.dropped}
+        return {"source": self.source, "type": self.kind, "held_bytes": self.held, "sent": self.sent, "dropped": self.dropped_now, "stalled": self.stalled_at is not None}
+
+
+class TapHub:
+    """The tap's subscribers, fed every chunk's batches by the correlator. A subscriber that has
+    no room for a batch is set aside until it takes one from its buffer: meanwhile chunks cost
+    nothing for it, however many such subscribers there are, and what it missed is the number of
+    its source's messages published in between (counted per subscriber and in total)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.active: set[Tap] = set()
+        self.stalled: set[Tap] = set()
+        # Messages published while there were subscribers, in all (None) and for each source a
+        # subscriber follows: what a stalled subscriber's drops are counted from.
+        self._seen: collections.Counter = collections.Counter()
+        self._followed: collections.Counter = collections.Counter()  # source -> subscribers
+        self.dropped_by_closed = 0
+
+    def __len__(self) -> int:
+        return len(self.active) + len(self.stalled)
+
+    def __iter__(self):
+        yield from self.active
+        yield from self.stalled
+
+    def seen(self, source: str | None) -> int:
+        return self._seen[source]
+
+    def subscribe(self, source: str | None, kind: str | None) -> Tap:
+        tap = Tap(self, source, kind, self.capacity)
+        self.active.add(tap)
+        if source is not None:
+            self._followed[source] += 1
+        return tap
+
+    def unsubscribe(self, tap: Tap) -> None:
+        tap.dropped, tap.stalled_at = tap.dropped_now, None  # counted from here on without the hub
+        self.dropped_by_closed += tap.dropped
+        self.active.discard(tap)
+        self.stalled.discard(tap)
+        if tap.source is not None:
+            self._followed[tap.source] -= 1
+            if not self._followed[tap.source]:
+                self._followed.pop(tap.source)
+                self._seen.pop(tap.source, None)
+
+    def resume(self, tap: Tap) -> None:
+        tap.dropped = tap.dropped_now
+        tap.stalled_at = None
+        self.stalled.discard(tap)
+        self.active.add(tap)
+
+    def dropped(self) -> int:
+        return self.dropped_by_closed + sum(tap.dropped_now for tap in self)
+
+    def close(self) -> None:
+        for tap in list(self):
+            tap.close()
+
+    def publish(self, batches: list) -> None:
+        """A chunk's batches: per batch two counts, and for each subscriber taking batches of its
+        source one append (a stalled one is not even looked at)."""
+        if not (self.active or self.stalled):
+            return
+        seen, followed, active = self._seen, self._followed, self.active
+        for batch in batches:
+            lines = batch.lines
+            count = len(lines)
+            source = batch.source
+            seen[None] += count
+            if source in followed:
+                seen[source] += count
+            if not active:
+                continue
+            size = -1
+            for tap in tuple(active):
+                if tap.source is not None and tap.source != source:
+                    continue
+                if size < 0:
+                    size = sum(map(len, lines))
+                if not tap.offer(lines, size):  # set aside, this batch the first it missed
+                    tap.stalled_at = seen[tap.source] - count
+                    active.discard(tap)
+                    self.stalled.add(tap)
 
 
 class SidecarCollector(Collector):
@@ -311,7 +407,6 @@ class SidecarCollector(Collector):
             ("reload_failures_total", "Configuration reloads rejected"),
             ("view_errors_total", "Live index or tap updates that met a bug (their messages were delivered)"),
             ("http_not_found_total", "Requests to the HTTP view for paths it does not serve"),
-            ("tap_dropped_messages_total", "Messages a tap subscriber missed: it lagged behind by more than http.tap_buffer"),
         ):
             family = CounterMetricFamily(f"sidecar_{name.removesuffix('_total')}", help_text)
             family.add_metric([], counters.get(name))
@@ -391,9 +486,13 @@ class SidecarCollector(Collector):
         links.add_metric([], index.get("dropped_links", 0))
         yield links
         if self.sidecar.view is not None:
-            taps = GaugeMetricFamily("sidecar_tap_subscribers", "Open /api/tap streams (cap: http.max_tap_subscribers)")
-            taps.add_metric([], len(self.sidecar.view.taps))
-            yield taps
+            taps = self.sidecar.view.taps
+            subscribers = GaugeMetricFamily("sidecar_tap_subscribers", "Open /api/tap streams (cap: http.max_tap_subscribers)")
+            subscribers.add_metric([], len(taps))
+            yield subscribers
+            dropped = CounterMetricFamily("sidecar_tap_dropped_messages", "Messages a tap subscriber missed: it lagged behind by more than http.tap_buffer")
+            dropped.add_metric([], taps.dropped())
+            yield dropped
         apps = self.sidecar.view.apps_metrics if self.sidecar.view is not None else None
         if apps is not None:
             series = GaugeMetricFamily("sidecar_apps_metrics_series", "Series held for the applications' metrics (aggregated groups and raw metrics; cap: http.apps_metrics_max_series)")
@@ -434,7 +533,7 @@ class ViewServer:
         self.apps_metrics = AppsMetrics(settings.apps_metrics_max_series, raw=settings.apps_metrics_raw, raw_max_age=settings.apps_metrics_raw_max_age)
         self.apps_registry = CollectorRegistry(auto_describe=False)
         self.apps_registry.register(AppsCollector(self.apps_metrics))
-        self.taps: set[Tap] = set()
+        self.taps = TapHub(settings.tap_buffer)
         self._not_found_log = RateLimitedLog(log, interval=60.0)
         self._refused_log = RateLimitedLog(log, interval=60.0)
         self.address: tuple[str, int] | None = None
@@ -494,23 +593,10 @@ class ViewServer:
 
     def stop(self) -> None:
         self._stop.set()
-        for tap in list(self.taps):
-            tap.close()
+        self.taps.close()
 
     def publish(self, batches: list) -> None:
-        """A chunk's batches to every tap: per batch and tap a test and at most one append, so
-        that a subscriber that reads slowly, or not at all, costs ingestion nothing more."""
-        if not self.taps:
-            return
-        for batch in batches:
-            size = -1
-            for tap in self.taps:
-                if tap.wants(batch.source):
-                    if size < 0:
-                        size = sum(map(len, batch.lines))
-                    dropped = tap.offer(batch.lines, size)
-                    if dropped:
-                        self.sidecar.counters.inc("tap_dropped_messages_total", dropped)
+        self.taps.publish(batches)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -653,8 +739,7 @@ class ViewServer:
         if len(self.taps) >= self.settings.max_tap_subscribers:
             await self._refuse(send, 503, "tap_limit", f"{len(self.taps)} tap subscribers already (http.max_tap_subscribers); try again later", [(b"retry-after", b"10")])
             return
-        tap = Tap(query.get("source"), kind, self.settings.tap_buffer)
-        self.taps.add(tap)
+        tap = self.taps.subscribe(query.get("source"), kind)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store")]})
             await send({"type": "http.response.body", "body": b": tap open\n\n", "more_body": True})
@@ -677,7 +762,7 @@ class ViewServer:
                         await send({"type": "http.response.body", "body": body, "more_body": True})
                 nursery.cancel_scope.cancel()
         finally:
-            self.taps.discard(tap)
+            self.taps.unsubscribe(tap)
         with trio.move_on_after(1) as cleanup:
             cleanup.shield = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -18,8 +18,9 @@ import trio
 from hypothesis import given, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.http import TOKEN_FILE, BadRequest, RequestGuard, Tap, TokenFileError, is_json, is_loopback, page_of, stored_token
-from tests.harness import REPO, SidecarProcess, wait_until
+from sidecar.batch import Batch
+from sidecar.http import TOKEN_FILE, BadRequest, RequestGuard, TapHub, TokenFileError, is_json, is_loopback, page_of, stored_token
+from tests.harness import SidecarProcess, wait_until
 
 TOKEN = "s3cret-t0ken-for-tests"
 UNROUTED = """
@@ -245,11 +246,28 @@ def scope(headers=(), server=("127.0.0.1", 17001), scheme="http"):
     return {"headers": [(k.encode() if isinstance(k, str) else k, v) for k, v in headers], "server": server, "scheme": scheme}
 
 
-@given(st.binary(max_size=80))
+_space = st.sampled_from([b"", b" ", b"\t", b"  \t "])
+_bearers = st.one_of(
+    st.binary(max_size=80),
+    st.builds(  # near the right one: the scheme in any case, spaces, and what may spoil it
+        lambda pre, scheme, mid, token, post: pre + scheme + b" " + mid + token + post,
+        _space,
+        st.sampled_from([b"Bearer", b"bearer", b"BEARER", b"bEaReR", b"Basic", b"Bearer:"]),
+        _space,
+        st.sampled_from([TOKEN.encode(), TOKEN.encode()[:-1], TOKEN.encode() + b"x", TOKEN.upper().encode(), "s3cret-t0ken-for-testś".encode()]),
+        st.one_of(_space, st.binary(max_size=3)),
+    ),
+)
+
+
+@given(_bearers)
 def test_any_authorization_bytes_are_answered_and_only_the_token_passes(value):
+    import re
+
     guard = RequestGuard("127.0.0.1", (), TOKEN)
-    expected = value.strip().partition(b" ")[0].lower() == b"bearer" and value.strip().partition(b" ")[2].strip() == TOKEN.encode()
-    assert guard.authorised(scope([("authorization", value)])) is expected
+    right = re.fullmatch(rb"\s*(?i:bearer) \s*" + re.escape(TOKEN.encode()) + rb"\s*", value) is not None
+    assert guard.authorised(scope([("authorization", value)])) is right
+    assert guard.authorised(scope([("authorization", value), ("authorization", value)])) is False  # two: refused
 
 
 @given(st.binary(max_size=40), st.binary(max_size=40))
@@ -301,47 +319,78 @@ def test_a_page_query_is_a_page_within_the_limit_or_a_clear_error(query, most):
         assert limit == most
 
 
-class Untouchable(list):
-    """A batch's lines a full tap must not even look at: offering costs O(1)."""
+tap_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("publish"), st.sampled_from(["a", "b"]), st.integers(1, 4), st.integers(1, 3000)),  # source, messages, bytes
+        st.tuples(st.just("take"), st.integers(0, 2)),  # which subscriber reads a batch
+        st.tuples(st.just("leave"), st.integers(0, 2)),
+    ),
+    max_size=60,
+)
 
-    def __iter__(self):
-        raise AssertionError("a full tap iterated a batch's lines")
 
-    def __getitem__(self, index):
-        raise AssertionError("a full tap read a batch's lines")
-
-
-@given(st.lists(st.integers(1, 5000), max_size=40), st.integers(1024, 8192))
-def test_a_tap_holds_at_most_its_buffer_or_one_batch_and_counts_what_it_drops(sizes, capacity):
-    tap = Tap(None, None, capacity)
-    offered = taken = largest = 0
-    for size in sizes:
-        largest = max(largest, size)
-        lines = [b"x"] * 3
-        full = tap.held and tap.held + size > capacity
-        dropped = tap.offer(Untouchable(lines) if full else lines, size)
-        offered += 3
-        taken += 3 - dropped
-        assert tap.held <= max(capacity, largest)  # a batch larger than the buffer goes alone
-    assert tap.dropped == offered - taken
+@given(tap_ops, st.integers(1024, 8192))
+def test_tap_subscribers_get_or_are_told_of_every_message_and_a_stalled_one_costs_a_chunk_nothing(ops, capacity):
+    hub = TapHub(capacity)
+    taps = [hub.subscribe(None, None), hub.subscribe("a", None), hub.subscribe("b", "event")]
+    wanted = {id(tap): 0 for tap in taps}  # messages of its source published while it listened
+    taken = {id(tap): 0 for tap in taps}
+    offers = {id(tap): 0 for tap in taps}
+    for tap in taps:
+        tap.offer = (lambda tap, offer: lambda *a: (offers.__setitem__(id(tap), offers[id(tap)] + 1), offer(*a))[1])(tap, tap.offer)
+    largest = 0
+    for op in ops:
+        if op[0] == "publish":
+            _kind, source, count, size = op
+            largest = max(largest, size)
+            listening = [t for t in taps if t in set(hub)]
+            active = [t for t in listening if t in hub.active and t.source in (None, source)]
+            before = dict(offers)
+            hub.publish([Batch(source, [b"x" * (size // count)] * count, [""] * count)])
+            for tap in listening:
+                wanted[id(tap)] += count if tap.source in (None, source) else 0
+                # Only a subscriber taking batches is offered one: a stalled one is not looked at.
+                assert offers[id(tap)] - before[id(tap)] == (tap in active)
+        elif op[0] == "take" and taps[op[1]] in set(hub):
+            tap = taps[op[1]]
+            try:
+                lines, _dropped_before = tap.next_lines_nowait()
+            except trio.WouldBlock:
+                continue
+            taken[id(tap)] += len(lines)
+        elif op[0] == "leave" and taps[op[1]] in set(hub):
+            hub.unsubscribe(taps[op[1]])
+        for tap in hub:
+            assert tap.held <= max(capacity, largest)  # a batch larger than the buffer goes alone
+    for tap in taps:
+        held = sum(len(lines) for lines, _size, _before in tap._pending)
+        assert taken[id(tap)] + held + tap.dropped_now == wanted[id(tap)]
+    assert hub.dropped() == sum(tap.dropped_now for tap in taps)
 
 
 async def test_a_tap_sends_its_type_only_and_says_where_the_gap_is():
-    tap = Tap("a", "event", 1024)
+    hub = TapHub(1024)
+    tap = hub.subscribe("a", "event")
     # Each names the other type in its text: the type filter reads the type, not the bytes.
     event = b'{"source":"a","type":"event","data":{"message":"\\"type\\":\\"metric\\""}}'
     other = b'{"source":"a","type":"metric","data":{"message":"\\"type\\":\\"event\\""}}'
-    assert tap.wants("a") and not tap.wants("b")
-    assert tap.offer([event, other], 1000) == 0
-    assert tap.offer([event], 1000) == 1  # full: dropped for this subscriber alone
+    big = lambda *lines: Batch("a", list(lines), [""] * len(lines))
+    hub.publish([big(event, other + b" " * 1000), Batch("b", [event], [""])])
+    hub.publish([big(event + b" " * 1000)])  # no room: dropped for this subscriber alone
+    assert tap in hub.stalled and tap.dropped_now == 1
+    hub.publish([big(event)])
+    assert tap.dropped_now == 2
     lines, dropped_before = await tap.next_lines()
     assert (tap.frames(lines), dropped_before) == (b"data: " + event + b"\n\n", 0)
-    assert tap.offer([event, event], 100) == 0
+    assert tap in hub.active
+    hub.publish([big(event, event)])
     lines, dropped_before = await tap.next_lines()
-    assert dropped_before == 1 and tap.frames(lines) == (b"data: " + event + b"\n\n") * 2
-    assert tap.statistics() == {"source": "a", "type": "event", "held_bytes": 0, "sent": 3, "dropped": 1}
+    assert dropped_before == 2 and tap.frames(lines) == (b"data: " + event + b"\n\n") * 2
+    assert tap.statistics() == {"source": "a", "type": "event", "held_bytes": 0, "sent": 3, "dropped": 2, "stalled": False}
     tap.close()
     assert await tap.next_lines() is None
+    hub.unsubscribe(tap)
+    assert len(hub) == 0 and hub.dropped() == 2
 
 
 def test_the_token_file_is_made_once_with_mode_0600_and_kept(tmp_path):
@@ -394,15 +443,22 @@ def payload(count: int, source: str = "load") -> bytes:
     return b"".join(line % n for n in range(count))
 
 
-def ingestion_rate(sidecar, data: bytes, count: int) -> float:
+def ingestion_rate(sidecar, data: bytes, count: int, times: int = 1) -> float:
     """Messages per second through the correlator (every one unrouted: no backend), from the
-    first byte sent to the last message counted."""
+    first byte sent to the last message counted; `data` (`count` messages) sent `times` over."""
     before = sidecar.stats()["unrouted"]
     started = time.perf_counter()
     with sidecar.connect() as conn:
-        conn.sendall(data)
-    wait_until(lambda: sidecar.stats()["unrouted"] >= before + count, 60, "the load to pass", interval=0.005)
-    return count / (time.perf_counter() - started)
+        for _ in range(times):
+            conn.sendall(data)
+    wait_until(lambda: sidecar.stats()["unrouted"] >= before + count * times, 60, "the load to pass", interval=0.005)
+    return count * times / (time.perf_counter() - started)
+
+
+def best_rate(sidecar, data: bytes, count: int) -> float:
+    """The better of two runs of about two seconds each: another process on the two shared
+    cores only ever slows a run, and the status file's 50 ms are 2.5% of one."""
+    return max(ingestion_rate(sidecar, data, count, times=5) for _ in range(2))
 
 
 def test_tap_subscribers_past_the_cap_are_refused_and_counted(tmp_path):
@@ -440,7 +496,7 @@ def test_two_hundred_stalled_tap_subscribers_do_not_slow_ingestion(tmp_path):
     taps = []
     try:
         ingestion_rate(sidecar, data[: len(data) // 8], count // 8)  # warm
-        alone = ingestion_rate(sidecar, data, count)
+        alone = best_rate(sidecar, data, count)
         for _ in range(200):
             conn, status = open_stalled_tap(port)
             assert status == 200
@@ -453,16 +509,13 @@ def test_two_hundred_stalled_tap_subscribers_do_not_slow_ingestion(tmp_path):
         # Each holds its buffer or, as here, the one batch larger than it (a chunk: tcp.read_size
         # of lines before enrichment).
         assert len(listed) == 200 and all(t["dropped"] > 0 and t["held_bytes"] <= 1024 * 1024 for t in listed)
-        for attempt in range(2):  # two shared cores: a second measurement when the first was noisy
-            tapped = ingestion_rate(sidecar, data, count)
-            again = ingestion_rate(sidecar, data, count) if tapped < 0.9 * alone else tapped
-            print(f"ingestion alone {alone:,.0f}/s, with 200 stalled taps {tapped:,.0f}/s and {again:,.0f}/s")
-            if max(tapped, again) >= 0.9 * alone:
-                break
-            alone = max(alone, ingestion_rate(sidecar, data, count))
-        assert max(tapped, again) >= 0.9 * alone
+        tapped = best_rate(sidecar, data, count)
+        if tapped < 0.9 * alone:  # noisy neighbours: once more
+            tapped = max(tapped, best_rate(sidecar, data, count))
+        print(f"ingestion alone {alone:,.0f}/s, with 200 stalled tap subscribers {tapped:,.0f}/s")
+        assert tapped >= 0.9 * alone
         dropped = sum(t["dropped"] for t in get_json(port, "/api/taps")[1]["taps"])
-        assert metric(sidecar, "sidecar_tap_dropped_messages") == dropped > 200 * count
+        assert metric(sidecar, "sidecar_tap_dropped_messages") == dropped > 200 * 10 * count
     finally:
         for conn in taps:
             conn.close()
@@ -487,7 +540,11 @@ def test_a_job_of_a_million_spans_is_answered_in_pages_with_memory_bounded_and_i
         sidecar.send([{"source": "big", "type": "event", "data": {"level": "info", "message": "start"}, "context": {"job_id": "job-big"}}])
         sidecar.wait_for(lambda s: s["unrouted"] == 1, what="the job")
         before = rss_mib(sidecar.process.pid)
-        sender = threading.Thread(target=lambda: sidecar.send_raw(data), daemon=True)
+        def send_all():
+            with socket.create_connection(("127.0.0.1", sidecar.port), timeout=120) as conn:  # 180 MB
+                conn.sendall(data)
+
+        sender = threading.Thread(target=send_all, daemon=True)
         sender.start()
         while sender.is_alive():  # the view asked for while the spans pour in
             started = time.perf_counter()
