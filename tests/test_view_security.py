@@ -6,6 +6,7 @@ in pages; and the pure parts (RequestGuard, page_of, Tap, stored_token) by prope
 
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -161,6 +162,11 @@ def test_with_a_token_every_api_route_needs_it_and_no_bearer_makes_a_500(tmp_pat
         for path in ("/healthz", "/readyz", "/metrics", "/metrics/apps", "/"):
             assert request(port, "GET", path)[0] == 200, path
         assert metric(sidecar, "sidecar_http_refused", reason="token") == 2 * len(wrong) + 1 + len(paths)
+        url = {"MONITORING_SIDECAR_URL": f"http://127.0.0.1:{port}"}
+        for token, code in ((TOKEN, 0), ("", 1), ("wrong", 1)):
+            traced = subprocess.run([sys.executable, "-m", "sidecar", "trace", "job-1"], capture_output=True, text=True, timeout=30, env={**os.environ, **url, "MONITORING_SIDECAR_TOKEN": token})
+            assert traced.returncode == code, traced.stderr
+        assert "monitoring-sidecar token" in traced.stderr or "is not the sidecar's token" in traced.stderr
         assert "Traceback" not in sidecar.log() and "level=error" not in sidecar.log()
     finally:
         assert sidecar.stop() == 0
@@ -580,3 +586,32 @@ def test_a_job_of_a_million_spans_is_answered_in_pages_with_memory_bounded_and_i
         assert metric(sidecar, "sidecar_index_evicted_spans", of="traces") == count - 10_000
     finally:
         assert sidecar.stop() == 0
+
+
+def test_the_tap_command_sends_the_token_and_says_when_it_fell_behind(tmp_path):
+    sidecar = SidecarProcess(tmp_path, config(tmp_path, http="tap_buffer: 4KiB"), env={"MONITORING_SIDECAR_TOKEN": TOKEN}).start()
+    env = {**os.environ, "MONITORING_SIDECAR_URL": f"http://127.0.0.1:{sidecar.http_port}", "MONITORING_SIDECAR_TOKEN": TOKEN}
+    tap = subprocess.Popen([sys.executable, "-m", "sidecar", "tap", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    try:
+        wait_until(lambda: metric(sidecar, "sidecar_tap_subscribers") == 1, what="the tap to open")
+        # The command's stdout is not read: it stops reading the stream, and the sidecar drops for it.
+        for _ in range(100):
+            with sidecar.connect() as conn:
+                conn.sendall(payload(20_000, "flood"))
+            if get_json(sidecar.http_port, "/api/taps", headers=bearer())[1]["taps"][0]["stalled"]:
+                break
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(tap.stdout), daemon=True)
+        reader.start()
+
+        def after_the_gap():  # sent until the tap takes batches again (one sent before is dropped too)
+            sidecar.send([{"source": "after", "type": "event", "data": {"level": "info", "message": "after the gap"}}])
+            return any(b'"after the gap"' in line for line in lines)
+
+        wait_until(after_the_gap, 30, "a message after the gap", interval=0.2)
+    finally:
+        tap.terminate()
+        _out, err = tap.communicate(timeout=10)
+        assert sidecar.stop() == 0
+    assert re.search(rb"tap: \d+ messages dropped so far: this terminal fell behind", err), err[-500:]
+    assert all(json.loads(line)["source"] in ("flood", "after") for line in lines)
