@@ -26,7 +26,7 @@ from sidecar.correlator import Correlator, Routing
 from sidecar.delivery import BackendSupervisor
 from sidecar.disk_log import DiskBudget, held_in
 from sidecar.http import ViewServer
-from sidecar.jobs import LiveIndex
+from sidecar.jobs import PAGE_SIZE, LiveIndex
 from sidecar.metrics import Counters
 from sidecar.routing import RouteTable
 from sidecar.transforms import TransformStage
@@ -204,16 +204,16 @@ class Sidecar:
         """Override the HTTP view's address (the command line's --http)."""
         self.http_settings = attrs.evolve(self.http_settings, host=host, port=port, enabled=True)
 
-    async def job_view(self, job_id: str) -> dict | None:
-        return await self._view("job", job_id)
+    async def job_view(self, job_id: str, page: int = 1, limit: int = PAGE_SIZE) -> dict | None:
+        return await self._view("job", job_id, page, limit)
 
-    async def trace_view(self, trace_id: str) -> dict | None:
-        return await self._view("trace", trace_id)
+    async def trace_view(self, trace_id: str, page: int = 1, limit: int = PAGE_SIZE) -> dict | None:
+        return await self._view("trace", trace_id, page, limit)
 
-    async def _view(self, kind: str, key: str) -> dict | None:
-        """From a backend that reads its messages back when one is configured, else from the
-        live index (`sidecar.stored_view`)."""
-        return await stored_view.view(kind, key, self.correlator.index, self.topology.supervisors)
+    async def _view(self, kind: str, key: str, page: int, limit: int) -> dict | None:
+        """Page `page` of it, from a backend that reads its messages back when one is
+        configured, else from the live index (`sidecar.stored_view`)."""
+        return await stored_view.view(kind, key, self.correlator.index, self.topology.supervisors, page, limit)
 
     async def _expire_index(self) -> None:
         while True:
@@ -236,7 +236,10 @@ class Sidecar:
             table = RouteTable(self.config.rules)
             _warn_of_shared_places(table)
             index_settings = self.config.index
-            index = LiveIndex(index_settings.max_jobs, index_settings.max_traces, index_settings.max_age, trio.current_time)
+            index = LiveIndex(
+                index_settings.max_jobs, index_settings.max_traces, index_settings.max_age, trio.current_time,
+                max_spans_per_job=index_settings.max_spans_per_job, max_spans_per_trace=index_settings.max_spans_per_trace,
+            )
             supervisors = self.topology.apply(table, Path(self.config.storage.data_dir), self.config.storage.max_bytes, self.config.storage.sync_interval)
             routing = Routing(table, supervisors, TransformStage(self.config.transforms))
             self.correlator = Correlator(routing, self.counters, index, trace_cache_size=self.config.pipeline.trace_cache_size, aggregation=Aggregation(self.config.aggregate))

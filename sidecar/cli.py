@@ -1,4 +1,4 @@
-"""The `monitoring-sidecar` command: run, check, send, trace, tap.
+"""The `monitoring-sidecar` command: run, check, send, trace, tap, token.
 
 An operator's mistake (a port in use, a bad flag value, a config file that is not there) ends in
 one or two lines, `error: what happened` and `hint: what to do`, with exit code 2 for usage and
@@ -19,13 +19,14 @@ import sys
 import traceback
 from pathlib import Path
 
+import attrs
 import orjson
 
 from sidecar import __version__
 from sidecar.ingest import NATIVE_AVAILABLE
 from sidecar.backends import backend_class
 from sidecar.config import ConfigError, display_value, load_config
-from sidecar.config.exposure import exposures, token_configured
+from sidecar.config.exposure import exposures
 from sidecar.constants import LEVELS, MESSAGE_TYPES
 from sidecar.message import MessageError, format_timestamp, validate_message
 from sidecar import places
@@ -233,11 +234,11 @@ def _warn_of_exposures(sidecar) -> None:
     """What listens beyond loopback without authentication, where --listen and --http put it:
     a warning each, or with security.require_auth_beyond_loopback a refusal (the config's own
     addresses were refused by the loader already; these come from the command line)."""
-    found = exposures({name: source.settings for name, source in sidecar.sources.items()}, sidecar.http_settings, token_configured(sidecar.http_settings, os.environ))
+    found = exposures({name: source.settings for name, source in sidecar.sources.items()})
     if found and sidecar.config.security.require_auth_beyond_loopback:
         first = found[0]
         raise OperatorError(
-            f"{first.what} would listen on {first.address} (from --listen or --http), beyond loopback, without authentication, and security.require_auth_beyond_loopback is true",
+            f"{first.what} would listen on {first.address} (from --listen), beyond loopback, without authentication, and security.require_auth_beyond_loopback is true",
             "listen on 127.0.0.1, or configure authentication for it (docs/security.md)",
             EXIT_CONFIG_ERROR,
         )
@@ -320,7 +321,7 @@ def command_check(args) -> int:
         for target in targets:
             filters = " or ".join(f.describe() for f in target.filters) or "all messages"
             print(f"    -> {target.spec.label}: {filters}; {_describe_settings(target.spec)}")
-    for exposure in exposures({name: spec.settings for name, spec in config.sources.items()}, config.http, token_configured(config.http, os.environ)):
+    for exposure in exposures({name: spec.settings for name, spec in config.sources.items()}):
         print(f"\nwarning: {exposure.warning}")
     shared = places.shared_places(table, places.sources_to_try(table, tuple(args.source or ())), now)
     for headline, *details in places.warnings_for(shared):
@@ -491,13 +492,21 @@ def _unreachable(url: str, exc: Exception, what: str = "reach the sidecar's HTTP
     )
 
 
+def _with_token(request):
+    """The request with the bearer token of $MONITORING_SIDECAR_TOKEN, when it is set."""
+    token = os.environ.get("MONITORING_SIDECAR_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    return request
+
+
 def _get_json(url: str, timeout: float, base: str):
     """(status, JSON body) of a GET; an answer that is not JSON is an OperatorError."""
     import urllib.error
     import urllib.request
 
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(_with_token(urllib.request.Request(url)), timeout=timeout) as response:
             status, body = response.status, response.read()
     except urllib.error.HTTPError as exc:
         status, body = exc.code, exc.read() or b"{}"
@@ -519,6 +528,8 @@ def command_trace(args) -> int:
     if status == 404:
         what = "trace ids are 32 hex digits, as in TRACEPARENT" if args.trace else f"the live index keeps recent jobs (index.max_jobs, index.max_age); {base}/api/jobs lists them"
         raise OperatorError(view.get("error", "not found"), what)
+    if status == 401:
+        raise OperatorError(f"the sidecar's view at {base} refused: HTTP 401", _TOKEN_HINT if not os.environ.get("MONITORING_SIDECAR_TOKEN") else "$MONITORING_SIDECAR_TOKEN is not the sidecar's token")
     if status != 200:
         raise OperatorError(f"the sidecar's view answered HTTP {status}: {view.get('error', view)}")
     if args.json:
@@ -575,9 +586,13 @@ def _span_tree(spans: list, indent: str = "    ") -> list[str]:
     return lines
 
 
+_TOKEN_HINT = "set $MONITORING_SIDECAR_TOKEN to the sidecar's token: `monitoring-sidecar token` prints it where the sidecar runs"
+
+
 def render_view(view: dict, spans: bool = False) -> str:
     """`trace` in the terminal: the seed's tree (sidecar.jobs.render_tree) with the status on
-    its Total line, then which service failed and how, and with `spans` the span tree."""
+    its Total line, then which service failed and how, and with `spans` the span tree (of the
+    view's first page: a note says how many more there are)."""
     from sidecar.jobs import render_tree
 
     lines = render_tree(view).split("\n")
@@ -596,6 +611,9 @@ def render_view(view: dict, spans: bool = False) -> str:
         tree = _span_tree(view.get("spans") or [])
         lines.append("  Spans:" if tree else "  Spans: none")
         lines.extend(tree)
+        page = view.get("page") or {}
+        if page.get("pages", 1) > 1:
+            lines.append(f"  ... the first {page['limit']:,} of {page['spans']:,} spans (the rest: /api/jobs/ID?page=2 and on)")
     return "\n".join(lines)
 
 
@@ -609,25 +627,65 @@ def command_tap(args) -> int:
 
     base = _view_url(args)
     query = urllib.parse.urlencode({k: v for k, v in (("source", args.source), ("type", args.type)) if v})
-    request = urllib.request.Request(f"{base}/api/tap?{query}")
+    request = _with_token(urllib.request.Request(f"{base}/api/tap?{query}"))
     token = os.environ.get("MONITORING_SIDECAR_TOKEN")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request) as stream:
+            event = None  # of the Server-Sent Event being read: None for a message
             for raw in stream:
-                if raw.startswith(b"data: "):
+                if raw.startswith(b"event: "):
+                    event = raw[7:].strip().decode("ascii", "replace")
+                elif raw.startswith(b"data: ") and event == "dropped":
+                    dropped = json.loads(raw[6:])["dropped"]
+                    print(f"tap: {dropped} messages dropped so far: this terminal fell behind the sidecar's tap buffer (http.tap_buffer)", file=sys.stderr, flush=True)
+                elif raw.startswith(b"data: "):
                     message = json.loads(raw[6:])
                     print(json.dumps(message) if args.json else format_line(message), flush=True)
+                elif raw in (b"\n", b"\r\n"):
+                    event = None
     except KeyboardInterrupt:  # the way to stop following
         return 0
     except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
-            hint = "set $MONITORING_SIDECAR_TOKEN to the sidecar's token (its http.token_env variable)" if not token else "$MONITORING_SIDECAR_TOKEN is not the sidecar's token"
+        if exc.code == 401:
+            hint = _TOKEN_HINT if not token else "$MONITORING_SIDECAR_TOKEN is not the sidecar's token"
             raise OperatorError(f"the sidecar's tap at {base} refused: HTTP {exc.code}", hint) from exc
+        if exc.code == 503:
+            raise OperatorError(f"the sidecar's tap at {base} is full: HTTP 503", "as many follow it as http.max_tap_subscribers allows: try again later") from exc
         raise OperatorError(f"the sidecar's tap at {base} answered HTTP {exc.code}", "is --url the sidecar's HTTP view?") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise _unreachable(base, exc, "follow the sidecar's tap") from exc
+    return 0
+
+
+def command_token(args) -> int:
+    """Print the bearer token the HTTP view's /api routes need, as `run` with these arguments
+    would take it: the variable http.token_env names, or the token made in storage.data_dir
+    for a view beyond loopback (made now when the view has not made it yet)."""
+    from sidecar.http import TokenFileError, view_token
+
+    config_path, routes_dir, _note = _paths(args)
+    try:
+        config = load_config(config_path, routes_dir)
+    except ConfigError as error:
+        _print_problems(error)
+        return EXIT_CONFIG_ERROR
+    settings = config.http
+    http = _setting(args.http, "MONITORING_SIDECAR_HTTP")
+    if http:
+        host, port = _host_port(http, _from("--http", "MONITORING_SIDECAR_HTTP", args.http))
+        settings = attrs.evolve(settings, host=host or "127.0.0.1", port=port, enabled=True)
+    if not settings.enabled:
+        raise OperatorError("the HTTP view is off (http.enabled: false): it needs no token", "turn it on in the config (or run --http HOST:PORT)")
+    try:
+        token, _origin = view_token(settings, Path(config.storage.data_dir), os.environ)
+    except TokenFileError as exc:
+        raise OperatorError(str(exc), "storage.data_dir must be a directory this user can write (the sidecar keeps the token there)") from exc
+    if token is None:
+        raise OperatorError(
+            f"the HTTP view at {settings.host}:{settings.port} listens on loopback only and needs no token",
+            f"set ${settings.token_env} (for `run` and its clients) to require one; a view beyond loopback makes its own",
+        )
+    print(token)
     return 0
 
 
@@ -682,7 +740,14 @@ as in the SDKs; with $MONITORING_SIDECAR_TOKEN set, the auth message goes first.
   monitoring-sidecar tap --source queue-service --type event
   monitoring-sidecar tap --json | jq 'select(.data.level == "error")'
 
-Needs $MONITORING_SIDECAR_TOKEN when the sidecar has a token set.""",
+Needs $MONITORING_SIDECAR_TOKEN when the sidecar has a token (`monitoring-sidecar token`).""",
+    "token": """examples:
+  monitoring-sidecar token --config /etc/sidecar/sidecar.yaml
+  MONITORING_SIDECAR_TOKEN=$(monitoring-sidecar token) monitoring-sidecar tap
+
+Run it where `run` runs, with the same --config and --http: the token is $MONITORING_SIDECAR_TOKEN
+(http.token_env) when set, else the one a view beyond loopback keeps in storage.data_dir.
+A view on loopback without the variable needs none (exit 1). Nothing else prints the token.""",
 }
 
 
@@ -757,6 +822,11 @@ def build_parser() -> argparse.ArgumentParser:
     tap.add_argument("--url", help="the sidecar's HTTP view (default: $MONITORING_SIDECAR_URL, else http://127.0.0.1:17001)")
     tap.add_argument("--json", action="store_true", help="print each message as JSON instead of the console's line")
     tap.set_defaults(handler=command_tap)
+
+    token = _command(commands, "token", [debug], "print the bearer token the HTTP view's /api routes need")
+    _add_config_arguments(token)
+    token.add_argument("--http", metavar="HOST:PORT", help="the view's address, as given to run (default: $MONITORING_SIDECAR_HTTP, else http.host and http.port)")
+    token.set_defaults(handler=command_token)
     return parser
 
 

@@ -1,16 +1,27 @@
 """The HTTP side: health, Prometheus metrics, the unified view's JSON API and a live tap.
 
 A small ASGI application served by hypercorn's trio worker inside the sidecar's nursery (no web
-framework: a dozen routes do not need one). Read-only except `POST /api/reload`; reload and tap
-can require a bearer token taken from the environment.
+framework: a dozen routes do not need one). Safe by default (docs/http-api.md): a request whose
+Host does not name this view (DNS rebinding) or that comes from another origin is refused; every
+/api route needs the bearer token when there is one, from the environment or made in
+`storage.data_dir` when the view listens beyond loopback; the one route that changes anything,
+`POST /api/reload`, takes only JSON. `/healthz`, `/readyz` and the metrics stay open for probes
+and Prometheus. Jobs and traces are answered in pages and the tap's subscribers are bounded, each
+with a buffer of its own, so that no client makes a huge answer or slows ingestion.
 """
 
+import collections
 import functools
 import hmac
+import ipaddress
 import logging
 import os
+import re
+import secrets
+import stat
 import time
 import urllib.parse
+from pathlib import Path
 
 import orjson
 import trio
@@ -22,35 +33,363 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from sidecar.apps_metrics import AppsMetrics
 from sidecar.config import display_value
+from sidecar.constants import MESSAGE_TYPES
 from sidecar.logs import RateLimitedLog
 from sidecar.sources.base import CannotListen
 from sidecar.tls import server_context
 
 log = logging.getLogger("sidecar.http")
 
-TAP_BUFFER = 1000  # messages a slow tap client may lag behind before it loses some (counted)
+TOKEN_FILE = ".http-token"  # in storage.data_dir; backends' logs there are directories
+_TOKEN_TEXT = re.compile(r"[!-~]{16,512}")  # printable ASCII without spaces
+
+
+# ---------------------------------------------------------------- the token
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a view listening on `host` is reachable from this machine only: `localhost` or a
+    loopback address; not `0.0.0.0`, `::`, "" (every interface) or another name."""
+    name = host.strip("[]").lower().rstrip(".")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class TokenFileError(Exception):
+    """The generated token's file cannot be read or made; the message names it and says why."""
+
+
+def view_token(settings, data_dir: Path, environ) -> tuple[str | None, str]:
+    """The bearer token every /api route of the view needs, and where it comes from (to name it,
+    never to show it): the value of `http.token_env` when set; else, for a view that listens
+    beyond loopback, the one made in `data_dir` (`stored_token`); else none."""
+    if settings.token_env and environ.get(settings.token_env):
+        return environ[settings.token_env], f"${settings.token_env}"
+    if is_loopback(settings.host):
+        return None, "none: the view listens on loopback only"
+    path = Path(data_dir) / TOKEN_FILE
+    return stored_token(path), f"made for this view in {path} (`monitoring-sidecar token` prints it)"
+
+
+def stored_token(path: Path) -> str:
+    """The token in the file `path`, made first when there is none: random, mode 0600, created
+    whole in one step (written to a temporary file beside it, then linked to its name: no reader
+    sees part of one, and of two starts at the same time only one makes it), reused ever after."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _read_token(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise TokenFileError(f"cannot read the HTTP view's token file {path}: {exc.strerror or exc}") from exc
+    token = secrets.token_urlsafe(32)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(descriptor, token.encode() + b"\n")
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return _read_token(path)  # another start made it first: the token is that one
+    except OSError as exc:
+        raise TokenFileError(f"cannot make the HTTP view's token file {path}: {exc.strerror or exc}") from exc
+    finally:
+        temporary.unlink(missing_ok=True)
+    return token
+
+
+def _read_token(path: Path) -> str:
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise TokenFileError(f"the HTTP view's token file {path} is not a regular file")
+        if status.st_mode & 0o077:
+            os.fchmod(descriptor, 0o600)
+            log.warning("HTTP view: the token file %s could be read by others (mode %o): it is 0600 now", path, stat.S_IMODE(status.st_mode))
+        text = os.read(descriptor, 1024)
+    finally:
+        os.close(descriptor)
+    token = text.decode("ascii", "replace").strip()
+    if not _TOKEN_TEXT.fullmatch(token):
+        raise TokenFileError(f"the HTTP view's token file {path} holds no token (16 to 512 printable ASCII characters): remove it, and the next start makes a new one")
+    return token
+
+
+# ---------------------------------------------------------------- who may ask
+
+
+def _headers(scope, name: bytes) -> list[bytes]:
+    return [value for key, value in scope["headers"] if key == name]
+
+
+def _host_name(authority: str) -> str:
+    """The host of a Host header (`name`, `name:port`, `[v6]:port`), lower case, no final dot."""
+    if authority.startswith("["):
+        name = authority[1 : authority.find("]")] if "]" in authority else authority
+    else:
+        name = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+    return name.lower().rstrip(".")
+
+
+def _address(text: str):
+    try:
+        return ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _origin(scheme: str, authority: str) -> str:
+    """An origin as browsers write it: the default port left out."""
+    authority = authority.lower()
+    default = {"http": ":80", "https": ":443"}.get(scheme)
+    if default and authority.endswith(default):
+        authority = authority.removesuffix(default)
+    return f"{scheme}://{authority}"
+
+
+class RequestGuard:
+    """Whether a request may be answered, from its ASGI scope alone (pure: tested by property).
+
+    - Host must name this view: `localhost`, a loopback address, the address the view was told
+      to listen on, the address the request arrived at, or a name in `http.allowed_hosts`. A page
+      of another site whose name was made to resolve to this machine (DNS rebinding) sends its
+      own name, and is refused.
+    - Origin, when sent, must be the view's own (the scheme and the Host): a page of another
+      site cannot drive the view from a visitor's browser.
+    - with a token, every /api route needs `Authorization: Bearer <token>` (any bytes compared
+      as bytes in constant time, so a header that is not ASCII is refused, not an error).
+    """
+
+    def __init__(self, host: str, allowed_hosts=(), token: str | None = None):
+        self.names = {"localhost", *(name.lower().rstrip(".") for name in allowed_hosts)}
+        own = host.strip("[]").lower().rstrip(".")
+        if own:
+            self.names.add(own)
+        self.token = token.encode() if token else None
+
+    def host_allowed(self, scope) -> bool:
+        given = _headers(scope, b"host") or _headers(scope, b":authority")
+        if len(given) != 1:
+            return False
+        name = _host_name(given[0].decode("latin-1"))
+        if name in self.names:
+            return True
+        address = _address(name)
+        if address is None:
+            return False
+        server = scope.get("server")
+        return address.is_loopback or (server is not None and address == _address(str(server[0])))
+
+    def origin_allowed(self, scope) -> bool:
+        origins = _headers(scope, b"origin")
+        if not origins:
+            return True
+        hosts = _headers(scope, b"host") or _headers(scope, b":authority")
+        own = _origin(scope.get("scheme", "http"), hosts[0].decode("latin-1")) if hosts else None
+        return len(origins) == 1 and origins[0].decode("latin-1").lower() == own
+
+    def authorised(self, scope) -> bool:
+        if self.token is None:
+            return True
+        given = _headers(scope, b"authorization")
+        if len(given) != 1:
+            return False
+        scheme, _space, credentials = given[0].strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self.token)
+
+
+def is_json(scope) -> bool:
+    """The request's body is declared JSON (`application/json`, parameters allowed): a type a
+    page of another site cannot send without the browser asking first (CORS), and being told no."""
+    given = _headers(scope, b"content-type")
+    return len(given) == 1 and given[0].split(b";", 1)[0].strip().lower() == b"application/json"
+
+
+class BadRequest(Exception):
+    """A query the view cannot answer (400); the message says which parameter and why."""
+
+
+def page_of(query: dict, most: int) -> tuple[int, int]:
+    """`?page=` (from 1, default 1) and `?limit=` (default and at most `most`)."""
+
+    def positive(name: str, default: int) -> int:
+        text = query.get(name)
+        if text is None:
+            return default
+        if not text.isdigit() or len(text) > 12 or int(text) < 1:
+            raise BadRequest(f"{name} must be a whole number from 1, got {text[:40]!r}")
+        return int(text)
+
+    return positive("page", 1), min(positive("limit", most), most)
+
+
+# ---------------------------------------------------------------- the tap
 
 
 class Tap:
-    """One live-stream subscriber: a filter and a bounded channel."""
+    """One live-stream subscriber: its filter, and a buffer of its own that holds whole batches'
+    lines up to `capacity` bytes (or one batch, when a single one is larger). Lines are filtered
+    by type, and sent, in the subscriber's own task; one that lags behind its buffer is set
+    aside by its TapHub until it has room again."""
 
-    def __init__(self, source: str | None, kind: str | None):
+    def __init__(self, hub: "TapHub", source: str | None, kind: str | None, capacity: int):
+        self.hub = hub
         self.source = source
         self.kind = kind
-        self.send, self.receive = trio.open_memory_channel(TAP_BUFFER)
-        self.dropped = 0
+        self.capacity = capacity
+        self._needle = f'"type":"{kind}"'.encode() if kind else None
+        self._pending: collections.deque = collections.deque()  # (lines, bytes, dropped before them)
+        self.held = 0  # bytes in _pending
+        self.dropped = 0  # messages dropped for this subscriber, up to when it was last set aside
+        self.stalled_at: int | None = None  # while set aside: its source's count (TapHub.seen) then
+        self.sent = 0
+        self._wakeup = trio.Event()
+        self._closed = False
 
-    def offer(self, batches: list) -> None:
-        """A chunk's batches (one per source); messages are decoded for a tap only."""
+    def offer(self, lines: list[bytes], size: int) -> bool:
+        """A batch's lines (never changed once the correlator made them) and their bytes; False
+        when there is no room for them."""
+        if self.held and self.held + size > self.capacity:
+            return False
+        self._pending.append((lines, size, self.dropped))
+        self.held += size
+        self._wakeup.set()
+        return True
+
+    @property
+    def dropped_now(self) -> int:
+        """Messages dropped for this subscriber so far, those of a stall still going on too."""
+        return self.dropped + (self.hub.seen(self.source) - self.stalled_at if self.stalled_at is not None else 0)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wakeup.set()
+
+    async def next_lines(self) -> tuple[list[bytes], int] | None:
+        """The oldest batch's lines, waiting for one, and the messages dropped for this
+        subscriber before they came; None once closed."""
+        while not self._pending:
+            if self._closed:
+                return None
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+        return self.next_lines_nowait()
+
+    def next_lines_nowait(self) -> tuple[list[bytes], int]:
+        """As `next_lines`, or trio.WouldBlock when none is held. Taking one makes room: a
+        subscriber set aside takes batches again."""
+        if not self._pending:
+            raise trio.WouldBlock
+        lines, size, dropped = self._pending.popleft()
+        self.held -= size
+        if self.stalled_at is not None:
+            self.hub.resume(self)
+        return lines, dropped
+
+    def frames(self, lines: list[bytes]) -> bytes:
+        """The Server-Sent Events of those lines that pass the type filter: one `data:` each
+        (an enriched line is compact JSON, without a newline)."""
+        if self._needle is not None:
+            needle, kind = self._needle, self.kind
+            lines = [line for line in lines if needle in line and orjson.loads(line)["type"] == kind]
+        self.sent += len(lines)
+        return b"".join(b"data: " + line + b"\n\n" for line in lines)
+
+    def statistics(self) -> dict:
+        return {"source": self.source, "type": self.kind, "held_bytes": self.held, "sent": self.sent, "dropped": self.dropped_now, "stalled": self.stalled_at is not None}
+
+
+class TapHub:
+    """The tap's subscribers, fed every chunk's batches by the correlator. A subscriber that has
+    no room for a batch is set aside until it takes one from its buffer: meanwhile chunks cost
+    nothing for it, however many such subscribers there are, and what it missed is the number of
+    its source's messages published in between (counted per subscriber and in total)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.active: set[Tap] = set()
+        self.stalled: set[Tap] = set()
+        # Messages published while there were subscribers, in all (None) and for each source a
+        # subscriber follows: what a stalled subscriber's drops are counted from.
+        self._seen: collections.Counter = collections.Counter()
+        self._followed: collections.Counter = collections.Counter()  # source -> subscribers
+        self.dropped_by_closed = 0
+
+    def __len__(self) -> int:
+        return len(self.active) + len(self.stalled)
+
+    def __iter__(self):
+        yield from self.active
+        yield from self.stalled
+
+    def seen(self, source: str | None) -> int:
+        return self._seen[source]
+
+    def subscribe(self, source: str | None, kind: str | None) -> Tap:
+        tap = Tap(self, source, kind, self.capacity)
+        self.active.add(tap)
+        if source is not None:
+            self._followed[source] += 1
+        return tap
+
+    def unsubscribe(self, tap: Tap) -> None:
+        tap.dropped, tap.stalled_at = tap.dropped_now, None  # counted from here on without the hub
+        self.dropped_by_closed += tap.dropped
+        self.active.discard(tap)
+        self.stalled.discard(tap)
+        if tap.source is not None:
+            self._followed[tap.source] -= 1
+            if not self._followed[tap.source]:
+                self._followed.pop(tap.source)
+                self._seen.pop(tap.source, None)
+
+    def resume(self, tap: Tap) -> None:
+        tap.dropped = tap.dropped_now
+        tap.stalled_at = None
+        self.stalled.discard(tap)
+        self.active.add(tap)
+
+    def dropped(self) -> int:
+        return self.dropped_by_closed + sum(tap.dropped_now for tap in self)
+
+    def close(self) -> None:
+        for tap in list(self):
+            tap.close()
+
+    def publish(self, batches: list) -> None:
+        """A chunk's batches: per batch two counts, and for each subscriber taking batches of its
+        source one append (a stalled one is not even looked at)."""
+        if not (self.active or self.stalled):
+            return
+        seen, followed, active = self._seen, self._followed, self.active
         for batch in batches:
-            if self.source is not None and batch.source != self.source:
+            lines = batch.lines
+            count = len(lines)
+            source = batch.source
+            seen[None] += count
+            if source in followed:
+                seen[source] += count
+            if not active:
                 continue
-            for message in batch.messages():
-                if self.kind is None or message["type"] == self.kind:
-                    try:
-                        self.send.send_nowait(message)
-                    except trio.WouldBlock:
-                        self.dropped += 1
+            size = -1
+            for tap in tuple(active):
+                if tap.source is not None and tap.source != source:
+                    continue
+                if size < 0:
+                    size = sum(map(len, lines))
+                if not tap.offer(lines, size):  # set aside, this batch the first it missed
+                    tap.stalled_at = seen[tap.source] - count
+                    active.discard(tap)
+                    self.stalled.add(tap)
 
 
 class SidecarCollector(Collector):
@@ -93,6 +432,7 @@ class SidecarCollector(Collector):
         for name, label, help_text in (
             ("correlator_dropped_messages_total", "reason", "Valid messages the correlator dropped, by reason (internal_error: a bug met while enriching them)"),
             ("decoded_messages_total", "path", "Valid messages by the path that decoded them: native (the Rust hot path) or python"),
+            ("http_refused_total", "reason", "Requests the HTTP view refused, by reason: host (421), origin (403), token (401), content_type (415), bad_request (400), tap_limit (503)"),
         ):
             family = CounterMetricFamily(f"sidecar_{name.removesuffix('_total')}", help_text, labels=[label])
             for value, count in sorted(counters.by_label(name, label).items()):
@@ -147,6 +487,21 @@ class SidecarCollector(Collector):
             evicted = CounterMetricFamily(f"sidecar_index_evicted_{key}", f"{key.capitalize()} evicted from the live index")
             evicted.add_metric([], index.get(f"evicted_{key}", 0))
             yield evicted
+        spans = CounterMetricFamily("sidecar_index_evicted_spans", "Spans a job or trace let go for newer ones (index.max_spans_per_job, index.max_spans_per_trace)", labels=["of"])
+        for key in ("jobs", "traces"):
+            spans.add_metric([key], index.get(f"evicted_spans_of_{key}", 0))
+        yield spans
+        links = CounterMetricFamily("sidecar_index_dropped_links", "Traces of a job (or jobs of a trace) not kept: it held as many as its spans may be")
+        links.add_metric([], index.get("dropped_links", 0))
+        yield links
+        if self.sidecar.view is not None:
+            taps = self.sidecar.view.taps
+            subscribers = GaugeMetricFamily("sidecar_tap_subscribers", "Open /api/tap streams (cap: http.max_tap_subscribers)")
+            subscribers.add_metric([], len(taps))
+            yield subscribers
+            dropped = CounterMetricFamily("sidecar_tap_dropped_messages", "Messages a tap subscriber missed: it lagged behind by more than http.tap_buffer")
+            dropped.add_metric([], taps.dropped())
+            yield dropped
         apps = self.sidecar.view.apps_metrics if self.sidecar.view is not None else None
         if apps is not None:
             series = GaugeMetricFamily("sidecar_apps_metrics_series", "Series held for the applications' metrics (aggregated groups and raw metrics; cap: http.apps_metrics_max_series)")
@@ -187,10 +542,12 @@ class ViewServer:
         self.apps_metrics = AppsMetrics(settings.apps_metrics_max_series, raw=settings.apps_metrics_raw, raw_max_age=settings.apps_metrics_raw_max_age)
         self.apps_registry = CollectorRegistry(auto_describe=False)
         self.apps_registry.register(AppsCollector(self.apps_metrics))
-        self.taps: set[Tap] = set()
+        self.taps = TapHub(settings.tap_buffer)
         self._not_found_log = RateLimitedLog(log, interval=60.0)
+        self._refused_log = RateLimitedLog(log, interval=60.0)
         self.address: tuple[str, int] | None = None
         self._stop = trio.Event()
+        self.guard = RequestGuard(settings.host, settings.allowed_hosts, self._token())
         self._routes = {
             ("GET", "/healthz"): self.healthz,
             ("GET", "/readyz"): self.readyz,
@@ -201,9 +558,25 @@ class ViewServer:
             ("GET", "/api/backends"): self.backends,
             ("GET", "/api/statistics"): self.statistics,
             ("GET", "/api/tap"): self.tap,
+            ("GET", "/api/taps"): self.tap_statistics,
             ("POST", "/api/reload"): self.reload,
             ("GET", "/"): self.page,
         }
+        # What changes something: POST with a JSON body only (is_json).
+        self._changes = {self.reload}
+
+    def _token(self) -> str | None:
+        try:
+            token, origin = view_token(self.settings, Path(self.sidecar.config.storage.data_dir), self.sidecar.environ)
+        except TokenFileError as exc:
+            # Closed rather than open: a token no one knows, until the variable is set.
+            log.warning("HTTP view: %s; every /api route refuses until $%s is set", exc, self.settings.token_env)
+            return secrets.token_urlsafe(32)
+        if token is None:
+            log.info("HTTP view: /api needs no token (%s; $%s sets one)", origin, self.settings.token_env)
+        else:
+            log.info("HTTP view: every /api route needs the bearer token, %s", origin)
+        return token
 
     # ------------------------------------------------------------ serving
 
@@ -239,12 +612,10 @@ class ViewServer:
 
     def stop(self) -> None:
         self._stop.set()
-        for tap in list(self.taps):
-            tap.send.close()
+        self.taps.close()
 
     def publish(self, batches: list) -> None:
-        for tap in self.taps:
-            tap.offer(batches)
+        self.taps.publish(batches)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -255,7 +626,19 @@ class ViewServer:
         if scope["type"] != "http":
             return
         path = scope["path"]
-        query = dict(urllib.parse.parse_qsl(scope.get("query_string", b"").decode()))
+        guard = self.guard
+        if not guard.host_allowed(scope):
+            hosts = _headers(scope, b"host")
+            given = hosts[0].decode("latin-1")[:100] if len(hosts) == 1 else f"{len(hosts)} Host headers"
+            await self._refuse(send, 421, "host", f"this view answers to localhost, its own address and the names in http.allowed_hosts, not to {given!r}")
+            return
+        if not guard.origin_allowed(scope):
+            await self._refuse(send, 403, "origin", "requests from another origin (a page of another site) are refused")
+            return
+        if (path == "/api" or path.startswith("/api/")) and not guard.authorised(scope):
+            await self._refuse(send, 401, "token", "a bearer token is required (`monitoring-sidecar token` prints it)", [(b"www-authenticate", b"Bearer")])
+            return
+        query = dict(urllib.parse.parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         handler = self._routes.get((scope["method"], path))
         argument = None
         if handler is None:
@@ -265,27 +648,29 @@ class ViewServer:
         if handler is None:
             allowed = [m for (m, p) in self._routes if p == path]
             if allowed:
-                await _respond(send, 405, {"error": f"use {', '.join(allowed)}"})
+                await _respond(send, 405, {"error": f"use {', '.join(allowed)}"}, headers=[(b"allow", ", ".join(allowed).encode())])
             else:
                 self._not_found(scope["method"], path)
                 await _respond(send, 404, {"error": f"no such resource: {path}"})
             return
-        if handler in (self.reload, self.tap) and not self._authorised(scope):
-            await _respond(send, 401, {"error": "a bearer token is required"}, headers=[(b"www-authenticate", b"Bearer")])
+        if handler in self._changes and not is_json(scope):
+            await self._refuse(send, 415, "content_type", "send Content-Type: application/json")
             return
-        if argument is not None:
-            await handler(send, argument)
-        elif handler == self.tap:
-            await handler(send, receive, query)
-        else:
-            await handler(send, query)
+        try:
+            if argument is not None:
+                await handler(send, argument, query, path)
+            elif handler == self.tap:
+                await handler(send, receive, query)
+            else:
+                await handler(send, query)
+        except BadRequest as exc:
+            await self._refuse(send, 400, "bad_request", str(exc))
 
-    def _authorised(self, scope) -> bool:
-        token = os.environ.get(self.settings.token_env) if self.settings.token_env else None
-        if not token:
-            return True
-        given = dict(scope["headers"]).get(b"authorization", b"").decode()
-        return hmac.compare_digest(given, f"Bearer {token}")
+    async def _refuse(self, send, status: int, reason: str, message: str, headers=()) -> None:
+        """Answer `status`, counted by reason, logged at most once a minute per reason."""
+        self.sidecar.counters.inc("http_refused_total", reason=reason)
+        self._refused_log.warning(reason, "HTTP view: refused a request (%s, counted in http_refused_total): %s", reason, message)
+        await _respond(send, status, {"error": message}, headers=headers)
 
     # ------------------------------------------------------------ routes
 
@@ -310,15 +695,29 @@ class ViewServer:
         await _respond_bytes(send, 200, generate_latest(self.apps_registry), b"text/plain; version=0.0.4; charset=utf-8")
 
     async def jobs(self, send, query):
-        await _respond(send, 200, {"jobs": self.sidecar.correlator.index.recent_jobs(query.get("since"))})
+        number, limit = page_of(query, self.settings.max_page_items)
+        since = query.get("since")
+        found = self.sidecar.correlator.index.jobs_page(since, number, limit)
+        found["page"]["next"] = _next_page("/api/jobs", found["page"], since=since)
+        await _respond(send, 200, found)
 
-    async def job(self, send, job_id):
-        view = await self.sidecar.job_view(job_id)
-        await _respond(send, 200, view) if view else await _respond(send, 404, {"error": f"no job {job_id!r} in the live index"})
+    async def job(self, send, job_id, query, path):
+        number, limit = page_of(query, self.settings.max_page_items)
+        view = await self.sidecar.job_view(job_id, number, limit)
+        if view is None:
+            await _respond(send, 404, {"error": f"no job {job_id!r} in the live index"})
+            return
+        view["page"]["next"] = _next_page(path, view["page"])
+        await _respond(send, 200, view)
 
-    async def trace(self, send, trace_id):
-        view = await self.sidecar.trace_view(trace_id)
-        await _respond(send, 200, view) if view else await _respond(send, 404, {"error": f"no trace {trace_id!r} in the live index"})
+    async def trace(self, send, trace_id, query, path):
+        number, limit = page_of(query, self.settings.max_page_items)
+        view = await self.sidecar.trace_view(trace_id, number, limit)
+        if view is None:
+            await _respond(send, 404, {"error": f"no trace {trace_id!r} in the live index"})
+            return
+        view["page"]["next"] = _next_page(path, view["page"])
+        await _respond(send, 200, view)
 
     async def routes(self, send, query):
         table = self.sidecar.correlator.routing.table
@@ -349,12 +748,20 @@ class ViewServer:
         applied = await self.sidecar.reload("HTTP request")
         await _respond(send, 200 if applied else 422, {"applied": applied, "error": self.sidecar.last_reload_error})
 
+    async def tap_statistics(self, send, query):
+        await _respond(send, 200, {"taps": [tap.statistics() for tap in self.taps], "max_tap_subscribers": self.settings.max_tap_subscribers, "tap_buffer": self.settings.tap_buffer})
+
     async def tap(self, send, receive, query):
-        tap = Tap(query.get("source"), query.get("type"))
-        self.taps.add(tap)
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store")]})
-        await send({"type": "http.response.body", "body": b": tap open\n\n", "more_body": True})
+        kind = query.get("type")
+        if kind is not None and kind not in MESSAGE_TYPES:
+            raise BadRequest(f"type must be one of {', '.join(sorted(MESSAGE_TYPES))}, got {kind[:40]!r}")
+        if len(self.taps) >= self.settings.max_tap_subscribers:
+            await self._refuse(send, 503, "tap_limit", f"{len(self.taps)} tap subscribers already (http.max_tap_subscribers); try again later", [(b"retry-after", b"10")])
+            return
+        tap = self.taps.subscribe(query.get("source"), kind)
         try:
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store")]})
+            await send({"type": "http.response.body", "body": b": tap open\n\n", "more_body": True})
             async with trio.open_nursery() as nursery:
 
                 async def until_disconnect():
@@ -363,11 +770,18 @@ class ViewServer:
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(until_disconnect)
-                async for message in tap.receive:
-                    await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(message) + b"\n\n", "more_body": True})
+                reported = 0
+                while (taken := await tap.next_lines()) is not None:
+                    lines, dropped = taken
+                    body = tap.frames(lines)
+                    if dropped != reported:  # where the gap is: before these lines
+                        reported = dropped
+                        body = b"event: dropped\ndata: " + orjson.dumps({"dropped": dropped}) + b"\n\n" + body
+                    if body:
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
                 nursery.cancel_scope.cancel()
         finally:
-            self.taps.discard(tap)
+            self.taps.unsubscribe(tap)
         with trio.move_on_after(1) as cleanup:
             cleanup.shield = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -381,6 +795,14 @@ class ViewServer:
             await _respond(send, 404, {"error": "the web page is not part of this build"})
             return
         await _respond_bytes(send, 200, body, b"text/html; charset=utf-8")
+
+
+def _next_page(path: str, page: dict, **query) -> str | None:
+    """The path and query of the page after `page`, None on the last."""
+    if page["number"] >= page["pages"]:
+        return None
+    given = {k: v for k, v in query.items() if v is not None}
+    return f"{urllib.parse.quote(path)}?{urllib.parse.urlencode({**given, 'page': page['number'] + 1, 'limit': page['limit']})}"
 
 
 async def _respond(send, status: int, payload, headers=()) -> None:

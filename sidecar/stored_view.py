@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 import trio
 
 from sidecar.backends import backend_class
-from sidecar.jobs import LiveIndex
+from sidecar.jobs import PAGE_SIZE, LiveIndex
 
 log = logging.getLogger("sidecar")
 
@@ -26,10 +26,11 @@ def stored_reader(specs: Iterable) -> tuple[object, Callable] | None:
     return None
 
 
-async def view(kind: str, key: str, index: LiveIndex, specs: Iterable) -> dict | None:
-    """The view of job or trace (`kind`) `key`, marked with its `origin`: "database (LABEL)"
-    when read back through the backend instance LABEL, "live" from the live `index`."""
-    live = index.job(key) if kind == "job" else index.trace(key)
+async def view(kind: str, key: str, index: LiveIndex, specs: Iterable, page: int = 1, limit: int = PAGE_SIZE) -> dict | None:
+    """Page `page` of the view of job or trace (`kind`) `key`, marked with its `origin`:
+    "database (LABEL)" when read back through the backend instance LABEL, "live" from the live
+    `index` (whose caps of spans per job and trace the one read back keeps too)."""
+    live = index.job(key, page, limit) if kind == "job" else index.trace(key, page, limit)
     if live is not None:
         live["origin"] = "live"
     found = stored_reader(specs)
@@ -45,8 +46,9 @@ async def view(kind: str, key: str, index: LiveIndex, specs: Iterable) -> dict |
         return live
     if not messages:
         return live
-    stored = LiveIndex(1, 1, float("inf"), trio.current_time)
+    caps = index.caps
+    stored = LiveIndex(1, 1, float("inf"), trio.current_time, max_spans_per_job=caps["jobs"].max_spans, max_spans_per_trace=caps["traces"].max_spans)
     stored.add(messages)
-    view = stored.job(key) if kind == "job" else stored.trace(key)
+    view = stored.job(key, page, limit) if kind == "job" else stored.trace(key, page, limit)
     view["origin"] = f"database ({spec.label})"
     return view

@@ -122,7 +122,10 @@ class SidecarProcess:
             found = wait_until(lambda: re.search(r"HTTP view on http://[\d.]+:(\d+)/", self.log()), 10, "the HTTP view to start")
             self.http_port = int(found.group(1))
 
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", method=method, headers=headers or {})
+        headers = dict(headers or {})
+        if method == "POST":  # the view's one state-changing route takes JSON only
+            headers.setdefault("Content-Type", "application/json")
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status, response.read()

@@ -94,16 +94,12 @@ def test_exposed_means_beyond_loopback_and_without_authentication(tls_files):
         "fluent-open": ForwardSettings(host="::"),
         "otel-open": OtlpSettings(host="192.168.1.10"),
         "otel-mutual": OtlpSettings(host="192.168.1.10", tls=mutual_tls),
+        "tokened": TcpSettings(host="0.0.0.0", token_env="INGEST_TOKEN"),
     }
-    found = exposures(sources, HttpSettings(), http_token=False)
+    found = exposures(sources)
     assert [(e.source, e.address) for e in found] == [("open", "0.0.0.0:17000"), ("encrypted-only", "0.0.0.0:17000"), ("fluent-open", "[::]:24224"), ("otel-open", "192.168.1.10:4318")]
     assert "anyone who can reach that port can write telemetry into every backend" in found[0].warning
     assert "source open listens on 0.0.0.0:17000" in found[0].warning
-    wide_view = HttpSettings(host="0.0.0.0")
-    assert [e.source for e in exposures({}, wide_view, http_token=False)] == [None]
-    assert exposures({}, wide_view, http_token=True) == []
-    assert exposures({}, HttpSettings(host="0.0.0.0", tls=mutual_tls), http_token=False) == []
-    assert exposures({}, HttpSettings(host="0.0.0.0", enabled=False), http_token=False) == []
 
 
 # ------------------------------------------------------------------ the seed, check and run
@@ -160,10 +156,8 @@ def test_require_auth_names_each_open_listener_and_accepts_the_authenticated_one
     problems = problems_of(main, environ={"FLUENT_KEY": "k"})
     assert problems == [
         f"{main}:5: sources.open.host: source open would listen on 0.0.0.0:4318, beyond loopback, without authentication, and security.require_auth_beyond_loopback is true: set its tls with client_ca (or its token or shared key), use a Unix socket (unix:), or bind it to 127.0.0.1",
-        f"{main}:10: http.host: the HTTP view would listen on 0.0.0.0:17001, beyond loopback, without authentication, and security.require_auth_beyond_loopback is true: set the variable http.token_env names (or http.tls with client_ca), or bind http.host to 127.0.0.1",
     ]
-    # The view's token in the environment is its authentication.
-    assert problems_of(main, environ={"FLUENT_KEY": "k", "MONITORING_SIDECAR_TOKEN": "t"}) == problems[:1]
+    # The view beyond loopback is not among them: its /api needs a token, its own or one it makes.
     # Without the setting, the same file loads (and check and run warn).
     relaxed = write("relaxed.yaml", main.read_text().replace("true", "false"))
     assert list(load_config(relaxed, None, {"FLUENT_KEY": "k"}).sources) == ["open", "mutual", "keyed", "local"]
@@ -174,18 +168,24 @@ def test_run_refuses_what_listen_would_open_beyond_loopback_under_require_auth(t
     config.write_text(REQUIRED + "tcp: {host: 127.0.0.1, port: 0}\n")
     result = cli("run", "--config", str(config), "--listen", "0.0.0.0:0")
     assert result.returncode == 2
-    assert "error: source tcp would listen on 0.0.0.0:0 (from --listen or --http), beyond loopback, without authentication" in result.stderr
+    assert "error: source tcp would listen on 0.0.0.0:0 (from --listen), beyond loopback, without authentication" in result.stderr
 
 
-def test_run_warns_of_the_http_view_beyond_loopback_without_its_token(tmp_path):
+def test_a_view_beyond_loopback_is_not_warned_of_it_guards_its_api_with_a_token_of_its_own(tmp_path):
+    """No warning for the view: without a configured token it makes one, and every /api route
+    needs it; with one, that one. The token is never in the log."""
     config = "tcp: {host: 127.0.0.1, port: 0}\n"
     (tmp_path / "open").mkdir()
-    open_view = SidecarProcess(tmp_path / "open", config, env={"MONITORING_SIDECAR_HTTP": "0.0.0.0:0", "MONITORING_SIDECAR_TOKEN": ""}).start()
+    made = SidecarProcess(tmp_path / "open", config, env={"MONITORING_SIDECAR_HTTP": "0.0.0.0:0", "MONITORING_SIDECAR_TOKEN": ""}).start()
     try:
-        wait_until(lambda: "the HTTP view listens on 0.0.0.0:0, beyond loopback, with no token" in open_view.log(), what="the warning")
-        assert "source tcp listens" not in open_view.log()
+        wait_until(lambda: "HTTP view: every /api route needs the bearer token" in made.log(), what="the view's token line")
+        assert "beyond loopback" not in made.log()
+        assert made.http("/api/jobs")[0] == 401
+        token = cli("token", "--config", str(made.config_path), cwd=made.workdir, env={"MONITORING_SIDECAR_HTTP": "0.0.0.0:0", "MONITORING_SIDECAR_TOKEN": ""}).stdout.strip()
+        assert token and token not in made.log()
+        assert made.http("/api/jobs", headers={"Authorization": f"Bearer {token}"})[0] == 200
     finally:
-        assert open_view.stop(signal.SIGTERM) == 0
+        assert made.stop(signal.SIGTERM) == 0
     (tmp_path / "token").mkdir()
     with_token = SidecarProcess(tmp_path / "token", config, env={"MONITORING_SIDECAR_HTTP": "0.0.0.0:0", "MONITORING_SIDECAR_TOKEN": "secret-token"}).start()
     try:

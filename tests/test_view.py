@@ -229,6 +229,7 @@ def get_json(sidecar, path, **kwargs):
 
 def test_the_http_view_serves_jobs_traces_routes_backends_and_metrics(tmp_path):
     sidecar = SidecarProcess(tmp_path, FILES_CONFIG.format(base=tmp_path / "out"), env={"MONITORING_SIDECAR_TOKEN": "t0ken"}).start()
+    auth = {"Authorization": "Bearer t0ken"}
     try:
         sidecar.send(seed_job())
         sidecar.send([{"source": "other", "type": "metric", "data": {"name": "x", "value": 1}}])
@@ -237,35 +238,40 @@ def test_the_http_view_serves_jobs_traces_routes_backends_and_metrics(tmp_path):
         assert get_json(sidecar, "/healthz") == (200, {"status": "alive"})
         assert get_json(sidecar, "/readyz")[0] == 200
 
-        status, job = get_json(sidecar, "/api/jobs/job-12345")
+        # With a token, every /api route needs it: the job's messages are not for anyone.
+        for path in ("/api/jobs", "/api/jobs/job-12345", f"/api/traces/{TRACE}", "/api/routes", "/api/backends", "/api/statistics", "/api/taps", "/api/nothing"):
+            assert get_json(sidecar, path)[0] == 401, path
+        status, job = get_json(sidecar, "/api/jobs/job-12345", headers=auth)
         assert status == 200 and job["status"] == "completed" and job["duration_s"] == 47.7
         assert [s["source"] for s in job["sources"]] == ["file-receiver", "queue-service", "db-loader"]
         assert job["sources"][0]["duration_s"] == 2.3
-        assert get_json(sidecar, "/api/jobs/nope")[0] == 404
-        status, trace = get_json(sidecar, f"/api/traces/{TRACE}")
+        assert job["page"] == {"number": 1, "limit": 1000, "pages": 1, "spans": 2, "sources": 3, "trace_ids": 1, "evicted_spans": 0, "next": None}
+        assert get_json(sidecar, "/api/jobs/nope", headers=auth)[0] == 404
+        status, trace = get_json(sidecar, f"/api/traces/{TRACE}", headers=auth)
         assert trace["spans"][0]["children"][0]["name"] == "load_data"
-        status, jobs = get_json(sidecar, "/api/jobs?since=2025-10-20T00:00:00.000Z")
+        status, jobs = get_json(sidecar, "/api/jobs?since=2025-10-20T00:00:00.000Z", headers=auth)
         assert [j["job_id"] for j in jobs["jobs"]] == ["job-12345"] and jobs["jobs"][0]["status"] == "completed"
-        assert get_json(sidecar, "/api/jobs?since=2099-01-01T00:00:00.000Z")[1] == {"jobs": []}
+        assert get_json(sidecar, "/api/jobs?since=2099-01-01T00:00:00.000Z", headers=auth)[1] == {"jobs": [], "page": {"number": 1, "limit": 1000, "pages": 1, "jobs": 0, "next": None}}
 
-        status, routes = get_json(sidecar, "/api/routes")
+        status, routes = get_json(sidecar, "/api/routes", headers=auth)
         assert routes["rules"][0]["backend"] == "files" and routes["rules"][0]["file"].endswith("sidecar.yaml") and routes["rules"][0]["line"] == 6
-        status, backends = get_json(sidecar, "/api/backends")
+        status, backends = get_json(sidecar, "/api/backends", headers=auth)
         assert backends["backends"][0]["delivered"] == 13 and backends["backends"][0]["circuit"] == "closed"
 
-        status, body = sidecar.http("/metrics")
+        status, body = sidecar.http("/metrics")  # open, for Prometheus
         families = {f.name: f for f in text_string_to_metric_families(body.decode())}
         value = lambda name, **labels: next(s.value for s in families[name].samples if s.name.endswith("_total") and all(s.labels.get(k) == v for k, v in labels.items()))
         assert value("sidecar_messages_received") == 13
         assert value("sidecar_decode_errors", reason="unknown_type") == 1
         assert value("sidecar_backend_delivered", backend="files") == 13
+        assert value("sidecar_http_refused", reason="token") == 8
         latency = families["sidecar_delivery_latency_seconds"]
         assert next(s.value for s in latency.samples if s.name.endswith("_count")) == 13
 
         assert get_json(sidecar, "/api/reload", method="POST")[0] == 401
-        status, reloaded = get_json(sidecar, "/api/reload", method="POST", headers={"Authorization": "Bearer t0ken"})
+        status, reloaded = get_json(sidecar, "/api/reload", method="POST", headers=auth)
         assert status == 200 and reloaded["applied"] is True
-        assert get_json(sidecar, "/api/nothing")[0] == 404
+        assert get_json(sidecar, "/api/nothing", headers=auth)[0] == 404
         assert get_json(sidecar, "/healthz", method="POST")[0] == 405
     finally:
         assert sidecar.stop() == 0
@@ -276,7 +282,7 @@ def test_the_tap_streams_messages_as_they_pass(tmp_path):
     received = []
     try:
         with socket.create_connection(("127.0.0.1", sidecar.http_port), timeout=10) as conn:
-            conn.sendall(b"GET /api/tap?source=wanted&type=event HTTP/1.1\r\nHost: x\r\n\r\n")
+            conn.sendall(b"GET /api/tap?source=wanted&type=event HTTP/1.1\r\nHost: localhost\r\n\r\n")
             stream = conn.makefile("rb")
             wait_until(lambda: b"tap open" in (stream.readline() or b"tap open"), what="the tap to open")
 
@@ -309,3 +315,109 @@ def test_trace_prints_the_seeds_tree_from_a_running_sidecar(tmp_path):
         assert missing.returncode == 1 and "no job 'job-0'" in missing.stderr
     finally:
         assert sidecar.stop() == 0
+
+
+# --- caps and pages -----------------------------------------------------------------------
+
+
+def span_message(n, phase="start", parent=None, status="success", job="job-big", trace=TRACE, second=0.0):
+    data = {"name": f"step-{n}", "phase": phase}
+    if phase == "end":
+        data.update(status=status, duration_ms=10.0)
+    return timeline_message(job, trace, "worker", second, "span", data, span=f"{n:016x}", parent=f"{parent:016x}" if parent is not None else None)
+
+
+def naive_status(activity) -> str:
+    """Activity.status as it was before it kept counts: from every span, each time."""
+    from sidecar.jobs import DONE_STATUSES, FAILED_STATUSES
+
+    if any(a.errors for a in activity.sources.values()) or any(s.status in FAILED_STATUSES for s in activity.spans.values()):
+        return "failed"
+    progresses = [a.progress for a in activity.sources.values() if a.progress]
+    if any(p["status"] in FAILED_STATUSES for p in progresses):
+        return "failed"
+    open_spans = any(s.end is None for s in activity.spans.values())
+    latest = max(progresses, key=lambda p: p["at"], default=None)
+    if latest and (latest["percent"] >= 100 or latest["status"] in DONE_STATUSES) and not open_spans:
+        return "completed"
+    return "completed" if not progresses and activity.spans and not open_spans else "running"
+
+
+def flatten(nodes):
+    return [node for n in nodes for node in (n, *flatten(n["children"]))]
+
+
+def depth_of(nodes) -> int:
+    return max((1 + depth_of(n["children"]) for n in nodes), default=0)
+
+
+span_events = st.lists(
+    st.tuples(
+        st.integers(0, 12),  # span id
+        st.sampled_from(["start", "end"]),
+        st.one_of(st.none(), st.integers(0, 12)),  # parent (cycles and self-parents included)
+        st.sampled_from(["success", "error", "cancelled", "done"]),
+    ),
+    max_size=60,
+)
+
+
+@given(span_events, st.integers(1, 8), st.integers(1, 5))
+def test_a_job_holds_at_most_its_cap_of_spans_and_pages_walk_each_once(events, cap, limit):
+    index = LiveIndex(10, 10, 3600, clock=lambda: 0.0, max_spans_per_job=cap, max_spans_per_trace=cap)
+    for second, (n, phase, parent, status) in enumerate(events):
+        index.add([span_message(n, phase, parent, status, second=float(second))])
+    job = index.jobs.get("job-big")
+    if job is None:
+        return
+    assert len(job.spans) <= cap and len(index.traces[TRACE].spans) <= cap
+    firsts = list(dict.fromkeys(n for n, *_ in events))  # a span evicted and seen again is new again
+    assert job.evicted_spans == index.statistics()["evicted_spans_of_jobs"] >= max(0, len(firsts) - cap)
+    assert job.status() == naive_status(job)
+    assert job.open_spans == sum(s.end is None for s in job.spans.values())
+    walked = [span.span_id for span, _depth in job.walk()]
+    assert sorted(walked) == sorted(job.spans)
+    pages = index.job("job-big", 1, limit)["page"]["pages"]
+    paged = [node["span_id"] for page in range(1, pages + 1) for node in flatten(index.job("job-big", page, limit)["spans"])]
+    assert paged == walked
+    assert index.job("job-big", pages + 1, limit)["spans"] == []
+
+
+def test_a_chain_of_spans_deeper_than_the_nesting_limit_is_listed_flat_past_it():
+    from sidecar.jobs import MAX_NESTING
+
+    index = LiveIndex(10, 10, 3600, clock=lambda: 0.0)
+    index.add([span_message(n, parent=n - 1 if n else None, second=n / 1000) for n in range(300)])
+    view = index.job("job-big")
+    assert depth_of(view["spans"]) == MAX_NESTING
+    assert [n["span_id"] for n in flatten(view["spans"])] == [f"{n:016x}" for n in range(300)]
+    assert len(orjson_dumps(view)) > 0  # deeper than orjson's 255 levels would raise
+
+
+def orjson_dumps(value):
+    import orjson
+
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2)
+
+
+def test_a_page_nests_what_it_holds_and_lists_a_span_whose_parent_is_on_an_earlier_page_at_its_top():
+    index = LiveIndex(10, 10, 3600, clock=lambda: 0.0)
+    # 0 -> 1 -> 2, 0 -> 3: walked 0, 1, 2, 3
+    index.add([span_message(0, second=0), span_message(1, parent=0, second=1), span_message(2, parent=1, second=2), span_message(3, parent=0, second=3)])
+    first, second = index.job("job-big", 1, 2), index.job("job-big", 2, 2)
+    assert [(n["span_id"][-1], [c["span_id"][-1] for c in n["children"]]) for n in first["spans"]] == [("0", ["1"])]
+    assert [(n["span_id"][-1], n["parent_span_id"][-1]) for n in second["spans"]] == [("2", "1"), ("3", "0")]
+    assert first["page"] == {"number": 1, "limit": 2, "pages": 2, "spans": 4, "sources": 1, "trace_ids": 1, "evicted_spans": 0}
+
+
+def test_the_oldest_span_gives_way_and_the_job_list_is_paged():
+    index = LiveIndex(100, 100, 3600, clock=lambda: 0.0, max_spans_per_job=3)
+    index.add([span_message(n, second=n) for n in range(5)])
+    assert list(index.jobs["job-big"].spans) == [f"{n:016x}" for n in (2, 3, 4)]
+    assert index.job("job-big")["page"]["evicted_spans"] == 2
+    for n in range(5):
+        index.add(seed_job(f"job-{n}", f"{n + 1:032x}"))
+    newest_first = [j["job_id"] for j in index.recent_jobs()]
+    pages = [index.jobs_page(None, page, 2) for page in (1, 2, 3, 4)]
+    assert [j["job_id"] for p in pages for j in p["jobs"]] == newest_first
+    assert pages[0]["page"] == {"number": 1, "limit": 2, "pages": 3, "jobs": 6}

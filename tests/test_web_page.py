@@ -278,3 +278,98 @@ def test_the_dark_theme_follows_the_system_and_the_toggle(page, sidecar):
     toggle.focus()
     page.keyboard.press("Enter")
     expect(html).to_have_attribute("data-theme", "dark")
+
+
+TOKEN = "web-page-t0ken"
+TOKEN_CONFIG = FILES_CONFIG + "http: {{max_page_items: 2}}\n"
+
+
+@pytest.fixture(scope="module")
+def token_sidecar(tmp_path_factory):
+    """A sidecar whose /api needs a token, and whose views come two spans to a page."""
+    workdir = tmp_path_factory.mktemp("web-token")
+    process = SidecarProcess(workdir, TOKEN_CONFIG.format(base=workdir / "out"), env={"MONITORING_SIDECAR_TOKEN": TOKEN}).start()
+    try:
+        sent = seed_job() + failed_job()
+        process.send(sent)
+        process.wait_for(lambda s: s["received"] == len(sent), what="the jobs received")
+        yield process
+    finally:
+        assert process.stop() == 0
+
+
+def test_with_a_token_the_page_asks_for_it_once_and_keeps_it_for_the_tab(browser_context, token_sidecar):
+    page = browser_context.new_page()
+    problems = []
+    # The browser reports each refused request (the 401s that make the page ask) on its console.
+    page.on("console", lambda m: m.type == "error" and "status of 401" not in m.text and problems.append(f"console: {m.text}"))
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    try:
+        page.goto(f"http://127.0.0.1:{token_sidecar.http_port}/")
+        form = page.locator("#token-form")
+        expect(form).to_be_visible()
+        expect(page.locator("#token-note")).to_contain_text("monitoring-sidecar token")
+        expect(page.get_by_label("Bearer token")).to_be_focused()
+        page.get_by_label("Bearer token").fill("not-the-token")
+        page.get_by_role("button", name="Use this token").click()
+        expect(page.locator("#token-note")).to_contain_text("was refused")
+        expect(form).to_be_visible()
+        page.get_by_label("Bearer token").fill(TOKEN)
+        page.get_by_role("button", name="Use this token").click()
+        expect(form).to_be_hidden()
+        expect(page.locator("#jobs-body tr").filter(has_text="job-12345")).to_have_count(1)
+        assert page.evaluate("sessionStorage.getItem('sidecar-token')") == TOKEN
+        screenshot(page, "token-accepted.png")
+
+        # Two spans to a page: the waterfall says so and pages on.
+        # Two to a page: the seed's job has three services, and so a second page with the third.
+        page.get_by_role("link", name="job-12345", exact=True).click()
+        expect(page.locator("#spans-pager")).to_contain_text("Page 1 of 2: spans 1–2 of 2, services 1–2 of 3")
+        expect(waterfall_rows(page).locator(".label")).to_have_text(["file-receiver", "queue-service"])
+        page.get_by_role("button", name="Next page").click()
+        expect(page.locator("#spans-pager")).to_contain_text("Page 2 of 2: no spans (of 2), services 3–3 of 3")
+        expect(waterfall_rows(page).locator(".label")).to_have_text(["db-loader"])
+        page.goto(f"http://127.0.0.1:{token_sidecar.http_port}/#job=job-import-7781")
+        expect(page.locator("#timeline h2")).to_have_text("Job job-import-7781")
+        expect(page.locator("#waterfall-spans tr.row-span")).to_have_count(2)
+        expect(page.locator("#spans-pager")).to_have_count(0)  # one page: no pager
+        expect(form).to_be_hidden()  # a reload of the page keeps the tab's token
+
+        # The tail and the reload send it too; the reload as JSON.
+        page.get_by_role("link", name="Live tail").click()
+        page.get_by_role("button", name="Start").click()
+        expect(page.locator("#tail-state")).to_have_attribute("data-state", "open")
+        token_sidecar.send([{"source": "tail-with-token", "type": "event", "data": {"level": "info", "message": "seen through the token"}}])
+        expect(page.locator("#tail-log li")).to_contain_text(["seen through the token"])
+        page.get_by_role("button", name="Stop").click()
+        page.get_by_role("link", name="Routing").click()
+        page.get_by_role("button", name="Reload configuration now").click()
+        expect(page.locator("#routes-note")).to_have_text("Configuration reloaded.")
+        token_sidecar.wait_for(lambda s: s["reloads"] == 1, what="the reload")
+    finally:
+        page.close()
+    assert problems == []
+
+
+def test_a_job_of_more_spans_than_a_page_pages_through_its_spans(browser_context, token_sidecar):
+    spans = [message("job-many", "8" * 32, "worker", n, "span", {"name": f"step-{n}", "phase": "start"}, span=f"{n + 1:016x}") for n in range(5)]
+    token_sidecar.send(spans)
+    token_sidecar.wait_for(lambda s: s["correlator"]["index"]["jobs"] == 3, what="the job indexed")
+    page = browser_context.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{token_sidecar.http_port}/")
+        page.evaluate(f"sessionStorage.setItem('sidecar-token', {TOKEN!r})")
+        page.goto(f"http://127.0.0.1:{token_sidecar.http_port}/#job=job-many")
+        pager = page.locator("#spans-pager")
+        expect(pager).to_contain_text("Page 1 of 3: spans 1–2 of 5")
+        expect(page.locator("#waterfall-spans tr.row-span .label")).to_have_text(["step-0", "step-1"])
+        expect(page.get_by_role("button", name="Previous page")).to_be_disabled()
+        page.get_by_role("button", name="Next page").click()
+        expect(pager).to_contain_text("Page 2 of 3: spans 3–4 of 5")
+        expect(page.locator("#waterfall-spans tr.row-span .label")).to_have_text(["step-2", "step-3"])
+        page.get_by_role("button", name="Next page").click()
+        expect(page.locator("#waterfall-spans tr.row-span .label")).to_have_text(["step-4"])
+        expect(page.get_by_role("button", name="Next page")).to_be_disabled()
+        expect(page.locator("#waterfall-spans tr.group")).to_have_text("Spans (5)")
+    finally:
+        page.close()

@@ -32,7 +32,7 @@ from sidecar.config.settings import (
     StorageSettings,
     UnavailableSettings,
 )
-from sidecar.config.exposure import exposures, token_configured
+from sidecar.config.exposure import exposures
 from sidecar.config.yaml_reader import ConfigError, DocumentReader, Invalid, Where, plain, read_yaml, submapping
 from sidecar.constants import LEVELS, MESSAGE_TYPES
 from sidecar.sources import SourceTypeUnknown, source_class
@@ -97,7 +97,7 @@ def load_config(config_path: Path | None, routes_dir: Path | None, environ=os.en
     main = _read_main(reader, main_path)
     sections = _read_sections(reader, main)
     sources = _read_sources(reader, main, sections["tcp"])
-    _refuse_exposures(reader, main, sources, sections["http"], sections["security"])
+    _refuse_exposures(reader, main, sources, sections["security"])
     backends = _read_backends(reader, main)
     documents, files = _routing_documents(reader, main, routes_dir, sections["reload"])
     steps: list[_SourceSteps] = []  # the transforms and aggregate steps of routing entries
@@ -183,17 +183,15 @@ def _read_sources(reader: DocumentReader, main, tcp: TcpSettings) -> dict[str, S
     return sources
 
 
-def _refuse_exposures(reader: DocumentReader, main, sources: dict[str, SourceSpec], http: HttpSettings, security: SecuritySettings) -> None:
-    """With security.require_auth_beyond_loopback, each listener open beyond loopback without
+def _refuse_exposures(reader: DocumentReader, main, sources: dict[str, SourceSpec], security: SecuritySettings) -> None:
+    """With security.require_auth_beyond_loopback, each source open beyond loopback without
     authentication is a problem at its host setting's line (without it, `check` and `run`
     warn of them: sidecar.config.exposure)."""
     if not security.require_auth_beyond_loopback:
         return
     settings = {name: spec.settings for name, spec in sources.items()}
-    for exposure in exposures(settings, http, token_configured(http, reader.environ)):
-        if exposure.source is None:
-            section, label, fix = main.get("http"), "http.host", "set the variable http.token_env names (or http.tls with client_ca), or bind http.host to 127.0.0.1"
-        elif "tcp" in main and exposure.source == "tcp":
+    for exposure in exposures(settings):
+        if "tcp" in main and exposure.source == "tcp":
             section, label, fix = main.get("tcp"), "tcp.host", "set tcp.tls with client_ca, use a Unix socket (tcp.unix), or bind tcp.host to 127.0.0.1"
         else:
             section, label, fix = main["sources"][exposure.source], f"sources.{exposure.source}.host", "set its tls with client_ca (or its token or shared key), use a Unix socket (unix:), or bind it to 127.0.0.1"

@@ -27,7 +27,13 @@ def _check_apps_metrics_path(_instance, _attribute, path) -> None:
         raise ValueError(f"must be a path starting with / that the view does not serve already ({', '.join(_VIEW_PATHS)}), got {path!r}")
 
 
-_VIEW_PATHS = ("/", "/healthz", "/readyz", "/metrics", "/api/jobs", "/api/routes", "/api/backends", "/api/statistics", "/api/tap", "/api/reload")
+_VIEW_PATHS = ("/", "/healthz", "/readyz", "/metrics", "/api/jobs", "/api/routes", "/api/backends", "/api/statistics", "/api/tap", "/api/taps", "/api/reload")
+
+
+def _check_host_names(_instance, _attribute, names) -> None:
+    for name in names:
+        if not name or any(c.isspace() or c in "/:@[]" for c in name):
+            raise ValueError(f"must be host names as a Host header carries them, without a port (e.g. sidecar.example.com), got {name!r}")
 
 
 @attrs.frozen
@@ -37,7 +43,8 @@ class HttpSettings:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = attrs.field(default=17001, validator=attrs.validators.and_(attrs.validators.ge(0), attrs.validators.le(65535)))
-    # When this environment variable is set, POST /api/reload and /api/tap need `Bearer <value>`.
+    # When this environment variable is set, every /api route needs `Bearer <value>`; unset, a
+    # view beyond loopback makes a token of its own in storage.data_dir (sidecar.http).
     token_env: str = "MONITORING_SIDECAR_TOKEN"
     # The applications' metrics for Prometheus (sidecar.apps_metrics); /metrics stays the sidecar's.
     apps_metrics_path: str = attrs.field(default="/metrics/apps", validator=_check_apps_metrics_path)
@@ -45,6 +52,15 @@ class HttpSettings:
     apps_metrics_max_series: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
     # A raw series without a point for this long is let go (aggregated groups: two windows).
     apps_metrics_raw_max_age: Duration = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+    # Names a request's Host may carry besides localhost and the view's own address (DNS
+    # rebinding: a page of another site reaching this view under that site's name is refused).
+    allowed_hosts: tuple[str, ...] = attrs.field(default=(), validator=_check_host_names)
+    max_tap_subscribers: int = attrs.field(default=16, validator=attrs.validators.ge(1))
+    # Bytes of messages each tap subscriber may lag behind before batches are dropped for it.
+    tap_buffer: ByteSize = attrs.field(default=1024 * 1024, validator=attrs.validators.ge(1024))
+    # Spans and sources in one page of a job or trace, jobs in one of /api/jobs: the default
+    # and the most a `limit` may ask for.
+    max_page_items: int = attrs.field(default=1000, validator=attrs.validators.and_(attrs.validators.ge(1), attrs.validators.le(100_000)))
     # HTTPS in place of HTTP; with client_ca, only clients with a certificate it signed.
     tls: TlsSettings | None = None
 
@@ -65,6 +81,10 @@ class IndexSettings:
     max_jobs: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
     max_traces: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
     max_age: Duration = attrs.field(default=3600.0, validator=attrs.validators.gt(0))
+    # Spans (and linked traces or jobs) each job and each trace holds; past it the oldest span
+    # gives way, counted.
+    max_spans_per_job: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
+    max_spans_per_trace: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
 
 
 @attrs.frozen
