@@ -10,6 +10,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEBIAN_PACKAGES := $(sort $(shell cat sdk_clients/*/debian-packages.txt tests/debian-packages.txt 2>/dev/null))
+# kustomize, to render deploy/kubernetes/ as `kubectl apply -k` does (tests/test_deploy.py reads
+# the version from here, and installs it the same way when it is missing). v5.8 needs Go 1.27.
+KUSTOMIZE_VERSION := v5.7.1
+KUSTOMIZE := $(VENV)/.kustomize-$(KUSTOMIZE_VERSION)
 
 .PHONY: run test test-python test-python-sdk test-perl test-c test-java test-r check bench soak fuzz debian-packages clean image
 
@@ -62,13 +66,11 @@ test-r: debian-packages
 test-python: $(STAMP) debian-packages $(KUSTOMIZE)
 	$(BIN)/python -m pytest tests sdk_clients/conformance
 
-# kustomize, to render deploy/kubernetes/ as `kubectl apply -k` does (tests/test_deploy.py reads
-# the version from here, and installs it the same way when it is missing). v5.8 needs Go 1.27.
-KUSTOMIZE_VERSION := v5.7.1
-KUSTOMIZE := $(BIN)/kustomize
+# kustomize, to render deploy/kubernetes/ as `kubectl apply -k` does: installed with go install.
 $(KUSTOMIZE): $(STAMP)
 	@echo "installing kustomize $(KUSTOMIZE_VERSION) into $(BIN) (go install, about a minute)..."
 	GOBIN=$(abspath $(BIN)) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+	touch $@
 
 # The container image (Containerfile), with the first builder whose engine answers; without one
 # (docker installed but no daemon, as on the development machines), says so and fails.

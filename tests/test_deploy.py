@@ -318,6 +318,7 @@ def makefile_variable(name: str) -> str:
 def kustomize() -> str:
     """The kustomize the Makefile pins, in this venv's bin/ (as `make test` installs it)."""
     version = makefile_variable("KUSTOMIZE_VERSION")
+    assert sys.prefix != sys.base_prefix, "run the tests from the project's venv (make test): kustomize goes into its bin/"
     binary = Path(sys.prefix) / "bin" / "kustomize"
     if binary.exists() and subprocess.run([str(binary), "version"], capture_output=True, text=True).stdout.strip() == version:
         return str(binary)
