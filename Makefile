@@ -10,8 +10,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEBIAN_PACKAGES := $(sort $(shell cat sdk_clients/*/debian-packages.txt tests/debian-packages.txt 2>/dev/null))
+# kustomize, to render deploy/kubernetes/ as `kubectl apply -k` does (tests/test_deploy.py reads
+# the version from here, and installs it the same way when it is missing). v5.8 needs Go 1.27.
+KUSTOMIZE_VERSION := v5.7.1
+KUSTOMIZE := $(VENV)/.kustomize-$(KUSTOMIZE_VERSION)
 
-.PHONY: run test test-python test-python-sdk test-perl test-c test-java test-r check bench soak fuzz debian-packages clean
+.PHONY: run test test-python test-python-sdk test-perl test-c test-java test-r check bench soak fuzz debian-packages clean image
 
 $(STAMP): pyproject.toml sdk_clients/python/pyproject.toml native/Cargo.toml native/Cargo.lock $(wildcard native/src/*.rs)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is needed (found $$($(PYTHON) --version))"; exit 1; }
@@ -59,8 +63,30 @@ test-java: debian-packages
 test-r: debian-packages
 	Rscript sdk_clients/r/run-tests.R
 
-test-python: $(STAMP) debian-packages
+test-python: $(STAMP) debian-packages $(KUSTOMIZE)
 	$(BIN)/python -m pytest tests sdk_clients/conformance
+
+# kustomize, to render deploy/kubernetes/ as `kubectl apply -k` does: installed with go install.
+$(KUSTOMIZE): $(STAMP)
+	@echo "installing kustomize $(KUSTOMIZE_VERSION) into $(BIN) (go install, about a minute)..."
+	GOBIN=$(abspath $(BIN)) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+	touch $@
+
+# The container image (Containerfile), with the first builder whose engine answers; without one
+# (docker installed but no daemon, as on the development machines), says so and fails.
+IMAGE ?= monitoring-sidecar:$(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' sidecar/__init__.py)
+image:
+	@if command -v podman >/dev/null && podman info >/dev/null 2>&1; then builder="podman build"; \
+	elif command -v buildah >/dev/null && buildah info >/dev/null 2>&1; then builder="buildah build"; \
+	elif command -v docker >/dev/null && docker info >/dev/null 2>&1; then builder="docker build"; \
+	else \
+		echo "make image: no container builder with a working engine here: podman, buildah, or docker with a running daemon" >&2; \
+		for tool in podman buildah docker; do command -v $$tool >/dev/null && echo "  $$tool is installed, but \`$$tool info\` fails: is its engine (or daemon) running?" >&2; done; \
+		echo "  build elsewhere with: podman build --file Containerfile --tag $(IMAGE) ." >&2; \
+		exit 1; \
+	fi; \
+	echo "$$builder --file Containerfile --tag $(IMAGE) ."; \
+	$$builder --file Containerfile --tag $(IMAGE) .
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py

@@ -82,10 +82,13 @@ class _Backends:
 
 
 def route_files(routes_dir: Path | None) -> list[Path]:
-    """Drop-in files in lexical order. Hidden entries (a ConfigMap's ..data) are not matched."""
+    """Drop-in files in lexical order: `*.yaml` and `*.yml`, symlinks followed (a mounted
+    ConfigMap's `key -> ..data/key`). Hidden names are skipped, which pathlib's glob would match:
+    the ConfigMap's `..data` and timestamped directories, an editor's or a writer's temporary
+    files; so is a symlink that points nowhere (a key the kubelet is adding or removing)."""
     if routes_dir is None or not routes_dir.is_dir():
         return []
-    found = {p for pattern in ROUTE_FILE_PATTERNS for p in routes_dir.glob(pattern) if p.is_file()}
+    found = {p for pattern in ROUTE_FILE_PATTERNS for p in routes_dir.glob(pattern) if not p.name.startswith(".") and p.is_file()}
     return sorted(found, key=lambda p: p.name)
 
 
