@@ -227,9 +227,7 @@ def test_config_errors_errors_and_log_lines_keep_no_secret(write):
     try:
         raise ValueError("connect to host=db password='Tb-S3cret' failed")
     except ValueError:
-        import sys as _sys
-
-        record = logging.LogRecord("sidecar", logging.ERROR, __file__, 1, "backend %s: %s", ("pg", "sslpassword=Log-S3cret"), _sys.exc_info())
+        record = logging.LogRecord("sidecar", logging.ERROR, __file__, 1, "backend %s: %s", ("pg", "sslpassword=Log-S3cret"), sys.exc_info())
     for formatter in (LogfmtFormatter(), JsonFormatter()):
         line = formatter.format(record)
         assert "Log-S3cret" not in line and "Tb-S3cret" not in line and "sslpassword=***" in line
