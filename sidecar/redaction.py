@@ -10,17 +10,22 @@ is a credential as a whole (an HTTP header's); `is_secret_name` says which names
   is `a b`), or in single quotes, where a backslash escapes the next character (`'it\\'s'`);
   a quote left open runs to the end of the text;
 - a URL's password, for any scheme (`postgresql://u:PASSWORD@h/db`, an S3 endpoint
-  `https://KEY:SECRET@host`): from the `:` after the user to the last `@` before whitespace,
-  percent-encoded or not (libpq ends it at the first `@`, RFC 3986 at the last before a `/`,
-  and a secret written with a raw `/` in it is neither's: hiding up to the last `@` covers
-  all three; a raw space, which libpq refuses in a URL, ends it, and 1 KiB is the longest);
+  `https://KEY:SECRET@host`), percent-encoded or not: from the `:` after the user to the first
+  `@` before any `/` (libpq's reading, where `?` and `#` belong to the password), on to the
+  last `@` before a `/`, `?` or `#` (RFC 3986's), and across a raw `/` that an `@` follows
+  before any `?` or `#` (a secret pasted unencoded, which neither reads as a password). A raw
+  space inside it, which libpq refuses, ends it, and so does a `?` after a `/`, so a query's
+  `@` never takes the URL's password over the query's own secrets; spaces around it, which
+  libpq trims, and a tab or a newline, which it takes, do not;
 - query parameters with such a name (`?password=`, `&sslpassword=`, `X-Amz-Signature=`), the
-  name percent-decoded first, as libpq decodes it;
+  name percent-decoded first, as libpq decodes it, the value up to `&` or a space after it;
 - HTTP credentials: `Authorization: Bearer TOKEN`, `Proxy-Authorization: ...`.
 
-A connection string keeps its shape: the result parses as one, with the password `***`. The
-time taken is linear in the text's length (each pattern starts at a word or a separator and
-scans a bounded or separator-ended stretch), so a hostile line quoted in a log costs no more.
+A secret becomes `***` (`'***'` where it was quoted): a connection string keeps its shape, and
+the result parses as one, with the password `***`. Text that libpq reads as a connection string
+is checked against libpq's own reading (`without_secrets`). The time taken is linear in the
+text's length (each pattern starts at a word or a separator and scans a bounded or
+separator-ended stretch), so a hostile line quoted in a log costs no more.
 """
 
 import re
@@ -33,38 +38,78 @@ _SECRET_NAME_WHOLE = re.compile(rf"{_SECRET_NAME}|(?:proxy-)?authorization|cooki
 # HTTP authentication schemes: the word before a credential, kept when the credential is hidden.
 _SCHEMES = r"basic|bearer|digest|token|apikey|api-key|key|negotiate|ntlm|splunk|sso-key|dsn|aws4-hmac-sha256|hoba|mutual"
 
-_SECRETS = re.compile(
-    "|".join((
-        # libpq key=value (and any key=value naming a secret)
-        rf"(?<![\w.-])(?P<key>{_SECRET_NAME})(?P<equals>\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*(?:'|\\?\Z)|(?:\\.|\\\Z|[^\s\\])+)",
-        # a URL's user:password@
-        r"(?P<url>(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)(?P<url_password>\S{0,1024})@",
-        # a query parameter: `?name=value`, `&name=value`
-        r"(?P<query>[?&](?P<query_name>[^=&?\s]+)=)(?P<query_value>[^&\s]*)",
-        # an HTTP authorization header
-        rf"(?P<header>\b(?:proxy-)?authorization\s*[:=]\s*(?:(?:{_SCHEMES})\s+)?)(?P<credential>[^\s,;\"']+)",
-    )),
-    # ASCII: whitespace and word characters as libpq's parser sees them (C's isspace)
-    re.IGNORECASE | re.DOTALL | re.ASCII,
+# ASCII: whitespace and word characters as libpq's parser sees them (C's isspace).
+_FLAGS = re.IGNORECASE | re.DOTALL | re.ASCII
+
+# A URL's user:password@ (libpq trims spaces around both: ` pw @` is `pw`).
+_URL = re.compile(
+    r"(?P<url>(?<![A-Za-z0-9+./-])[A-Za-z][A-Za-z0-9+.-]*:// *[^ :/@]{0,256} *:)(?P<password> *[^ /@]{0,1024}(?:/[^ /?#@]{0,1024}){0,8}(?:@[^ /?#@]{0,1024}){0,8} *)@",
+    _FLAGS,
 )
+# libpq's key=value (and any key=value naming a secret); not right after `=` (`host=hpassword=`
+# is a host's value), `?` or `&` (a query parameter's, below).
+_KEY_VALUE = re.compile(
+    rf"(?<![\w.=?&-])(?P<key>{_SECRET_NAME})(?P<equals>\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*(?:'|\\?\Z)|(?:\\.|\\\Z|[^\s\\])+)",
+    _FLAGS,
+)
+# A query parameter: `?name=value`, `&name=value`.
+_QUERY = re.compile(r"(?P<query>[?&] *(?P<name>[^=&?\s]+) *=)(?P<value> *[^& ]*)", _FLAGS)
+_HEADER = re.compile(rf"(?P<header>\b(?:proxy-)?authorization\s*[:=]\s*(?:(?:{_SCHEMES})\s+)?)(?P<credential>[^\s,;\"']+)", _FLAGS)
 _HIDDEN = "***"
+_LIBPQ_SECRETS = ("password", "sslpassword")
+_LONGEST_CONNECTION_STRING = 65536  # longer text is not read as one
 
 
-def _hide(match: re.Match) -> str:
-    if match["key"] is not None:
-        return f"{match['key']}{match['equals']}{_HIDDEN}"
-    if match["url"] is not None:
-        return f"{match['url']}{_HIDDEN}@" if match["url_password"] else match[0]
-    if match["query"] is not None:
-        if match["query_value"] and is_secret_name(urllib.parse.unquote(match["query_name"])):
-            return f"{match['query']}{_HIDDEN}"
-        return match["query"] + without_secrets(match["query_value"])  # a URL in it may hold one
-    return f"{match['header']}{_HIDDEN}"
+def _hide_url(match: re.Match) -> str:
+    return f"{match['url']}{_HIDDEN}@" if match["password"].strip(" ") else match[0]
+
+
+def _hide_value(match: re.Match) -> str:
+    # in the form it was written: a quoted value may touch the next key (`password='x'host=h`)
+    hidden = f"'{_HIDDEN}'" if match["value"].startswith("'") else _HIDDEN
+    return f"{match['key']}{match['equals']}{hidden}"
+
+
+def _hide_query(match: re.Match) -> str:
+    if match["value"].strip(" ") and is_secret_name(urllib.parse.unquote(match["name"])):
+        return f"{match['query']}{_HIDDEN}"
+    return match["query"] + without_secrets(match["value"])  # a URL in it may hold one
+
+
+def _libpq_reading(text: str) -> dict | None:
+    """What libpq reads from `text` as a connection string; None when it is not one, or cannot
+    hold a password (no `password`, no URL, no percent-encoded name): most log lines."""
+    if len(text) > _LONGEST_CONNECTION_STRING or not ("password" in text.lower() or "://" in text or "%" in text):
+        return None
+    import psycopg.conninfo  # here: a command that shows no connection string need not load it
+
+    try:
+        return psycopg.conninfo.conninfo_to_dict(text)
+    except psycopg.Error:
+        return None
 
 
 def without_secrets(text: str) -> str:
-    """`text` with every password, token and credential of the forms above as `***`."""
-    return _SECRETS.sub(_hide, text)
+    """`text` with every password, token and credential of the forms above as `***`: in turns
+    (URL passwords, key=value, query parameters, headers), what one hides gone for the next.
+    Text that libpq reads as a connection string is checked against libpq's reading: if the
+    result does not read back with each password `***`, or still holds one (an input no one
+    writes, like `postgresql://u:password=@`), libpq's reading is shown instead, written out
+    as key=value with its passwords `***`."""
+    hidden = _URL.sub(_hide_url, text)
+    hidden = _KEY_VALUE.sub(_hide_value, hidden)
+    hidden = _QUERY.sub(_hide_query, hidden)
+    hidden = _HEADER.sub(lambda match: f"{match['header']}{_HIDDEN}", hidden)
+    reading = _libpq_reading(text)
+    secrets = {key: reading[key] for key in _LIBPQ_SECRETS if reading and reading.get(key)}
+    if not secrets:
+        return hidden
+    again = _libpq_reading(hidden)
+    if again is not None and all(again.get(key) == _HIDDEN for key in secrets) and not any(len(v) > 3 and v in hidden for v in secrets.values()):
+        return hidden
+    import psycopg.conninfo
+
+    return psycopg.conninfo.make_conninfo("", **{key: _HIDDEN if key in secrets else value for key, value in reading.items()})
 
 
 def is_secret_name(name: str) -> bool:
