@@ -10,6 +10,8 @@ import time
 
 import orjson
 
+from sidecar.redaction import without_secrets
+
 
 def _time(record: logging.LogRecord) -> str:
     moment = dt.datetime.fromtimestamp(record.created, dt.timezone.utc)
@@ -21,6 +23,7 @@ class LogfmtFormatter(logging.Formatter):
         text = record.getMessage()
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
+        text = without_secrets(text)  # an error may quote a connection string or a URL
         escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         return f'{_time(record)} level={record.levelname.lower()} logger={record.name} msg="{escaped}"'
 
@@ -30,9 +33,9 @@ class JsonFormatter(logging.Formatter):
     when the record has one; for log collectors that read JSON."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = {"time": _time(record), "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        line = {"time": _time(record), "level": record.levelname.lower(), "logger": record.name, "msg": without_secrets(record.getMessage())}
         if record.exc_info:
-            line["exc_info"] = self.formatException(record.exc_info)
+            line["exc_info"] = without_secrets(self.formatException(record.exc_info))
         try:
             return orjson.dumps(line, default=str).decode()
         except TypeError:  # a lone surrogate, from the wire: escaped, as the standard library does

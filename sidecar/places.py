@@ -1,6 +1,9 @@
 """Where each source's messages go, instance by instance (pure): `check`'s sample file paths,
 object keys and log streams, and its warning when two backend instances write one place.
 
+Names are the backends' own (sidecar.naming escapes each wire value into one name: `check
+--source 'a/b'` shows `a%2Fb.jsonl`), and an endpoint's credentials are kept out of them.
+
 Two instances sharing a file, an S3 prefix or a CloudWatch stream is a slip an operator does not
 see otherwise: for one source it writes the messages both rules take twice (a per-source rule
 beside an `all` rule whose template resolves to the same file), and for two sources it makes two
@@ -15,6 +18,7 @@ from sidecar.backends import backend_class
 from sidecar.backends.base import Place
 from sidecar.config.settings import BackendSpec
 from sidecar.constants import MESSAGE_TYPES
+from sidecar.redaction import without_secrets
 from sidecar.routing import RouteTable, Target
 
 # Stands for any source in the samples of rules under `all`, `default` or a glob.
@@ -27,7 +31,9 @@ def place_of(spec: BackendSpec, source: str, kind: str, moment: dt.datetime) -> 
     cls = backend_class(spec.type) if spec.available else None
     if cls is None or cls.place_of is None:
         return None
-    return cls.place_of(spec.settings, source, kind, moment)
+    place = cls.place_of(spec.settings, source, kind, moment)
+    # An endpoint_url may carry credentials; without them it is still the same place.
+    return None if place is None else Place(without_secrets(place.where), without_secrets(place.sample))
 
 
 def takes(target: Target, kind: str) -> bool:

@@ -97,7 +97,7 @@ def test_passwords_are_taken_out_of_urls_and_libpq_strings_alike():
     from sidecar.redaction import without_passwords
 
     assert without_passwords("postgresql://sidecar:s3cr%40t@db:5432/x") == "postgresql://sidecar:***@db:5432/x"
-    assert without_passwords("host=db password='it\\'s quoted' user=u") == "host=db password=*** user=u"
+    assert without_passwords("host=db password='it\\'s quoted' user=u") == "host=db password='***' user=u"
     assert without_passwords("PASSWORD = plain dbname=x") == "PASSWORD = *** dbname=x"
     assert without_passwords("no secret here: passwords=are_words") == "no secret here: passwords=are_words"
 

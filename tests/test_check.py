@@ -53,10 +53,11 @@ def test_the_perl_example_on_the_embedded_default_is_warned_of_naming_both_rules
         "queue-service": "30-queue-service.yaml:3", "db-loader": "40-db-loader.yaml:3",
     }
     assert len(warnings) == len(expected), result.stdout
-    for (headline, first, second, cost), (source, rule) in zip(warnings, expected.items()):
+    # one backend, four rules overriding its path: four instances, numbered in the order read
+    for number, ((headline, first, second, cost), (source, rule)) in enumerate(zip(warnings, expected.items()), 1):
         assert headline == f"warning: 2 backend instances write file {files / source}.jsonl:"
         assert first == f"files for {source} (all: {DEFAULT}:{default_rule_line('files')})"
-        assert second == f"files(path={source}.jsonl) for {source} ({source}: {PERL_EXAMPLE / 'routes.d' / rule})"
+        assert second == f"files[path]{f'#{number}' if number > 1 else ''} for {source} ({source}: {PERL_EXAMPLE / 'routes.d' / rule})"
         assert cost.startswith(f"{source}'s messages are written there twice: drop one of the rules")
 
 
@@ -73,7 +74,7 @@ def test_check_shows_a_sample_s3_key_and_cloudwatch_stream_per_rule_for_the_seed
     result = command("check", "--config", str(REPO / "tests" / "fixtures" / "seed" / "sidecar-config.yaml"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    after = {lines[i - 1].split("(")[0].strip(): line.strip() for i, line in enumerate(lines) if line.startswith("       writes ")}
+    after = {re.match(r"\s*(-> [\w-]+)", lines[i - 1]).group(1): line.strip() for i, line in enumerate(lines) if line.startswith("       writes ")}
     # the seed's `prefix: config-service/` under the config-service rule: no second source level
     assert re.fullmatch(r"writes s3://monitoring-logs/config-service/\d{4}/\d{2}/\d{2}/\d{2}/\d{8}T\d{9}Z-<uuid>\.jsonl", after["-> s3"]), after
     assert after["-> cloudwatch"] == f"writes log group /app/monitoring, stream {places.ANY_SOURCE}"
@@ -120,11 +121,11 @@ def test_an_s3_prefix_a_cloudwatch_stream_and_a_file_shared_by_two_instances_are
         f"warning: 2 backend instances write file {tmp_path / 'out' / 'shared.jsonl'}:",
     }, result.stdout
     s3 = warnings["warning: 2 backend instances write s3://logs/archive/billing/:"]
-    assert s3[:2] == [f"archive(prefix=archive/billing/) for billing (billing: {config}:8)", f"archive for billing (all: {config}:19)"]
+    assert s3[:2] == [f"archive[prefix] for billing (billing: {config}:8)", f"archive for billing (all: {config}:19)"]
     assert s3[2].startswith("billing's messages are written there twice")
     # two sources, one file: not twice, but two writers rotating one file
     shared_file = warnings[f"warning: 2 backend instances write file {tmp_path / 'out' / 'shared.jsonl'}:"]
-    assert shared_file[:2] == [f"files(fsync=batch, path=shared.jsonl) for billing (billing: {config}:12)", f"files(path=shared.jsonl) for payments (payments: {config}:16)"]
+    assert shared_file[:2] == [f"files[fsync,path] for billing (billing: {config}:12)", f"files[path] for payments (payments: {config}:16)"]
     assert shared_file[2].startswith("two writers of one place")
     # and the samples: the `all` rule's, for any source
     assert f"       writes s3://logs/archive/{places.ANY_SOURCE}/" in result.stdout
@@ -193,7 +194,7 @@ def test_run_logs_the_warning_check_gives(tmp_path):
     assert process.returncode == 0, err
     logged = [line for line in err.splitlines() if "backend instances write file" in line]
     assert len(logged) == 4 and all("WARNING" in line or "warning" in line for line in logged), err
-    assert f"files(path=file-receiver.jsonl) for file-receiver (file-receiver: {PERL_EXAMPLE / 'routes.d' / '20-file-receiver.yaml'}:3)" in err
+    assert f"files[path]#2 for file-receiver (file-receiver: {PERL_EXAMPLE / 'routes.d' / '20-file-receiver.yaml'}:3)" in err
 
 
 def test_check_lists_the_aggregate_steps_with_their_lines(tmp_path):

@@ -25,9 +25,9 @@ def test_check_prints_the_seeds_routing_table():
     out = result.stdout
     assert "source tcp (tcp): 0.0.0.0:17000" in out
     assert "  queue-service:\n    -> timescaledb" in out
-    assert "-> nfs-file(path=/mnt/nas/logs/queue-service.jsonl)" in out
-    assert "  config-service:\n    -> s3(bucket=monitoring-logs, prefix=config-service/)" in out
-    assert "  default:\n    -> cloudwatch(log_group=/app/monitoring, log_stream={source})" in out
+    assert "-> nfs-file[path]" in out and "writes /mnt/nas/logs/queue-service.jsonl" in out
+    assert "  config-service:\n    -> s3[bucket,prefix]" in out
+    assert "  default:\n    -> cloudwatch[log_group,log_stream]" in out
     # every backend is listed with its type; a type this build lacks is named so, not an error
     from sidecar.backends import backend_class
 

@@ -237,14 +237,14 @@ def test_25000_events_from_three_sources_arrive_in_order_in_requests_within_the_
 
     host_stream = f"{_host()}-event"
     for source, count in counts.items():
-        source_group = f"{group}/{source.replace('ü', '_')}"  # names keep [A-Za-z0-9._-] only
+        source_group = f"{group}/{source.replace('ü', '#C3#BC')}"  # group names escape with #
         assert cloudwatch_server.streams(source_group) == [host_stream]
         events = cloudwatch_server.events(source_group, host_stream)
         seqs = [orjson.loads(e["message"])["context"]["seq"] for e in events if TRUNCATED not in e["message"]]
         assert sorted(seqs) == list(range(count)), f"{source}: lost or duplicated events"
         stamps = [e["timestamp"] for e in events]
         assert stamps == sorted(stamps)
-    truncated = [e["message"] for e in cloudwatch_server.events(f"{group}/_tf8-svc", host_stream) if TRUNCATED in e["message"]]
+    truncated = [e["message"] for e in cloudwatch_server.events(f"{group}/#C3#BCtf8-svc", host_stream) if TRUNCATED in e["message"]]
     assert len(truncated) == 1 and truncated[0].endswith(" bytes]")
     assert len(truncated[0].encode()) + EVENT_OVERHEAD <= MAX_EVENT_BYTES
     assert sidecar.stop() == 0

@@ -238,4 +238,4 @@ def test_the_example_routes_d_loads_with_the_embedded_default():
 
 def test_key_value_passwords_are_hidden_too():
     assert display_value("host=db user=app password=s3cr3t dbname=m") == "host=db user=app password=*** dbname=m"
-    assert display_value("host=db password='with space' dbname=m") == "host=db password=*** dbname=m"
+    assert display_value("host=db password='with space' dbname=m") == "host=db password='***' dbname=m"

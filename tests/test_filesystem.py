@@ -1,6 +1,7 @@
 """The filesystem backend: confinement of wire-controlled paths, JSONL appends, rotation."""
 
 import os
+import urllib.parse
 
 import orjson
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from sidecar.batch import Batch
 from sidecar.backends.base import Attempt
 from sidecar.backends.filesystem import FilesystemBackend, FilesystemSettings
-from sidecar.naming import safe_component
+from sidecar.naming import FILE_NAME, escaped
 
 
 @given(st.text(max_size=300))
@@ -25,9 +26,10 @@ def test_any_source_name_resolves_inside_base_path(source):
 
 
 @pytest.mark.parametrize("source", ["../../etc/x", "..", ".", "/etc/passwd", "a/../../b", "x\x00y", "\u202e.jsonl"])
-def test_hostile_source_names_are_reduced_to_one_safe_component(source):
-    component = safe_component(source)
-    assert "/" not in component and component not in (".", "..") and component.isascii()
+def test_hostile_source_names_are_escaped_into_one_component(source):
+    component = escaped(source, FILE_NAME)
+    assert "/" not in component and component not in (".", "..") and not component.startswith(".") and component.isascii()
+    assert urllib.parse.unquote(component, errors="surrogatepass") == source
 
 
 def event(source="svc", i=0, timestamp="2025-10-20T10:30:45.123Z"):
@@ -40,9 +42,9 @@ async def test_batches_append_as_jsonl(tmp_path):
     await backend.write_batch(Attempt("../../etc/x", Batch.of([event("../../etc/x", i) for i in range(3)])))
     await backend.write_batch(Attempt("../../etc/x", Batch.of([event("../../etc/x", 3)])))
     await backend.aclose()
-    written = tmp_path / "_._.._etc_x.jsonl"
+    written = tmp_path / "%2E.%2F..%2Fetc%2Fx.jsonl"
     assert [orjson.loads(line)["data"]["message"] for line in written.read_bytes().splitlines()] == ["m0", "m1", "m2", "m3"]
-    assert sorted(os.listdir(tmp_path)) == ["_._.._etc_x.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == ["%2E.%2F..%2Fetc%2Fx.jsonl"]
 
 
 async def test_type_and_date_templates_split_a_batch(tmp_path):

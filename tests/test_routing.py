@@ -94,7 +94,7 @@ def test_rules_to_the_same_instance_merge_into_one_target(tmp_path):
         """,
     )
     targets = table.targets_for("svc")
-    assert [t.spec.label for t in targets] == ["a", "a(path=other-{source}.jsonl)"]
+    assert [t.spec.label for t in targets] == ["a", "a[path]"]
     assert len(targets[0].filters) == 2
     assert names(table, event("svc")) == ["a", "a"]
     assert names(table, {"source": "svc", "type": "span", "data": {}}) == ["a"]

@@ -44,7 +44,7 @@ def aws_environ(s3_server, logs_endpoint: str) -> dict:
 
 
 def by_name(stats: dict, name: str) -> dict:
-    found = [b for b in stats["backends"] if b["backend"] == name or b["backend"].startswith(name + "(")]
+    found = [b for b in stats["backends"] if b["backend"] == name or b["backend"].startswith(name + "[")]
     return found[0] if found else {}
 
 
@@ -73,7 +73,7 @@ def test_the_seed_config_as_written_puts_each_source_where_its_text_says(tmp_pat
         sidecar.stop(timeout=40)
     final = sidecar.stats()
     assert by_name(final, "s3")["delivered"] == 30 and by_name(final, "cloudwatch")["delivered"] == 40
-    assert re.search(r"undelivered messages: .*nfs-file\(path=/mnt/nas/logs/queue-service.jsonl\)=20", sidecar.log()), "what nfs-file could not write is reported at shutdown"
+    assert re.search(r"undelivered messages: .*nfs-file\[path\]=20", sidecar.log()), "what nfs-file could not write is reported at shutdown"
 
     objects = s3_server.objects("monitoring-logs")
     assert objects and all(re.fullmatch(r"config-service/\d{4}/\d{2}/\d{2}/\d{2}/\d{8}T\d{9}Z-[0-9a-f]{32}\.jsonl", k) for k in objects), sorted(objects)

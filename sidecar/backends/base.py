@@ -14,10 +14,16 @@ import attrs
 import trio
 
 from sidecar.batch import Batch
+from sidecar.redaction import without_secrets
 
 
 class DeliveryError(Exception):
-    """A write failed. Subclasses say whether trying again can help."""
+    """A write failed. Subclasses say whether trying again can help. The message is shown (the
+    status file, /api/backends, logs) and may quote an endpoint or a connection string: its
+    secrets are taken out here."""
+
+    def __init__(self, message: str, *args):
+        super().__init__(without_secrets(str(message)), *args)
 
 
 class RetryableError(DeliveryError):

@@ -15,7 +15,7 @@ from sidecar.backends.base import RetryableError
 from sidecar.batch import Batch
 from sidecar.bounded import ForgetfulCache
 from sidecar.message import epoch_ms
-from sidecar.naming import HOST, PLACEHOLDERS, template_fields
+from sidecar.naming import HOST, LOG_GROUP, LOG_STREAM, PLACEHOLDERS, escaped, template_fields
 
 MAX_REQUEST_EVENTS = 10_000
 MAX_REQUEST_BYTES = 1_048_576
@@ -29,8 +29,7 @@ MAX_FUTURE_MS = 2 * 3600 * 1000
 TIME_MARGIN_MS = 60 * 1000
 RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653)
 
-_NAME_CHARS = frozenset(string.ascii_letters + string.digits + "._-")
-_GROUP_CHARS = _NAME_CHARS | frozenset("/#")
+_GROUP_CHARS = frozenset(string.ascii_letters + string.digits + "._-/#")
 
 # ---------------------------------------------------------------- errors
 
@@ -57,15 +56,6 @@ def error_code(exc: Exception) -> str:
 
 
 # ---------------------------------------------------------------- names from templates
-
-
-def safe_name_value(value: str) -> str:
-    """A wire-controlled value reduced to `[A-Za-z0-9._-]`, at most 200 characters (a long value
-    keeps a hash of the whole, so distinct long sources stay distinct)."""
-    cleaned = "".join(c if c in _NAME_CHARS else "_" for c in value) or "_"
-    if len(cleaned) > 200:
-        cleaned = cleaned[:191] + "-" + hashlib.sha1(value.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-    return cleaned
 
 
 def check_group(name: str) -> str | None:
@@ -97,8 +87,8 @@ def render_name(template: str, values: dict[str, str], checker) -> str:
     name = template.format(**values)
     if len(name) > 512:
         name = name[:503] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
-    # The template was checked with plain values and the values are reduced to safe characters,
-    # so only an empty result can fail here.
+    # The template was checked with plain values and the values are escaped into characters
+    # the name allows, so only an empty result can fail here.
     return name if checker(name) is None else "_"
 
 
@@ -109,8 +99,9 @@ def render_name(template: str, values: dict[str, str], checker) -> str:
 
 
 class LogNames:
-    """(log group, log stream) for a message's wire values, from the two templates, sanitised;
-    remembered for the last 10,000 distinct values."""
+    """(log group, log stream) for a message's wire values, from the two templates, each value
+    escaped into the characters its name allows (sidecar.naming), so distinct sources get
+    distinct streams; remembered for the last 10,000 distinct values."""
 
     def __init__(self, group_template: str, stream_template: str):
         self.group_template = group_template
@@ -122,8 +113,10 @@ class LogNames:
         key = (source, kind, date)
         names = self._known.get(key)
         if names is None:
-            values = {"source": safe_name_value(source), "type": safe_name_value(kind), "date": safe_name_value(date), "host": safe_name_value(HOST)}
-            names = (render_name(self.group_template, values, check_group), render_name(self.stream_template, values, check_stream))
+            wire = {"source": source, "type": kind, "date": date, "host": HOST}
+            group = {field: escaped(value, LOG_GROUP) for field, value in wire.items()}
+            stream = {field: escaped(value, LOG_STREAM) for field, value in wire.items()}
+            names = (render_name(self.group_template, group, check_group), render_name(self.stream_template, stream, check_stream))
             self._known.remember(key, names)
         return names
 

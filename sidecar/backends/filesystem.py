@@ -1,8 +1,9 @@
 """JSONL files, safe on NFS: one write() per batch on an O_APPEND descriptor.
 
 Paths come from a template such as `{source}.jsonl`; the values put into it come from the wire,
-so each is reduced to `[A-Za-z0-9._-]` and the resolved path must stay inside `base_path`, also
-through symlinked directories. A path that can never be written (a directory or a symlink where
+so each is escaped into one file name (sidecar.naming: `a/b` is `a%2Fb`, distinct sources get
+distinct files) and the resolved path must stay inside `base_path`, also through symlinked
+directories. A path that can never be written (a directory or a symlink where
 the file should be, a file where a directory should be) costs the messages bound for it alone,
 counted by reason; every other path of the batch, and every other source, keeps flowing.
 """
@@ -16,7 +17,7 @@ import attrs
 from sidecar.backends.base import Attempt, Backend, PartialDelivery, PermanentError, Place, RetryableError
 from sidecar.bounded import ForgetfulCache
 from sidecar.backends.jsonl_files import JsonlFiles, is_network_filesystem, within
-from sidecar.naming import HOST, PLACEHOLDERS, safe_component, template_fields
+from sidecar.naming import FILE_NAME, HOST, PLACEHOLDERS, escaped, template_fields
 from sidecar.units import ByteSize, Duration
 
 
@@ -44,7 +45,7 @@ class FilesystemSettings:
 
 def render_path(base: str, template: str, source: str, kind: str = "", date: str = "") -> str | None:
     """The file for these wire values under the absolute `base`; None if it would lie outside."""
-    values = {"source": safe_component(source), "type": safe_component(kind), "date": safe_component(date), "host": safe_component(HOST)}
+    values = {"source": escaped(source, FILE_NAME), "type": escaped(kind, FILE_NAME), "date": escaped(date, FILE_NAME), "host": escaped(HOST, FILE_NAME)}
     path = os.path.normpath(os.path.join(base, template.format(**values)))
     return path if within(base, path) and path != base else None
 

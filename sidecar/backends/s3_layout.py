@@ -1,7 +1,8 @@
 """Where a batch goes in S3 (pure): object keys, and batches cut into objects of a size.
 
 Keys are `{prefix}{source}/YYYY/MM/DD/HH/<time>-<unique>.jsonl[.gz]`, by the hour the batch's
-first message was received; the source comes from the wire and is one safe component. A prefix
+first message was received; the source comes from the wire and is escaped into one level
+(sidecar.naming: `a/b` is `a%2Fb`, distinct sources get distinct keys). A prefix
 that names the source itself, with a `{source}` field (`raw/{source}/v1/`) or as its last
 segment (the seed's `prefix: config-service/` under the config-service rule), has no second
 source level added.
@@ -10,7 +11,7 @@ source level added.
 import datetime as dt
 import re
 
-from sidecar.naming import safe_component
+from sidecar.naming import S3_KEY, escaped
 
 _RECEIVED_AT = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})\.(\d{3})Z")
 
@@ -24,7 +25,7 @@ def check_prefix(_instance, _attribute, prefix: str) -> None:
 
 def source_prefix(prefix: str, source: str) -> str:
     """The part of a key before the hour levels: `prefix` with the source in it, or followed by it."""
-    component = safe_component(source)
+    component = escaped(source, S3_KEY)
     if "{source}" in prefix:
         return prefix.replace("{source}", component)
     if prefix.endswith("/") and prefix[:-1].rpartition("/")[2] == component:
@@ -34,7 +35,7 @@ def source_prefix(prefix: str, source: str) -> str:
 
 def object_key(prefix: str, source: str, received_at: str, *, unique: str, gzipped: bool) -> str:
     """`{prefix}{source}/YYYY/MM/DD/HH/<time>-<unique>.jsonl[.gz]`; `source` comes from the wire
-    and is reduced to one safe component, so it can neither add levels nor climb out of prefix."""
+    and is escaped into one level, so it can neither add levels nor climb out of prefix."""
     match = _RECEIVED_AT.fullmatch(received_at or "")
     if match is None:
         now = dt.datetime.now(dt.timezone.utc)

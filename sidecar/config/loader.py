@@ -31,6 +31,7 @@ from sidecar.config.settings import (
     SourceSpec,
     StorageSettings,
     UnavailableSettings,
+    instance_label,
 )
 from sidecar.config.exposure import exposures
 from sidecar.config.yaml_reader import ConfigError, DocumentReader, Invalid, Where, plain, read_yaml, submapping
@@ -331,7 +332,28 @@ def _read_routing(documents: list, backends: _Backends, steps: list[_SourceSteps
     rules: list[Rule] = []
     for reader, routing, where, drop_in in documents:
         rules.extend(_read_routing_document(reader, routing, where, backends, drop_in, steps))
-    return tuple(sorted(rules, key=lambda rule: rule.priority))
+    return tuple(sorted(_numbered(rules), key=lambda rule: rule.priority))
+
+
+def _numbered(rules: list[Rule]) -> list[Rule]:
+    """The rules with each backend instance's label unique: the second and later instances
+    whose labels would be equal (one backend, different values for the same keys) get `#2`,
+    `#3`, ... in the order their rules are read, so adding a rule after them renames none."""
+    labels: dict[tuple, str] = {}  # (name, overrides): the instance's label
+    taken: set[str] = set()
+    numbered = []
+    for rule in rules:
+        key = (rule.spec.name, rule.spec.overrides)
+        if key not in labels:
+            base = label = instance_label(rule.spec.name, rule.spec.overrides)
+            number = 1
+            while label in taken:
+                number += 1
+                label = f"{base}#{number}"
+            labels[key] = label
+            taken.add(label)
+        numbered.append(attrs.evolve(rule, spec=attrs.evolve(rule.spec, label=labels[key])))
+    return numbered
 
 
 def _read_routing_document(reader: DocumentReader, routing, where: Where, backends: _Backends, drop_in: bool = False, steps: list | None = None) -> list[Rule]:

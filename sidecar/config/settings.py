@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 import attrs
 
-from sidecar.config.yaml_reader import Where, display_value
+from sidecar.config.yaml_reader import Where
 from sidecar.tls import TlsSettings
 from sidecar.transforms.filter import MessageFilter  # noqa: F401 (a rule's filter)
 from sidecar.units import ByteSize, Duration
@@ -195,12 +195,20 @@ class UnavailableSettings:
     options: tuple[tuple[str, Any], ...]
 
 
+def instance_label(name: str, overrides: tuple[tuple[str, Any], ...]) -> str:
+    """What an instance is called before it is numbered: the backend's name, and the keys (never
+    the values) a rule's `config` overrides, `files[path]`. The loader numbers the second and
+    later instances of one such label in the order their rules are read: `files[path]#2`."""
+    return f"{name}[{','.join(key for key, _value in overrides)}]" if overrides else name
+
+
 @attrs.frozen
 class BackendSpec:
     """One running backend instance: a named backend with its effective settings.
 
     Two rules that resolve to equal specs share one instance (queue, batches, connection); a
-    reload keeps an instance whose spec did not change.
+    reload keeps an instance whose spec did not change, and one whose settings or label changed
+    for the same destination takes them in place.
     """
 
     name: str
@@ -208,17 +216,13 @@ class BackendSpec:
     settings: Any
     delivery: DeliverySettings
     overrides: tuple[tuple[str, Any], ...] = ()
+    # What logs, /metrics, /api/* and the status file call the instance: made of names, never
+    # of setting values, which may hold a connection string's password (instance_label).
+    label: str = attrs.field(default=attrs.Factory(lambda spec: instance_label(spec.name, spec.overrides), takes_self=True))
 
     @property
     def available(self) -> bool:
         return not isinstance(self.settings, UnavailableSettings)
-
-    @property
-    def label(self) -> str:
-        if not self.overrides:
-            return self.name
-        shown = ", ".join(f"{k}={display_value(v)}" for k, v in self.overrides)
-        return f"{self.name}({shown})"
 
 
 RESERVED_SOURCE_KEYS = ("default", "all")

@@ -19,7 +19,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, MappingStartEvent, ScalarEvent
 from ruamel.yaml.reader import ReaderError
 
-from sidecar.redaction import without_passwords
+from sidecar.redaction import credential_shown, without_secrets
 from sidecar.suggestions import did_you_mean
 from sidecar.units import is_int, is_number, parse_bytesize, parse_duration
 
@@ -37,8 +37,9 @@ class Where:
 
 @attrs.frozen
 class ConfigProblem:
+    # A message may quote the value at fault, which may hold a password: kept out of it.
     where: Where | None
-    message: str
+    message: str = attrs.field(converter=without_secrets)
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}" if self.where else self.message
@@ -67,15 +68,21 @@ class Interpolated(str):
         return self
 
 
-def display_value(value) -> Any:
-    """What may be shown of a setting: templates instead of environment values, no URL passwords."""
-    if isinstance(value, Interpolated):
-        return value.template
+def display_value(value, credential: bool = False) -> Any:
+    """What may be shown of a setting (sidecar.redaction): templates instead of environment
+    values, no passwords, tokens or credentials. The values of a mapping inside a setting (an
+    otlp backend's `headers`, as a dict or as its pairs) are credentials: only their `${NAME}`
+    references are shown. `credential`: `value` is one."""
     if isinstance(value, str):
-        return without_passwords(value)
-    if isinstance(value, tuple):
-        return [display_value(v) for v in value]
-    return value
+        text = value.template if isinstance(value, Interpolated) else value
+        return credential_shown(text) if credential else without_secrets(text)
+    if isinstance(value, dict):
+        return {str(k): display_value(v, True) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        if value and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) for v in value):
+            return {k: display_value(v, True) for k, v in value}  # a mapping, as StringPairs or plain() hold it
+        return [display_value(v, credential) for v in value]
+    return "***" if credential and isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
