@@ -12,7 +12,9 @@ group, emitted at each window's end as one `metric` message per group.
 
 The windows are `sidecar.aggregation`'s (pure); this module picks the points out of a batch,
 names the groups, turns closed windows into messages and closes the windows on trio's clock
-(`Aggregation.run`, a task the correlator's owner starts). The correlator routes what it emits
+(`Aggregation.run`, a task the correlator's owner starts). With `pipeline.native` on and the
+extension built, a step's windows are the native ones (`NativeWindows`, same semantics), which
+read the batch's lines themselves: no point becomes a dict. The correlator routes what it emits
 like any message, without the transform stage (an aggregate is not aggregated again).
 """
 
@@ -23,11 +25,12 @@ import time
 from collections.abc import Callable, Iterable
 
 import attrs
+import orjson
 import trio
 
-from sidecar.aggregation import LATE_POLICIES, MAX_GROUP_BYTES, ClosedGroup, GroupKey, Windows, check_stats
+from sidecar import native
+from sidecar.aggregation import LATE_POLICIES, ClosedGroup, GroupKey, WindowCounts, Windows, check_stats, quantile_of
 from sidecar.batch import Batch
-from sidecar.bounded import ForgetfulCache
 from sidecar.message import epoch_ms, format_timestamp
 from sidecar.source_keys import SourceKeys
 from sidecar.units import Duration
@@ -92,48 +95,104 @@ def _names_regex(globs: tuple[str, ...] | None):
     return re.compile("|".join(fnmatch.translate(g) for g in globs)) if globs else None
 
 
-class AggregateStep:
-    """One configured step, running: its windows and what it counted."""
+def step_label(spec: AggregateSpec) -> str:
+    return f"{spec.source}[aggregate]" if spec.position == 1 else f"{spec.source}[aggregate {spec.position}]"
 
-    def __init__(self, spec: AggregateSpec, now: float):
+
+class NativeWindows:
+    """A step's windows on the native path (`sidecar._native.AggregateWindows`: the semantics of
+    `sidecar.aggregation.Windows` and of this module's point picking, quantiles from the crate
+    `sketches-ddsketch` at the same 1%), behind `Windows`' interface, plus `take`, which reads a
+    batch's lines itself."""
+
+    def __init__(self, settings: "AggregateSettings", now: float):
+        self.window = settings.window
+        self.stats = settings.stats
+        by_tags = None if "tags" in settings.by else [key[5:] for key in settings.by if key.startswith("tags.")]
+        self._windows = windows = native.AggregateWindows(
+            settings.window, [(stat, quantile_of(stat)) for stat in settings.stats], late=settings.late, max_groups=settings.max_groups, now=now,
+            metrics=list(settings.metrics or ()), spans=list(settings.spans or ()), tags=by_tags,
+        )
+        self.take, self.add, self.remember_unit, self.unit, self.next_close = windows.take, windows.add, windows.remember_unit, windows.unit, windows.next_close
+        self.max_group_bytes = native.AGGREGATE_MAX_GROUP_BYTES
+
+    @property
+    def counts(self) -> WindowCounts:
+        return WindowCounts(*self._windows.counts())
+
+    @property
+    def groups(self) -> int:
+        return self._windows.groups
+
+    @property
+    def closed_until(self) -> float:
+        return self._windows.closed_until
+
+    def close(self, now: float) -> list[ClosedGroup]:
+        return [ClosedGroup(*closed) for closed in self._windows.close(now)]
+
+    def flush(self, now: float) -> list[ClosedGroup]:
+        return [ClosedGroup(*closed) for closed in self._windows.flush(now)]
+
+
+class AggregateStep:
+    """One configured step, running: its windows and what it counted. `native`: whether its
+    windows are the native ones (the caller's `pipeline.native`, where the extension is built)."""
+
+    def __init__(self, spec: AggregateSpec, now: float, native_path: bool = False):
         self.spec = spec
         settings = spec.settings
-        self.label = f"{spec.source}[aggregate]" if spec.position == 1 else f"{spec.source}[aggregate {spec.position}]"
-        self.windows = Windows(settings.window, settings.stats, late=settings.late, max_groups=settings.max_groups, now=now)
+        self.label = step_label(spec)
+        self.native = native.use_native(native_path)
+        if self.native:
+            self.windows = NativeWindows(settings, now)
+        else:
+            self.windows = Windows(settings.window, settings.stats, late=settings.late, max_groups=settings.max_groups, now=now)
         self.emitted = 0
         self._metrics = _names_regex(settings.metrics)
         self._spans = _names_regex(settings.spans)
         self._all_tags = "tags" in settings.by
-        # (source, name) -> the unit its points gave (the last), for the aggregates' `unit`.
-        self.units = ForgetfulCache(settings.max_groups)
         self._tags = tuple(key[5:] for key in settings.by if key.startswith("tags."))
 
     def take(self, batch: Batch, now: float) -> Batch:
         """Add the batch's points to the windows; the batch to pass on (without them when
         `keep_raw` is false)."""
         taken = []
-        metrics, spans = self._metrics, self._spans
         source = batch.source
-        for index, message in enumerate(batch.messages()):
-            kind = message["type"]
-            data = message["data"]
-            if kind == "metric" and metrics is not None and "aggregation" not in data and metrics.match(data["name"]):
-                key = (source, data["name"], self._tags_of(data.get("tags")))
-                value = data["value"]
-                if data.get("unit"):
-                    self.units.remember((source, data["name"]), data["unit"])
-            elif kind == "span" and spans is not None and data.get("phase") == "end" and spans.match(data["name"]):
-                key = (source, data["name"] + SPAN_SUFFIX, (("status", data["status"]),))
-                value = data["duration_ms"]
-            else:
-                continue
-            stamped = epoch_ms(message["timestamp"])
-            self.windows.add(key, stamped / 1000 if stamped is not None else now, float(value), now)
-            taken.append(index)
+        if self.native:
+            # The native windows read the lines; one they cannot (an escaped key, say) is read
+            # here, in its place among them, and they go on after it.
+            lines = batch.lines
+            wanted = None if self.spec.settings.keep_raw else taken
+            at = 0
+            while (at := self.windows.take(source, lines, at, now, wanted)) < len(lines):
+                self._take_message(source, orjson.loads(lines[at]), at, now, taken)
+                at += 1
+        else:
+            for index, message in enumerate(batch.messages()):
+                self._take_message(source, message, index, now, taken)
         if taken and not self.spec.settings.keep_raw:
             chosen = set(taken)
             return batch.pick([i for i in range(len(batch)) if i not in chosen])
         return batch
+
+    def _take_message(self, source: str, message: dict, index: int, now: float, taken: list[int]) -> None:
+        kind = message["type"]
+        data = message["data"]
+        metrics, spans = self._metrics, self._spans
+        if kind == "metric" and metrics is not None and "aggregation" not in data and metrics.match(data["name"]):
+            key = (source, data["name"], self._tags_of(data.get("tags")))
+            value = data["value"]
+            if data.get("unit"):
+                self.windows.remember_unit(source, data["name"], data["unit"])
+        elif kind == "span" and spans is not None and data.get("phase") == "end" and spans.match(data["name"]):
+            key = (source, data["name"] + SPAN_SUFFIX, (("status", data["status"]),))
+            value = data["duration_ms"]
+        else:
+            return
+        stamped = epoch_ms(message["timestamp"])
+        self.windows.add(key, stamped / 1000 if stamped is not None else now, float(value), now)
+        taken.append(index)
 
     def _tags_of(self, tags: dict | None) -> tuple:
         if not tags:
@@ -144,7 +203,7 @@ class AggregateStep:
 
     def statistics(self) -> dict:
         counts = self.windows.counts
-        return {**attrs.asdict(counts), "open_groups": self.windows.groups, "emitted": self.emitted, "max_bytes_per_group": MAX_GROUP_BYTES}
+        return {**attrs.asdict(counts), "open_groups": self.windows.groups, "emitted": self.emitted, "max_bytes_per_group": self.windows.max_group_bytes}
 
 
 def _iso(seconds: float) -> str:
@@ -171,11 +230,12 @@ class Aggregation:
     needed (inside trio's run): `now() = epoch + clock()`.
     """
 
-    def __init__(self, specs: Iterable[AggregateSpec] = (), *, host: str = "", clock: Callable[[], float] = trio.current_time, epoch: float | None = None):
+    def __init__(self, specs: Iterable[AggregateSpec] = (), *, host: str = "", clock: Callable[[], float] = trio.current_time, epoch: float | None = None, native: bool = True):
         self.clock = clock
         self._epoch = epoch
         self.host = host
-        self.steps: list[AggregateStep] = [AggregateStep(spec, self.now()) for spec in specs]
+        self.native = native  # `pipeline.native`: native windows where the extension is built
+        self.steps: list[AggregateStep] = [AggregateStep(spec, self.now(), native) for spec in specs]
         self._keys = SourceKeys((step.spec.source, step) for step in self.steps)
         self._changed = trio.Event()
         self._scope = trio.CancelScope()
@@ -222,10 +282,10 @@ class Aggregation:
             if kept:
                 step = kept.pop(0)
                 step.spec = spec
-                step.label = AggregateStep(spec, now).label
+                step.label = step_label(spec)
                 steps.append(step)
             else:
-                steps.append(AggregateStep(spec, now))
+                steps.append(AggregateStep(spec, now, self.native))
         flushed = [self._messages(step, step.windows.flush(now), now) for left in running.values() for step in left]
         self.steps = steps
         self._keys = SourceKeys((step.spec.source, step) for step in self.steps)
@@ -245,7 +305,7 @@ class Aggregation:
 
     def _messages(self, step: AggregateStep, closed: list[ClosedGroup], now: float) -> list[dict]:
         step.emitted += len(closed)
-        return [aggregate_message(group, self.host, now, step.units.get(group.key[:2])) for group in closed]
+        return [aggregate_message(group, self.host, now, step.windows.unit(*group.key[:2])) for group in closed]
 
     async def run(self, emit: Callable[[list[dict]], None], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Close the windows as they end, handing each round's messages to `emit`, until

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 import attrs
 from ddsketch import LogCollapsingLowestDenseDDSketch
 
+from sidecar.bounded import ForgetfulCache
+
 RELATIVE_ACCURACY = 0.01
 SKETCH_BINS = 1024  # per sign: positive and negative values have a store each
 # The ratio between the largest and smallest magnitude the bins cover at full accuracy.
@@ -128,7 +130,10 @@ class Windows:
     current window (`current`) or nowhere (`drop`). At most `max_groups` groups per window: the
     points of further groups are folded into their source's `__overflow__` group (one per
     source, beyond the cap). So a step holds at most about two windows of `max_groups` groups.
+    It also remembers the last unit of each (source, name), for the aggregates' `unit`.
     """
+
+    max_group_bytes = MAX_GROUP_BYTES
 
     def __init__(self, window: float, stats: tuple[str, ...], *, late: str = "current", max_groups: int = 10_000, now: float):
         if window <= 0:
@@ -142,6 +147,13 @@ class Windows:
         self.closed_until = self.start_of(now)
         self.open: dict[float, dict[GroupKey, GroupStats]] = {}
         self.counts = WindowCounts()
+        self.units = ForgetfulCache(max_groups)
+
+    def remember_unit(self, source: str, name: str, unit: str) -> None:
+        self.units.remember((source, name), unit)
+
+    def unit(self, source: str, name: str) -> str | None:
+        return self.units.get((source, name))
 
     def start_of(self, moment: float) -> float:
         return math.floor(moment / self.window) * self.window

@@ -242,7 +242,7 @@ class Sidecar:
             )
             supervisors = self.topology.apply(table, Path(self.config.storage.data_dir), self.config.storage.max_bytes, self.config.storage.sync_interval)
             routing = Routing(table, supervisors, TransformStage(self.config.transforms))
-            self.correlator = Correlator(routing, self.counters, index, trace_cache_size=self.config.pipeline.trace_cache_size, aggregation=Aggregation(self.config.aggregate))
+            self.correlator = Correlator(routing, self.counters, index, trace_cache_size=self.config.pipeline.trace_cache_size, aggregation=Aggregation(self.config.aggregate, native=self.config.pipeline.native))
             nursery.start_soon(self._run_correlator, receive_channel)
             await nursery.start(self.correlator.close_windows)
             await nursery.start(self.watcher.run)

@@ -126,9 +126,10 @@ def test_unknown_statistics_are_named():
 import trio
 import trio.testing
 
-from sidecar.aggregate import AggregateSettings, AggregateSpec, Aggregation
+from sidecar import native
+from sidecar.aggregate import AggregateSettings, AggregateSpec, AggregateStep, Aggregation
 from sidecar.batch import Batch
-from sidecar.message import format_timestamp
+from sidecar.message import epoch_ms, format_timestamp
 import datetime as dt
 
 EPOCH = 1_700_000_005.0  # the wall clock when the MockClock reads 0: 5 s into a 10 s window
@@ -150,8 +151,18 @@ def spec(**settings) -> AggregateSpec:
     return AggregateSpec("svc", AggregateSettings(**settings), where="test:1")
 
 
-async def test_windows_close_at_their_end_on_trios_clock_and_emit_one_message_per_group(autojump_clock):
-    aggregation = Aggregation([spec(metrics=("jobs_*",), spans=("process_job",), window=10.0, stats=("count", "sum", "max", "p50"))], host="h", epoch=EPOCH)
+# Each step test runs on the Python windows and on the native ones (when the extension is built).
+PATHS = [pytest.param(False, id="python"), pytest.param(True, id="native", marks=pytest.mark.skipif(not native.AVAILABLE, reason="sidecar._native not built"))]
+
+
+@pytest.fixture(params=PATHS)
+def native_path(request) -> bool:
+    return request.param
+
+
+async def test_windows_close_at_their_end_on_trios_clock_and_emit_one_message_per_group(autojump_clock, native_path):
+    aggregation = Aggregation([spec(metrics=("jobs_*",), spans=("process_job",), window=10.0, stats=("count", "sum", "max", "p50"))], host="h", epoch=EPOCH, native=native_path)
+    assert [step.native for step in aggregation.steps] == [native_path]  # the windows asked for
     emitted: list[tuple[float, list[dict]]] = []
     removed = []
     batch = Batch.of([
@@ -180,16 +191,16 @@ async def test_windows_close_at_their_end_on_trios_clock_and_emit_one_message_pe
     assert emitted[1][1][0]["data"]["aggregation"]["count"] == 1
 
 
-async def test_keep_raw_false_takes_the_points_out_and_reports_them(autojump_clock):
-    aggregation = Aggregation([spec(metrics=("rows_loaded",), keep_raw=False)], epoch=EPOCH)
+async def test_keep_raw_false_takes_the_points_out_and_reports_them(autojump_clock, native_path):
+    aggregation = Aggregation([spec(metrics=("rows_loaded",), keep_raw=False)], epoch=EPOCH, native=native_path)
     removed = []
     out = aggregation.apply(Batch.of([metric("rows_loaded", 1, EPOCH), metric("kept", 1, EPOCH), metric("rows_loaded", 2, EPOCH)]), lambda label, count: removed.append((label, count)))
     assert [m["data"]["name"] for m in out.messages()] == ["kept"]
     assert removed == [("svc[aggregate]", 2)]
 
 
-async def test_flush_emits_partial_windows_and_stops_the_timer(autojump_clock):
-    aggregation = Aggregation([spec(metrics=("m",), window=10.0, stats=("count",))], epoch=EPOCH)
+async def test_flush_emits_partial_windows_and_stops_the_timer(autojump_clock, native_path):
+    aggregation = Aggregation([spec(metrics=("m",), window=10.0, stats=("count",))], epoch=EPOCH, native=native_path)
     aggregation.apply(Batch.of([metric("m", 1, EPOCH)]), print)
     emitted = []
     async with trio.open_nursery() as nursery:
@@ -200,9 +211,9 @@ async def test_flush_emits_partial_windows_and_stops_the_timer(autojump_clock):
     assert [(m["data"]["aggregation"]["partial"], m["data"]["aggregation"]["count"]) for m in flushed] == [(True, 1)]
 
 
-async def test_a_reload_keeps_the_windows_of_an_unchanged_step_and_emits_those_of_a_changed_one(autojump_clock):
+async def test_a_reload_keeps_the_windows_of_an_unchanged_step_and_emits_those_of_a_changed_one(autojump_clock, native_path):
     kept, changed = spec(metrics=("a",), window=10.0), spec(metrics=("b",), window=10.0)
-    aggregation = Aggregation([kept, changed], epoch=EPOCH)
+    aggregation = Aggregation([kept, changed], epoch=EPOCH, native=native_path)
     aggregation.apply(Batch.of([metric("a", 1, EPOCH), metric("b", 2, EPOCH)]), print)
     emitted = []
     async with trio.open_nursery() as nursery:
@@ -525,3 +536,156 @@ def test_a_million_points_aggregate_exactly_through_a_real_sidecar(tmp_path):
         for stat in ("p50", "p90", "p99", "p99.9"):
             exact = exact_quantile(ordered, quantile_of(stat))
             assert abs(aggregation[stat] - exact) <= RELATIVE_ACCURACY * abs(exact), (message["source"], data["name"], data["tags"], stat)
+
+
+# The native windows against the Python ones and an exact reference: the same random batches
+# (metric points and span ends, random tags, keys spelt with escapes that the native reader
+# leaves to the Python one, stamps around window boundaries, late and early points, more groups
+# than max_groups) through both kinds of step.
+
+import fnmatch
+import re
+
+needs_native = pytest.mark.skipif(not native.AVAILABLE, reason="sidecar._native not built")
+
+BASE_MS = 1_700_000_000_000
+tag_sets = st.dictionaries(st.sampled_from(["a", "b", 'q"k', "é"]), st.sampled_from(["1", "2", "x\ny", "ü"]), max_size=3)
+
+
+@st.composite
+def messages(draw, at_ms: int) -> dict:
+    stamp_ms = at_ms + draw(st.integers(-25_000, 25_000))
+    stamp_text = stamp(stamp_ms / 1000)
+    if draw(st.booleans()):
+        value = draw(st.one_of(values, st.integers(-10**6, 10**6)))
+        data = {"name": draw(st.sampled_from(["m1", "m2", "mé", "other", OVERFLOW])), "value": value, "tags": draw(tag_sets)}
+        if draw(st.integers(0, 3)) == 0:
+            data["unit"] = draw(st.sampled_from(["", "ms", "rows"]))
+        if draw(st.integers(0, 9)) == 0:
+            data["aggregation"] = {"count": 1}
+        return {"source": "svc", "type": "metric", "timestamp": stamp_text, "data": data, "received_at": stamp_text, "host": "h"}
+    phase = draw(st.sampled_from(["end", "end", "start"]))
+    data = {"name": draw(st.sampled_from(["s1", "s2", "t1"])), "phase": phase}
+    if phase == "end":
+        data |= {"status": draw(st.sampled_from(["ok", "error"])), "duration_ms": draw(st.one_of(st.just(0.0), st.floats(1e-3, 1e5), st.integers(0, 10**5)))}
+    return {"source": "svc", "type": "span", "timestamp": stamp_text, "span_id": "a" * 16, "data": data}
+
+
+class ExactWindows:
+    """The windows' rules, with every value kept: the reference for quantiles."""
+
+    def __init__(self, window: float, late: str, max_groups: int, now: float):
+        self.window, self.late, self.max_groups = window, late, max_groups
+        self.closed_until = math.floor(now / window) * window
+        self.open: dict[float, dict[tuple, list[float]]] = {}
+
+    def add(self, key: tuple, timestamp: float, value: float, now: float) -> None:
+        start = math.floor(timestamp / self.window) * self.window
+        current = max(math.floor(now / self.window) * self.window, self.closed_until)
+        if start < self.closed_until or start > current + self.window:
+            if self.late == "drop":
+                return
+            start = current
+        groups = self.open.setdefault(start, {})
+        if key not in groups and len(groups) >= self.max_groups and key[1] != OVERFLOW:
+            key = (key[0], OVERFLOW, ())
+        groups.setdefault(key, []).append(value)
+
+    def close(self, now: float, everything: bool = False) -> dict:
+        boundary = math.floor(now / self.window) * self.window
+        if not everything and boundary <= self.closed_until:
+            return {}
+        self.closed_until = max(self.closed_until, boundary)
+        starts = [s for s in self.open if everything or s + self.window <= boundary]
+        return {(key, start): points for start in starts for key, points in self.open.pop(start).items()}
+
+
+def exact_points(settings: AggregateSettings, batch: Batch, reference: ExactWindows, now: float) -> None:
+    """The points a step takes, by the documented rules, into the reference."""
+    for message in batch.messages():
+        data = message["data"]
+        at = epoch_ms(message["timestamp"]) / 1000
+        if message["type"] == "metric" and "aggregation" not in data and any(fnmatch.fnmatchcase(data["name"], g) for g in settings.metrics or ()):
+            tags = data.get("tags") or {}
+            chosen = sorted(tags.items()) if "tags" in settings.by else [(k[5:], tags[k[5:]]) for k in settings.by if k.startswith("tags.") and k[5:] in tags]
+            reference.add(("svc", data["name"], tuple(chosen)), at, float(data["value"]), now)
+        elif message["type"] == "span" and data["phase"] == "end" and any(fnmatch.fnmatchcase(data["name"], g) for g in settings.spans or ()):
+            reference.add(("svc", data["name"] + ".duration_ms", (("status", data["status"]),)), at, float(data["duration_ms"]), now)
+
+
+def assert_same_groups(python: list, native_closed: list, exact: dict) -> None:
+    assert [(c.key, c.window_start, c.window_end, c.partial) for c in native_closed] == [(c.key, c.window_start, c.window_end, c.partial) for c in python]
+    for ours, theirs in zip(native_closed, python):
+        assert {k: v for k, v in ours.stats.items() if k in EXACT} == {k: v for k, v in theirs.stats.items() if k in EXACT}
+        assert ours.sum == theirs.sum
+        points = exact[ours.key, ours.window_start]
+        assert_matches(ours.stats, points)
+
+
+EXACT = ("count", "sum", "min", "max", "avg", "last")
+
+
+@needs_native
+@settings(max_examples=150, deadline=None)
+@given(
+    st.data(),
+    st.sampled_from([1.0, 10.0]),
+    st.sampled_from(["current", "drop"]),
+    st.integers(1, 6),
+    st.sampled_from([("source", "name", "tags"), ("source", "name", "tags.a", "tags.é")]),
+    st.booleans(),
+)
+def test_the_native_windows_give_the_python_windows_results(data, window, late, max_groups, by, keep_raw):
+    settings_ = AggregateSettings(metrics=("m*", OVERFLOW), spans=("s?",), window=window, by=by, stats=STATS, late=late, max_groups=max_groups, keep_raw=keep_raw)
+    now_ms = BASE_MS + data.draw(st.integers(0, 20_000))
+    now = now_ms / 1000
+    step_spec = AggregateSpec("svc", settings_, where="test:1")
+    python, ours = AggregateStep(step_spec, now, False), AggregateStep(step_spec, now, True)
+    assert (python.native, ours.native) == (False, True)
+    reference = ExactWindows(window, late, max_groups, now)
+    exact: dict = {}
+    closed_python, closed_native = [], []
+    for _round in range(data.draw(st.integers(1, 4))):
+        now_ms += data.draw(st.integers(0, 15_000))
+        now = now_ms / 1000
+        closed_python += python.windows.close(now)
+        closed_native += ours.windows.close(now)
+        exact |= reference.close(now)
+        batch = Batch.of(data.draw(st.lists(messages(now_ms), min_size=1, max_size=40)))
+        out_python, out_native = python.take(batch, now), ours.take(batch, now)
+        assert out_native.lines == out_python.lines
+        exact_points(settings_, batch, reference, now)
+        assert ours.windows.groups == python.windows.groups
+        assert ours.windows.next_close() == python.windows.next_close()
+    now += data.draw(st.sampled_from([0.0, 0.5, window]))
+    closed_python += python.windows.flush(now)
+    closed_native += ours.windows.flush(now)
+    exact |= reference.close(now, everything=True)
+    assert_same_groups(closed_python, closed_native, exact)
+    assert len(closed_native) == len(exact)
+    assert ours.windows.counts == python.windows.counts
+    for name in ("m1", "m2", "mé", OVERFLOW):
+        assert ours.windows.unit("svc", name) == python.windows.unit("svc", name)
+    assert ours.windows.groups == 0
+
+
+GLOB_ALPHABET = "ab-!^[]\\*?&~|é"
+
+
+@needs_native
+@settings(max_examples=1000, deadline=None)
+@given(st.text(GLOB_ALPHABET, max_size=8), st.lists(st.text(GLOB_ALPHABET + "\n", max_size=6), min_size=1, max_size=5))
+def test_the_native_globs_match_as_fnmatchcase(glob, names):
+    """The native step's metric globs, through the extension, against fnmatch.fnmatchcase; a
+    glob Python cannot compile is refused by both."""
+    try:
+        re.compile(fnmatch.translate(glob))
+    except (re.error, IndexError):
+        with pytest.raises(ValueError):
+            native.AggregateWindows(10.0, [("count", None)], late="current", max_groups=10, now=0.0, metrics=[glob], spans=[], tags=None)
+        return
+    windows = native.AggregateWindows(10.0, [("count", None)], late="current", max_groups=10, now=0.0, metrics=[glob], spans=[], tags=None)
+    lines = [orjson.dumps({"source": "s", "type": "metric", "timestamp": "1970-01-01T00:00:01.000Z", "data": {"name": name or "x", "value": 1}}) for name in names]
+    taken: list[int] = []
+    assert windows.take("s", lines, 0, 1.0, taken) == len(lines)
+    assert taken == [i for i, name in enumerate(names) if fnmatch.fnmatchcase(name or "x", glob)]

@@ -17,6 +17,7 @@
 
 use pyo3::prelude::*;
 
+mod aggregate;
 mod constants;
 mod enrich;
 mod json;

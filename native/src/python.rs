@@ -7,6 +7,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyFrozenSet, PyList, PyString, PyTuple};
 
+use crate::aggregate::{self, By, Closed, Taken, Windows};
 use crate::constants::{
     EPOCH_MS_THRESHOLD, ERROR_LEVELS, KEY_EVENTS_PER_SOURCE, LEVELS, LEVEL_ALIASES,
     MAX_SOURCE_LENGTH, MESSAGE_TYPES, SPAN_ID_LENGTH, TRACE_ID_LENGTH, URGENT_LEVELS,
@@ -372,12 +373,178 @@ fn constants(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(exported)
 }
 
+/// One aggregate step's windows (`sidecar.aggregation.Windows`'s semantics) and the picking of
+/// its points out of a batch's lines (`sidecar.aggregate.AggregateStep.take`'s).
+#[pyclass(module = "sidecar._native")]
+struct AggregateWindows {
+    windows: Windows,
+    stats: Vec<(Py<PyString>, Option<f64>)>, // each statistic asked for, and its quantile
+}
+
+impl AggregateWindows {
+    fn closed<'py>(&self, py: Python<'py>, closed: Vec<Closed>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for group in closed {
+            let tags = PyTuple::new(py, group.key.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+            let key = (group.key.source.as_str(), group.key.name.as_str(), tags);
+            let stats = PyDict::new(py);
+            let s = &group.stats;
+            for (name, quantile) in &self.stats {
+                let name = name.bind(py);
+                match (name.to_str()?, quantile) {
+                    ("count", _) => stats.set_item(name, s.count)?,
+                    ("sum", _) => stats.set_item(name, s.sum)?,
+                    ("min", _) => stats.set_item(name, s.min)?,
+                    ("max", _) => stats.set_item(name, s.max)?,
+                    ("avg", _) => stats.set_item(name, s.sum / s.count as f64)?,
+                    ("last", _) => stats.set_item(name, s.last)?,
+                    (_, Some(q)) => stats.set_item(name, s.quantile(*q))?,
+                    (other, None) => {
+                        return Err(PyValueError::new_err(format!("unknown statistic {other:?}")))
+                    }
+                }
+            }
+            out.append((key, group.start, group.end, stats, s.sum, group.partial))?;
+        }
+        Ok(out)
+    }
+}
+
+#[pymethods]
+impl AggregateWindows {
+    /// `stats`: (name, quantile or None) for each; `late`: "current" or "drop"; `metrics` and
+    /// `spans`: name globs (fnmatch's); `tags`: None for all tags, else the names `by` gives.
+    #[new]
+    #[pyo3(signature = (window, stats, *, late, max_groups, now, metrics, spans, tags))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        window: f64,
+        stats: Vec<(Py<PyString>, Option<f64>)>,
+        late: &str,
+        max_groups: usize,
+        now: f64,
+        metrics: Vec<String>,
+        spans: Vec<String>,
+        tags: Option<Vec<String>>,
+    ) -> PyResult<Self> {
+        if window.is_nan() || window <= 0.0 {
+            return Err(PyValueError::new_err("window must be positive"));
+        }
+        let drop_late = match late {
+            "current" => false,
+            "drop" => true,
+            other => return Err(PyValueError::new_err(format!("unknown late policy {other:?}"))),
+        };
+        let metrics = aggregate::globs_regex(&metrics).map_err(PyValueError::new_err)?;
+        let spans = aggregate::globs_regex(&spans).map_err(PyValueError::new_err)?;
+        let quantiles = stats.iter().any(|(_, q)| q.is_some());
+        let by = match tags {
+            None => By::AllTags,
+            Some(names) => By::Tags(names),
+        };
+        Ok(AggregateWindows {
+            windows: Windows::new(window, drop_late, max_groups, quantiles, now, metrics, spans, by),
+            stats,
+        })
+    }
+
+    /// Add the step's points among `lines[start:]` (a batch's enriched lines, of `source`),
+    /// appending each one's index to `taken` when given; returns the index of the first line it
+    /// could not read (for the Python step to read), or len(lines) when it read them all.
+    #[pyo3(signature = (source, lines, start, now, taken = None))]
+    fn take(
+        &mut self,
+        source: &str,
+        lines: &Bound<'_, PyList>,
+        start: usize,
+        now: f64,
+        taken: Option<&Bound<'_, PyList>>,
+    ) -> PyResult<usize> {
+        let lines: Vec<Bound<'_, PyBytes>> = lines
+            .iter()
+            .map(|line| line.cast_into::<PyBytes>().map_err(PyErr::from))
+            .collect::<PyResult<_>>()?;
+        let mut failed = None;
+        let outcome = self.windows.take(
+            source,
+            lines.iter().map(|line| line.as_bytes()),
+            start,
+            now,
+            |index| {
+                if let Some(taken) = taken {
+                    if let Err(error) = taken.append(index) {
+                        failed.get_or_insert(error);
+                    }
+                }
+            },
+        );
+        if let Some(error) = failed {
+            return Err(error);
+        }
+        Ok(match outcome {
+            Taken::All => lines.len(),
+            Taken::StoppedAt(index) => index,
+        })
+    }
+
+    /// Count one point of group `key` (source, name, ((tag, value), ...)); False when dropped.
+    fn add(&mut self, key: (String, String, Vec<(String, String)>), timestamp: f64, value: f64, now: f64) -> bool {
+        let (source, name, tags) = key;
+        let tags: Vec<(std::borrow::Cow<str>, std::borrow::Cow<str>)> =
+            tags.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        self.windows.add(&source, &name, &tags, timestamp, value, now)
+    }
+
+    fn remember_unit(&mut self, source: &str, name: &str, unit: &str) {
+        self.windows.remember_unit(source, name, unit)
+    }
+
+    fn unit(&mut self, source: &str, name: &str) -> Option<String> {
+        self.windows.unit(source, name)
+    }
+
+    /// The windows that ended at or before `now`, as (key, start, end, stats, sum, partial).
+    fn close<'py>(&mut self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
+        let closed = self.windows.close(now);
+        self.closed(py, closed)
+    }
+
+    /// Every open window, as `close` gives them; those not ended partial.
+    fn flush<'py>(&mut self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
+        let closed = self.windows.flush(now);
+        self.closed(py, closed)
+    }
+
+    fn next_close(&self) -> f64 {
+        self.windows.next_close()
+    }
+
+    #[getter]
+    fn groups(&self) -> usize {
+        self.windows.groups()
+    }
+
+    #[getter]
+    fn closed_until(&self) -> f64 {
+        self.windows.closed_until
+    }
+
+    /// (points, late, early, dropped, overflow), as `sidecar.aggregation.WindowCounts`.
+    fn counts(&self) -> (u64, u64, u64, u64, u64) {
+        let c = self.windows.counts;
+        (c.points, c.late, c.early, c.dropped, c.overflow)
+    }
+}
+
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Chunk>()?;
     module.add_class::<Decoded>()?;
     module.add_class::<Group>()?;
     module.add_class::<Cell>()?;
     module.add_class::<Enrichment>()?;
+    module.add_class::<AggregateWindows>()?;
+    module.add("AGGREGATE_MAX_GROUP_BYTES", aggregate::MAX_GROUP_BYTES)?;
+    module.add("AGGREGATE_RELATIVE_ACCURACY", aggregate::RELATIVE_ACCURACY)?;
     module.add_function(wrap_pyfunction!(decode, module)?)?;
     module.add_function(wrap_pyfunction!(crc32, module)?)?;
     module.add_function(wrap_pyfunction!(constants, module)?)?;

@@ -215,3 +215,19 @@ pub fn is_canonical_timestamp(text: &[u8]) -> bool {
         && number(14, 16) <= 59
         && number(17, 19) <= 59
 }
+
+/// Milliseconds since the epoch of a canonical timestamp (`is_canonical_timestamp`), as
+/// `sidecar.message.epoch_ms` reads it; None for any other text.
+pub fn canonical_epoch_ms(text: &[u8]) -> Option<i64> {
+    if !is_canonical_timestamp(text) {
+        return None;
+    }
+    let number = |start: usize, end: usize| {
+        text[start..end]
+            .iter()
+            .fold(0i64, |n, c| n * 10 + i64::from(c - b'0'))
+    };
+    let days = days_from_civil(number(0, 4), number(5, 7), number(8, 10));
+    let seconds = days * 86_400 + number(11, 13) * 3_600 + number(14, 16) * 60 + number(17, 19);
+    Some(seconds * 1_000 + number(20, 23))
+}
