@@ -702,19 +702,17 @@ class ViewServer:
         await _respond(send, 200, found)
 
     async def job(self, send, job_id, query, path):
-        number, limit = page_of(query, self.settings.max_page_items)
-        view = await self.sidecar.job_view(job_id, number, limit)
-        if view is None:
-            await _respond(send, 404, {"error": f"no job {job_id!r} in the live index"})
-            return
-        view["page"]["next"] = _next_page(path, view["page"])
-        await _respond(send, 200, view)
+        await self._paged_view(send, "job", job_id, self.sidecar.job_view, query, path)
 
     async def trace(self, send, trace_id, query, path):
+        await self._paged_view(send, "trace", trace_id, self.sidecar.trace_view, query, path)
+
+    async def _paged_view(self, send, kind: str, key: str, view_of, query, path) -> None:
+        """One page of a job's or trace's view (`view_of(key, page, limit)`), or a 404."""
         number, limit = page_of(query, self.settings.max_page_items)
-        view = await self.sidecar.trace_view(trace_id, number, limit)
+        view = await view_of(key, number, limit)
         if view is None:
-            await _respond(send, 404, {"error": f"no trace {trace_id!r} in the live index"})
+            await _respond(send, 404, {"error": f"no {kind} {key!r} in the live index"})
             return
         view["page"]["next"] = _next_page(path, view["page"])
         await _respond(send, 200, view)
