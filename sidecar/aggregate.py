@@ -113,7 +113,7 @@ class NativeWindows:
             settings.window, [(stat, quantile_of(stat)) for stat in settings.stats], late=settings.late, max_groups=settings.max_groups, now=now,
             metrics=list(settings.metrics or ()), spans=list(settings.spans or ()), tags=by_tags,
         )
-        self.take, self.add, self.remember_unit, self.unit, self.next_close = windows.take, windows.add, windows.remember_unit, windows.unit, windows.next_close
+        self.take, self.add, self.next_close = windows.take, windows.add, windows.next_close
         self.max_group_bytes = native.AGGREGATE_MAX_GROUP_BYTES
 
     @property
@@ -165,7 +165,8 @@ class AggregateStep:
             lines = batch.lines
             wanted = None if self.spec.settings.keep_raw else taken
             at = 0
-            while (at := self.windows.take(source, lines, at, now, wanted)) < len(lines):
+            points = batch.points
+            while (at := self.windows.take(source, lines, at, now, wanted, points)) < len(lines):
                 self._take_message(source, orjson.loads(lines[at]), at, now, taken)
                 at += 1
         else:
@@ -183,15 +184,15 @@ class AggregateStep:
         if kind == "metric" and metrics is not None and "aggregation" not in data and metrics.match(data["name"]):
             key = (source, data["name"], self._tags_of(data.get("tags")))
             value = data["value"]
-            if data.get("unit"):
-                self.windows.remember_unit(source, data["name"], data["unit"])
+            unit = data.get("unit") or None
         elif kind == "span" and spans is not None and data.get("phase") == "end" and spans.match(data["name"]):
             key = (source, data["name"] + SPAN_SUFFIX, (("status", data["status"]),))
             value = data["duration_ms"]
+            unit = None
         else:
             return
         stamped = epoch_ms(message["timestamp"])
-        self.windows.add(key, stamped / 1000 if stamped is not None else now, float(value), now)
+        self.windows.add(key, stamped / 1000 if stamped is not None else now, float(value), now, unit)
         taken.append(index)
 
     def _tags_of(self, tags: dict | None) -> tuple:
@@ -210,13 +211,13 @@ def _iso(seconds: float) -> str:
     return format_timestamp(dt.datetime.fromtimestamp(seconds, dt.timezone.utc))
 
 
-def aggregate_message(closed: ClosedGroup, host: str, now: float, unit: str | None = None) -> dict:
-    """One closed group as the `metric` message the pipeline routes (docs/protocol.md); `unit`:
-    its points' (span durations are in ms)."""
+def aggregate_message(closed: ClosedGroup, host: str, now: float) -> dict:
+    """One closed group as the `metric` message the pipeline routes (docs/protocol.md), with
+    its points' unit (span durations are in ms)."""
     source, name, tags = closed.key
     aggregation = {"window_start": _iso(closed.window_start), "window_end": _iso(closed.window_end), "partial": closed.partial, **closed.stats}
     data = {"name": name, "value": closed.sum, "tags": dict(tags), "aggregation": aggregation}
-    unit = "ms" if name.endswith(SPAN_SUFFIX) else unit
+    unit = "ms" if name.endswith(SPAN_SUFFIX) else closed.unit
     if unit:
         data["unit"] = unit
     return {"source": source, "type": "metric", "timestamp": aggregation["window_start"], "data": data, "received_at": _iso(now), "host": host}
@@ -305,7 +306,7 @@ class Aggregation:
 
     def _messages(self, step: AggregateStep, closed: list[ClosedGroup], now: float) -> list[dict]:
         step.emitted += len(closed)
-        return [aggregate_message(group, self.host, now, step.windows.unit(*group.key[:2])) for group in closed]
+        return [aggregate_message(group, self.host, now) for group in closed]
 
     async def run(self, emit: Callable[[list[dict]], None], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Close the windows as they end, handing each round's messages to `emit`, until

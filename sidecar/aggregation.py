@@ -19,7 +19,6 @@ from collections.abc import Iterable
 import attrs
 from ddsketch import LogCollapsingLowestDenseDDSketch
 
-from sidecar.bounded import ForgetfulCache
 
 RELATIVE_ACCURACY = 0.01
 SKETCH_BINS = 1024  # per sign: positive and negative values have a store each
@@ -51,7 +50,7 @@ def check_stats(stats: Iterable[str]) -> None:
 class GroupStats:
     """One group's points in one window. Bounded: at most MAX_GROUP_BYTES, whatever the count."""
 
-    __slots__ = ("count", "sum", "min", "max", "last", "sketch")
+    __slots__ = ("count", "sum", "min", "max", "last", "unit", "sketch")
 
     def __init__(self, quantiles: bool):
         self.count = 0
@@ -59,9 +58,12 @@ class GroupStats:
         self.min = math.inf
         self.max = -math.inf
         self.last = 0.0
+        self.unit: str | None = None  # the last one a point gave
         self.sketch = LogCollapsingLowestDenseDDSketch(RELATIVE_ACCURACY, SKETCH_BINS) if quantiles else None
 
-    def add(self, value: float) -> None:
+    def add(self, value: float, unit: str | None = None) -> None:
+        if unit:
+            self.unit = unit
         self.count += 1
         self.sum += value
         if value < self.min:
@@ -108,6 +110,7 @@ class ClosedGroup:
     stats: dict  # the statistics asked for
     sum: float  # always: an aggregated message's value
     partial: bool
+    unit: str | None = None  # the last one a point of the group gave in the window
 
 
 @attrs.define
@@ -130,7 +133,7 @@ class Windows:
     current window (`current`) or nowhere (`drop`). At most `max_groups` groups per window: the
     points of further groups are folded into their source's `__overflow__` group (one per
     source, beyond the cap). So a step holds at most about two windows of `max_groups` groups.
-    It also remembers the last unit of each (source, name), for the aggregates' `unit`.
+    A group keeps the last unit its points gave (the overflow group none), for its aggregate.
     """
 
     max_group_bytes = MAX_GROUP_BYTES
@@ -147,13 +150,6 @@ class Windows:
         self.closed_until = self.start_of(now)
         self.open: dict[float, dict[GroupKey, GroupStats]] = {}
         self.counts = WindowCounts()
-        self.units = ForgetfulCache(max_groups)
-
-    def remember_unit(self, source: str, name: str, unit: str) -> None:
-        self.units.remember((source, name), unit)
-
-    def unit(self, source: str, name: str) -> str | None:
-        return self.units.get((source, name))
 
     def start_of(self, moment: float) -> float:
         return math.floor(moment / self.window) * self.window
@@ -166,7 +162,7 @@ class Windows:
     def groups(self) -> int:
         return sum(len(groups) for groups in self.open.values())
 
-    def add(self, key: GroupKey, timestamp: float, value: float, now: float) -> bool:
+    def add(self, key: GroupKey, timestamp: float, value: float, now: float, unit: str | None = None) -> bool:
         """Count one point; False when it was dropped (late or early under `drop`)."""
         self.counts.points += 1
         start = self.start_of(timestamp)
@@ -188,10 +184,11 @@ class Windows:
             if len(groups) >= self.max_groups and key[1] != OVERFLOW:
                 self.counts.overflow += 1
                 key = (key[0], OVERFLOW, ())
+                unit = None  # of many metrics
                 stats = groups.get(key)
             if stats is None:
                 stats = groups[key] = GroupStats(self.quantiles)
-        stats.add(value)
+        stats.add(value, unit)
         return True
 
     def close(self, now: float) -> list[ClosedGroup]:
@@ -213,5 +210,5 @@ class Windows:
         for start in sorted(starts):
             end = start + self.window
             for key, stats in self.open.pop(start).items():
-                closed.append(ClosedGroup(key, start, end, stats.result(self.stats), stats.sum, end > now))
+                closed.append(ClosedGroup(key, start, end, stats.result(self.stats), stats.sum, end > now, stats.unit))
         return closed

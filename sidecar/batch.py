@@ -19,11 +19,11 @@ def is_urgent(messages: list[dict]) -> bool:
 
 
 class Batch:
-    __slots__ = ("source", "lines", "timestamps", "urgent", "_messages", "record", "_received_at", "_aggregates")
+    __slots__ = ("source", "lines", "timestamps", "urgent", "_messages", "record", "_received_at", "_aggregates", "points")
 
     # `urgent`: an error or critical event is among them, so the batcher flushes at once. A part
     # of an urgent batch (head, tail) stays urgent: at worst a flush comes early.
-    def __init__(self, source: str, lines: list[bytes], timestamps: list[str], urgent: bool = False, messages: list[dict] | None = None, received_at: str | None = None, aggregates: bool | None = None):
+    def __init__(self, source: str, lines: list[bytes], timestamps: list[str], urgent: bool = False, messages: list[dict] | None = None, received_at: str | None = None, aggregates: bool | None = None, points=None):
         self.source = source
         self.lines = lines
         self.timestamps = timestamps
@@ -36,6 +36,10 @@ class Batch:
         # Whether an aggregate (a metric with `data.aggregation`) may be among them: known from
         # the native decoder, else found out when first asked.
         self._aggregates = aggregates
+        # The native decoder's record of these very lines (`sidecar._native.Points`), which the
+        # aggregate steps read instead of the lines: only while the lines are these, so a part
+        # or a new batch has none, and let go once the steps have read it (it holds the chunk).
+        self.points = points
 
     @classmethod
     def of(cls, messages: list[dict]) -> "Batch":
@@ -121,6 +125,7 @@ class Batch:
     def extend(self, other: "Batch") -> None:
         """Append another batch's messages to this one (which must not be shared)."""
         self.record = None
+        self.points = None
         if not self.lines:
             self._received_at = other._received_at
         self.lines += other.lines
@@ -136,6 +141,7 @@ class Batch:
         """Remove the first `count` messages from this batch and return them as a new one."""
         front = self.head(count)
         self.record = None
+        self.points = None
         self._received_at = None
         del self.lines[:count]
         del self.timestamps[:count]

@@ -62,7 +62,7 @@ class Correlator:
 
     def enrich(self, received_at: str, chunk: Chunk) -> Enriched:
         """A chunk through the ingest interface (sidecar.ingest), whichever path decoded it."""
-        return chunk.enrich(received_at, self.host, self.trace_jobs)
+        return chunk.enrich(received_at, self.host, self.trace_jobs, bool(self.aggregation))
 
     async def process(self, received_at: str, chunk: Chunk, holds: list | None = None) -> None:
         """One chunk, as a decoder made it (sidecar.ingest). `holds`: the sending connection's;
@@ -107,6 +107,8 @@ class Correlator:
                 self.counters.inc("routed_messages_total", len(batch))
             else:
                 self.counters.inc("unrouted_messages_total", len(batch))
+        for batch in batches:
+            batch.points = None  # read by the aggregate steps; it holds the chunk
 
     def _route(self, routing: Routing, batch: Batch, holds: list | None) -> int:
         """Offer `batch` to the backends its source's rules name; how many targets it had."""

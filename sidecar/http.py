@@ -225,7 +225,8 @@ def page_of(query: dict, most: int) -> tuple[int, int]:
         text = query.get(name)
         if text is None:
             return default
-        if not text.isdigit() or len(text) > 12 or int(text) < 1:
+        # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
+        if not (text.isascii() and text.isdigit()) or len(text) > 12 or int(text) < 1:
             raise BadRequest(f"{name} must be a whole number from 1, got {text[:40]!r}")
         return int(text)
 

@@ -77,7 +77,10 @@ class Chunk(Protocol):
 
     def __len__(self) -> int: ...
 
-    def enrich(self, received_at: str, host: str, trace_jobs: TraceJobs) -> Enriched: ...
+    def enrich(self, received_at: str, host: str, trace_jobs: TraceJobs, points: bool = False) -> Enriched:
+        """`points`: the aggregate steps will read the batches (the native chunk then gives each
+        batch its decoder's record, `Batch.points`)."""
+        ...
 
 
 class PythonChunk(list):
@@ -87,7 +90,7 @@ class PythonChunk(list):
     __slots__ = ()
     path = "python"
 
-    def enrich(self, received_at: str, host: str, trace_jobs: TraceJobs) -> Enriched:
+    def enrich(self, received_at: str, host: str, trace_jobs: TraceJobs, points: bool = False) -> Enriched:
         by_source, cells = self.correlate(received_at, host, trace_jobs)
         # Encoded now, while the chunk is in the CPU's cache, once for every backend.
         return Enriched(list(map(Batch.of, by_source.values())), summaries_of(cells))
@@ -151,9 +154,9 @@ class NativeChunk:
     def __len__(self) -> int:
         return len(self._chunk)
 
-    def enrich(self, received_at: str, host: str, trace_jobs: TraceJobs) -> Enriched:
-        enrichment = self._chunk.enrich(received_at, host, trace_jobs)
-        batches = [Batch(group.source, group.lines, group.timestamps, group.urgent, None, received_at, group.aggregates) for group in enrichment.groups]
+    def enrich(self, received_at: str, host: str, trace_jobs: TraceJobs, points: bool = False) -> Enriched:
+        enrichment = self._chunk.enrich(received_at, host, trace_jobs, points)
+        batches = [Batch(group.source, group.lines, group.timestamps, group.urgent, None, received_at, group.aggregates, group.points) for group in enrichment.groups]
         return Enriched(batches, _summaries(enrichment.cells))
 
 

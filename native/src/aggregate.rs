@@ -17,14 +17,18 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+use foldhash::fast::RandomState;
+
 use regex::Regex;
 use sketches_ddsketch::{Config, DDSketch};
 
+use crate::enrich::timestamp_of;
 use crate::json::{
-    find, members_of, number_of, plain_text, text_of, text_string, Member, Members, Parser,
-    ValueKind,
+    find, members_of, number_of, plain_text, text_of, text_string, Member, Members, Parser, Range,
+    Text, ValueKind,
 };
-use crate::time::canonical_epoch_ms;
+use crate::time::{canonical_epoch_ms, Timestamp};
+use crate::validate::{Message, MessageType};
 
 pub const RELATIVE_ACCURACY: f64 = 0.01;
 pub const SKETCH_BINS: u32 = 1024;
@@ -94,10 +98,9 @@ fn class_regex(stuff: &[char]) -> Result<String, String> {
     for item in items {
         match item {
             ClassItem::Char(c) => out.push_str(&format!("\\x{{{:x}}}", c as u32)),
-            ClassItem::Range(low, high) => out.push_str(&format!(
-                "\\x{{{:x}}}-\\x{{{:x}}}",
-                low as u32, high as u32
-            )),
+            ClassItem::Range(low, high) => {
+                out.push_str(&format!("\\x{{{:x}}}-\\x{{{:x}}}", low as u32, high as u32))
+            }
         }
     }
     out.push(']');
@@ -163,7 +166,10 @@ pub fn glob_regex(glob: &str) -> Result<String, String> {
                 if !chunk.is_empty() {
                     chunks.push(chunk);
                 } else {
-                    chunks.last_mut().expect("a chunk before a hyphen").push('-');
+                    chunks
+                        .last_mut()
+                        .expect("a chunk before a hyphen")
+                        .push('-');
                 }
                 // Empty ranges removed, as fnmatch does (invalid in a regex).
                 let mut k = chunks.len() - 1;
@@ -249,6 +255,7 @@ pub struct GroupStats {
     pub min: f64,
     pub max: f64,
     pub last: f64,
+    pub unit: Option<String>, // the last one a point gave
     sketch: Option<Box<DDSketch>>,
 }
 
@@ -260,11 +267,17 @@ impl GroupStats {
             min: f64::INFINITY,
             max: f64::NEG_INFINITY,
             last: 0.0,
+            unit: None,
             sketch: quantiles.then(|| Box::new(DDSketch::new(sketch_config()))),
         }
     }
 
-    fn add(&mut self, value: f64) {
+    fn add(&mut self, value: f64, unit: Option<&str>) {
+        if let Some(unit) = unit.filter(|u| !u.is_empty()) {
+            if self.unit.as_deref() != Some(unit) {
+                self.unit = Some(unit.to_owned());
+            }
+        }
         self.count += 1;
         self.sum += value;
         if value < self.min {
@@ -312,10 +325,53 @@ fn encode_key(out: &mut Vec<u8>, source: &str, name: &str, tags: &[(Cow<str>, Co
     }
 }
 
+/// The bytes a message's group-making parts are remembered by: the source, the kind (`m`
+/// metric, `s` span) and, as sent, the name and the tags object (a metric's) or the status (a
+/// span's), length-prefixed. Equal parts as sent name one group; a group may have several.
+fn sent_key(out: &mut Vec<u8>, source: &str, kind: u8, name: &[u8], other: &[u8]) {
+    out.clear();
+    out.push(kind);
+    for part in [source.as_bytes(), name, other] {
+        out.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        out.extend_from_slice(part);
+    }
+}
+
 struct Window {
     start: f64,
-    index: HashMap<Vec<u8>, usize>,
+    index: HashMap<Vec<u8>, usize, RandomState>,
     groups: Vec<(GroupKey, GroupStats)>, // in order of first point
+    // A message's group-making parts as sent (see `sent_key`) -> (its group, folded into the
+    // overflow group): met again, a point skips reading its tags and naming its group.
+    sent: HashMap<Vec<u8>, (usize, bool), RandomState>,
+}
+
+impl Window {
+    fn new(start: f64) -> Self {
+        Window {
+            start,
+            index: HashMap::default(),
+            groups: Vec::new(),
+            sent: HashMap::default(),
+        }
+    }
+}
+
+/// A sent key longer than this is not remembered (a message's tags may be long).
+pub const MAX_SENT_KEY: usize = 512;
+
+/// How many sent keys a window remembers: a group may be sent several ways (its tags in
+/// another order, tags `by` leaves out), and the overflow group's are many.
+pub fn sent_limit(max_groups: usize) -> usize {
+    2 * max_groups + 64
+}
+
+/// Where a point goes against the step's windows.
+#[derive(Clone, Copy, PartialEq)]
+enum Timeliness {
+    OnTime,
+    Late,  // stamped in a window already closed
+    Early, // stamped more than a window ahead
 }
 
 /// A closed group's window, as `sidecar.aggregation.ClosedGroup` holds it.
@@ -353,10 +409,8 @@ pub struct Windows {
     metrics: Option<Regex>,
     spans: Option<Regex>,
     by: By,
-    // (source, name) -> the last unit, forgetting all when full (sidecar.bounded.ForgetfulCache).
-    units: HashMap<Vec<u8>, String>,
-    units_limit: usize,
     key_buffer: Vec<u8>,
+    sent_buffer: Vec<u8>,
     members: Members,
     tag_members: Vec<Member>,
 }
@@ -392,9 +446,8 @@ impl Windows {
             metrics,
             spans,
             by,
-            units: HashMap::new(),
-            units_limit: max_groups,
             key_buffer: Vec::with_capacity(128),
+            sent_buffer: Vec::with_capacity(128),
             members: Members::new(),
             tag_members: Vec::with_capacity(16),
         };
@@ -414,22 +467,8 @@ impl Windows {
         self.open.iter().map(|w| w.groups.len()).sum()
     }
 
-    pub fn remember_unit(&mut self, source: &str, name: &str, unit: &str) {
-        encode_key(&mut self.key_buffer, source, name, &[]);
-        if self.units.len() >= self.units_limit {
-            self.units.clear();
-        } else if self.units.get(self.key_buffer.as_slice()).map(String::as_str) == Some(unit) {
-            return;
-        }
-        self.units.insert(self.key_buffer.clone(), unit.to_owned());
-    }
-
-    pub fn unit(&mut self, source: &str, name: &str) -> Option<String> {
-        encode_key(&mut self.key_buffer, source, name, &[]);
-        self.units.get(self.key_buffer.as_slice()).cloned()
-    }
-
     /// Count one point; false when it was dropped (late or early under `drop`).
+    #[allow(clippy::too_many_arguments)]
     pub fn add(
         &mut self,
         source: &str,
@@ -437,61 +476,66 @@ impl Windows {
         tags: &[(Cow<str>, Cow<str>)],
         timestamp: f64,
         value: f64,
+        unit: Option<&str>,
         now: f64,
     ) -> bool {
-        self.counts.points += 1;
-        let mut start = self.start_of(timestamp);
-        let current = self.start_of(now).max(self.closed_until);
-        if start < self.closed_until || start > current + self.window {
-            if start < self.closed_until {
-                self.counts.late += 1;
-            } else {
-                self.counts.early += 1;
-            }
-            if self.drop_late {
-                self.counts.dropped += 1;
-                return false;
-            }
-            start = current;
+        self.add_placed(source, name, tags, timestamp, value, unit, now)
+            .is_some()
+    }
+
+    /// `add`, telling where the point went: (its window, its group there, folded into the
+    /// overflow group); None when it was dropped.
+    #[allow(clippy::too_many_arguments)]
+    fn add_placed(
+        &mut self,
+        source: &str,
+        name: &str,
+        tags: &[(Cow<str>, Cow<str>)],
+        timestamp: f64,
+        value: f64,
+        unit: Option<&str>,
+        now: f64,
+    ) -> Option<(usize, usize, bool)> {
+        let (start, timeliness) = self.place(timestamp, now);
+        if !self.count(timeliness) {
+            return None;
         }
         let position = match self.open.iter().position(|w| w.start == start) {
             Some(position) => position,
             None => {
-                self.open.push(Window {
-                    start,
-                    index: HashMap::new(),
-                    groups: Vec::new(),
-                });
+                self.open.push(Window::new(start));
                 self.open.len() - 1
             }
         };
         let window = &mut self.open[position];
         encode_key(&mut self.key_buffer, source, name, tags);
+        let mut overflowed = false;
         let found = match window.index.get(self.key_buffer.as_slice()) {
             Some(&found) => found,
             None => {
-                let mut key = GroupKey {
-                    source: source.to_owned(),
-                    name: name.to_owned(),
-                    tags: tags
-                        .iter()
-                        .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
-                        .collect(),
-                };
+                let mut key = None;
                 let mut found = None;
                 if window.groups.len() >= self.max_groups && name != OVERFLOW {
-                    self.counts.overflow += 1;
+                    overflowed = true;
                     encode_key(&mut self.key_buffer, source, OVERFLOW, &[]);
-                    key = GroupKey {
+                    found = window.index.get(self.key_buffer.as_slice()).copied();
+                    key = Some(GroupKey {
                         source: source.to_owned(),
                         name: OVERFLOW.to_owned(),
                         tags: Vec::new(),
-                    };
-                    found = window.index.get(self.key_buffer.as_slice()).copied();
+                    });
                 }
                 match found {
                     Some(found) => found,
                     None => {
+                        let key = key.unwrap_or_else(|| GroupKey {
+                            source: source.to_owned(),
+                            name: name.to_owned(),
+                            tags: tags
+                                .iter()
+                                .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
+                                .collect(),
+                        });
                         window.groups.push((key, GroupStats::new(self.quantiles)));
                         window
                             .index
@@ -501,7 +545,41 @@ impl Windows {
                 }
             }
         };
-        window.groups[found].1.add(value);
+        if overflowed {
+            self.counts.overflow += 1;
+        }
+        // The overflow group's points are of many metrics: it has no unit.
+        let unit = if overflowed { None } else { unit };
+        window.groups[found].1.add(value, unit);
+        Some((position, found, overflowed))
+    }
+
+    /// The start of the window a point stamped `timestamp` goes to at `now`: its own, or (late
+    /// or early) the current one.
+    fn place(&self, timestamp: f64, now: f64) -> (f64, Timeliness) {
+        let start = self.start_of(timestamp);
+        let current = self.start_of(now).max(self.closed_until);
+        if start < self.closed_until {
+            (current, Timeliness::Late)
+        } else if start > current + self.window {
+            (current, Timeliness::Early)
+        } else {
+            (start, Timeliness::OnTime)
+        }
+    }
+
+    /// Count a point of the step; false when it is dropped.
+    fn count(&mut self, timeliness: Timeliness) -> bool {
+        self.counts.points += 1;
+        match timeliness {
+            Timeliness::OnTime => return true,
+            Timeliness::Late => self.counts.late += 1,
+            Timeliness::Early => self.counts.early += 1,
+        }
+        if self.drop_late {
+            self.counts.dropped += 1;
+            return false;
+        }
         true
     }
 
@@ -523,8 +601,9 @@ impl Windows {
     }
 
     fn take_windows(&mut self, chosen: impl Fn(f64) -> bool, now: f64) -> Vec<Closed> {
-        let (mut taken, kept): (Vec<Window>, Vec<Window>) =
-            std::mem::take(&mut self.open).into_iter().partition(|w| chosen(w.start));
+        let (mut taken, kept): (Vec<Window>, Vec<Window>) = std::mem::take(&mut self.open)
+            .into_iter()
+            .partition(|w| chosen(w.start));
         self.open = kept;
         taken.sort_by(|a, b| a.start.total_cmp(&b.start));
         let mut closed = Vec::new();
@@ -555,7 +634,35 @@ impl Windows {
         mut taken: impl FnMut(usize),
     ) -> Taken {
         for (index, line) in lines.enumerate().skip(from) {
-            match self.take_line(source, line, now) {
+            let point = match self.line_point(line) {
+                Some(point) => point,
+                None => return Taken::StoppedAt(index),
+            };
+            if let Some(point) = point {
+                self.add_point(source, point, now);
+                taken(index);
+            }
+        }
+        Taken::All
+    }
+
+    /// `take` fed the decoder's record of the lines instead of the lines: `messages[numbers[i]]`
+    /// is line i's message, validated in `bytes` (the chunk it came in) and received at
+    /// `received`. Nothing is parsed again but a metric's tags.
+    #[allow(clippy::too_many_arguments)]
+    pub fn take_messages(
+        &mut self,
+        source: &str,
+        bytes: &[u8],
+        messages: &[Message],
+        numbers: &[u32],
+        received: &Timestamp,
+        from: usize,
+        now: f64,
+        mut taken: impl FnMut(usize),
+    ) -> Taken {
+        for (index, &number) in numbers.iter().enumerate().skip(from) {
+            match self.take_message(source, bytes, &messages[number as usize], received, now) {
                 Some(true) => taken(index),
                 Some(false) => {}
                 None => return Taken::StoppedAt(index),
@@ -564,9 +671,101 @@ impl Windows {
         Taken::All
     }
 
-    /// Some(true) when the line was a point of this step (added, or dropped as late), Some(false)
-    /// when not, None when this code cannot read it.
-    fn take_line(&mut self, source: &str, line: &[u8], now: f64) -> Option<bool> {
+    /// Some(true) when the message was a point of this step (added, or dropped as late),
+    /// Some(false) when not, None when this code cannot read it.
+    fn take_message(
+        &mut self,
+        source: &str,
+        bytes: &[u8],
+        message: &Message,
+        received: &Timestamp,
+        now: f64,
+    ) -> Option<bool> {
+        // What makes its group, as sent: a point whose parts its window has met goes to their
+        // group without its tags read or its name matched again.
+        let (kind, name, other, value, unit) =
+            match (message.kind, message.metric, message.span_end) {
+                (MessageType::Metric, Some((name, value, unit)), _) if self.metrics.is_some() => {
+                    if message.aggregate {
+                        return Some(false);
+                    }
+                    (b'm', name, message.tags.unwrap_or_default(), value, unit)
+                }
+                (MessageType::Span, _, Some((name, status, duration))) if self.spans.is_some() => {
+                    (b's', name, status.range, duration, None)
+                }
+                _ => return Some(false),
+            };
+        let stamped = canonical_epoch_ms(&timestamp_of(message, received))? as f64 / 1000.0;
+        let (start, timeliness) = self.place(stamped, now);
+        sent_key(
+            &mut self.sent_buffer,
+            source,
+            kind,
+            &bytes[name.range.start..name.range.end],
+            &bytes[other.start..other.end],
+        );
+        if let Some(window) = self.open.iter().position(|w| w.start == start) {
+            if let Some(&(group, overflowed)) =
+                self.open[window].sent.get(self.sent_buffer.as_slice())
+            {
+                if timeliness == Timeliness::OnTime || !self.drop_late {
+                    let value = number(bytes, value)?;
+                    let unit = match unit {
+                        Some(unit) => Some(text_cow_of(bytes, unit)?).filter(|u| !u.is_empty()),
+                        None => None,
+                    };
+                    self.count(timeliness);
+                    if overflowed {
+                        self.counts.overflow += 1;
+                    }
+                    let unit = if overflowed { None } else { unit };
+                    self.open[window].groups[group]
+                        .1
+                        .add(value, unit.as_deref());
+                    return Some(true);
+                }
+            }
+        }
+        let Some(point) = self.message_point(bytes, message, received)? else {
+            return Some(false);
+        };
+        let placed = self.add_placed(
+            source,
+            &point.name,
+            &point.tags,
+            stamped,
+            point.value,
+            point.unit.as_deref(),
+            now,
+        );
+        if let Some((window, group, overflowed)) = placed {
+            let window = &mut self.open[window];
+            if self.sent_buffer.len() <= MAX_SENT_KEY && window.sent.len() < sent_limit(self.max_groups) {
+                window
+                    .sent
+                    .insert(self.sent_buffer.clone(), (group, overflowed));
+            }
+        }
+        Some(true)
+    }
+
+    fn add_point(&mut self, source: &str, point: Point<'_>, now: f64) {
+        let stamped = point.stamped_ms as f64 / 1000.0;
+        self.add(
+            source,
+            &point.name,
+            &point.tags,
+            stamped,
+            point.value,
+            point.unit.as_deref(),
+            now,
+        );
+    }
+
+    /// Some(Some(point)) when the line is a point of this step, Some(None) when not, None when
+    /// this code cannot read it.
+    fn line_point<'a>(&mut self, line: &'a [u8]) -> Option<Option<Point<'a>>> {
         let mut parser = Parser::new(line, 0, u32::MAX);
         parser.skip_whitespace();
         self.members.parse(&mut parser).ok()?;
@@ -577,74 +776,156 @@ impl Windows {
         let text = |name: &[u8]| text_in(line, data, name);
         let (name, tags, value, unit) = if kind == b"metric" {
             let Some(metrics) = &self.metrics else {
-                return Some(false);
+                return Some(None);
             };
             if find(line, data, b"aggregation").is_some() {
-                return Some(false);
+                return Some(None);
             }
             let name = text(b"name")??;
             if !metrics.is_match(&name) {
-                return Some(false);
+                return Some(None);
             }
-            let value = number(line, find(line, data, b"value")?)?;
+            let value = number(line, number_of(find(line, data, b"value")?).ok()?)?;
             let unit = text(b"unit")?.filter(|u| !u.is_empty());
-            let mut tags: Vec<(Cow<str>, Cow<str>)> = Vec::new();
-            match find(line, data, b"tags") {
-                None => {}
-                Some(v) if v.kind == ValueKind::Null => {}
+            let tags = match find(line, data, b"tags") {
+                None => Vec::new(),
+                Some(v) if v.kind == ValueKind::Null => Vec::new(),
                 Some(v) if v.kind == ValueKind::Object => {
-                    members_of(line, v.whole.start, &mut self.tag_members).ok()?;
-                    let tag_text = |member: &Member| -> Option<(Cow<'_, str>, Cow<'_, str>)> {
-                        let key = std::str::from_utf8(&line[member.key.start..member.key.end]).ok()?;
-                        Some((Cow::Borrowed(key), text_cow(line, &member.value)?))
-                    };
-                    match &self.by {
-                        By::AllTags => {
-                            for member in &self.tag_members {
-                                tags.push(tag_text(member)?);
-                            }
-                            tags.sort_by(|a, b| a.0.cmp(&b.0));
-                        }
-                        By::Tags(names) => {
-                            for wanted in names {
-                                if let Some(member) = self.tag_members.iter().find(|m| {
-                                    &line[m.key.start..m.key.end] == wanted.as_bytes()
-                                }) {
-                                    tags.push(tag_text(member)?);
-                                }
-                            }
-                        }
-                    }
+                    tags_of(line, v.whole.start, &self.by, &mut self.tag_members)?
                 }
                 Some(_) => return None,
-            }
+            };
             (name, tags, value, unit)
         } else if kind == b"span" {
             let Some(spans) = &self.spans else {
-                return Some(false);
+                return Some(None);
             };
             if text(b"phase")?.as_deref() != Some("end") {
-                return Some(false);
+                return Some(None);
             }
             let name = text(b"name")??;
             if !spans.is_match(&name) {
-                return Some(false);
+                return Some(None);
             }
             let status = text(b"status")??;
-            let value = number(line, find(line, data, b"duration_ms")?)?;
+            let value = number(line, number_of(find(line, data, b"duration_ms")?).ok()?)?;
             let name: Cow<str> = Cow::Owned(format!("{name}{SPAN_SUFFIX}"));
             (name, vec![(Cow::Borrowed("status"), status)], value, None)
         } else {
-            return Some(false);
+            return Some(None);
         };
         let stamp = plain_text(find(line, &members.top, b"timestamp")?).ok()?;
-        let stamped = canonical_epoch_ms(&line[stamp.start..stamp.end])?;
-        if let Some(unit) = &unit {
-            self.remember_unit(source, &name, unit);
-        }
-        self.add(source, &name, &tags, stamped as f64 / 1000.0, value, now);
-        Some(true)
+        let stamped_ms = canonical_epoch_ms(&line[stamp.start..stamp.end])?;
+        Some(Some(Point {
+            name,
+            tags,
+            value,
+            unit,
+            stamped_ms,
+        }))
     }
+
+    /// `line_point` of the line the decoder validated as `message` (so its fields are known to
+    /// be of their types: the metric's tags strings, a span end's duration a number).
+    fn message_point<'a>(
+        &mut self,
+        bytes: &'a [u8],
+        message: &Message,
+        received: &Timestamp,
+    ) -> Option<Option<Point<'a>>> {
+        let (name, tags, value, unit) = match message.kind {
+            MessageType::Metric => {
+                let (Some(metrics), Some((name, value, unit))) = (&self.metrics, message.metric)
+                else {
+                    return Some(None);
+                };
+                if message.aggregate {
+                    return Some(None);
+                }
+                let name = text_cow_of(bytes, name)?;
+                if !metrics.is_match(&name) {
+                    return Some(None);
+                }
+                let value = number(bytes, value)?;
+                let unit = match unit {
+                    Some(unit) => Some(text_cow_of(bytes, unit)?).filter(|u| !u.is_empty()),
+                    None => None,
+                };
+                let tags = match message.tags {
+                    Some(whole) => tags_of(bytes, whole.start, &self.by, &mut self.tag_members)?,
+                    None => Vec::new(),
+                };
+                (name, tags, value, unit)
+            }
+            MessageType::Span => {
+                let (Some(spans), Some((name, status, duration))) = (&self.spans, message.span_end)
+                else {
+                    return Some(None);
+                };
+                let name = text_cow_of(bytes, name)?;
+                if !spans.is_match(&name) {
+                    return Some(None);
+                }
+                let status = text_cow_of(bytes, status)?;
+                let value = number(bytes, duration)?;
+                let name: Cow<str> = Cow::Owned(format!("{name}{SPAN_SUFFIX}"));
+                (name, vec![(Cow::Borrowed("status"), status)], value, None)
+            }
+            _ => return Some(None),
+        };
+        let stamped_ms = canonical_epoch_ms(&timestamp_of(message, received))?;
+        Some(Some(Point {
+            name,
+            tags,
+            value,
+            unit,
+            stamped_ms,
+        }))
+    }
+}
+
+/// One point of a step, as read from its line or its message.
+struct Point<'a> {
+    name: Cow<'a, str>,
+    tags: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    value: f64,
+    unit: Option<Cow<'a, str>>,
+    stamped_ms: i64,
+}
+
+/// The group tags of the tags object at `at` in `bytes`: all (sorted by name), or those `by`
+/// names, in its order; None when a value is not a string this code reads.
+fn tags_of<'a>(
+    bytes: &'a [u8],
+    at: usize,
+    by: &By,
+    found: &mut Vec<Member>,
+) -> Option<Vec<(Cow<'a, str>, Cow<'a, str>)>> {
+    members_of(bytes, at, found).ok()?;
+    let tag = |member: &Member| -> Option<(Cow<'a, str>, Cow<'a, str>)> {
+        let key = std::str::from_utf8(&bytes[member.key.start..member.key.end]).ok()?;
+        Some((Cow::Borrowed(key), text_cow(bytes, &member.value)?))
+    };
+    let mut tags = Vec::with_capacity(found.len());
+    match by {
+        By::AllTags => {
+            for member in found.iter() {
+                tags.push(tag(member)?);
+            }
+            tags.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        By::Tags(names) => {
+            for wanted in names {
+                if let Some(member) = found
+                    .iter()
+                    .find(|m| &bytes[m.key.start..m.key.end] == wanted.as_bytes())
+                {
+                    tags.push(tag(member)?);
+                }
+            }
+        }
+    }
+    Some(tags)
 }
 
 /// A string member of `data`: Some(None) when absent or null, None when not a string.
@@ -657,7 +938,10 @@ fn text_in<'a>(line: &'a [u8], data: &[Member], name: &[u8]) -> Option<Option<Co
 }
 
 fn text_cow<'a>(line: &'a [u8], value: &crate::json::Value) -> Option<Cow<'a, str>> {
-    let text = text_of(value).ok()?;
+    text_cow_of(line, text_of(value).ok()?)
+}
+
+fn text_cow_of(line: &[u8], text: Text) -> Option<Cow<'_, str>> {
     Some(if text.escaped {
         Cow::Owned(text_string(line, text))
     } else {
@@ -667,8 +951,7 @@ fn text_cow<'a>(line: &'a [u8], value: &crate::json::Value) -> Option<Cow<'a, st
 
 /// A JSON number as `float()` of orjson's reading: an integer within 64 bits converted (so -0
 /// is 0.0), a float parsed; None for any other (Python's to read).
-fn number(line: &[u8], value: &crate::json::Value) -> Option<f64> {
-    let span = number_of(value).ok()?;
+fn number(line: &[u8], span: Range) -> Option<f64> {
     let text = std::str::from_utf8(&line[span.start..span.end]).ok()?;
     if !text.contains(['.', 'e', 'E']) {
         if let Ok(integer) = text.parse::<i64>() {

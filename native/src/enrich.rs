@@ -36,8 +36,9 @@ pub trait Host {
 /// One source's messages of a chunk (their lines went to the host).
 pub struct Group {
     pub source: Range,
-    pub urgent: bool,     // an event of one of URGENT_LEVELS among them
-    pub aggregates: bool, // a metric with `data.aggregation` among them
+    pub urgent: bool,       // an event of one of URGENT_LEVELS among them
+    pub aggregates: bool,   // a metric with `data.aggregation` among them
+    pub messages: Vec<u32>, // the numbers (in `messages`) of its messages, in order
 }
 
 /// What one (job, trace, source) cell of a chunk did, for the live index.
@@ -180,6 +181,7 @@ pub fn enrich<H: Host>(
                         source: message.source,
                         urgent: false,
                         aggregates: false,
+                        messages: Vec::new(),
                     });
                     groups.len() - 1
                 }
@@ -190,6 +192,7 @@ pub fn enrich<H: Host>(
             groups[last_group].urgent = true;
         }
         groups[last_group].aggregates |= message.aggregate;
+        groups[last_group].messages.push(number as u32);
 
         // Its cell of the live index.
         if job.is_none() && message.kind == MessageType::Progress {

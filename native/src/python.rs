@@ -2,7 +2,7 @@
 //! what the other modules find into Python objects, with named fields. `sidecar/ingest.py` is
 //! their one user (through `sidecar/native.py`).
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyFrozenSet, PyList, PyString, PyTuple};
@@ -122,7 +122,34 @@ struct Group {
     lines: Py<PyList>,      // bytes, one JSON line per message
     timestamps: Py<PyList>, // str, each message's canonical timestamp
     urgent: bool,
-    aggregates: bool, // a metric with `data.aggregation` among them
+    aggregates: bool,           // a metric with `data.aggregation` among them
+    points: Option<Py<Points>>, // when asked for: what the aggregate steps read instead of lines
+}
+
+/// The decoder's record of a group's messages, line for line (`AggregateWindows.take` reads
+/// the points from it instead of parsing each line again). It holds the chunk: let it go once
+/// the aggregate steps have read it.
+#[pyclass(frozen, module = "sidecar._native")]
+struct Points {
+    chunk: Py<Chunk>,
+    numbers: Vec<u32>, // line i is the chunk's message numbers[i]
+    received: Timestamp,
+}
+
+#[pymethods]
+impl Points {
+    fn __len__(&self) -> usize {
+        self.numbers.len()
+    }
+}
+
+impl Chunk {
+    fn bytes<'a>(&'a self, py: Python<'a>) -> &'a [u8] {
+        match &self.data {
+            Buffer::Received(data) => data.bind(py).as_bytes(),
+            Buffer::Mended(buffer) => buffer,
+        }
+    }
 }
 
 /// What one (job, trace, source) cell of an enriched chunk did, as
@@ -223,18 +250,19 @@ impl Chunk {
     }
 
     /// Enrich every message as `sidecar.ingest.PythonChunk.enrich` does and encode its line;
-    /// `trace_jobs` is the correlator's `sidecar.ingest.TraceJobs`.
+    /// `trace_jobs` is the correlator's `sidecar.ingest.TraceJobs`. `points`: give each group
+    /// its `Points` (for aggregate steps).
+    #[pyo3(signature = (received_at, host, trace_jobs, points = false))]
     fn enrich<'py>(
-        &self,
-        py: Python<'py>,
+        slf: &Bound<'py, Self>,
         received_at: &str,
         host: &str,
         trace_jobs: &Bound<'py, PyAny>,
+        points: bool,
     ) -> PyResult<Enrichment> {
-        let bytes: &[u8] = match &self.data {
-            Buffer::Received(data) => data.bind(py).as_bytes(),
-            Buffer::Mended(buffer) => buffer,
-        };
+        let py = slf.py();
+        let this = slf.get();
+        let bytes = this.bytes(py);
         let received: Timestamp = received_at
             .as_bytes()
             .try_into()
@@ -249,19 +277,31 @@ impl Chunk {
             last_timestamp: None,
             groups: Vec::new(),
         };
-        let enriched = enrich(bytes, &self.messages, &received, host, &mut python)?;
+        let enriched = enrich(bytes, &this.messages, &received, host, &mut python)?;
 
         let slice = |range: Range| -> &str {
             std::str::from_utf8(&bytes[range.start..range.end]).unwrap_or("")
         };
         let groups = PyList::empty(py);
-        for (group, (lines, timestamps)) in enriched.groups.iter().zip(python.groups) {
+        for (group, (lines, timestamps)) in enriched.groups.into_iter().zip(python.groups) {
+            let points = match points {
+                true => Some(Py::new(
+                    py,
+                    Points {
+                        chunk: slf.clone().unbind(),
+                        numbers: group.messages,
+                        received,
+                    },
+                )?),
+                false => None,
+            };
             let group = Group {
                 source: PyString::new(py, slice(group.source)).unbind(),
                 lines: lines.unbind(),
                 timestamps: timestamps.unbind(),
                 urgent: group.urgent,
                 aggregates: group.aggregates,
+                points,
             };
             groups.append(Py::new(py, group)?)?;
         }
@@ -271,7 +311,7 @@ impl Chunk {
         for cell in enriched.cells {
             let events = PyList::empty(py);
             for &number in cell.key_events() {
-                let message = &self.messages[number];
+                let message = &this.messages[number];
                 let text = message
                     .text
                     .map(|t| text_string(bytes, t))
@@ -286,14 +326,14 @@ impl Chunk {
             }
             let progress = match cell
                 .progress
-                .and_then(|(n, _)| self.messages[n].progress.map(|p| (n, p)))
+                .and_then(|(n, _)| this.messages[n].progress.map(|p| (n, p)))
             {
                 Some((number, (_job, percent, status))) => {
                     let progress = PyDict::new(py);
                     progress
                         .set_item(intern!(py, "percent"), number_object(py, bytes, percent)?)?;
                     progress.set_item(intern!(py, "status"), text_string(bytes, status))?;
-                    let at = timestamp_of(&self.messages[number], &received);
+                    let at = timestamp_of(&this.messages[number], &received);
                     progress.set_item(intern!(py, "at"), timestamp_str(&at))?;
                     Some(progress.unbind())
                 }
@@ -385,7 +425,10 @@ impl AggregateWindows {
     fn closed<'py>(&self, py: Python<'py>, closed: Vec<Closed>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         for group in closed {
-            let tags = PyTuple::new(py, group.key.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+            let tags = PyTuple::new(
+                py,
+                group.key.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            )?;
             let key = (group.key.source.as_str(), group.key.name.as_str(), tags);
             let stats = PyDict::new(py);
             let s = &group.stats;
@@ -400,11 +443,21 @@ impl AggregateWindows {
                     ("last", _) => stats.set_item(name, s.last)?,
                     (_, Some(q)) => stats.set_item(name, s.quantile(*q))?,
                     (other, None) => {
-                        return Err(PyValueError::new_err(format!("unknown statistic {other:?}")))
+                        return Err(PyValueError::new_err(format!(
+                            "unknown statistic {other:?}"
+                        )))
                     }
                 }
             }
-            out.append((key, group.start, group.end, stats, s.sum, group.partial))?;
+            out.append((
+                key,
+                group.start,
+                group.end,
+                stats,
+                s.sum,
+                group.partial,
+                s.unit.as_deref(),
+            ))?;
         }
         Ok(out)
     }
@@ -433,7 +486,11 @@ impl AggregateWindows {
         let drop_late = match late {
             "current" => false,
             "drop" => true,
-            other => return Err(PyValueError::new_err(format!("unknown late policy {other:?}"))),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown late policy {other:?}"
+                )))
+            }
         };
         let metrics = aggregate::globs_regex(&metrics).map_err(PyValueError::new_err)?;
         let spans = aggregate::globs_regex(&spans).map_err(PyValueError::new_err)?;
@@ -443,7 +500,9 @@ impl AggregateWindows {
             Some(names) => By::Tags(names),
         };
         Ok(AggregateWindows {
-            windows: Windows::new(window, drop_late, max_groups, quantiles, now, metrics, spans, by),
+            windows: Windows::new(
+                window, drop_late, max_groups, quantiles, now, metrics, spans, by,
+            ),
             stats,
         })
     }
@@ -451,59 +510,99 @@ impl AggregateWindows {
     /// Add the step's points among `lines[start:]` (a batch's enriched lines, of `source`),
     /// appending each one's index to `taken` when given; returns the index of the first line it
     /// could not read (for the Python step to read), or len(lines) when it read them all.
-    #[pyo3(signature = (source, lines, start, now, taken = None))]
+    /// `points`: the decoder's record of the same lines (`Group.points`), read in their place.
+    #[pyo3(signature = (source, lines, start, now, taken = None, points = None))]
     fn take(
         &mut self,
+        py: Python<'_>,
         source: &str,
         lines: &Bound<'_, PyList>,
         start: usize,
         now: f64,
         taken: Option<&Bound<'_, PyList>>,
+        points: Option<&Bound<'_, Points>>,
     ) -> PyResult<usize> {
-        let lines: Vec<Bound<'_, PyBytes>> = lines
-            .iter()
-            .map(|line| line.cast_into::<PyBytes>().map_err(PyErr::from))
-            .collect::<PyResult<_>>()?;
         let mut failed = None;
-        let outcome = self.windows.take(
-            source,
-            lines.iter().map(|line| line.as_bytes()),
-            start,
-            now,
-            |index| {
-                if let Some(taken) = taken {
-                    if let Err(error) = taken.append(index) {
-                        failed.get_or_insert(error);
-                    }
+        let hear = |index: usize| {
+            if let Some(taken) = taken {
+                if let Err(error) = taken.append(index) {
+                    failed.get_or_insert(error);
                 }
-            },
-        );
+            }
+        };
+        // A bug here must not take the sidecar down: a panic becomes an exception the
+        // correlator counts (pyo3's PanicException is a BaseException it would not catch).
+        let run = std::panic::AssertUnwindSafe(|| -> PyResult<(Taken, usize)> {
+            Ok(match points {
+                Some(points) => {
+                    let points = points.get();
+                    if points.numbers.len() != lines.len() {
+                        return Err(PyValueError::new_err(
+                            "points and lines of different batches",
+                        ));
+                    }
+                    let chunk = points.chunk.get();
+                    let outcome = self.windows.take_messages(
+                        source,
+                        chunk.bytes(py),
+                        &chunk.messages,
+                        &points.numbers,
+                        &points.received,
+                        start,
+                        now,
+                        hear,
+                    );
+                    (outcome, points.numbers.len())
+                }
+                None => {
+                    let lines: Vec<Bound<'_, PyBytes>> = lines
+                        .iter()
+                        .map(|line| line.cast_into::<PyBytes>().map_err(PyErr::from))
+                        .collect::<PyResult<_>>()?;
+                    let outcome = self.windows.take(
+                        source,
+                        lines.iter().map(|line| line.as_bytes()),
+                        start,
+                        now,
+                        hear,
+                    );
+                    (outcome, lines.len())
+                }
+            })
+        });
+        let (outcome, count) = std::panic::catch_unwind(run).map_err(|_| {
+            PyRuntimeError::new_err("internal error in the native aggregate windows")
+        })??;
         if let Some(error) = failed {
             return Err(error);
         }
         Ok(match outcome {
-            Taken::All => lines.len(),
+            Taken::All => count,
             Taken::StoppedAt(index) => index,
         })
     }
 
     /// Count one point of group `key` (source, name, ((tag, value), ...)); False when dropped.
-    fn add(&mut self, key: (String, String, Vec<(String, String)>), timestamp: f64, value: f64, now: f64) -> bool {
+    #[pyo3(signature = (key, timestamp, value, now, unit = None))]
+    fn add(
+        &mut self,
+        key: (String, String, Vec<(String, String)>),
+        timestamp: f64,
+        value: f64,
+        now: f64,
+        unit: Option<&str>,
+    ) -> bool {
         let (source, name, tags) = key;
-        let tags: Vec<(std::borrow::Cow<str>, std::borrow::Cow<str>)> =
-            tags.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
-        self.windows.add(&source, &name, &tags, timestamp, value, now)
+        let tags: Vec<(std::borrow::Cow<str>, std::borrow::Cow<str>)> = tags
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        self.windows
+            .add(&source, &name, &tags, timestamp, value, unit, now)
     }
 
-    fn remember_unit(&mut self, source: &str, name: &str, unit: &str) {
-        self.windows.remember_unit(source, name, unit)
-    }
-
-    fn unit(&mut self, source: &str, name: &str) -> Option<String> {
-        self.windows.unit(source, name)
-    }
-
-    /// The windows that ended at or before `now`, as (key, start, end, stats, sum, partial).
+    /// The windows that ended at or before `now`, as (key, start, end, stats, sum, partial,
+    /// unit).
     fn close<'py>(&mut self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
         let closed = self.windows.close(now);
         self.closed(py, closed)
@@ -538,6 +637,7 @@ impl AggregateWindows {
 
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Chunk>()?;
+    module.add_class::<Points>()?;
     module.add_class::<Decoded>()?;
     module.add_class::<Group>()?;
     module.add_class::<Cell>()?;

@@ -74,6 +74,8 @@ pub struct Message {
     pub metric: Option<(Text, Range, Option<Text>)>, // name, value, unit
     pub progress: Option<(Text, Range, Text)>,       // job_id, percent, status
     pub aggregate: bool, // a metric with `data.aggregation`: what filter.aggregated tells apart
+    pub tags: Option<Range>, // a metric's `data.tags` object (its whole value)
+    pub span_end: Option<(Text, Text, Range)>, // a span end's name, status and duration_ms
 }
 
 fn is_lower_hex(bytes: &[u8], span: Range, length: usize) -> bool {
@@ -132,6 +134,8 @@ pub fn accept(
         metric: None,
         progress: None,
         aggregate: false,
+        tags: None,
+        span_end: None,
     };
     let mut data = false;
     let mut span_id = false;
@@ -262,6 +266,7 @@ pub fn accept(
                     }
                     _ => return Err(Decline),
                 }
+                message.tags = (tags.kind == ValueKind::Object).then_some(tags.whole);
             }
             message.metric = Some((name, value, unit));
             message.aggregate = field(b"aggregation").is_some();
@@ -288,17 +293,18 @@ pub fn accept(
             }
         }
         MessageType::Span => {
-            text_of(field(b"name").ok_or(Decline)?)?;
+            let name = text_of(field(b"name").ok_or(Decline)?)?;
             let phase = plain_text(field(b"phase").ok_or(Decline)?)?;
             match &bytes[phase.start..phase.end] {
                 b"start" => {}
                 b"end" => {
-                    text_of(field(b"status").ok_or(Decline)?)?;
+                    let status = text_of(field(b"status").ok_or(Decline)?)?;
                     let duration = number_of(field(b"duration_ms").ok_or(Decline)?)?;
-                    let duration = number_value(bytes, duration);
-                    if duration.is_nan() || duration < 0.0 {
+                    let milliseconds = number_value(bytes, duration);
+                    if milliseconds.is_nan() || milliseconds < 0.0 {
                         return Err(Decline);
                     }
+                    message.span_end = Some((name, status, duration));
                 }
                 _ => return Err(Decline),
             }
