@@ -65,7 +65,7 @@ def payload(connection: int, count: int, names: int, tag_sets: int) -> bytes:
     for seq in range(count):
         point = {
             "source": f"bench-{connection % 4}", "type": "metric", "timestamp": now,
-            "data": {"name": f"rows_{seq % names}", "value": seq % 997, "unit": "rows", "tags": {"table": f"t{seq % tag_sets}", "env": "bench"}},
+            "data": {"name": f"rows_{seq % names}", "value": seq % 997, "unit": "rows", "tags": {"table": f"t{seq // names % tag_sets}", "env": "bench"}},
         }
         lines.append(orjson.dumps(point) + b"\n")
     return b"".join(lines)

@@ -255,9 +255,15 @@ pub struct GroupStats {
     pub min: f64,
     pub max: f64,
     pub last: f64,
-    pub unit: Option<String>, // the last one a point gave
+    unit: Option<SmallBytes<22>>, // the last one a point gave (UTF-8)
     sketch: Option<Box<DDSketch>>,
+    // Values not yet in the sketch: added PENDING at a time, so that its bins are reached once
+    // for several points rather than once a point (they are seldom in the CPU's cache).
+    pending: [f64; PENDING],
+    pending_count: u8,
 }
+
+const PENDING: usize = 16;
 
 impl GroupStats {
     fn new(quantiles: bool) -> Self {
@@ -269,13 +275,15 @@ impl GroupStats {
             last: 0.0,
             unit: None,
             sketch: quantiles.then(|| Box::new(DDSketch::new(sketch_config()))),
+            pending: [0.0; PENDING],
+            pending_count: 0,
         }
     }
 
     fn add(&mut self, value: f64, unit: Option<&str>) {
         if let Some(unit) = unit.filter(|u| !u.is_empty()) {
-            if self.unit.as_deref() != Some(unit) {
-                self.unit = Some(unit.to_owned());
+            if self.unit.as_ref().map(SmallBytes::bytes) != Some(unit.as_bytes()) {
+                self.unit = Some(SmallBytes::of(unit.as_bytes()));
             }
         }
         self.count += 1;
@@ -288,12 +296,39 @@ impl GroupStats {
         }
         self.last = value;
         if let Some(sketch) = &mut self.sketch {
-            sketch.add(value);
+            self.pending[self.pending_count as usize] = value;
+            self.pending_count += 1;
+            if self.pending_count as usize == PENDING {
+                for value in self.pending {
+                    sketch.add(value);
+                }
+                self.pending_count = 0;
+            }
         }
     }
 
+    /// The last unit a point gave.
+    pub fn unit(&self) -> Option<&str> {
+        // Bytes of a str, whole: always UTF-8.
+        self.unit
+            .as_ref()
+            .and_then(|u| std::str::from_utf8(u.bytes()).ok())
+    }
+
+    /// Add the pending values to the sketch (before its quantiles are read).
+    fn settle(&mut self) {
+        if let Some(sketch) = &mut self.sketch {
+            for &value in &self.pending[..self.pending_count as usize] {
+                sketch.add(value);
+            }
+        }
+        self.pending_count = 0;
+    }
+
     /// The quantile q, within [min, max] (where the exact one is too: never further from it).
+    /// Of a settled group only (`Windows` hands out closed groups settled).
     pub fn quantile(&self, q: f64) -> f64 {
+        debug_assert!(self.pending_count == 0);
         let estimate = self
             .sketch
             .as_ref()
@@ -343,8 +378,59 @@ struct Window {
     groups: Vec<(GroupKey, GroupStats)>, // in order of first point
     // A message's group-making parts as sent (see `sent_key`) -> (its group, folded into the
     // overflow group): met again, a point skips reading its tags and naming its group.
-    sent: HashMap<Vec<u8>, (usize, bool), RandomState>,
+    sent: HashMap<SentKey, (usize, bool), RandomState>,
 }
+
+/// Bytes held in place when at most N (most sent keys and units are short), else on the heap:
+/// reading them then costs no reach for a heap copy that is seldom in the CPU's cache (the
+/// map's slot or the group already is).
+enum SmallBytes<const N: usize> {
+    Inline(u8, [u8; N]),
+    Heap(Box<[u8]>),
+}
+
+impl<const N: usize> SmallBytes<N> {
+    fn of(bytes: &[u8]) -> Self {
+        if bytes.len() <= N && N <= u8::MAX as usize {
+            let mut inline = [0; N];
+            inline[..bytes.len()].copy_from_slice(bytes);
+            SmallBytes::Inline(bytes.len() as u8, inline)
+        } else {
+            SmallBytes::Heap(bytes.into())
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            SmallBytes::Inline(length, bytes) => &bytes[..*length as usize],
+            SmallBytes::Heap(bytes) => bytes,
+        }
+    }
+}
+
+impl<const N: usize> std::borrow::Borrow<[u8]> for SmallBytes<N> {
+    fn borrow(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
+// Hash and Eq are the bytes' (a derive would take the variant in too), as `Borrow` requires.
+impl<const N: usize> std::hash::Hash for SmallBytes<N> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.bytes().hash(state)
+    }
+}
+
+impl<const N: usize> PartialEq for SmallBytes<N> {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes() == other.bytes()
+    }
+}
+
+impl<const N: usize> Eq for SmallBytes<N> {}
+
+/// A sent key (see `sent_key`); 86 bytes in place make a map slot of 104.
+type SentKey = SmallBytes<86>;
 
 impl Window {
     fn new(start: f64) -> Self {
@@ -411,6 +497,7 @@ pub struct Windows {
     by: By,
     key_buffer: Vec<u8>,
     sent_buffer: Vec<u8>,
+    last_stamp: Option<(Timestamp, f64)>, // the latest timestamp read, in seconds
     members: Members,
     tag_members: Vec<Member>,
 }
@@ -448,6 +535,7 @@ impl Windows {
             by,
             key_buffer: Vec::with_capacity(128),
             sent_buffer: Vec::with_capacity(128),
+            last_stamp: None,
             members: Members::new(),
             tag_members: Vec::with_capacity(16),
         };
@@ -609,7 +697,8 @@ impl Windows {
         let mut closed = Vec::new();
         for window in taken {
             let end = window.start + self.window;
-            for (key, stats) in window.groups {
+            for (key, mut stats) in window.groups {
+                stats.settle();
                 closed.push(Closed {
                     key,
                     start: window.start,
@@ -696,7 +785,16 @@ impl Windows {
                 }
                 _ => return Some(false),
             };
-        let stamped = canonical_epoch_ms(&timestamp_of(message, received))? as f64 / 1000.0;
+        let stamp = timestamp_of(message, received);
+        let stamped = match self.last_stamp {
+            // A chunk's messages often share their millisecond.
+            Some((last, seconds)) if last == stamp => seconds,
+            _ => {
+                let seconds = canonical_epoch_ms(&stamp)? as f64 / 1000.0;
+                self.last_stamp = Some((stamp, seconds));
+                seconds
+            }
+        };
         let (start, timeliness) = self.place(stamped, now);
         sent_key(
             &mut self.sent_buffer,
@@ -741,10 +839,12 @@ impl Windows {
         );
         if let Some((window, group, overflowed)) = placed {
             let window = &mut self.open[window];
-            if self.sent_buffer.len() <= MAX_SENT_KEY && window.sent.len() < sent_limit(self.max_groups) {
+            if self.sent_buffer.len() <= MAX_SENT_KEY
+                && window.sent.len() < sent_limit(self.max_groups)
+            {
                 window
                     .sent
-                    .insert(self.sent_buffer.clone(), (group, overflowed));
+                    .insert(SentKey::of(&self.sent_buffer), (group, overflowed));
             }
         }
         Some(true)

@@ -456,7 +456,7 @@ impl AggregateWindows {
                 stats,
                 s.sum,
                 group.partial,
-                s.unit.as_deref(),
+                s.unit(),
             ))?;
         }
         Ok(out)
