@@ -128,8 +128,8 @@ async def test_poison_rows_are_isolated_and_the_rest_of_the_batch_lands(postgres
     table = unique_table()
     backend = make_backend(postgres_server, table)
     await backend.open()
-    assert backend.binary_copy is True
-    backend.binary_copy = binary  # text COPY: what a table with other column types gets
+    assert backend.events.binary_copy is True
+    backend.events.binary_copy = binary  # text COPY: what a table with other column types gets
     batch = [enriched("metric", {"name": "m", "value": float(i)}, context={"seq": i}) for i in range(40)]
     batch[3] = enriched("metric", {"name": "m", "value": "1e400"}, context={"seq": 3})  # out of range for double precision
     batch[17] = {**batch[17], "timestamp": "2025-02-30T10:00:00.000Z"}  # no such date
@@ -180,7 +180,7 @@ async def test_a_table_with_other_column_types_is_written_with_text_copy(postgre
     postgres_server.admin(f"GRANT ALL ON {table} TO sidecar")
     other = make_backend(postgres_server, table, create_schema=False)
     await other.open()
-    assert other.binary_copy is False
+    assert other.events.binary_copy is False
     await other.write_batch(Attempt("svc", as_batch([enriched("metric", {"name": "m", "value": 1.5}, context={"seq": 0})])))
     await other.aclose()
     assert rows(postgres_server, f"SELECT value, context::text FROM {table}") == [(1.5, '{"seq":0}')]
@@ -188,13 +188,13 @@ async def test_a_table_with_other_column_types_is_written_with_text_copy(postgre
     table = unique_table()
     backend = make_backend(postgres_server, table)
     await backend.open()
-    assert backend.binary_copy is True
+    assert backend.events.binary_copy is True
     await backend.write_batch(Attempt("svc", as_batch([enriched("metric", {"name": "m", "value": 1.0}, context={"seq": 1})])))
     postgres_server.admin(f"ALTER TABLE {table} ALTER COLUMN value TYPE numeric")
     attempt = Attempt("svc", as_batch([enriched("metric", {"name": "m", "value": 2.0}, context={"seq": 2})]))
     with pytest.raises(RetryableError) as caught:
         await backend.write_batch(attempt)
-    assert not caught.value.trip_circuit and backend.binary_copy is False
+    assert not caught.value.trip_circuit and backend.events.binary_copy is False
     await backend.write_batch(attempt)
     await backend.aclose()
     assert rows(postgres_server, f"SELECT (context->>'seq')::int, value FROM {table} ORDER BY 1") == [(1, 1), (2, 2)]

@@ -26,6 +26,11 @@ lost), the retry of that batch first asks the server `pg_xact_status(xid)` and d
 it again if it committed. A batch whose COMMIT succeeded while its attempt was being cancelled is
 remembered the same way.
 
+Aggregates: with `aggregates_table` set, the batch's aggregates (`type: metric` with
+`data.aggregation`) go into that table by their own COPY (`rows.AGGREGATES`), the other
+messages into the events table, both in the batch's one transaction: the resolution by
+transaction id, the binary/text choice (per table) and the isolation of poison rows cover both.
+
 Poison rows: when a COPY fails on a row-level error (bad data, out of range, too large), the same
 transaction retries the rows in halves under savepoints until the bad rows are alone; the others
 commit, and `PartialDelivery` reports each bad row with the server's reason (or `unencodable`
@@ -39,14 +44,15 @@ import logging
 
 import attrs
 import psycopg
-from psycopg import sql
 
 from sidecar.backends.base import Attempt, Backend, BlockingCalls, PartialDelivery, RetryableError
 from sidecar.backends.postgres import schema
 from sidecar.backends.postgres.errors import Scrubber, classified, row_level, row_reason, unencodable
 from sidecar.backends.postgres.read import read_messages
-from sidecar.backends.postgres.rows import COLUMNS, COPY_TYPES, JsonbBytes, binary_row_of, row_of
+from sidecar.backends.postgres.rows import AGGREGATES, EVENTS, JsonbBytes
 from sidecar.backends.postgres.settings import PostgresSettings
+from sidecar.backends.postgres.table import Table
+from sidecar.transforms.filter import is_aggregate
 
 log = logging.getLogger("sidecar.backends.postgres")
 
@@ -73,19 +79,16 @@ class PostgresBackend(Backend):
     def __init__(self, settings: PostgresSettings, *, label: str):
         super().__init__(settings, label=label)
         self.scrub = Scrubber(settings.connection_string)
-        self.qualified = sql.Identifier(settings.schema, settings.table)
-        column_list = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
-        self.copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(self.qualified, column_list)
-        self.copy_binary_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(self.qualified, column_list)
+        self.events = Table(EVENTS, settings.schema, settings.table)
+        # Where the batch's aggregates go: their own typed table, or None (the events table).
+        self.aggregates = Table(AGGREGATES, settings.schema, settings.aggregates_table) if settings.aggregates_table else None
+        self.tables = [self.events, *([self.aggregates] if self.aggregates else [])]
         self.timescaledb = False  # known after the first open
         self._conn: psycopg.Connection | None = None
         self._schema_ready = False
         # On cancellation a running statement is cancelled on the server; the state the call
         # leaves in the attempt (`Transaction`) tells the retry what happened.
         self.blocking = BlockingCalls(self._cancel_statement, grace=settings.connect_timeout)
-        # Binary COPY when the table's columns have exactly the types it sends (known after the
-        # first open); text COPY, which lets the server convert, for a table made otherwise.
-        self.binary_copy = True
 
     # ---------------------------------------------------------------- the Backend contract
 
@@ -163,24 +166,22 @@ class PostgresBackend(Backend):
                 return {}
             self._begin(conn, tx)
             began = True
-            binary = self.binary_copy
+            parts = self._parts(batch)
+            table = None
             try:
-                leftovers = self._copy_streaming(conn, batch, binary, rejected)
-                if leftovers:
-                    text_rows = self._text_rows(batch, leftovers, rejected)
-                    if text_rows:
-                        self._copy(conn, [row for _i, row in text_rows], binary=False)
+                for table, indexes in parts:
+                    self._copy_part(conn, table, batch, indexes, rejected)
             except psycopg.Error as exc:
-                if binary and exc.sqlstate in ("22P03", "08P01") and not conn.broken and not conn.closed:
+                if table.binary_copy and exc.sqlstate in ("22P03", "08P01") and not conn.broken and not conn.closed:
                     # "incorrect binary data format", "insufficient data left in message": has a
                     # column's type changed since the check (ALTER TABLE)? Nothing was written;
-                    # if so, the retry uses text COPY.
+                    # if so, the retry uses text COPY for that table.
                     conn.rollback()
                     tx.xid = None
-                    if self._binary_fits(conn):
+                    if self._binary_fits(conn, table):
                         raise
-                    log.warning("backend %s: binary COPY refused (%s); writing with text COPY from now on", self.label, self.scrub(str(exc)).splitlines()[0])
-                    raise RetryableError("write failed: a column's type no longer fits binary COPY; retrying with text COPY") from None
+                    log.warning("backend %s: binary COPY into %s refused (%s); writing it with text COPY from now on", self.label, table, self.scrub(str(exc)).splitlines()[0])
+                    raise RetryableError(f"write failed: a column's type in {table} no longer fits binary COPY; retrying with text COPY") from None
                 if not row_level(exc, conn):
                     raise
                 # Start over in a new transaction and find the bad rows under savepoints.
@@ -188,13 +189,8 @@ class PostgresBackend(Backend):
                 tx.xid = None
                 self._begin(conn, tx)
                 rejected = {}
-                if binary:
-                    binary_rows, leftovers = self._binary_rows(batch)
-                    rejected.update(self._copy_isolating(conn, binary_rows, binary=True))
-                else:
-                    leftovers = range(len(batch))
-                text_rows = self._text_rows(batch, leftovers, rejected)
-                rejected.update(self._copy_isolating(conn, text_rows, binary=False))
+                for table, indexes in parts:
+                    self._isolate_part(conn, table, batch, indexes, rejected)
             conn.commit()
             tx.xid = None
             tx.committed = True
@@ -239,19 +235,50 @@ class PostgresBackend(Backend):
             log.warning("backend %s: the outcome of transaction %s is no longer known; writing its batch again (may duplicate)", self.label, xid)
         return False
 
-    def _copy_streaming(self, conn: psycopg.Connection, batch: list[dict], binary: bool, rejected: dict) -> list[int]:
-        """COPY of the batch, each row written as soon as it is made. Binary: returns the indexes
-        of the messages `binary_row_of` could not take, left for `_text_rows`. Text: a message
-        that cannot be encoded goes to `rejected`."""
+    def _parts(self, batch: list[dict]) -> list[tuple[Table, range | list[int]]]:
+        """The tables the batch's messages go into, each with the indexes of its messages (in
+        batch order); only tables that get some."""
+        if self.aggregates is None:
+            return [(self.events, range(len(batch)))]
+        events, aggregates = [], []
+        for index, message in enumerate(batch):
+            (aggregates if is_aggregate(message) else events).append(index)
+        return [(table, indexes) for table, indexes in ((self.events, events), (self.aggregates, aggregates)) if indexes]
+
+    def _copy_part(self, conn: psycopg.Connection, table: Table, batch: list[dict], indexes, rejected: dict) -> None:
+        """The messages at `indexes` into `table`: streaming binary COPY, then text COPY for those
+        binary COPY cannot carry (or text COPY throughout when binary does not fit the table)."""
+        leftovers = self._copy_streaming(conn, table, batch, indexes, table.binary_copy, rejected)
+        if leftovers:
+            text_rows = self._text_rows(table, batch, leftovers, rejected)
+            if text_rows:
+                self._copy(conn, table, [row for _i, row in text_rows], binary=False)
+
+    def _isolate_part(self, conn: psycopg.Connection, table: Table, batch: list[dict], indexes, rejected: dict) -> None:
+        """`_copy_part` under savepoints, the bad rows found and added to `rejected`."""
+        if table.binary_copy:
+            binary_rows, leftovers = self._binary_rows(table, batch, indexes)
+            rejected.update(self._copy_isolating(conn, table, binary_rows, binary=True))
+        else:
+            leftovers = indexes
+        text_rows = self._text_rows(table, batch, leftovers, rejected)
+        rejected.update(self._copy_isolating(conn, table, text_rows, binary=False))
+
+    def _copy_streaming(self, conn: psycopg.Connection, table: Table, batch: list[dict], indexes, binary: bool, rejected: dict) -> list[int]:
+        """COPY of the messages at `indexes`, each row written as soon as it is made. Binary:
+        returns the indexes of the messages the binary row could not take, left for
+        `_text_rows`. Text: a message that cannot be encoded goes to `rejected`."""
         leftovers = []
         moments = {}
-        with conn.cursor().copy(self.copy_binary_sql if binary else self.copy_sql) as copy:
+        shape = table.shape
+        make_row = shape.binary_row_of if binary else shape.row_of
+        with conn.cursor().copy(table.copy_binary_sql if binary else table.copy_sql) as copy:
             if binary:
-                copy.set_types(COPY_TYPES)
+                copy.set_types(shape.copy_types)
             write_row = copy.write_row
-            for index, message in enumerate(batch):
+            for index in indexes:
                 try:
-                    row = binary_row_of(message, moments) if binary else row_of(message)
+                    row = make_row(batch[index], moments) if binary else make_row(batch[index])
                 except Exception as exc:
                     if binary:
                         leftovers.append(index)
@@ -267,21 +294,23 @@ class PostgresBackend(Backend):
         return leftovers
 
     @staticmethod
-    def _binary_rows(batch: list[dict]) -> tuple[list[tuple[int, tuple]], list[int]]:
+    def _binary_rows(table: Table, batch: list[dict], indexes) -> tuple[list[tuple[int, tuple]], list[int]]:
         rows, leftovers = [], []
         moments = {}
-        for index, message in enumerate(batch):
+        binary_row_of = table.shape.binary_row_of
+        for index in indexes:
             try:
-                rows.append((index, binary_row_of(message, moments)))
+                rows.append((index, binary_row_of(batch[index], moments)))
             except Exception:
                 leftovers.append(index)
         return rows, leftovers
 
     @staticmethod
-    def _text_rows(batch: list[dict], indexes, rejected: dict) -> list[tuple[int, tuple]]:
+    def _text_rows(table: Table, batch: list[dict], indexes, rejected: dict) -> list[tuple[int, tuple]]:
         """Text COPY rows of the messages at `indexes`; those that cannot be encoded at all go to
         `rejected`."""
         rows = []
+        row_of = table.shape.row_of
         for index in indexes:
             try:
                 rows.append((index, row_of(batch[index])))
@@ -289,10 +318,10 @@ class PostgresBackend(Backend):
                 rejected[index] = unencodable(exc)
         return rows
 
-    def _copy(self, conn: psycopg.Connection, rows: list[tuple], *, binary: bool) -> None:
-        with conn.cursor().copy(self.copy_binary_sql if binary else self.copy_sql) as copy:
+    def _copy(self, conn: psycopg.Connection, table: Table, rows: list[tuple], *, binary: bool) -> None:
+        with conn.cursor().copy(table.copy_binary_sql if binary else table.copy_sql) as copy:
             if binary:
-                copy.set_types(COPY_TYPES)
+                copy.set_types(table.shape.copy_types)
             write_row = copy.write_row
             for row in rows:
                 try:
@@ -302,7 +331,7 @@ class PostgresBackend(Backend):
                 except Exception as exc:  # a value psycopg cannot send: the COPY is abandoned
                     raise psycopg.DataError(f"{type(exc).__name__}: {exc}"[:200]) from None
 
-    def _copy_isolating(self, conn: psycopg.Connection, rows: list[tuple[int, tuple]], *, binary: bool) -> dict[int, tuple[str, str]]:
+    def _copy_isolating(self, conn: psycopg.Connection, table: Table, rows: list[tuple[int, tuple]], *, binary: bool) -> dict[int, tuple[str, str]]:
         """COPY `rows` (index, row) under savepoints, splitting failed chunks in halves until
         each bad row is alone; returns the bad rows' reasons. All in the current transaction."""
         rejected = {}
@@ -311,7 +340,7 @@ class PostgresBackend(Backend):
             chunk = pending.pop()
             conn.execute("SAVEPOINT sidecar_rows")
             try:
-                self._copy(conn, [row for _i, row in chunk], binary=binary)
+                self._copy(conn, table, [row for _i, row in chunk], binary=binary)
             except psycopg.Error as exc:
                 if not row_level(exc, conn):
                     raise
@@ -329,21 +358,24 @@ class PostgresBackend(Backend):
         return rejected
 
     def _prepare_schema(self, conn: psycopg.Connection) -> None:
-        """Create what is missing, check the columns COPY needs, choose binary or text COPY."""
-        self.timescaledb = schema.prepare(conn, self.settings, self.qualified, label=self.label, scrub=self.scrub)
-        self._binary_fits(conn, schema.checked_columns(conn, self.settings))
+        """For each table: create what is missing, check the columns COPY needs, choose binary or
+        text COPY."""
+        for table in self.tables:
+            self.timescaledb = schema.prepare(conn, self.settings, table, label=self.label, scrub=self.scrub) or self.timescaledb
+            self._binary_fits(conn, table, schema.checked_columns(conn, table))
 
-    def _binary_fits(self, conn: psycopg.Connection, found: dict[str, str] | None = None) -> bool:
-        """Sets and returns `binary_copy`: whether every column has the type binary COPY sends."""
-        found = schema.column_types(conn, self.settings) if found is None else found
-        other = schema.other_types(found)
-        if other and self.binary_copy:
+    def _binary_fits(self, conn: psycopg.Connection, table: Table, found: dict[str, str] | None = None) -> bool:
+        """Sets and returns the table's `binary_copy`: whether every column has the type binary
+        COPY sends."""
+        found = schema.column_types(conn, table) if found is None else found
+        other = schema.other_types(table, found)
+        if other and table.binary_copy:
             log.info(
-                "backend %s: table %s.%s has columns of other types (%s): writing with text COPY, which lets PostgreSQL convert",
-                self.label, self.settings.schema, self.settings.table, ", ".join(other),
+                "backend %s: table %s has columns of other types (%s): writing with text COPY, which lets PostgreSQL convert",
+                self.label, table, ", ".join(other),
             )
-        self.binary_copy = not other
-        return self.binary_copy
+        table.binary_copy = not other
+        return table.binary_copy
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None

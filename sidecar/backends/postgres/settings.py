@@ -21,6 +21,9 @@ class PostgresSettings:
     connection_string: str  # libpq URL or key=value string; use ${ENV} for the password
     table: str = attrs.field(default="monitoring_events", validator=_identifier)
     schema: str = attrs.field(default="public", validator=_identifier)
+    # Aggregates (`type: metric` with `data.aggregation`) into this table of typed columns, in
+    # the same schema; None: into `table` like every metric.
+    aggregates_table: str | None = attrs.field(default=None, validator=attrs.validators.optional(_identifier))
     create_schema: bool = True  # create the schema, table and indexes when missing
     hypertable: bool = True  # make a new table a TimescaleDB hypertable when the extension is available
     chunk_time_interval: Duration = attrs.field(default=86400.0, validator=attrs.validators.gt(0))
@@ -29,6 +32,8 @@ class PostgresSettings:
     application_name: str = "monitoring-sidecar"
 
     def __attrs_post_init__(self):
+        if self.aggregates_table == self.table:
+            raise ValueError(f"'aggregates_table' must name another table than 'table' ({self.table!r}): its columns are others")
         try:
             psycopg.conninfo.conninfo_to_dict(self.connection_string)
         except psycopg.Error:
