@@ -645,7 +645,12 @@ class ViewServer:
         if handler is None:
             for prefix, method in (("/api/jobs/", self.job), ("/api/traces/", self.trace)):
                 if path.startswith(prefix) and scope["method"] == "GET":
-                    handler, argument = method, urllib.parse.unquote(path[len(prefix) :])
+                    # `path` is decoded already; the id is the raw path's, decoded once (an id
+                    # may hold "%" or "/").
+                    raw = scope.get("raw_path")
+                    raw = raw.decode("latin-1").split("?", 1)[0] if raw else None
+                    argument = urllib.parse.unquote(raw[len(prefix) :]) if raw and raw.startswith(prefix) else path[len(prefix) :]
+                    handler = method
         if handler is None:
             allowed = [m for (m, p) in self._routes if p == path]
             if allowed:

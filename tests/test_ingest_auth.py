@@ -163,7 +163,7 @@ def test_a_token_variable_that_is_not_set_is_an_error_at_its_line_in_either_sect
 @pytest.mark.parametrize("value, message", [
     ('"0999"', "must be a file mode in octal digits, in quotes (e.g. \"0660\"), got '0999'"),
     ('"rw-rw----"', "must be a file mode in octal digits"),
-    ("0660", "must be a string"),  # YAML reads it as the decimal 660: quotes are needed
+    ("0660", "must be a string, got an integer (660); write it in quotes"),  # YAML reads it as the decimal 660
 ])
 def test_a_mode_that_is_not_octal_is_an_error_at_its_line(write, value, message):
     found, path = problems(write, f"sources:\n  local:\n    type: tcp\n    unix: /tmp/x.sock\n    mode: {value}\n", {})

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.parse
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -273,6 +274,21 @@ def test_the_http_view_serves_jobs_traces_routes_backends_and_metrics(tmp_path):
         assert status == 200 and reloaded["applied"] is True
         assert get_json(sidecar, "/api/nothing", headers=auth)[0] == 404
         assert get_json(sidecar, "/healthz", method="POST")[0] == 405
+    finally:
+        assert sidecar.stop() == 0
+
+
+def test_a_job_id_is_its_path_segment_decoded_once(tmp_path):
+    """An id holding "%" or "/" is asked for percent-encoded, and decoded once, not twice."""
+    sidecar = SidecarProcess(tmp_path, FILES_CONFIG.format(base=tmp_path / "out"), env={"MONITORING_SIDECAR_TOKEN": "t0ken"}).start()
+    auth = {"Authorization": "Bearer t0ken"}
+    try:
+        for job_id in ("50%25/a b", "50%/a b"):
+            sidecar.send([{"source": "svc", "type": "event", "context": {"job_id": job_id}, "data": {"level": "info", "message": job_id}}])
+        sidecar.wait_for(lambda s: s["backends"] and s["backends"][0]["delivered"] == 2, what="2 delivered")
+        for job_id in ("50%25/a b", "50%/a b"):
+            status, job = get_json(sidecar, "/api/jobs/" + urllib.parse.quote(job_id, safe=""), headers=auth)
+            assert status == 200 and job["job_id"] == job_id, (job_id, job)
     finally:
         assert sidecar.stop() == 0
 

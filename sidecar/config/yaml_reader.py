@@ -195,7 +195,9 @@ class DocumentReader:
             return float(value)
         if kind is str:
             if not isinstance(value, str):
-                self.fail(where, f"{label} must be a string, got {_yaml_kind(value)}")
+                # YAML reads an unquoted 0660 as a number (and a leading zero may make it octal).
+                hint = "; write it in quotes to keep it as written (\"0660\", not 0660)" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+                self.fail(where, f"{label} must be a string, got {_yaml_kind(value)}{hint}")
             return self.interpolate(str(value), where)
         if kind is Any:
             return plain(value)
@@ -264,7 +266,16 @@ def _yaml_kind(value) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return "null" if value is None else f"{type(value).__name__} {value!r}"
+    if value is None:
+        return "null"
+    # ruamel.yaml's scalars are subclasses (ScalarInt, ScalarFloat): name what YAML read.
+    if isinstance(value, bool):
+        return f"a boolean ({'true' if value else 'false'})"
+    if isinstance(value, int):
+        return f"an integer ({int(value)})"
+    if isinstance(value, float):
+        return f"a number ({float(value)!r})"
+    return f"{type(value).__name__} {value!r}"
 
 
 def plain(value, interpolate=None):
