@@ -144,15 +144,37 @@ class AggregateStep:
         settings = spec.settings
         self.label = step_label(spec)
         self.native = native.use_native(native_path)
-        if self.native:
-            self.windows = NativeWindows(settings, now)
-        else:
-            self.windows = Windows(settings.window, settings.stats, late=settings.late, max_groups=settings.max_groups, now=now)
+        self.windows = self._new_windows(now)
         self.emitted = 0
+        self.internal_errors = 0  # closings that failed (a bug): their windows were let go
         self._metrics = _names_regex(settings.metrics)
         self._spans = _names_regex(settings.spans)
         self._all_tags = "tags" in settings.by
         self._tags = tuple(key[5:] for key in settings.by if key.startswith("tags."))
+
+    def _new_windows(self, now: float):
+        settings = self.spec.settings
+        if self.native:
+            return NativeWindows(settings, now)
+        return Windows(settings.window, settings.stats, late=settings.late, max_groups=settings.max_groups, now=now)
+
+    def close(self, now: float, flush: bool = False) -> list[ClosedGroup]:
+        """The windows ended by `now` (every open one with `flush`). A bug met closing them
+        costs this step's open windows, logged and counted, and nothing else: the step starts
+        afresh rather than failing again at every turn of the timer."""
+        try:
+            return self.windows.flush(now) if flush else self.windows.close(now)
+        except Exception:
+            self.internal_errors += 1
+            log.exception("internal error while closing the windows of %s; its open windows (%d groups) are let go", self.label, self._groups_or_zero())
+            self.windows = self._new_windows(now)
+            return []
+
+    def _groups_or_zero(self) -> int:
+        try:
+            return self.windows.groups
+        except Exception:  # the windows are what failed: their size is only for the log line
+            return 0
 
     def take(self, batch: Batch, now: float) -> Batch:
         """Add the batch's points to the windows; the batch to pass on (without them when
@@ -204,7 +226,7 @@ class AggregateStep:
 
     def statistics(self) -> dict:
         counts = self.windows.counts
-        return {**attrs.asdict(counts), "open_groups": self.windows.groups, "emitted": self.emitted, "max_bytes_per_group": self.windows.max_group_bytes}
+        return {**attrs.asdict(counts), "open_groups": self.windows.groups, "emitted": self.emitted, "internal_errors": self.internal_errors, "max_bytes_per_group": self.windows.max_group_bytes}
 
 
 def _iso(seconds: float) -> str:
@@ -287,7 +309,7 @@ class Aggregation:
                 steps.append(step)
             else:
                 steps.append(AggregateStep(spec, now, self.native))
-        flushed = [self._messages(step, step.windows.flush(now), now) for left in running.values() for step in left]
+        flushed = [self._messages(step, step.close(now, flush=True), now) for left in running.values() for step in left]
         self.steps = steps
         self._keys = SourceKeys((step.spec.source, step) for step in self.steps)
         self._changed.set()
@@ -296,13 +318,13 @@ class Aggregation:
     def close_due(self) -> list[dict]:
         """The messages of every window that has ended."""
         now = self.now()
-        return [message for step in self.steps for message in self._messages(step, step.windows.close(now), now)]
+        return [message for step in self.steps for message in self._messages(step, step.close(now), now)]
 
     def flush(self) -> list[dict]:
         """Stop the timer and close every window, partial ones included (shutdown)."""
         self._scope.cancel()
         now = self.now()
-        return [message for step in self.steps for message in self._messages(step, step.windows.flush(now), now)]
+        return [message for step in self.steps for message in self._messages(step, step.close(now, flush=True), now)]
 
     def _messages(self, step: AggregateStep, closed: list[ClosedGroup], now: float) -> list[dict]:
         step.emitted += len(closed)

@@ -334,7 +334,7 @@ class StreamDecoder:
             if type(message) is dict:
                 try:
                     validate(message, max_depth)
-                except Exception:
+                except Exception:  # not lost: `_accept` below validates it again and says why
                     pass
                 else:
                     append(message)

@@ -211,6 +211,29 @@ async def test_flush_emits_partial_windows_and_stops_the_timer(autojump_clock, n
     assert [(m["data"]["aggregation"]["partial"], m["data"]["aggregation"]["count"]) for m in flushed] == [(True, 1)]
 
 
+async def test_a_bug_closing_a_steps_windows_costs_its_open_windows_and_the_timer_goes_on(autojump_clock, native_path):
+    """A closing that raises (a bug, injected here) is counted and the step starts afresh: the
+    timer does not stop, nor spin on the same failure, and the next window closes as usual."""
+    aggregation = Aggregation([spec(metrics=("m",), window=10.0, stats=("count",))], epoch=EPOCH, native=native_path)
+    (step,) = aggregation.steps
+    aggregation.apply(Batch.of([metric("m", 1, EPOCH)]), print)
+
+    def broken(now):
+        raise RuntimeError("injected")
+
+    step.windows.close = broken
+    emitted = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(aggregation.run, emitted.extend)
+        await trio.sleep(10)  # the first window's end: its closing fails
+        assert step.statistics()["internal_errors"] == 1 and not emitted
+        aggregation.apply(Batch.of([metric("m", 2, EPOCH + 10.5)]), print)
+        await trio.sleep(10)
+        aggregation.flush()
+    assert step.statistics()["internal_errors"] == 1
+    assert [(m["data"]["aggregation"]["count"], m["data"]["value"]) for m in emitted] == [(1, 2.0)]
+
+
 async def test_a_reload_keeps_the_windows_of_an_unchanged_step_and_emits_those_of_a_changed_one(autojump_clock, native_path):
     kept, changed = spec(metrics=("a",), window=10.0), spec(metrics=("b",), window=10.0)
     aggregation = Aggregation([kept, changed], epoch=EPOCH, native=native_path)

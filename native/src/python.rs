@@ -530,8 +530,7 @@ impl AggregateWindows {
                 }
             }
         };
-        // A bug here must not take the sidecar down: a panic becomes an exception the
-        // correlator counts (pyo3's PanicException is a BaseException it would not catch).
+        // A bug here must not take the sidecar down (see `unpanicked`).
         let run = std::panic::AssertUnwindSafe(|| -> PyResult<(Taken, usize)> {
             Ok(match points {
                 Some(points) => {
@@ -570,9 +569,7 @@ impl AggregateWindows {
                 }
             })
         });
-        let (outcome, count) = std::panic::catch_unwind(run).map_err(|_| {
-            PyRuntimeError::new_err("internal error in the native aggregate windows")
-        })??;
+        let (outcome, count) = unpanicked(run)??;
         if let Some(error) = failed {
             return Err(error);
         }
@@ -604,13 +601,15 @@ impl AggregateWindows {
     /// The windows that ended at or before `now`, as (key, start, end, stats, sum, partial,
     /// unit).
     fn close<'py>(&mut self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
-        let closed = self.windows.close(now);
+        let windows = &mut self.windows;
+        let closed = unpanicked(std::panic::AssertUnwindSafe(|| windows.close(now)))?;
         self.closed(py, closed)
     }
 
     /// Every open window, as `close` gives them; those not ended partial.
     fn flush<'py>(&mut self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
-        let closed = self.windows.flush(now);
+        let windows = &mut self.windows;
+        let closed = unpanicked(std::panic::AssertUnwindSafe(|| windows.flush(now)))?;
         self.closed(py, closed)
     }
 
@@ -633,6 +632,13 @@ impl AggregateWindows {
         let c = self.windows.counts;
         (c.points, c.late, c.early, c.dropped, c.overflow)
     }
+}
+
+/// A call into the windows, with a panic (a bug) as a RuntimeError the correlator counts:
+/// pyo3's PanicException is a BaseException, which would stop the sidecar.
+fn unpanicked<T>(call: impl FnOnce() -> T + std::panic::UnwindSafe) -> PyResult<T> {
+    std::panic::catch_unwind(call)
+        .map_err(|_| PyRuntimeError::new_err("internal error in the native aggregate windows"))
 }
 
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
