@@ -4,6 +4,7 @@ absence, and a data_dir that cannot be used is said by path."""
 
 import re
 import signal
+import threading
 
 import orjson
 
@@ -245,8 +246,13 @@ routing:
 def test_block_holds_back_only_the_connections_routed_to_the_full_backend(tmp_path):
     sidecar = SidecarProcess(tmp_path, BLOCK_CONFIG.format(data=tmp_path / "spool", slow=tmp_path / "slow", base=tmp_path / "out")).start()
     blocked = sidecar.connect()
-    for start in range(0, 2000, 100):  # far more than the slow backend's queue and batches hold
-        blocked.sendall(b"".join(orjson.dumps(m) + b"\n" for m in chunk(start, 100, "both")))
+    # Far more than the slow backend's queue and many of the sidecar's reads, so that it still
+    # has some to read when it stops reading; from a thread, since sendall waits while the
+    # connection is held back and the sockets' buffers are full.
+    total = 20_000
+    data = b"".join(orjson.dumps(m) + b"\n" for m in chunk(0, total, "both"))
+    sender = threading.Thread(target=blocked.sendall, args=(data,), daemon=True)
+    sender.start()
     held = sidecar.wait_for(lambda s: any(c["held_back"] for c in s["sources"]["tcp"]["connections"]), what="the connection held back")
     slow = next(b for b in held["backends"] if b["backend"] == "slow")
     assert slow["queue"]["entering"] > 0 and slow["routed"] == slow["delivered"] + sum(slow["dropped"].values()) + slow["queued"]
@@ -256,9 +262,10 @@ def test_block_holds_back_only_the_connections_routed_to_the_full_backend(tmp_pa
     assert any(c["held_back"] for c in sidecar.stats()["sources"]["tcp"]["connections"])
     # The slow backend's destination appears: the held connection goes on, nothing was dropped.
     (tmp_path / "slow").mkdir()
-    final = sidecar.wait_for(lambda s: all(b["queued"] == 0 for b in s["backends"]) and len(read_jsonl(tmp_path / "slow" / "both.jsonl")) == 2000, timeout=30, what="everything delivered")
+    final = sidecar.wait_for(lambda s: all(b["queued"] == 0 for b in s["backends"]) and len(read_jsonl(tmp_path / "slow" / "both.jsonl")) == total, timeout=60, what="everything delivered")
+    sender.join(10)
     blocked.close()
     assert all(b["dropped"] == {} for b in final["backends"])
-    assert seqs(read_jsonl(tmp_path / "slow" / "both.jsonl")) == list(range(2000))
-    assert seqs(read_jsonl(tmp_path / "out" / "both.jsonl")) == list(range(2000))
+    assert seqs(read_jsonl(tmp_path / "slow" / "both.jsonl")) == list(range(total))
+    assert seqs(read_jsonl(tmp_path / "out" / "both.jsonl")) == list(range(total))
     assert sidecar.stop() == 0
