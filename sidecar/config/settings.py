@@ -225,9 +225,6 @@ class BackendSpec:
         return not isinstance(self.settings, UnavailableSettings)
 
 
-RESERVED_SOURCE_KEYS = ("default", "all")
-
-
 @attrs.frozen
 class Rule:
     source: str  # exact name, glob, "default" or "all"
