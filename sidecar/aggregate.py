@@ -29,7 +29,7 @@ import orjson
 import trio
 
 from sidecar import native
-from sidecar.aggregation import LATE_POLICIES, ClosedGroup, GroupKey, WindowCounts, Windows, check_stats, quantile_of
+from sidecar.aggregation import LATE_POLICIES, MAX_GROUP_BYTES, ClosedGroup, GroupKey, WindowCounts, Windows, check_stats, quantile_of
 from sidecar.batch import Batch
 from sidecar.message import epoch_ms, format_timestamp
 from sidecar.source_keys import SourceKeys
@@ -93,6 +93,25 @@ class AggregateSpec:
 
 def _names_regex(globs: tuple[str, ...] | None):
     return re.compile("|".join(fnmatch.translate(g) for g in globs)) if globs else None
+
+
+# A group without a sketch, on either windows, with its entries in its window's maps: at most
+# this (142 bytes measured on the Python windows; its key's strings come on top).
+GROUP_BASE_BYTES = 1024
+# The native windows' memo of sent keys: a slot, and a key's copy when over 54 bytes.
+SENT_KEY_BYTES = 72 + 512
+
+
+def bound_bytes(settings: AggregateSettings, native_path: bool) -> int:
+    """The most a step's windows hold, the groups' key strings aside: two windows (the current
+    one and the next) of `max_groups` groups, each of at most the windows' bound with quantiles
+    in `stats` and GROUP_BASE_BYTES without, and the native windows' memo of sent keys. (Each
+    source also has an `__overflow__` group beyond the cap once it overflows.)"""
+    native_path = native.use_native(native_path)  # as AggregateStep chooses its windows
+    quantiles = any(quantile_of(stat) is not None for stat in settings.stats)
+    group = (native.AGGREGATE_MAX_GROUP_BYTES if native_path else MAX_GROUP_BYTES) if quantiles else GROUP_BASE_BYTES
+    memo = (2 * settings.max_groups + 64) * SENT_KEY_BYTES if native_path else 0
+    return 2 * (settings.max_groups * group + memo)
 
 
 def step_label(spec: AggregateSpec) -> str:

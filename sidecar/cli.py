@@ -23,7 +23,9 @@ import attrs
 import orjson
 
 from sidecar import __version__
+from sidecar.aggregate import bound_bytes
 from sidecar.ingest import NATIVE_AVAILABLE
+from sidecar.native import use_native
 from sidecar.backends import backend_class
 from sidecar.config import ConfigError, display_value, load_config
 from sidecar.config.exposure import exposures
@@ -311,6 +313,8 @@ def command_check(args) -> int:
             step = spec.settings
             what = " ".join(f"{kind}={','.join(globs)}" for kind, globs in (("metrics", step.metrics), ("spans", step.spans)) if globs)
             print(f"  {spec.source}: {what} window={step.window:g}s by={','.join(step.by)} stats={','.join(step.stats)} keep_raw={str(step.keep_raw).lower()}  ({spec.where})")
+            windows = "native" if use_native(config.pipeline.native) else "Python"
+            print(f"      at most {step.max_groups:,} groups a window; its windows hold at most {bound_bytes(step, config.pipeline.native) / 2**20:,.0f} MiB ({windows} windows, the groups' names and tags aside)")
     for source in args.source or ():
         for spec, step in stage.steps_for(source):
             print(f"\n{source} first passes {spec.label}: {step.describe()}")

@@ -775,3 +775,57 @@ def test_the_native_globs_match_as_fnmatchcase(glob, names):
     taken: list[int] = []
     assert windows.take("s", lines, 0, 1.0, taken) == len(lines)
     assert taken == [i for i, name in enumerate(names) if fnmatch.fnmatchcase(name or "x", glob)]
+
+
+# -- the stated bound --------------------------------------------------------------------------
+
+import subprocess
+import sys
+import tracemalloc
+
+from sidecar.aggregate import bound_bytes
+
+
+def test_the_python_windows_stay_within_the_stated_bound_with_every_group_at_its_widest():
+    """Two windows of max_groups groups, each with values over the sketch's whole range and
+    beyond (so both stores fill and collapse), hold less than `bound_bytes` says."""
+    settings_ = AggregateSettings(metrics=("m",), window=10.0, stats=STATS, max_groups=20)
+    windows = Windows(settings_.window, settings_.stats, max_groups=settings_.max_groups, now=BASE_MS / 1000)
+    keys = [("svc", "m", (("g", str(g)),)) for g in range(settings_.max_groups)]
+    values = [sign * 10.0 ** (exponent / 20) for exponent in range(-200, 260) for sign in (1, -1)] + [0.0]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for window in range(2):
+            for key in keys:
+                for value in values:
+                    windows.add(key, BASE_MS / 1000 + 10 * window, value, BASE_MS / 1000)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert windows.groups == 2 * settings_.max_groups and windows.counts.overflow == 0
+    assert held <= bound_bytes(settings_, native_path=False), (held, bound_bytes(settings_, native_path=False))
+
+
+def test_check_states_each_steps_bound(tmp_path):
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(f"""tcp: {{host: 127.0.0.1, port: 0}}
+pipeline: {{native: false}}
+backends:
+  files: {{type: filesystem, base_path: {tmp_path / "out"}, create_base_path: true}}
+routing:
+  all: [{{backend: files}}]
+aggregate:
+  all:
+    - metrics: ["*"]
+    - metrics: [x]
+      stats: [count, sum]
+      max_groups: 500
+""")
+    done = subprocess.run([sys.executable, "-m", "sidecar", "check", "--config", str(config)], capture_output=True, text=True, timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    bounds = [line.strip() for line in done.stdout.splitlines() if "groups a window" in line]
+    assert bounds == [
+        "at most 10,000 groups a window; its windows hold at most 1,289 MiB (Python windows, the groups' names and tags aside)",
+        "at most 500 groups a window; its windows hold at most 1 MiB (Python windows, the groups' names and tags aside)",
+    ]
