@@ -9,10 +9,12 @@ import time
 import psycopg
 import pytest
 import trio
+from hypothesis import given, settings, strategies as st
 
 from sidecar.batch import Batch
 from sidecar.backends.base import Attempt, PartialDelivery, RetryableError
 from sidecar.backends.postgres import PostgresBackend, PostgresSettings, Transaction
+from sidecar.backends.postgres.schema import index_name
 from tests.harness import REPO, SidecarProcess, SteadySender, event, outage, read_jsonl, seqs, wait_until
 from tests.services.postgres import PASSWORD, postgres_server  # noqa: F401
 
@@ -86,6 +88,26 @@ async def test_every_message_type_lands_in_typed_columns(postgres_server):
     types = dict(rows(postgres_server, "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = %s", table))
     assert types["time"] == types["received_at"] == "timestamp with time zone"
     assert types["value"] == "double precision" and types["context"] == types["data"] == "jsonb"
+
+
+@settings(max_examples=300)
+@given(st.from_regex(r"[a-z_][a-z0-9_]{0,47}", fullmatch=True))
+def test_index_names_fit_postgres_and_stay_apart(table):
+    """The names looked up are the names PostgreSQL keeps (at most 63 bytes, not cut by it), as
+    written when they fit, and a table's indexes never share one."""
+    names = [index_name(table, suffix) for suffix in ("job_id_time_idx", "trace_id_idx", "source_time_idx", "time_brin_idx", "series_idx", "window_brin_idx")]
+    assert all(len(name) <= 63 for name in names) and len(set(names)) == len(names)
+    assert all(name == f"{table}_{suffix}" for name, suffix in zip(names, ("job_id_time_idx", "trace_id_idx", "source_time_idx", "time_brin_idx", "series_idx", "window_brin_idx")) if len(table) + len(suffix) < 63)
+
+
+async def test_a_table_of_the_longest_name_gets_its_indexes_under_the_names_it_looks_for(postgres_server):
+    table = (unique_table() + "_" + "x" * 48)[:48]
+    backend = make_backend(postgres_server, table)
+    await backend.open()
+    await backend.write_batch(Attempt("svc", as_batch([enriched("event", {"level": "info", "message": "m"})])))
+    found = sorted(name for (name,) in rows(postgres_server, "SELECT indexname FROM pg_indexes WHERE tablename = %s", table))
+    assert found == sorted(index_name(table, suffix) for suffix in ("job_id_time_idx", "trace_id_idx", "source_time_idx", "time_brin_idx"))
+    await backend.aclose()
 
 
 async def test_a_batch_is_one_copy_statement_and_the_schema_is_created_once(postgres_server):

@@ -23,17 +23,30 @@ _TYPE_NAMES = {
 }
 
 
+# PostgreSQL keeps at most this many bytes of a name (NAMEDATALEN - 1) and cuts longer ones.
+MAX_NAME_LENGTH = 63
+
+
+def index_name(table: str, suffix: str) -> str:
+    """`<table>_<suffix>`, with the table's part shortened when the whole would be longer than
+    PostgreSQL keeps: so the name looked up is the name created, and the suffixes keep a long
+    table's indexes apart (cut from the end, they could all become one name). Names are ASCII
+    (the settings' identifiers), so characters are bytes."""
+    whole = f"{table}_{suffix}"
+    return whole if len(whole) <= MAX_NAME_LENGTH else f"{table[: MAX_NAME_LENGTH - len(suffix) - 1]}_{suffix}"
+
+
 def prepare(conn: psycopg.Connection, settings: PostgresSettings, table: Table, *, label: str, scrub: Scrubber) -> bool:
     """Create what is missing (schema, table, indexes, hypertable), never alter or drop. Returns
     whether TimescaleDB is enabled in the database."""
     schema, name, shape, qualified = table.schema, table.name, table.shape, table.qualified
     index_names = {
-        f"{name}_{suffix}": sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
-            sql.Identifier(f"{name}_{suffix}"), qualified, sql.SQL(", ").join(map(sql.Identifier, columns)),
+        index_name(name, suffix): sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
+            sql.Identifier(index_name(name, suffix)), qualified, sql.SQL(", ").join(map(sql.Identifier, columns)),
         )
         for suffix, columns in shape.indexes
     }
-    brin_name = f"{name}_{shape.brin}"
+    brin_name = index_name(name, shape.brin)
 
     def present(relation: str) -> bool:
         return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}"."{relation}"',)).fetchone()[0]
