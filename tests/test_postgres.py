@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 from sidecar.batch import Batch
 from sidecar.backends.base import Attempt, PartialDelivery, RetryableError
 from sidecar.backends.postgres import PostgresBackend, PostgresSettings, Transaction
+from sidecar.backends.postgres.rows import EVENTS
 from sidecar.backends.postgres.schema import index_name
 from tests.harness import REPO, SidecarProcess, SteadySender, event, outage, read_jsonl, seqs, wait_until
 from tests.services.postgres import PASSWORD, postgres_server  # noqa: F401
@@ -107,6 +108,24 @@ async def test_a_table_of_the_longest_name_gets_its_indexes_under_the_names_it_l
     await backend.write_batch(Attempt("svc", as_batch([enriched("event", {"level": "info", "message": "m"})])))
     found = sorted(name for (name,) in rows(postgres_server, "SELECT indexname FROM pg_indexes WHERE tablename = %s", table))
     assert found == sorted(index_name(table, suffix) for suffix in ("job_id_time_idx", "trace_id_idx", "source_time_idx", "time_brin_idx"))
+    await backend.aclose()
+
+
+async def test_a_table_owned_by_another_role_without_its_indexes_is_written_with_a_warning(postgres_server, caplog):
+    """The role may insert but not create indexes (it does not own the table): the writes go on,
+    each index it could not make is a warning, and the circuit stays closed."""
+    table = unique_table()
+    columns = ", ".join(f"{name} {kind}" for name, kind in EVENTS.column_types.items())
+    postgres_server.admin(f"CREATE TABLE {table} ({columns})")
+    postgres_server.admin(f"GRANT SELECT, INSERT ON {table} TO sidecar")
+    backend = make_backend(postgres_server, table)
+    with caplog.at_level("WARNING", logger="sidecar.backends.postgres"):
+        await backend.open()
+        await backend.write_batch(Attempt("svc", as_batch([enriched("event", {"level": "info", "message": f"m{i}"}) for i in range(3)])))
+    assert rows(postgres_server, f"SELECT count(*) FROM {table}") == [(3,)]
+    refused = sorted(r.getMessage().split("cannot create index ")[1].split(" ")[0] for r in caplog.records if "cannot create index" in r.getMessage())
+    assert refused == sorted(index_name(table, suffix) for suffix in ("job_id_time_idx", "trace_id_idx", "source_time_idx", "time_brin_idx"))
+    assert all("must be owner" in r.getMessage() for r in caplog.records if "cannot create index" in r.getMessage())
     await backend.aclose()
 
 

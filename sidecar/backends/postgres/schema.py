@@ -63,8 +63,8 @@ def prepare(conn: psycopg.Connection, settings: PostgresSettings, table: Table, 
                 conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
             columns = sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(shape.column_types[c])) for c in shape.columns)
             conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(qualified, columns))
-            for statement in index_names.values():
-                conn.execute(statement)
+            for index, statement in index_names.items():
+                _create_index(conn, statement, index, table, label)
             if created and settings.hypertable:
                 timescaledb = _try_timescaledb(conn, label=label, scrub=scrub)
             if timescaledb and created:
@@ -74,12 +74,24 @@ def prepare(conn: psycopg.Connection, settings: PostgresSettings, table: Table, 
                 )
                 log.info("backend %s: created TimescaleDB hypertable %s", label, table)
             elif created or not _is_hypertable(conn, table, timescaledb):
-                conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING brin ({})").format(
+                brin = sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING brin ({})").format(
                     sql.Identifier(brin_name), qualified, sql.Identifier(shape.time),
-                ))
+                )
+                _create_index(conn, brin, brin_name, table, label)
                 if created:
                     log.info("backend %s: created table %s (plain PostgreSQL, BRIN index on %s)", label, table, shape.time)
     return timescaledb
+
+
+def _create_index(conn: psycopg.Connection, statement: sql.Composable, name: str, table: Table, label: str) -> None:
+    """An index, when the role may make it: on a table another role owns it may not, and the
+    writes need no index (the view's reads of the table are slower without it), so a refusal is
+    a warning and costs this index alone (under a savepoint)."""
+    try:
+        with conn.transaction():
+            conn.execute(statement)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        log.warning("backend %s: cannot create index %s on %s (%s); writing without it (reading jobs and traces back is slower): its owner can create it", label, name, table, str(exc).splitlines()[0])
 
 
 def column_types(conn: psycopg.Connection, table: Table) -> dict[str, str]:
