@@ -19,6 +19,7 @@ like any message, without the transform stage (an aggregate is not aggregated ag
 """
 
 import fnmatch
+import functools
 import logging
 import re
 import time
@@ -248,6 +249,7 @@ class AggregateStep:
         return {**attrs.asdict(counts), "open_groups": self.windows.groups, "emitted": self.emitted, "internal_errors": self.internal_errors, "max_bytes_per_group": self.windows.max_group_bytes}
 
 
+@functools.lru_cache(maxsize=64)  # a close's groups share their window's bounds and its `now`
 def _iso(seconds: float) -> str:
     return format_timestamp(dt.datetime.fromtimestamp(seconds, dt.timezone.utc))
 
