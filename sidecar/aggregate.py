@@ -99,8 +99,10 @@ def _names_regex(globs: tuple[str, ...] | None):
 # A group without a sketch, on either windows, with its entries in its window's maps: at most
 # this (142 bytes measured on the Python windows; its key's strings come on top).
 GROUP_BASE_BYTES = 1024
-# The native windows' memo of sent keys: a slot, and a key's copy when over 54 bytes.
-SENT_KEY_BYTES = 72 + 512
+# The native windows' memo of sent keys, a key at most: its table slot (16 bytes and a control
+# byte, 16/7 of them a key when the table has just grown), and its length and bytes (at most
+# 512) in a buffer that may have twice the room it uses.
+SENT_KEY_BYTES = 40 + 2 * (2 + 512)
 
 
 def bound_bytes(settings: AggregateSettings, native_path: bool) -> int:

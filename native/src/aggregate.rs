@@ -15,7 +15,9 @@
 //! Its quantile is the bin of rank floor(q·(n−1)) (q = 0 and 1 give the exact min and max).
 
 use std::borrow::Cow;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 use foldhash::fast::RandomState;
 
@@ -379,14 +381,85 @@ struct Window {
     start: f64,
     index: HashMap<Vec<u8>, usize, RandomState>,
     groups: Vec<(GroupKey, GroupStats)>, // in order of first point
-    // A message's group-making parts as sent (see `sent_key`) -> (its group, folded into the
-    // overflow group): met again, a point skips reading its tags and naming its group.
-    sent: HashMap<SentKey, (usize, bool), RandomState>,
+    // A message's group-making parts as sent -> its group: met again, a point skips reading
+    // its tags and naming its group.
+    sent: SentMemo,
 }
 
-/// Bytes held in place when at most N (most sent keys and units are short), else on the heap:
-/// reading them then costs no reach for a heap copy that is seldom in the CPU's cache (the
-/// map's slot or the group already is).
+/// Sent keys (see `sent_key`) -> (group, folded into the overflow group). The table holds 16
+/// bytes a key (its hash -> where its bytes are, its group), not the key: a table that small
+/// stays in the CPU's cache where one of whole keys did not (its slot was the one miss of a
+/// point met before), and the keys' bytes lie in the order first met, which is about the order
+/// points come in. Two keys of one hash: the second is not remembered.
+struct SentMemo {
+    hasher: RandomState,
+    slots: HashMap<u64, (u32, u32), BuildHasherDefault<Prehashed>>, // hash -> (at, group | OVERFLOWED)
+    bytes: Vec<u8>, // each key as its length (u16, little-endian) and its bytes, at its slot's `at`
+}
+
+const OVERFLOWED: u32 = 1 << 31;
+
+impl SentMemo {
+    fn new() -> Self {
+        SentMemo {
+            hasher: RandomState::default(),
+            slots: HashMap::default(),
+            bytes: Vec::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn get(&self, key: &[u8]) -> Option<(usize, bool)> {
+        let &(at, group) = self.slots.get(&self.hasher.hash_one(key))?;
+        let at = at as usize;
+        let length = u16::from_le_bytes([self.bytes[at], self.bytes[at + 1]]) as usize;
+        (&self.bytes[at + 2..at + 2 + length] == key)
+            .then_some(((group & !OVERFLOWED) as usize, group & OVERFLOWED != 0))
+    }
+
+    /// Remember `key` (at most MAX_SENT_KEY bytes), unless its hash is taken or the memo's
+    /// offsets or group numbers would not fit (it is a shortcut: a key left out is read whole).
+    fn insert(&mut self, key: &[u8], group: usize, overflowed: bool) {
+        debug_assert!(key.len() <= MAX_SENT_KEY);
+        let at = self.bytes.len();
+        if group >= OVERFLOWED as usize || at + 2 + key.len() > u32::MAX as usize {
+            return;
+        }
+        let hash = self.hasher.hash_one(key);
+        if let Entry::Vacant(slot) = self.slots.entry(hash) {
+            slot.insert((at as u32, group as u32 | if overflowed { OVERFLOWED } else { 0 }));
+            self.bytes.extend_from_slice(&(key.len() as u16).to_le_bytes());
+            self.bytes.extend_from_slice(key);
+        }
+    }
+}
+
+/// The hasher of a table keyed by hashes already made: the key is its own hash.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys come here (through write_u64); any other is folded in all the same.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ byte as u64;
+        }
+    }
+
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
+}
+
+/// Bytes held in place when at most N (most units are short), else on the heap: reading them
+/// then costs no reach for a heap copy that is seldom in the CPU's cache (the group already is).
 enum SmallBytes<const N: usize> {
     Inline(u8, [u8; N]),
     Heap(Box<[u8]>),
@@ -411,37 +484,13 @@ impl<const N: usize> SmallBytes<N> {
     }
 }
 
-impl<const N: usize> std::borrow::Borrow<[u8]> for SmallBytes<N> {
-    fn borrow(&self) -> &[u8] {
-        self.bytes()
-    }
-}
-
-// Hash and Eq are the bytes' (a derive would take the variant in too), as `Borrow` requires.
-impl<const N: usize> std::hash::Hash for SmallBytes<N> {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.bytes().hash(state)
-    }
-}
-
-impl<const N: usize> PartialEq for SmallBytes<N> {
-    fn eq(&self, other: &Self) -> bool {
-        self.bytes() == other.bytes()
-    }
-}
-
-impl<const N: usize> Eq for SmallBytes<N> {}
-
-/// A sent key (see `sent_key`); 54 bytes in place make a map slot of 72.
-type SentKey = SmallBytes<54>;
-
 impl Window {
     fn new(start: f64) -> Self {
         Window {
             start,
             index: HashMap::default(),
             groups: Vec::new(),
-            sent: HashMap::default(),
+            sent: SentMemo::new(),
         }
     }
 }
@@ -807,9 +856,7 @@ impl Windows {
             &bytes[other.start..other.end],
         );
         if let Some(window) = self.open.iter().position(|w| w.start == start) {
-            if let Some(&(group, overflowed)) =
-                self.open[window].sent.get(self.sent_buffer.as_slice())
-            {
+            if let Some((group, overflowed)) = self.open[window].sent.get(&self.sent_buffer) {
                 if timeliness == Timeliness::OnTime || !self.drop_late {
                     let value = number(bytes, value)?;
                     let unit = match unit {
@@ -845,9 +892,7 @@ impl Windows {
             if self.sent_buffer.len() <= MAX_SENT_KEY
                 && window.sent.len() < sent_limit(self.max_groups)
             {
-                window
-                    .sent
-                    .insert(SentKey::of(&self.sent_buffer), (group, overflowed));
+                window.sent.insert(&self.sent_buffer, group, overflowed);
             }
         }
         Some(true)
