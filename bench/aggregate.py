@@ -146,6 +146,8 @@ def main() -> int:
     paired = statistics.median((on["user"] + on["system"]) / (off["user"] + off["system"]) for off, on in zip(runs[False], runs[True]))
     user = {k: statistics.median(f["user"] / total for f in v) for k, v in runs.items()}
     print(f"each round's ratio (median): {paired:.2f}x; user CPU a point (medians): {user[False] * 1e6:.2f} µs without, {user[True] * 1e6:.2f} µs with")
+    # The step's work is all user CPU: what it adds there, over all the CPU of a point without it.
+    print(f"the user CPU aggregation adds, over a point's CPU without it: {1 + (user[True] - user[False]) / cpu[False]:.2f}x")
     groups = 4 * args.names * args.tag_sets
     close = statistics.median(f["close"] for f in runs[True])
     print(f"closing a window of {groups:,} groups (median): {close * 1e3:.0f} ms of CPU, {close / groups * 1e6:.1f} µs a group")

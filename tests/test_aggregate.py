@@ -127,7 +127,7 @@ import trio
 import trio.testing
 
 from sidecar import native
-from sidecar.aggregate import AggregateSettings, AggregateSpec, AggregateStep, Aggregation
+from sidecar.aggregate import CLOSE_SLICE, AggregateSettings, AggregateSpec, AggregateStep, Aggregation
 from sidecar.batch import Batch
 from sidecar.message import epoch_ms, format_timestamp
 import datetime as dt
@@ -829,3 +829,42 @@ aggregate:
         "at most 10,000 groups a window; its windows hold at most 1,289 MiB (Python windows, the groups' names and tags aside)",
         "at most 500 groups a window; its windows hold at most 1 MiB (Python windows, the groups' names and tags aside)",
     ]
+
+
+async def test_a_close_of_many_groups_is_routed_a_slice_at_a_time_and_a_flush_meanwhile_loses_none(autojump_clock, native_path):
+    """The timer routes a window's aggregates CLOSE_SLICE at a time with a checkpoint between,
+    so other tasks (the sockets' readers) run meanwhile; a shutdown's flush between two slices
+    routes the rest, before the partial windows."""
+    groups = 3 * CLOSE_SLICE + 10
+    aggregation = Aggregation([spec(metrics=("m",), window=10.0, stats=("count",))], epoch=EPOCH, native=native_path)
+    aggregation.apply(Batch.of([metric("m", 1, EPOCH, table=f"t{i}") for i in range(groups)]), print)
+    emitted: list[list[dict]] = []
+    first_slice = trio.Event()
+    between: list[int] = []  # the slices routed when the other task woke
+
+    def emit(messages: list[dict]) -> None:
+        emitted.append(messages)
+        if len(emitted) == 1:
+            first_slice.set()
+        if len(emitted) == 3:
+            flushed.extend(aggregation.flush())
+
+    async def other_task():
+        await first_slice.wait()
+        between.append(len(emitted))
+
+    flushed: list[dict] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        await nursery.start(aggregation.run, emit)
+        aggregation.apply(Batch.of([metric("m", 2, EPOCH + 10.5)]), print)  # the next window's
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert [len(messages) for messages in emitted] == [CLOSE_SLICE] * 3
+    # Woken by the first slice, the other task ran before the third: a checkpoint puts the
+    # timer in the same batch as the tasks runnable then (trio may shuffle their order).
+    assert between in ([1], [2])
+    assert [m["data"]["aggregation"]["partial"] for m in flushed] == [False] * 10 + [True]
+    tables = [m["data"]["tags"].get("table") for messages in emitted for m in messages] + [m["data"]["tags"].get("table") for m in flushed]
+    assert sorted(filter(None, tables)) == sorted(f"t{i}" for i in range(groups))
+    assert aggregation.steps[0].statistics()["emitted"] == groups + 1
