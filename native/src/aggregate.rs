@@ -390,9 +390,9 @@ struct Window {
 /// bytes a key (its hash -> where its bytes are, its group), not the key: a table that small
 /// stays in the CPU's cache where one of whole keys did not (its slot was the one miss of a
 /// point met before), and the keys' bytes lie in the order first met, which is about the order
-/// points come in. Two keys of one hash: the second is not remembered.
+/// points come in. Two keys of one hash: the second is not remembered. The hashes are the
+/// step's `memo_hasher`'s, the same for all its windows.
 struct SentMemo {
-    hasher: RandomState,
     slots: HashMap<u64, (u32, u32), BuildHasherDefault<Prehashed>>, // hash -> (at, group | OVERFLOWED)
     bytes: Vec<u8>, // each key as its length (u16, little-endian) and its bytes, at its slot's `at`
 }
@@ -402,7 +402,6 @@ const OVERFLOWED: u32 = 1 << 31;
 impl SentMemo {
     fn new() -> Self {
         SentMemo {
-            hasher: RandomState::default(),
             slots: HashMap::default(),
             bytes: Vec::new(),
         }
@@ -412,8 +411,14 @@ impl SentMemo {
         self.slots.len()
     }
 
-    fn get(&self, key: &[u8]) -> Option<(usize, bool)> {
-        let &(at, group) = self.slots.get(&self.hasher.hash_one(key))?;
+    /// Reach for the slot of a key of this hash, so that it is in the CPU's cache when the key
+    /// is looked up (see `Windows::warm`).
+    fn touch(&self, hash: u64) {
+        std::hint::black_box(self.slots.get(&hash));
+    }
+
+    fn get(&self, hash: u64, key: &[u8]) -> Option<(usize, bool)> {
+        let &(at, group) = self.slots.get(&hash)?;
         let at = at as usize;
         let length = u16::from_le_bytes([self.bytes[at], self.bytes[at + 1]]) as usize;
         (&self.bytes[at + 2..at + 2 + length] == key)
@@ -422,16 +427,19 @@ impl SentMemo {
 
     /// Remember `key` (at most MAX_SENT_KEY bytes), unless its hash is taken or the memo's
     /// offsets or group numbers would not fit (it is a shortcut: a key left out is read whole).
-    fn insert(&mut self, key: &[u8], group: usize, overflowed: bool) {
+    fn insert(&mut self, hash: u64, key: &[u8], group: usize, overflowed: bool) {
         debug_assert!(key.len() <= MAX_SENT_KEY);
         let at = self.bytes.len();
         if group >= OVERFLOWED as usize || at + 2 + key.len() > u32::MAX as usize {
             return;
         }
-        let hash = self.hasher.hash_one(key);
         if let Entry::Vacant(slot) = self.slots.entry(hash) {
-            slot.insert((at as u32, group as u32 | if overflowed { OVERFLOWED } else { 0 }));
-            self.bytes.extend_from_slice(&(key.len() as u16).to_le_bytes());
+            slot.insert((
+                at as u32,
+                group as u32 | if overflowed { OVERFLOWED } else { 0 },
+            ));
+            self.bytes
+                .extend_from_slice(&(key.len() as u16).to_le_bytes());
             self.bytes.extend_from_slice(key);
         }
     }
@@ -495,6 +503,9 @@ impl Window {
     }
 }
 
+/// How many points ahead `take_messages` looks up the memo's slots (see `Windows::warm`).
+const WARM_AHEAD: usize = 8;
+
 /// A sent key longer than this is not remembered (a message's tags may be long).
 pub const MAX_SENT_KEY: usize = 512;
 
@@ -549,6 +560,10 @@ pub struct Windows {
     by: By,
     key_buffer: Vec<u8>,
     sent_buffer: Vec<u8>,
+    warm_buffer: Vec<u8>,
+    warm_hashes: [Option<u64>; WARM_AHEAD],
+    memo_hasher: RandomState,             // the hashes of the windows' memos
+    last_window: usize, // in `open`, the window of the last point met again (where `warm` looks)
     last_stamp: Option<(Timestamp, f64)>, // the latest timestamp read, in seconds
     members: Members,
     tag_members: Vec<Member>,
@@ -587,6 +602,10 @@ impl Windows {
             by,
             key_buffer: Vec::with_capacity(128),
             sent_buffer: Vec::with_capacity(128),
+            warm_buffer: Vec::with_capacity(128),
+            warm_hashes: [None; WARM_AHEAD],
+            memo_hasher: RandomState::default(),
+            last_window: 0,
             last_stamp: None,
             members: Members::new(),
             tag_members: Vec::with_capacity(16),
@@ -802,14 +821,69 @@ impl Windows {
         now: f64,
         mut taken: impl FnMut(usize),
     ) -> Taken {
-        for (index, &number) in numbers.iter().enumerate().skip(from) {
-            match self.take_message(source, bytes, &messages[number as usize], received, now) {
-                Some(true) => taken(index),
-                Some(false) => {}
-                None => return Taken::StoppedAt(index),
+        for block in (from..numbers.len()).step_by(WARM_AHEAD) {
+            let end = (block + WARM_AHEAD).min(numbers.len());
+            self.warm(source, bytes, messages, &numbers[block..end]);
+            for (index, &number) in numbers.iter().enumerate().take(end).skip(block) {
+                let hash = self.warm_hashes[index - block];
+                match self.take_message(
+                    source,
+                    bytes,
+                    &messages[number as usize],
+                    received,
+                    now,
+                    hash,
+                ) {
+                    Some(true) => taken(index),
+                    Some(false) => {}
+                    None => return Taken::StoppedAt(index),
+                }
             }
         }
         Taken::All
+    }
+
+    /// A message's kind (`m`, `s`), name, the other part of its sent key (see `sent_key`), value
+    /// and unit, if it may be a point of this step (its name is matched later); None if not.
+    fn sent_parts(&self, message: &Message) -> Option<(u8, Text, Range, Range, Option<Text>)> {
+        match (message.kind, message.metric, message.span_end) {
+            (MessageType::Metric, Some((name, value, unit)), _)
+                if self.metrics.is_some() && !message.aggregate =>
+            {
+                Some((b'm', name, message.tags.unwrap_or_default(), value, unit))
+            }
+            (MessageType::Span, _, Some((name, status, duration))) if self.spans.is_some() => {
+                Some((b's', name, status.range, duration, None))
+            }
+            _ => None,
+        }
+    }
+
+    /// Look up, in the window the last point went to, the memo slots of the points among
+    /// `numbers` (the next few): one after the other these lookups are independent, so their
+    /// cache misses overlap, where in `take_message` each would wait alone.
+    /// Their sent keys' hashes are kept in `warm_hashes` (by place among `numbers`) for
+    /// `take_message`.
+    fn warm(&mut self, source: &str, bytes: &[u8], messages: &[Message], numbers: &[u32]) {
+        self.warm_hashes = [None; WARM_AHEAD];
+        let Some(window) = self.open.get(self.last_window) else {
+            return;
+        };
+        for (place, &number) in numbers.iter().enumerate() {
+            if let Some((kind, name, other, _, _)) = self.sent_parts(&messages[number as usize]) {
+                sent_key(
+                    &mut self.warm_buffer,
+                    source,
+                    kind,
+                    &bytes[name.range.start..name.range.end],
+                    &bytes[other.start..other.end],
+                );
+                self.warm_hashes[place] = Some(self.memo_hasher.hash_one(&self.warm_buffer));
+            }
+        }
+        for hash in self.warm_hashes.iter().flatten() {
+            window.sent.touch(*hash);
+        }
     }
 
     /// Some(true) when the message was a point of this step (added, or dropped as late),
@@ -821,22 +895,13 @@ impl Windows {
         message: &Message,
         received: &Timestamp,
         now: f64,
+        hash: Option<u64>, // the sent key's, if `warm` made it
     ) -> Option<bool> {
         // What makes its group, as sent: a point whose parts its window has met goes to their
         // group without its tags read or its name matched again.
-        let (kind, name, other, value, unit) =
-            match (message.kind, message.metric, message.span_end) {
-                (MessageType::Metric, Some((name, value, unit)), _) if self.metrics.is_some() => {
-                    if message.aggregate {
-                        return Some(false);
-                    }
-                    (b'm', name, message.tags.unwrap_or_default(), value, unit)
-                }
-                (MessageType::Span, _, Some((name, status, duration))) if self.spans.is_some() => {
-                    (b's', name, status.range, duration, None)
-                }
-                _ => return Some(false),
-            };
+        let Some((kind, name, other, value, unit)) = self.sent_parts(message) else {
+            return Some(false);
+        };
         let stamp = timestamp_of(message, received);
         let stamped = match self.last_stamp {
             // A chunk's messages often share their millisecond.
@@ -855,8 +920,10 @@ impl Windows {
             &bytes[name.range.start..name.range.end],
             &bytes[other.start..other.end],
         );
+        let hash = hash.unwrap_or_else(|| self.memo_hasher.hash_one(&self.sent_buffer));
         if let Some(window) = self.open.iter().position(|w| w.start == start) {
-            if let Some((group, overflowed)) = self.open[window].sent.get(&self.sent_buffer) {
+            self.last_window = window;
+            if let Some((group, overflowed)) = self.open[window].sent.get(hash, &self.sent_buffer) {
                 if timeliness == Timeliness::OnTime || !self.drop_late {
                     let value = number(bytes, value)?;
                     let unit = match unit {
@@ -892,7 +959,9 @@ impl Windows {
             if self.sent_buffer.len() <= MAX_SENT_KEY
                 && window.sent.len() < sent_limit(self.max_groups)
             {
-                window.sent.insert(&self.sent_buffer, group, overflowed);
+                window
+                    .sent
+                    .insert(hash, &self.sent_buffer, group, overflowed);
             }
         }
         Some(true)
