@@ -15,7 +15,7 @@ DEBIAN_PACKAGES := $(sort $(shell cat sdk_clients/*/debian-packages.txt tests/de
 KUSTOMIZE_VERSION := v5.7.1
 KUSTOMIZE := $(VENV)/.kustomize-$(KUSTOMIZE_VERSION)
 
-.PHONY: run test test-python test-python-sdk test-perl test-c test-java test-r check bench soak fuzz debian-packages clean image
+.PHONY: run test test-python test-python-sdk test-perl test-c test-java test-r test-native check bench soak fuzz debian-packages clean image
 
 $(STAMP): pyproject.toml sdk_clients/python/pyproject.toml native/Cargo.toml native/Cargo.lock $(wildcard native/src/*.rs)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is needed (found $$($(PYTHON) --version))"; exit 1; }
@@ -45,7 +45,7 @@ debian-packages:
 
 # Every suite; the SDKs' own first, then one pytest run over the sidecar's tests and the shared
 # SDK conformance suite (which needs the C and Java drivers built by their suites).
-test: test-perl test-python-sdk test-c test-java test-r test-python
+test: test-perl test-python-sdk test-c test-java test-r test-native test-python
 
 test-perl: debian-packages
 	cd sdk_clients/perl && perl Makefile.PL >/dev/null && $(MAKE) --no-print-directory >/dev/null && $(MAKE) --no-print-directory test
@@ -62,6 +62,12 @@ test-java: debian-packages
 
 test-r: debian-packages
 	Rscript sdk_clients/r/run-tests.R
+
+# The native crate's unit tests (its pure parts; the rest is tested through Python). Without
+# cargo there is no native hot path to test.
+test-native: $(STAMP)
+	@if command -v cargo >/dev/null; then cargo test --release --quiet --manifest-path native/Cargo.toml; \
+	else echo "no cargo on the PATH: no native hot path, so no native unit tests"; fi
 
 test-python: $(STAMP) debian-packages $(KUSTOMIZE)
 	$(BIN)/python -m pytest tests sdk_clients/conformance

@@ -1178,3 +1178,53 @@ fn number(line: &[u8], span: Range) -> Option<f64> {
     }
     text.parse::<f64>().ok().filter(|v| v.is_finite())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memo_gives_a_remembered_key_its_group_and_its_overflow_mark() {
+        let mut memo = SentMemo::new();
+        memo.insert(1, b"m\0rows\0{}\0svc", 7, false);
+        memo.insert(2, b"m\0rows\0{\"a\":\"b\"}\0svc", 8, true);
+        assert_eq!(memo.get(1, b"m\0rows\0{}\0svc"), Some((7, false)));
+        assert_eq!(memo.get(2, b"m\0rows\0{\"a\":\"b\"}\0svc"), Some((8, true)));
+        assert_eq!(memo.get(3, b"m\0rows\0{}\0svc"), None); // another hash: not met
+        assert_eq!(memo.len(), 2);
+    }
+
+    #[test]
+    fn a_second_key_of_a_taken_hash_is_not_remembered_and_never_given_the_first_ones_group() {
+        let mut memo = SentMemo::new();
+        memo.insert(5, b"first", 1, false);
+        memo.insert(5, b"second", 2, false);
+        assert_eq!(memo.get(5, b"first"), Some((1, false)));
+        assert_eq!(memo.get(5, b"second"), None); // read the full way, every time
+        assert_eq!(memo.get(5, b"firs"), None); // the bytes are compared, not only the hash
+        assert_eq!(memo.len(), 1);
+    }
+
+    #[test]
+    fn a_group_number_that_does_not_fit_beside_the_mark_is_not_remembered() {
+        let mut memo = SentMemo::new();
+        memo.insert(9, b"key", OVERFLOWED as usize, false);
+        assert_eq!(memo.get(9, b"key"), None);
+        memo.insert(9, b"key", OVERFLOWED as usize - 1, true);
+        assert_eq!(memo.get(9, b"key"), Some((OVERFLOWED as usize - 1, true)));
+    }
+
+    #[test]
+    fn keys_of_every_length_up_to_the_limit_come_back_whole() {
+        let mut memo = SentMemo::new();
+        let keys: Vec<Vec<u8>> = (0..=MAX_SENT_KEY)
+            .map(|n| (0..n).map(|i| (i % 251) as u8).collect())
+            .collect();
+        for (n, key) in keys.iter().enumerate() {
+            memo.insert(n as u64, key, n, n % 2 == 0);
+        }
+        for (n, key) in keys.iter().enumerate() {
+            assert_eq!(memo.get(n as u64, key), Some((n, n % 2 == 0)));
+        }
+    }
+}
