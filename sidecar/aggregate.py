@@ -174,6 +174,7 @@ class AggregateStep:
         self._spans = _names_regex(settings.spans)
         self._all_tags = "tags" in settings.by
         self._tags = tuple(key[5:] for key in settings.by if key.startswith("tags."))
+        self._last_stamp: tuple[str | None, int | None] = (None, None)  # a timestamp and its ms
 
     def _new_windows(self, now: float):
         settings = self.spec.settings
@@ -236,7 +237,11 @@ class AggregateStep:
             unit = None
         else:
             return
-        stamped = epoch_ms(message["timestamp"])
+        timestamp = message["timestamp"]
+        last, stamped = self._last_stamp
+        if timestamp != last:  # a batch's points often share their millisecond
+            stamped = epoch_ms(timestamp)
+            self._last_stamp = (timestamp, stamped)
         self.windows.add(key, stamped / 1000 if stamped is not None else now, float(value), now, unit)
         taken.append(index)
 
