@@ -140,9 +140,9 @@ def main() -> int:
     cpu = {k: statistics.median((f["user"] + f["system"]) / total for f in v) for k, v in runs.items()}
     speed = {k: statistics.median(total / f["elapsed"] for f in v) for k, v in runs.items()}
     print(f"with / without aggregation (medians): {cpu[True] / cpu[False]:.2f}x the CPU a point, {speed[True] / speed[False]:.2f}x the points/s")
-    # Each round's two runs a minute apart see the same load on the machine; its ratio cancels
-    # what drifts between rounds. The user CPU leaves out the kernel's writing of the files
-    # (the same bytes either way, and the noisiest part of a run).
+    # Each round's two runs, seconds apart, see about the same load on the machine: its ratio
+    # cancels what drifts between rounds. The user CPU leaves out the kernel's writing of the
+    # files (the same bytes either way, and the noisiest part of a run).
     paired = statistics.median((on["user"] + on["system"]) / (off["user"] + off["system"]) for off, on in zip(runs[False], runs[True]))
     user = {k: statistics.median(f["user"] / total for f in v) for k, v in runs.items()}
     print(f"each round's ratio (median): {paired:.2f}x; user CPU a point (medians): {user[False] * 1e6:.2f} µs without, {user[True] * 1e6:.2f} µs with")
