@@ -347,20 +347,23 @@ class Aggregation:
                 steps.append(step)
             else:
                 steps.append(AggregateStep(spec, now, self.native))
-        flushed = self.take_closing()
-        flushed += [message for left in running.values() for step in left for message in self._messages(step, step.close(now, flush=True), now)]
+        self._close([step for left in running.values() for step in left], now, flush=True)
         self.steps = steps
         self._keys = SourceKeys((step.spec.source, step) for step in self.steps)
         self._changed.set()
-        return flushed
+        return self.take_closing()
 
     def close_due(self) -> None:
         """Close every window that has ended; `take_closing` gives their messages."""
-        now = self.now()
-        self._closing.extend((step, group, now) for step in self.steps for group in step.close(now))
+        self._close(self.steps, self.now())
+
+    def _close(self, steps: list[AggregateStep], now: float, flush: bool = False) -> None:
+        """Close the steps' ended windows (every window with `flush`), their groups after those
+        closed before and not routed yet."""
+        self._closing.extend((step, group, now) for step in steps for group in step.close(now, flush=flush))
 
     def take_closing(self, limit: int | None = None) -> list[dict]:
-        """The messages of (up to `limit` of) the groups closed by `close_due`, oldest first."""
+        """The messages of (up to `limit` of) the groups closed and not routed yet, oldest first."""
         count = len(self._closing) if limit is None else min(limit, len(self._closing))
         messages = []
         for _ in range(count):
@@ -373,13 +376,8 @@ class Aggregation:
         """Stop the timer and close every window, partial ones included (shutdown); groups the
         timer closed and had not routed come first."""
         self._scope.cancel()
-        now = self.now()
-        flushed = self.take_closing()
-        return flushed + [message for step in self.steps for message in self._messages(step, step.close(now, flush=True), now)]
-
-    def _messages(self, step: AggregateStep, closed: list[ClosedGroup], now: float) -> list[dict]:
-        step.emitted += len(closed)
-        return [aggregate_message(group, self.host, now) for group in closed]
+        self._close(self.steps, self.now(), flush=True)
+        return self.take_closing()
 
     async def run(self, emit: Callable[[list[dict]], None], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Close the windows as they end, handing their messages to `emit` CLOSE_SLICE at a

@@ -563,7 +563,7 @@ pub struct Windows {
     warm_buffer: Vec<u8>,
     warm_hashes: [Option<u64>; WARM_AHEAD],
     memo_hasher: RandomState,             // the hashes of the windows' memos
-    last_window: usize, // in `open`, the window of the last point met again (where `warm` looks)
+    last_window: usize, // in `open`, the window the last point went to (where `warm` looks)
     last_stamp: Option<(Timestamp, f64)>, // the latest timestamp read, in seconds
     members: Members,
     tag_members: Vec<Member>,
